@@ -1,0 +1,202 @@
+"""The plan: stable ids, how many examples each leaf gets, and the LLM requests of every stage.
+
+In: a ``JobSpec`` and the tree built so far. Out: Arrow tables of requests (one row per LLM call,
+with its prompt) and the per-leaf sample counts. Pure functions: no Ray, no model.
+
+Ids are positional, so they do not depend on what the LLM wrote: a leaf is
+``(language, label, source_type_index, topic_index, subtopic_index)`` and an example is a leaf
+plus its sample index. Two runs of one spec give the same ids, and an edited tree keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+from anyclf_ray import prompts
+from anyclf_ray.config import JobSpec, language_name
+
+TREE_SCHEMA = pa.schema(
+    [
+        ("label", pa.string()),
+        ("label_name", pa.string()),
+        ("source_type_index", pa.int32()),
+        ("source_type", pa.string()),
+        ("topic_index", pa.int32()),
+        ("topic", pa.string()),
+        ("subtopic_index", pa.int32()),
+        ("subtopic", pa.string()),
+    ]
+)
+TREE_LEVELS = ("source_type", "topic", "subtopic")
+# One row per LLM request that still failed after its retries, and the examples it cost.
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("request_id", pa.string()),
+        ("language", pa.string()),
+        ("label", pa.string()),
+        ("source_type_index", pa.int32()),
+        ("topic_index", pa.int32()),
+        ("subtopic_index", pa.int32()),
+        ("first_sample", pa.int32()),
+        ("n_items", pa.int32()),
+        ("attempts", pa.int32()),
+        ("error", pa.string()),
+        ("last_output", pa.string()),
+        ("rows_lost", pa.int64()),
+    ]
+)
+
+
+def stable_id(*parts: object) -> str:
+    """16 hex characters, the same for the same parts on any machine."""
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).hexdigest()
+
+
+def leaf_id(language: str, label: str, source_type_index: int, topic_index: int, subtopic_index: int) -> str:
+    return stable_id("leaf", language, label, source_type_index, topic_index, subtopic_index)
+
+
+def example_id(leaf: str, sample_index: int) -> str:
+    return stable_id("example", leaf, sample_index)
+
+
+def labels_text(spec: JobSpec) -> str:
+    return json.dumps([label.desc for label in spec.labels], ensure_ascii=False)
+
+
+def failure_record(result: dict, rows_lost: int) -> dict:
+    """A FAILURE_SCHEMA row for a failed request result (fields it lacks are null)."""
+    return {**{name: result.get(name) for name in FAILURE_SCHEMA.names}, "rows_lost": rows_lost}
+
+
+# -- tree requests ---------------------------------------------------------------------------
+
+
+def _request(stage: str, request_id: str, prompt: str, n_items: int, max_chars: int, **key) -> dict:
+    return {
+        "stage": stage,
+        "request_id": request_id,
+        "prompt": prompt,
+        "item_key": prompts.ITEM_KEY[stage],
+        "n_items": n_items,
+        "max_chars": max_chars,
+        **key,
+    }
+
+
+# The fields that name a node of each tree level, and the template that expands it.
+NODE_KEYS = {
+    "source_type": (),
+    "topic": ("label", "source_type_index"),
+    "subtopic": ("label", "source_type_index", "topic_index"),
+}
+TEMPLATES = {"source_type": prompts.SOURCE_TYPE, "topic": prompts.TOPIC, "subtopic": prompts.SUBTOPIC}
+SIZE_OF_LEVEL = {"source_type": "n_source_type", "topic": "n_topic", "subtopic": "n_subtopic"}
+
+
+def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict]:
+    """One request per node of ``level`` whose parent has text: it asks for the node's children.
+
+    ``tree_rows`` is the tree so far (``full_tree`` rows, filled level by level).
+    """
+    keys = NODE_KEYS[level]
+    parent = TREE_LEVELS[TREE_LEVELS.index(level) - 1] if keys else None
+    n = spec.sizes()[SIZE_OF_LEVEL[level]]
+    nodes = {}
+    for row in tree_rows:
+        if parent is None or row[parent] is not None:
+            nodes.setdefault(tuple(row[k] for k in keys), row)
+    return [
+        _request(
+            level,
+            stable_id(level, *node),
+            prompts.render(
+                TEMPLATES[level], instruction=spec.instruction, labels=labels_text(spec), n=n,
+                label=row["label_name"], source_type=row["source_type"], topic=row["topic"],
+            ),
+            n,
+            spec.engine.max_item_chars,
+            **dict(zip(keys, node)),
+        )
+        for node, row in nodes.items()
+    ]
+
+
+def full_tree(spec: JobSpec) -> pa.Table:
+    """Every planned leaf position with no text yet: the frame the LLM's answers fill in."""
+    sizes = spec.sizes()
+    rows = [
+        {"label": label.id, "label_name": label.desc, "source_type_index": s, "source_type": None,
+         "topic_index": t, "topic": None, "subtopic_index": u, "subtopic": None}
+        for label in spec.labels
+        for s in range(sizes["n_source_type"])
+        for t in range(sizes["n_topic"])
+        for u in range(sizes["n_subtopic"])
+    ]
+    return pa.Table.from_pylist(rows, schema=TREE_SCHEMA)
+
+
+# -- generation requests ---------------------------------------------------------------------
+
+
+def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> list[list[int]]:
+    """Examples wanted for each (language, tree row): ``counts[language][row]``.
+
+    With explicit sizes every leaf gets ``sample_per_subtopic``. With ``n_record_to_generate``
+    the total is split exactly: every leaf gets the floor share and the remainder goes one each
+    to leaves taken round-robin across (language, label), so classes stay balanced within one.
+    """
+    n_leaves = tree.num_rows * len(spec.languages)
+    if spec.n_record_to_generate is None:
+        return [[spec.sample_per_subtopic] * tree.num_rows for _ in spec.languages]
+    base, extra = divmod(spec.n_record_to_generate, n_leaves)
+    labels = tree.column("label").to_pylist()
+    seen: dict[tuple[int, str], int] = {}
+    rank = []  # (position within its (language, label) group, group) orders the round-robin
+    group_of = {label.id: g for g, label in enumerate(spec.labels)}
+    for lang in range(len(spec.languages)):
+        for row, label in enumerate(labels):
+            position = seen.get((lang, label), 0)
+            seen[(lang, label)] = position + 1
+            rank.append((position, group_of[label] * len(spec.languages) + lang, lang, row))
+    counts = [[base] * tree.num_rows for _ in spec.languages]
+    for _, _, lang, row in sorted(rank)[:extra]:
+        counts[lang][row] += 1
+    return counts
+
+
+def generation_requests(spec: JobSpec, tree: pa.Table) -> list[dict]:
+    """One request per chunk of at most ``examples_per_request`` samples of each complete leaf."""
+    counts = samples_per_leaf(spec, tree)
+    per_request = spec.engine.examples_per_request
+    leaves = tree.to_pylist()
+    requests = []
+    for lang_index, language in enumerate(spec.languages):
+        name = language_name(language)
+        for row, leaf in enumerate(leaves):
+            if any(leaf[level] is None for level in TREE_LEVELS):
+                continue
+            this_leaf = leaf_id(language, leaf["label"], leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
+            for first in range(0, counts[lang_index][row], per_request):
+                n = min(per_request, counts[lang_index][row] - first)
+                prompt = prompts.render(
+                    prompts.GENERATE, instruction=spec.instruction, labels=labels_text(spec),
+                    label=leaf["label_name"], topic=leaf["topic"], subtopic=leaf["subtopic"],
+                    source_type=leaf["source_type"], n=n, language=name,
+                )
+                requests.append(
+                    _request(
+                        "generate", stable_id("generate", this_leaf, first), prompt, n,
+                        spec.engine.max_text_chars, language=language, leaf_id=this_leaf,
+                        first_sample=first, **leaf,
+                    )
+                )
+    return requests
+
+
+def expected_rows(spec: JobSpec, tree: pa.Table) -> int:
+    return sum(map(sum, samples_per_leaf(spec, tree)))

@@ -1,0 +1,73 @@
+"""The AnyClassifier prompts and the JSON schemas that constrain their answers.
+
+In: the job's instruction, labels and one tree node. Out: a chat prompt and a JSON schema
+asking for exactly ``n`` items. The wording follows the seed design (source type, topic,
+subtopic, generate); the fixes over the original are that the label's name (not its id) is
+what the model reads, the subtopic reaches the generation prompt, and the language is asked for.
+"""
+
+from __future__ import annotations
+
+SOURCE_TYPE = (
+    "I am building a document classifier to {instruction} with labels {labels}. "
+    "Suggest {n} source type of information for efficient data acquisition.\n"
+    'Output JSON array. Each item contains key "source_type".'
+)
+
+TOPIC = (
+    "I am building a document classifier to {instruction} with labels {labels}. "
+    "I would like to collect collectively exhaustive taxonomy or topic for the label: "
+    "{label} from {source_type}.\n\n"
+    "<instruction>\n"
+    "- Suggest {n} taxonomies or topics to further expand on this label.\n"
+    '- Output JSON array. Each item contains key "item"\n'
+    "</instruction>"
+)
+
+SUBTOPIC = (
+    "I am building document classifier to {instruction} with labels {labels}. "
+    "I would like to collect collectively exhaustive subtopic under {topic} from {source_type}.\n\n"
+    "<instruction>\n"
+    "- Suggest {n} subtopic or keywords.\n"
+    '- Output JSON array. Each item contains key "item"\n'
+    "</instruction>"
+)
+
+GENERATE = (
+    "I am building document classifier to {instruction} with labels {labels}. "
+    "I would like to collect samples for the label: {label}.\n\n"
+    "<instruction>\n"
+    "- Generate realistic examples for a classification model that will predict label {label}.\n"
+    "- Characteristics:\n"
+    "  Topic: {topic}.\n"
+    "  Subtopic: {subtopic}.\n"
+    "  Source type: {source_type}\n"
+    "- Generate {n} example.\n"
+    "- Write every example in {language}.\n"
+    "- The example shall have a realistic length, and cannot be too short.\n"
+    '- Output JSON array. Each item contains key "text"\n'
+    "</instruction>"
+)
+
+# The key each kind of answer puts its items under, as in the seed prompts.
+ITEM_KEY = {"source_type": "source_type", "topic": "item", "subtopic": "item", "generate": "text"}
+
+
+def render(template: str, **fields: object) -> str:
+    """Fill ``template``; values are inserted verbatim (braces in user text stay as they are)."""
+    return template.format_map(fields)
+
+
+def items_schema(key: str, n: int, max_chars: int) -> dict:
+    """A JSON array of exactly ``n`` objects ``{key: non-empty string}``."""
+    return {
+        "type": "array",
+        "minItems": n,
+        "maxItems": n,
+        "items": {
+            "type": "object",
+            "properties": {key: {"type": "string", "minLength": 1, "maxLength": max_chars}},
+            "required": [key],
+            "additionalProperties": False,
+        },
+    }

@@ -1,0 +1,147 @@
+"""Where a run's artifacts live: a local folder or S3, through pyarrow's filesystems.
+
+In: an ``OutputSpec`` and a run id. Out: a ``RunLocation`` that reads and writes files under
+``<output.path>/<run_id>/``. Every write is atomic: on a local disk a file is written under
+``_tmp/`` and renamed into place; on S3 an object only appears once its upload completes. So a
+crash never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from anyclf_ray.config import ConfigError, OutputSpec
+
+
+class RunLocation:
+    """The folder of one run; all paths given to its methods are relative to it."""
+
+    def __init__(self, output: OutputSpec, run_id: str):
+        self.output = output
+        self.run_id = run_id
+        if output.is_s3:
+            parsed = urlparse(output.path)
+            self.bucket = parsed.netloc
+            self.root = "/".join(p for p in (parsed.netloc, parsed.path.strip("/"), run_id) if p)
+            self.fs = pafs.S3FileSystem(**self._s3_options())
+        else:
+            self.bucket = None
+            local = output.path.removeprefix("file://")
+            self.root = os.path.join(os.path.abspath(os.path.expanduser(local)), run_id)
+            self.fs = pafs.LocalFileSystem()
+
+    def _s3_options(self) -> dict:
+        endpoint = urlparse(self.output.endpoint_url) if self.output.endpoint_url else None
+        # Credentials are resolved here, on the driver, and travel with the pickled filesystem,
+        # so workers on other nodes write with the same identity.
+        return {
+            "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+            "region": self.output.region,
+            "scheme": endpoint.scheme if endpoint else "https",
+            "endpoint_override": endpoint.netloc if endpoint else None,
+        }
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def path(self, relative: str = "") -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def uri(self, relative: str = "") -> str:
+        """The address a user (or ``datasets``) would use for ``relative``."""
+        return ("s3://" if self.bucket else "") + self.path(relative)
+
+    def storage_options(self) -> dict:
+        """fsspec options for readers such as ``datasets.load_dataset(..., storage_options=)``."""
+        if not self.bucket:
+            return {}
+        options = self._s3_options()
+        endpoint = self.output.endpoint_url
+        return {
+            "key": options["access_key"],
+            "secret": options["secret_key"],
+            "client_kwargs": {"region_name": self.output.region, **({"endpoint_url": endpoint} if endpoint else {})},
+        }
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """ConfigError naming ``output.path`` if the bucket is missing or refuses us."""
+        if not self.bucket:
+            return
+        try:
+            info = self.fs.get_file_info(self.bucket)
+            if info.type == pafs.FileType.NotFound:
+                raise ConfigError(f"output.path: bucket {self.bucket!r} does not exist; create it or fix the path")
+            self.write_bytes("_tmp/write-check", b"")
+            self.fs.delete_file(self.path("_tmp/write-check"))
+        except OSError as error:
+            text = str(error)
+            if any(code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+                raise ConfigError(
+                    f"output.path: S3 refused the credentials for bucket {self.bucket!r}; "
+                    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to a key that may write there"
+                ) from None
+            endpoint = self.output.endpoint_url or "AWS S3"
+            raise ConfigError(f"output.path: cannot reach {endpoint} ({text.splitlines()[0]}); check output.endpoint_url") from None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
+
+    def list(self, folder: str, suffix: str = ".parquet") -> list[str]:
+        """Relative paths of the files directly in ``folder`` ending in ``suffix``, sorted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(folder), allow_not_found=True))
+        names = [i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File]
+        return sorted(f"{folder}/{n}" for n in names if n.endswith(suffix))
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_file(self.path(relative)) as stream:
+            return stream.read()
+
+    def read_json(self, relative: str) -> dict:
+        return json.loads(self.read_bytes(relative))
+
+    def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
+
+    def read_metadata(self, relative: str) -> dict[str, str]:
+        """The key-value metadata in a Parquet file's footer (reads only the footer)."""
+        with self.fs.open_input_file(self.path(relative)) as stream:
+            raw = pq.ParquetFile(stream).schema_arrow.metadata or {}
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _atomic(self, relative: str, write) -> None:
+        final = self.path(relative)
+        if self.bucket:  # an S3 object is only visible once complete
+            write(final)
+            return
+        staging = self.path(f"_tmp/{uuid.uuid4().hex}-{relative.replace('/', '_')}")
+        self.fs.create_dir(self.path("_tmp"))
+        self.fs.create_dir(final.rsplit("/", 1)[0])
+        write(staging)
+        self.fs.move(staging, final)
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        def write(path: str) -> None:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
+
+        self._atomic(relative, write)
+
+    def write_json(self, relative: str, value: object) -> None:
+        self.write_bytes(relative, json.dumps(value, indent=2, ensure_ascii=False).encode())
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        self._atomic(relative, lambda path: pq.write_table(table, path, filesystem=self.fs))

