@@ -53,12 +53,12 @@ def _user_tree(spec: JobSpec) -> pa.Table:
     return table
 
 
-def _tree(spec: JobSpec, location: RunLocation) -> pa.Table:
+def _tree(spec: JobSpec, location: RunLocation, user_tree: pa.Table | None) -> pa.Table:
     if location.exists(manifest.TREE_FILE):
         log.info("tree: reusing the committed tree of this run")
         return location.read_table(manifest.TREE_FILE)
-    if spec.tree_path:
-        table, failures, usage = _user_tree(spec), [], {"requests": 0, "failed": 0, "tokens_in": 0, "tokens_out": 0}
+    if user_tree is not None:
+        table, failures, usage = user_tree, [], {"requests": 0, "failed": 0, "tokens_in": 0, "tokens_out": 0}
     else:
         table, failures, usage = tree.expand(spec)
     if failures:
@@ -72,17 +72,18 @@ def run_generate(spec: JobSpec, address: str | None = None) -> dict:
     """Run (or resume, or find complete) the generate job; return its manifest."""
     location = RunLocation(spec.output, spec.resolved_run_id())
     location.check_writable()
+    user_tree = _user_tree(spec) if spec.tree_path else None
+    _claim(location, spec)
     if location.exists("manifest.json"):
         log.info("run %s is already complete at %s", location.run_id, location.uri())
         return location.read_json("manifest.json")
-    _claim(location, spec)
     runtime.connect(address)
     spec = spec.model_copy(update={"engine": runtime.resolve_engine(spec.engine)})
     log.info("run %s → %s (device %s)", location.run_id, location.uri(), spec.engine.device)
 
     timings = {}
     started = time.perf_counter()
-    tree_table = _tree(spec, location)
+    tree_table = _tree(spec, location, user_tree)
     timings["tree"] = time.perf_counter() - started
 
     started = time.perf_counter()
