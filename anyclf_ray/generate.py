@@ -90,6 +90,11 @@ class ShardSink(Datasink):
 
     def write(self, blocks, ctx) -> None:
         results = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
+        # Ray may hand over more than a part's worth at once; cut so parts stay near the size asked.
+        for start in range(0, results.num_rows, self.requests_per_part):
+            self._write_part(results.slice(start, self.requests_per_part))
+
+    def _write_part(self, results: pa.Table) -> None:
         name = f"part-{uuid.uuid4().hex[:16]}.parquet"
         failures = failures_from(results)
         if failures.num_rows:

@@ -85,7 +85,8 @@ class RunLocation:
             self.fs.delete_file(self.path("_tmp/write-check"))
         except OSError as error:
             text = str(error)
-            if any(code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+            refusals = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+            if any(code in text for code in refusals):
                 raise ConfigError(
                     f"output.path: S3 refused the credentials for bucket {self.bucket!r}; "
                     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to a key that may write there"

@@ -1,0 +1,71 @@
+"""Output on S3: a real SeaweedFS server on loopback, through pyarrow's S3 filesystem."""
+
+from __future__ import annotations
+
+import datasets
+import pyarrow as pa
+import pytest
+
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.storage import RunLocation
+from conftest import S3_KEY, tiny_raw, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def s3_raw(s3_server, run_id: str, bucket: str = "anyclf") -> dict:
+    # A spec whose tree comes from the LLM too, but smaller than the local tests' one.
+    raw = tiny_raw(f"s3://{bucket}/runs", run_id, languages=["en"], n_subtopic=1)
+    raw["output"].update(endpoint_url=s3_server["endpoint"], rows_per_shard=12)
+    return raw
+
+
+def keys(s3_server, prefix: str) -> list[str]:
+    listing = s3_server["client"].list_objects_v2(Bucket=s3_server["bucket"], Prefix=prefix)
+    # pyarrow writes zero-byte "folder/" markers; they are not files.
+    return sorted(o["Key"] for o in listing.get("Contents", []) if not o["Key"].endswith("/"))
+
+
+def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
+    spec = config.parse(s3_raw(s3_server, "s3-run"))
+    manifest = pipeline.run_generate(spec)
+    expected = 2 * 2 * 2 * 1 * 3
+    assert manifest["status"] == "complete" and manifest["rows"]["written"] == expected
+    assert manifest["output"] == "s3://anyclf/runs/s3-run"
+
+    stored = keys(s3_server, "runs/s3-run/")
+    assert {"runs/s3-run/manifest.json", "runs/s3-run/README.md", "runs/s3-run/tree.parquet",
+            "runs/s3-run/spec.json"} <= set(stored)
+    shards = [k for k in stored if k.startswith("runs/s3-run/data/")]
+    assert len(shards) == len(manifest["shards"]) >= 2
+    assert not [k for k in stored if "/_tmp/" in k]
+
+    location = RunLocation(spec.output, "s3-run")
+    rows = pa.concat_tables([location.read_table(p) for p in location.list("data")])
+    assert rows.num_rows == expected and len(set(rows["id"].to_pylist())) == expected
+
+    # datasets' offline switch refuses every remote URL; this read only goes to the loopback server.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    loaded = datasets.load_dataset(
+        "parquet", data_files=location.uri("data/*.parquet"), storage_options=location.storage_options(), split="train"
+    )
+    assert sorted(loaded["id"]) == sorted(rows["id"].to_pylist())
+
+
+def test_missing_bucket_is_refused_before_any_work(s3_server, s3_credentials, tmp_path, capsys):
+    raw = s3_raw(s3_server, "nobucket", bucket="no-such-bucket")
+    code = cli.main(["generate", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    assert code == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == (
+        "anyclf-ray: error: output.path: bucket 'no-such-bucket' does not exist; create it or fix the path"
+    )
+
+
+def test_refused_credentials_are_reported(s3_server, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    raw = s3_raw(s3_server, "badcreds")
+    code = cli.main(["generate", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "output.path: S3 refused the credentials for bucket 'anyclf'" in capsys.readouterr().err
+    assert keys(s3_server, "runs/badcreds/") == []
