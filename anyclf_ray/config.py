@@ -79,7 +79,7 @@ class EngineSpec(_Strict):
     # Off by default: vLLM's CPU build cannot rewind a per-request seeded sampler after a
     # partial prefill ("CPU Generator does not use offset"). On GPUs it may be turned on.
     chunked_prefill: bool = False
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(256, gt=0)
     max_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)

@@ -74,6 +74,10 @@ def engine_env(engine: EngineSpec) -> dict[str, str]:
             # Several replicas share the cores; pinning threads would make them fight.
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "OMP_NUM_THREADS": str(max(1, int(engine.cpus_per_replica))),
+            # The CPU build cannot load its own AOT-compiled artifacts ("'function' object has no
+            # attribute 'finalize_loading'") and recompiles on every start; the plain compile
+            # cache works, so a warm engine starts in seconds.
+            "VLLM_USE_AOT_COMPILE": "0",
         }
     # Ray workers fork; tokenizers' thread pool must not be live across that.
     return {"TOKENIZERS_PARALLELISM": "false", **env, **engine.env}
@@ -107,6 +111,10 @@ def replica_options(engine: EngineSpec) -> dict[str, Any]:
     return options
 
 
+def conversation(request: dict) -> list[dict]:
+    return [{"role": "user", "content": request["prompt"]}]
+
+
 class StructuredGenerator:
     """A vLLM engine as a Ray Data callable class (one instance per replica)."""
 
@@ -131,17 +139,18 @@ class StructuredGenerator:
             structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
         )
 
-    def _sampling(self, key: str, n_items: int, max_chars: int, seed: int):
+    def sampling_params(self, request: dict, attempt: int):
+        """Sampling for one request: its own seed per attempt, its answer held to the schema."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        schema = prompts.items_schema(key, n_items, max_chars)
+        schema = prompts.items_schema(request["item_key"], request["n_items"], request["max_chars"])
         return SamplingParams(
             max_tokens=self.engine.max_tokens,
             temperature=self.engine.temperature,
             top_p=self.engine.top_p,
             repetition_penalty=self.engine.repetition_penalty,
-            seed=seed,
+            seed=request_seed(self.engine.seed, request["request_id"], attempt),
             structured_outputs=StructuredOutputsParams(json=schema),
         )
 
@@ -157,16 +166,8 @@ class StructuredGenerator:
             if not pending:
                 break
             outputs = self.llm.chat(
-                [[{"role": "user", "content": rows[i]["prompt"]}] for i in pending],
-                [
-                    self._sampling(
-                        rows[i]["item_key"],
-                        rows[i]["n_items"],
-                        rows[i]["max_chars"],
-                        request_seed(self.engine.seed, rows[i]["request_id"], attempt),
-                    )
-                    for i in pending
-                ],
+                [conversation(rows[i]) for i in pending],
+                [self.sampling_params(rows[i], attempt) for i in pending],
                 use_tqdm=False,
             )
             still_pending = []

@@ -138,3 +138,9 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, raw):
         "anyclf-ray: error: languages: unknown language code 'klingon'; use ISO 639-1 codes such as 'en', 'fr', 'zh'"
     ]
     assert not (tmp_path / "r1").exists()  # nothing written
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_are_valid(example):
+    spec = config.load(example)
+    assert spec.instruction and len(spec.labels) >= 2
