@@ -209,8 +209,11 @@ def generate(requests: ray.data.Dataset, model: ModelSpec, engine: EngineSpec) -
     )
 
 
+USAGE_KEYS = ("requests", "failed", "tokens_in", "tokens_out")
+
+
 def usage(results: pa.Table) -> dict[str, int]:
-    """Requests, failures and tokens of a table of LLM results."""
+    """Requests, failures and tokens (``USAGE_KEYS``) of a table of LLM results."""
     return {
         "requests": results.num_rows,
         "failed": pc.sum(pc.invert(results["ok"]).cast(pa.int64())).as_py() or 0,

@@ -15,7 +15,7 @@ import json
 
 import pyarrow as pa
 
-from anyclf_ray import generate, plan
+from anyclf_ray import generate, llm, plan
 from anyclf_ray.config import JobSpec
 from anyclf_ray.storage import RunLocation
 
@@ -47,15 +47,13 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table) -> dict:
     written = pa.concat_tables(labels) if labels else pa.table({"label": pa.array([], pa.string()), "language": pa.array([], pa.string())})
     failure_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
     # A failures file counts only with its committed data part (a crash can leave it alone).
-    failure_files += [p.replace("data/", "failures/", 1) for p in parts if location.exists(p.replace("data/", "failures/", 1))]
+    paired = [path.replace("data/", "failures/", 1) for path in parts]
+    failure_files += [path for path in paired if location.exists(path)]
     failures = pa.concat_tables(
         [location.read_table(p) for p in failure_files], promote_options="permissive"
     ) if failure_files else plan.FAILURE_SCHEMA.empty_table()
     tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
-    usage = {
-        key: tree_usage[key] + sum(part[key] for part in parts.values())
-        for key in ("requests", "failed", "tokens_in", "tokens_out")
-    }
+    usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in llm.USAGE_KEYS}
     expected = plan.expected_rows(spec, tree)
     return {
         "rows": {"expected": expected, "written": written.num_rows, "missing": expected - written.num_rows},
@@ -98,8 +96,8 @@ tags:
 # {run_id}
 
 Synthetic text-classification data written by an LLM (`{spec.model.name}`) with anyclf-ray,
-following the AnyClassifier design: source
-types, then topics per (label, source type), then subtopics, then examples per leaf.
+following the AnyClassifier design: source types, then topics per (label, source type), then
+subtopics, then examples per leaf.
 
 - Instruction: {spec.instruction}
 - Languages: {", ".join(spec.languages)}

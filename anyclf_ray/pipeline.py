@@ -17,7 +17,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from anyclf_ray import generate, manifest, plan, runtime, tree
+from anyclf_ray import generate, llm, manifest, plan, runtime, tree
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.storage import RunLocation
 
@@ -58,7 +58,7 @@ def _tree(spec: JobSpec, location: RunLocation, user_tree: pa.Table | None) -> p
         log.info("tree: reusing the committed tree of this run")
         return location.read_table(manifest.TREE_FILE)
     if user_tree is not None:
-        table, failures, usage = user_tree, [], {"requests": 0, "failed": 0, "tokens_in": 0, "tokens_out": 0}
+        table, failures, usage = user_tree, [], dict.fromkeys(llm.USAGE_KEYS, 0)
     else:
         table, failures, usage = tree.expand(spec)
     if failures:

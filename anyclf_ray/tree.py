@@ -54,7 +54,7 @@ def expand(spec: JobSpec) -> tuple[pa.Table, list[dict], dict[str, int]]:
     rows_per_leaf = [sum(per_language) for per_language in zip(*counts)]
     rows = tree.to_pylist()
     failures: list[dict] = []
-    total = {"requests": 0, "failed": 0, "tokens_in": 0, "tokens_out": 0}
+    total = dict.fromkeys(llm.USAGE_KEYS, 0)
     for level in plan.TREE_LEVELS:
         requests = plan.tree_requests(level, spec, rows)
         if not requests:  # every parent failed: nothing left to expand
