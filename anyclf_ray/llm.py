@@ -85,6 +85,8 @@ def engine_env(engine: EngineSpec) -> dict[str, str]:
 
 def replica_options(engine: EngineSpec) -> dict[str, Any]:
     """``map_batches`` arguments that place ``engine.replicas`` engine actors on the cluster."""
+    if engine.device not in ("cpu", "cuda"):
+        raise ValueError("engine.device must be resolved (runtime.resolve_engine) before engines are placed")
     options: dict[str, Any] = {
         "compute": ray.data.ActorPoolStrategy(size=engine.replicas),
         "num_cpus": engine.cpus_per_replica,
