@@ -21,7 +21,10 @@ BIN = Path(sys.executable).parent
 
 
 def ray_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # As on a real node, the cluster's Python environment comes first on PATH: `ray job submit
+    # -- python ...` runs the entrypoint with whatever `python` the cluster's daemons find.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled"}
     return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
