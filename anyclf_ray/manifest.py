@@ -43,15 +43,15 @@ def _counts(table: pa.Table, keys: list[str]) -> list[dict]:
 def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table) -> dict:
     """Counts, failures and usage of the run as committed at ``location``."""
     parts = generate.committed_parts(location)
-    labels = [location.read_table(path, columns=["label", "language"]) for path in parts]
-    written = pa.concat_tables(labels) if labels else pa.table({"label": pa.array([], pa.string()), "language": pa.array([], pa.string())})
+    written = pa.concat_tables(
+        [generate.EXAMPLE_SCHEMA.empty_table().select(["label", "language"])]
+        + [location.read_table(path, columns=["label", "language"]) for path in parts]
+    )
     failure_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
     # A failures file counts only with its committed data part (a crash can leave it alone).
     paired = [path.replace("data/", "failures/", 1) for path in parts]
     failure_files += [path for path in paired if location.exists(path)]
-    failures = pa.concat_tables(
-        [location.read_table(p) for p in failure_files], promote_options="permissive"
-    ) if failure_files else plan.FAILURE_SCHEMA.empty_table()
+    failures = pa.concat_tables([plan.FAILURE_SCHEMA.empty_table()] + [location.read_table(p) for p in failure_files])
     tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
     usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in llm.USAGE_KEYS}
     expected = plan.expected_rows(spec, tree)
