@@ -54,6 +54,13 @@ def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
     return raw
 
 
+def read_parts(location, folder: str = "data"):
+    """Every Parquet part of a run folder as one table (footer metadata dropped)."""
+    import pyarrow as pa
+
+    return pa.concat_tables([location.read_table(p) for p in location.list(folder)]).replace_schema_metadata(None)
+
+
 def write_spec(path: Path, raw: dict) -> Path:
     path.write_text(json.dumps(raw))  # JSON is YAML
     return path

@@ -13,17 +13,12 @@ import pytest
 
 from anyclf_ray import cli, config, generate, pipeline, plan
 from anyclf_ray.storage import RunLocation
-from conftest import tiny_raw, write_spec
+from conftest import read_parts, tiny_raw, write_spec
 
 pytestmark = pytest.mark.slow
 
 EXPECTED_ROWS = 2 * 2 * (2 * 2 * 2) * 3  # labels x languages x leaves x samples
 GENERATION_REQUESTS = 2 * 2 * (2 * 2 * 2) * 2  # 3 samples at 2 per request: 2 requests a leaf
-
-
-def rows_of(location: RunLocation) -> pa.Table:
-    parts = [location.read_table(p) for p in location.list("data")]
-    return pa.concat_tables(parts).replace_schema_metadata(None)
 
 
 def planned_ids(spec: config.JobSpec) -> set[str]:
@@ -45,7 +40,7 @@ def first_run(tmp_path_factory, local_ray, tiny_model):
 
 def test_exact_rows_schema_and_every_leaf(first_run):
     spec, location, manifest = first_run
-    rows = rows_of(location)
+    rows = read_parts(location)
     assert rows.schema == generate.EXAMPLE_SCHEMA
     assert rows.num_rows == EXPECTED_ROWS
     assert manifest["status"] == "complete"
@@ -88,7 +83,7 @@ def test_datasets_reads_the_shards_and_the_card(first_run):
     _, location, _ = first_run
     direct = datasets.load_dataset("parquet", data_files=location.path("data/*.parquet"), split="train")
     assert direct.num_rows == EXPECTED_ROWS
-    assert set(direct["id"]) == set(rows_of(location)["id"].to_pylist())
+    assert set(direct["id"]) == set(read_parts(location)["id"].to_pylist())
     by_card = datasets.load_dataset(location.path(), split="train")
     assert by_card.num_rows == EXPECTED_ROWS
 
@@ -97,8 +92,8 @@ def test_same_spec_same_ids_and_texts(first_run, tmp_path):
     spec, location, _ = first_run
     again = spec.model_copy(update={"output": spec.output.model_copy(update={"path": str(tmp_path)})})
     pipeline.run_generate(again)
-    first = {r["id"]: r["text"] for r in rows_of(location).to_pylist()}
-    second = {r["id"]: r["text"] for r in rows_of(RunLocation(again.output, "first")).to_pylist()}
+    first = {r["id"]: r["text"] for r in read_parts(location).to_pylist()}
+    second = {r["id"]: r["text"] for r in read_parts(RunLocation(again.output, "first")).to_pylist()}
     assert second.keys() == first.keys()
     assert second == first  # per-request seeds make the text reproducible too
 
@@ -124,7 +119,7 @@ def test_crash_after_some_parts_resumes_the_rest(first_run, tmp_path):
     assert resumed["status"] == "complete"
     assert set(kept_parts) < set(crashed.list("data"))  # old parts kept as they were
     assert len(crashed.list("data")) == len(kept_parts) + 1  # only the lost requests re-ran
-    assert sorted(rows_of(crashed)["id"].to_pylist()) == sorted(rows_of(location)["id"].to_pylist())
+    assert sorted(read_parts(crashed)["id"].to_pylist()) == sorted(read_parts(location)["id"].to_pylist())
 
 
 def test_run_id_reused_with_another_spec_is_refused(first_run):
@@ -152,10 +147,10 @@ def test_edited_tree_drives_generation(first_run, tmp_path):
     pq.write_table(pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA), tmp_path / "tree.parquet")
     edited = config.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
     manifest = pipeline.run_generate(edited)
-    rows = rows_of(RunLocation(edited.output, "edited"))
+    rows = read_parts(RunLocation(edited.output, "edited"))
     assert manifest["llm"]["requests"] == GENERATION_REQUESTS  # no tree requests
     assert set(rows.filter(pa.compute.field("label") == "pos")["topic"].to_pylist()) == {"EDITED topic"}
-    assert set(rows["id"].to_pylist()) == set(rows_of(location)["id"].to_pylist())
+    assert set(rows["id"].to_pylist()) == set(read_parts(location)["id"].to_pylist())
 
 
 def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, capsys):
@@ -166,7 +161,7 @@ def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, caps
     assert code == cli.EXIT_INCOMPLETE
     assert f"incomplete: 0 of {EXPECTED_ROWS} rows" in capsys.readouterr().out
     cut = RunLocation(config.parse(raw).output, "cut")
-    failures = pa.concat_tables([cut.read_table(p) for p in cut.list("failures")])
+    failures = read_parts(cut, "failures")
     assert failures.num_rows == GENERATION_REQUESTS
     assert set(failures["attempts"].to_pylist()) == {2}
     assert all("cut off at max_tokens" in e for e in failures["error"].to_pylist())

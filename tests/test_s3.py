@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import datasets
-import pyarrow as pa
 import pytest
 
 from anyclf_ray import cli, config, pipeline
 from anyclf_ray.storage import RunLocation
-from conftest import S3_KEY, tiny_raw, write_spec
+from conftest import S3_KEY, read_parts, tiny_raw, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,7 @@ def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model,
     assert not [k for k in stored if "/_tmp/" in k]
 
     location = RunLocation(spec.output, "s3-run")
-    rows = pa.concat_tables([location.read_table(p) for p in location.list("data")])
+    rows = read_parts(location)
     assert rows.num_rows == expected and len(set(rows["id"].to_pylist())) == expected
 
     # datasets' offline switch refuses every remote URL; this read only goes to the loopback server.
