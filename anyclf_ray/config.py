@@ -67,13 +67,22 @@ class ModelSpec(_Strict):
         return value
 
 
-class EngineSpec(_Strict):
-    """How the vLLM replicas run and sample. CPU and GPU differ only in these values."""
+class ActorPlacement(_Strict):
+    """Where a stage's model actors run: ``replicas`` actors on ``device`` (``auto``: GPU if any)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     replicas: int = Field(1, gt=0)
-    tensor_parallel_size: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return 1
+
+
+class EngineSpec(ActorPlacement):
+    """How the vLLM replicas run and sample. CPU and GPU differ only in these values."""
+
+    tensor_parallel_size: int = Field(1, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, gt=0)
     # Off by default: vLLM's CPU build cannot rewind a per-request seeded sampler after a
@@ -90,6 +99,37 @@ class EngineSpec(_Strict):
     max_text_chars: int = Field(1200, gt=0)
     max_item_chars: int = Field(80, gt=0)
     env: dict[str, str] = {}
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size
+
+
+class DedupSpec(ActorPlacement):
+    """Exact and embedding near-duplicate removal (``dedup.py``); on by default in full jobs."""
+
+    enabled: bool = True
+    # A sentence-transformers model: builtin:all-minilm-l6-v2 (offline), a folder or a hub id.
+    model: str = "builtin:all-minilm-l6-v2"
+    # Cosine similarity at or above which two texts are near-duplicates. With MiniLM, a changed
+    # word or reordered clause scores 0.95-0.99, while opposite statements can reach 0.89.
+    threshold: float = Field(0.92, gt=0, le=1)
+    # Near-duplicates with different labels: drop every row involved, or keep them (counted).
+    conflicts: Literal["drop", "keep"] = "drop"
+    partition_size: int = Field(2000, gt=1)
+    probes: int = Field(2, gt=0)
+    batch_size: int = Field(128, gt=0)
+    seed: int = 0
+
+    @field_validator("model")
+    @classmethod
+    def _loadable(cls, value: str) -> str:
+        models.check_embedder(value)
+        return value
+
+    def fingerprint(self) -> str:
+        """A digest of the settings that decide which rows are kept (not where actors run)."""
+        return _digest(self.model_dump(exclude=set(ActorPlacement.model_fields) | {"batch_size", "enabled"}))
 
 
 class OutputSpec(_Strict):
@@ -133,6 +173,7 @@ class JobSpec(_Strict):
     model: ModelSpec = ModelSpec()
     engine: EngineSpec = EngineSpec()
     output: OutputSpec = OutputSpec()
+    dedup: DedupSpec = DedupSpec()
     run_id: str | None = None
     # A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.
     tree_path: str | None = None
@@ -193,16 +234,27 @@ class JobSpec(_Strict):
         return sizes_for_records(self.n_record_to_generate, len(self.labels) * len(self.languages))
 
     def fingerprint(self) -> str:
-        """A digest of everything that decides a run's content (not where it is written)."""
-        placement = {"device", "replicas", "tensor_parallel_size", "cpus_per_replica",
-                     "gpu_memory_utilization", "cpu_kv_cache_gib", "chunked_prefill", "batch_size", "env"}
-        content = self.model_dump(
-            exclude={"output": True, "run_id": True, "model": {"enforce_eager"}, "engine": placement}
+        """A digest of everything that decides the generated rows (not where they are written).
+
+        Later stages (dedup, train) are left out: they have their own fingerprints, so tuning
+        them reuses the generated data of the same run id.
+        """
+        placement = set(ActorPlacement.model_fields) | {
+            "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib", "chunked_prefill", "batch_size", "env"
+        }
+        return _digest(
+            self.model_dump(
+                exclude={"output": True, "run_id": True, "dedup": True,
+                         "model": {"enforce_eager"}, "engine": placement}
+            )
         )
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved_run_id(self) -> str:
         return self.run_id or f"run-{self.fingerprint()}"
+
+
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sizes_for_records(n_records: int, groups: int) -> dict[str, int]:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray import models, prompts
+from anyclf_ray import models, prompts, runtime
 from anyclf_ray.config import EngineSpec, ModelSpec
 
 RESULT_FIELDS = {
@@ -85,16 +85,8 @@ def engine_env(engine: EngineSpec) -> dict[str, str]:
 
 def replica_options(engine: EngineSpec) -> dict[str, Any]:
     """``map_batches`` arguments that place ``engine.replicas`` engine actors on the cluster."""
-    if engine.device not in ("cpu", "cuda"):
-        raise ValueError("engine.device must be resolved (runtime.resolve_engine) before engines are placed")
-    options: dict[str, Any] = {
-        "compute": ray.data.ActorPoolStrategy(size=engine.replicas),
-        "num_cpus": engine.cpus_per_replica,
-        "runtime_env": {"env_vars": engine_env(engine)},
-    }
-    if engine.device == "cuda" and engine.tensor_parallel_size == 1:
-        options["num_gpus"] = 1
-    elif engine.device == "cuda":
+    options = {**runtime.actor_options(engine), "runtime_env": {"env_vars": engine_env(engine)}}
+    if engine.device == "cuda" and engine.tensor_parallel_size > 1:
         # vLLM starts one Ray worker per GPU shard itself; the actor reserves a placement group
         # of tensor_parallel_size GPU bundles and lets vLLM's workers capture it.
         tp = engine.tensor_parallel_size
@@ -193,11 +185,7 @@ class StructuredGenerator:
 
 
 def requests_dataset(requests: list[dict], engine: EngineSpec) -> ray.data.Dataset:
-    """Requests as a Dataset cut into enough blocks that every replica gets work."""
-    table = pa.Table.from_pylist(requests)
-    rows_per_block = max(1, min(engine.batch_size, -(-table.num_rows // engine.replicas)))
-    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    return runtime.blocks_dataset(pa.Table.from_pylist(requests), engine.batch_size, engine.replicas)
 
 
 def generate(requests: ray.data.Dataset, model: ModelSpec, engine: EngineSpec) -> ray.data.Dataset:

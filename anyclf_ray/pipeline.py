@@ -1,6 +1,6 @@
-"""The generate job: tree stage → generation stage → manifest, resumable by run id.
+"""The jobs: generate (tree stage → generation stage → manifest) and dedup, resumable by run id.
 
-In: a validated ``JobSpec``. Out: the run folder ``<output>/<run_id>/`` and its manifest.
+In: a validated ``JobSpec``. Out: the run folder ``<output>/<run_id>/`` and each stage's manifest.
 
 Order of writes: ``spec.json`` first (it pins what the run id means), then the tree (after its
 failures), then the data parts, then the card and ``manifest.json`` last. A re-run of the same
@@ -17,7 +17,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from anyclf_ray import generate, llm, manifest, plan, runtime, tree
+from anyclf_ray import dedup, embed, generate, llm, manifest, plan, runtime, tree
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.storage import RunLocation
 
@@ -78,7 +78,7 @@ def run_generate(spec: JobSpec, address: str | None = None) -> dict:
         log.info("run %s is already complete at %s", location.run_id, location.uri())
         return location.read_json("manifest.json")
     runtime.connect(address)
-    spec = spec.model_copy(update={"engine": runtime.resolve_engine(spec.engine)})
+    spec = spec.model_copy(update={"engine": runtime.resolve_placement(spec.engine, "engine")})
     log.info("run %s → %s (device %s)", location.run_id, location.uri(), spec.engine.device)
 
     timings = {}
@@ -91,3 +91,22 @@ def run_generate(spec: JobSpec, address: str | None = None) -> dict:
     timings["generate"] = time.perf_counter() - started
 
     return manifest.write(location, spec, tree_table, timings)
+
+
+def run_dedup(spec: JobSpec, address: str | None = None) -> dict:
+    """Deduplicate the run's generated rows (or find it done with these settings); its manifest."""
+    location = RunLocation(spec.output, spec.resolved_run_id())
+    location.check_writable()
+    dedup.check_input(location)
+    if location.exists(dedup.MANIFEST):
+        done = location.read_json(dedup.MANIFEST)
+        if done["fingerprint"] == dedup.fingerprint(spec):
+            log.info("dedup of run %s is already complete at %s", location.run_id, done["output"])
+            return done
+    embed.check_model(spec.dedup.model, "dedup")
+    runtime.connect(address)
+    placement = runtime.resolve_placement(spec.dedup, "dedup")
+    log.info("dedup: run %s with %s on %s", location.run_id, spec.dedup.model, placement.device)
+    return dedup.run(
+        location, spec, lambda texts: embed.embed(texts, spec.dedup.model, placement, spec.dedup.batch_size)
+    )

@@ -11,7 +11,13 @@ import os
 
 import ray
 
-from anyclf_ray.config import ConfigError, EngineSpec
+from typing import TypeVar
+
+import pyarrow as pa
+
+from anyclf_ray.config import ActorPlacement, ConfigError
+
+Placement = TypeVar("Placement", bound=ActorPlacement)
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +34,37 @@ def connect(address: str | None = None) -> None:
         ray.init(include_dashboard=False)
 
 
-def resolve_engine(engine: EngineSpec) -> EngineSpec:
-    """Pick the device for ``auto`` and check the replicas can ever be placed."""
+def resolve_placement(placement: Placement, section: str) -> Placement:
+    """Pick the device for ``auto`` and check the replicas can ever be placed on this cluster."""
     resources = ray.cluster_resources()
-    device = engine.device
+    device = placement.device
     if device == "auto":
         device = "cuda" if resources.get("GPU", 0) > 0 else "cpu"
     if device == "cuda":
-        need, have, unit = engine.replicas * engine.tensor_parallel_size, resources.get("GPU", 0), "GPU"
+        need, have, unit = placement.replicas * placement.gpus_per_replica, resources.get("GPU", 0), "GPU"
     else:
-        need, have, unit = engine.replicas * engine.cpus_per_replica, resources.get("CPU", 0), "CPU"
+        need, have, unit = placement.replicas * placement.cpus_per_replica, resources.get("CPU", 0), "CPU"
     if need > have:
         raise ConfigError(
-            f"engine.replicas: {engine.replicas} replica(s) need {need:g} {unit}(s) but the cluster "
-            f"has {have:g}; lower engine.replicas (or cpus_per_replica / tensor_parallel_size) or add nodes"
+            f"{section}.replicas: {placement.replicas} replica(s) need {need:g} {unit}(s) but the cluster "
+            f"has {have:g}; lower {section}.replicas (or cpus_per_replica / tensor_parallel_size) or add nodes"
         )
-    return engine.model_copy(update={"device": device})
+    return placement.model_copy(update={"device": device})
+
+
+def actor_options(placement: ActorPlacement) -> dict:
+    """``map_batches`` arguments for a pool of ``placement.replicas`` model actors."""
+    if placement.device not in ("cpu", "cuda"):
+        raise ValueError("device must be resolved (runtime.resolve_placement) before actors are placed")
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=placement.replicas),
+        "num_cpus": placement.cpus_per_replica,
+        "num_gpus": 1 if placement.device == "cuda" else 0,
+    }
+
+
+def blocks_dataset(table: pa.Table, batch_size: int, replicas: int) -> ray.data.Dataset:
+    """``table`` as a Dataset cut into enough blocks that every replica gets work."""
+    rows_per_block = max(1, min(batch_size, -(-table.num_rows // replicas)))
+    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks)

@@ -115,10 +115,14 @@ class RunLocation:
     def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
 
-    def read_metadata(self, relative: str) -> dict[str, str]:
-        """The key-value metadata in a Parquet file's footer (reads only the footer)."""
+    def read_footer(self, relative: str) -> pq.FileMetaData:
+        """A Parquet file's footer: schema, row count, key-value metadata (reads nothing else)."""
         with self.fs.open_input_file(self.path(relative)) as stream:
-            raw = pq.ParquetFile(stream).schema_arrow.metadata or {}
+            return pq.ParquetFile(stream).metadata
+
+    def read_metadata(self, relative: str) -> dict[str, str]:
+        """The key-value metadata in a Parquet file's footer."""
+        raw = self.read_footer(relative).metadata or {}
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     # -- writing -----------------------------------------------------------------------------
@@ -146,3 +150,16 @@ class RunLocation:
 
     def write_table(self, relative: str, table: pa.Table) -> None:
         self._atomic(relative, lambda path: pq.write_table(table, path, filesystem=self.fs))
+
+    def write_shards(self, folder: str, table: pa.Table, rows_per_shard: int) -> list[str]:
+        """``table`` as ``folder/part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows."""
+        paths = []
+        for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+            paths.append(f"{folder}/part-{index:05d}.parquet")
+            self.write_table(paths[-1], table.slice(start, rows_per_shard))
+        return paths
+
+    def delete(self, folder: str) -> None:
+        """Remove ``folder`` and everything under it, if it exists."""
+        if self.fs.get_file_info(self.path(folder)).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.path(folder))

@@ -41,7 +41,7 @@ def test_smollm2_is_built_offline_and_answers_in_json(local_ray, tmp_path):
             engine={"temperature": 0.6, "repetition_penalty": 1.05},
         )
     )
-    spec = spec.model_copy(update={"engine": runtime.resolve_engine(spec.engine)})
+    spec = spec.model_copy(update={"engine": runtime.resolve_placement(spec.engine, "engine")})
     assert json.loads((Path(models.resolve(spec.model.name)) / "config.json").read_text())["model_type"] == "llama"
     requests = plan.tree_requests("source_type", spec, plan.full_tree(spec).to_pylist())
     (result,) = tree.answer(requests, spec).to_pylist()

@@ -1,0 +1,254 @@
+"""Dedup stage: exact, then embedding near-duplicate removal, per label within each language.
+
+In: a run's generated shards (the ``shards`` of its ``manifest.json``). Out, under
+``<run>/dedup/``:
+
+- ``data/part-*.parquet``: the kept rows, same schema as the input;
+- ``removed/part-*.parquet``: every removed row with ``reason`` (``exact``, ``near`` or
+  ``conflict``), ``kept_id`` (the kept row it duplicates; empty for conflicts, where nothing of
+  the pair is kept), ``matched_id`` (the row it matched) and their ``similarity``;
+- ``embeddings/part-*.parquet``: ``id`` and L2-normalised ``embedding`` of every embedded row
+  (the kept rows among them), so training can reuse them;
+- ``manifest.json``, last: counts per label and reason, conflicts, settings and timings.
+
+The rules, in order:
+
+1. Rows are ordered by id. Texts equal after Unicode NFKC, case folding and whitespace folding
+   are exact duplicates; the first row of each (language, text, label) is its *representative*.
+2. Representatives are embedded, and pairs at or above ``threshold`` cosine found within each
+   language (``neighbours.near_pairs``). Exact copies across labels count as pairs at 1.0.
+3. A pair with different labels is a label conflict. Policy ``drop`` removes every
+   representative in a conflict; ``keep`` leaves them and only counts them.
+4. Among the remaining representatives of each label, a row is kept unless it is near an earlier
+   kept row (``neighbours.greedy_keepers``), so the keeper is deterministic and every removed
+   row has a kept twin above the threshold.
+5. A row that is not a representative shares its representative's fate; if the representative
+   is kept, the row is removed as its exact copy.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import itertools
+import logging
+import time
+import unicodedata
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from anyclf_ray import embed, manifest, neighbours
+from anyclf_ray.config import ConfigError, JobSpec
+from anyclf_ray.storage import RunLocation
+
+log = logging.getLogger(__name__)
+
+FOLDER = "dedup"
+MANIFEST = f"{FOLDER}/manifest.json"
+REQUIRED_COLUMNS = ("id", "text", "label", "language")
+REASONS = ("exact", "near", "conflict")
+AUDIT_FIELDS = [
+    pa.field("reason", pa.string()),
+    pa.field("kept_id", pa.string()),
+    pa.field("matched_id", pa.string()),
+    pa.field("similarity", pa.float32()),
+]
+
+
+def normalise(text: str) -> str:
+    """The text exact dedup compares: NFKC, case-folded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+def fingerprint(spec: JobSpec) -> str:
+    """What decides this stage's output: the generated rows and the dedup settings."""
+    return f"{spec.fingerprint()}-{spec.dedup.fingerprint()}"
+
+
+def check_input(location: RunLocation) -> list[str]:
+    """The run's generated shards, checked from their footers; ConfigError if there is nothing to use."""
+    if not location.exists("manifest.json"):
+        raise ConfigError(
+            f"run_id: no finished generation at {location.uri()} (no manifest.json); "
+            "run `anyclf-ray generate` for this spec first"
+        )
+    shards = location.read_json("manifest.json").get("shards", [])
+    rows = 0
+    for shard in shards:
+        footer = location.read_footer(shard)
+        missing = [c for c in REQUIRED_COLUMNS if c not in footer.schema.names]
+        if missing:
+            raise ConfigError(
+                f"run_id: shard {shard} has no {missing[0]!r} column; dedup reads anyclf-ray generation "
+                f"shards with columns {list(REQUIRED_COLUMNS)}"
+            )
+        rows += footer.num_rows
+    if rows == 0:
+        raise ConfigError(f"run_id: the run at {location.uri()} has no generated rows; nothing to deduplicate")
+    return shards
+
+
+def _best_partner(ends: np.ndarray, partners: np.ndarray, sims: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each index in ``ends``, its most similar partner and that similarity."""
+    partner, similarity = np.full(size, -1, np.int64), np.full(size, np.nan, np.float32)
+    order = np.lexsort((-sims, ends))
+    unique_ends, first = np.unique(ends[order], return_index=True)
+    partner[unique_ends], similarity[unique_ends] = partners[order][first], sims[order][first]
+    return partner, similarity
+
+
+def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec: JobSpec) -> dict:
+    """Apply the module's rules to ``rows`` (sorted by id); return the kept/removed split.
+
+    The result holds ``kept`` and ``removed`` tables, the representatives' ``embedded_ids`` and
+    ``embeddings``, the ``conflict_pairs`` count and per-step ``timings``.
+    """
+    settings = spec.dedup
+    timings, started = {}, time.perf_counter()
+    n = rows.num_rows
+    texts = rows["text"].to_pylist()
+    frame = pd.DataFrame(
+        {"language": rows["language"].to_pylist(), "norm": [normalise(t) for t in texts], "label": rows["label"].to_pylist()}
+    )
+    group = frame.groupby(["language", "norm", "label"], sort=False).ngroup().to_numpy()
+    first_row = np.full(group.max() + 1, n, np.int64)
+    np.minimum.at(first_row, group, np.arange(n))
+    representative = first_row[group]  # row index of each row's representative
+    reps = np.flatnonzero(representative == np.arange(n))
+    position = np.full(n, -1, np.int64)
+    position[reps] = np.arange(len(reps))
+    timings["exact"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    vectors = embed_texts([texts[r] for r in reps])
+    timings["embed"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    rep_language = frame["language"].to_numpy()[reps]
+    rep_label = frame["label"].to_numpy()[reps]
+    lefts, rights, sims = [], [], []
+    for language in np.unique(rep_language):
+        members = np.flatnonzero(rep_language == language)
+        left, right, sim = neighbours.near_pairs(
+            vectors[members], settings.threshold, settings.partition_size, settings.probes, settings.seed
+        )
+        lefts.append(members[left]), rights.append(members[right]), sims.append(sim)
+    # Representatives with the same normalised text (so different labels) pair at 1.0.
+    same_text = frame.iloc[reps].groupby(["language", "norm"], sort=False).ngroup().to_numpy()
+    shared = np.flatnonzero(pd.Series(same_text).duplicated(keep=False).to_numpy())
+    exact_pairs = [
+        pair
+        for _, members in pd.Series(shared).groupby(same_text[shared])
+        for pair in itertools.combinations(members.tolist(), 2)
+    ]
+    if exact_pairs:
+        pairs = np.asarray(exact_pairs, np.int64)
+        lefts.append(pairs[:, 0]), rights.append(pairs[:, 1]), sims.append(np.ones(len(pairs), np.float32))
+    left, right, sim = np.concatenate(lefts), np.concatenate(rights), np.concatenate(sims)
+    # A pair found both as exact text and by embedding is one pair.
+    order = np.argsort(-sim, kind="stable")
+    _, first = np.unique(left[order] * len(reps) + right[order], return_index=True)
+    left, right, sim = left[order][first], right[order][first], sim[order][first]
+    cross = rep_label[left] != rep_label[right]
+    conflicted = np.zeros(len(reps), bool)
+    if settings.conflicts == "drop":
+        conflicted[left[cross]] = conflicted[right[cross]] = True
+    partner, partner_sim = _best_partner(
+        np.concatenate([left[cross], right[cross]]), np.concatenate([right[cross], left[cross]]),
+        np.concatenate([sim[cross], sim[cross]]), len(reps),
+    )
+    within = ~cross & ~conflicted[left] & ~conflicted[right]
+    rep_kept, kept_by, kept_sim = neighbours.greedy_keepers(len(reps), left[within], right[within], sim[within])
+    rep_kept &= ~conflicted
+    timings["near"] = time.perf_counter() - started
+
+    # Every row's fate, from its representative's.
+    rep_reason = np.where(conflicted, "conflict", np.where(rep_kept, "", "near")).astype(object)
+    rep_matched = np.where(conflicted, partner, kept_by)
+    rep_similarity = np.where(conflicted, partner_sim, kept_sim)
+    ids = np.asarray(rows["id"].to_pylist(), dtype=object)
+    p = position[representative]
+    is_rep = representative == np.arange(n)
+    copy_of_kept = ~is_rep & rep_kept[p]
+    kept = is_rep & rep_kept[p]
+    reason = np.where(copy_of_kept, "exact", rep_reason[p])
+    matched_row = np.where(copy_of_kept, representative, reps[np.maximum(rep_matched[p], 0)])
+    similarity = np.where(copy_of_kept, np.float32(1.0), rep_similarity[p])
+    removed_mask = ~kept
+    audit = {
+        "reason": reason[removed_mask].tolist(),
+        "kept_id": [None if r == "conflict" else m for r, m in zip(reason[removed_mask], ids[matched_row[removed_mask]])],
+        "matched_id": ids[matched_row[removed_mask]].tolist(),
+        "similarity": similarity[removed_mask].astype(np.float32),
+    }
+    removed = rows.filter(pa.array(removed_mask))
+    for field in AUDIT_FIELDS:
+        removed = removed.append_column(field, pa.array(audit[field.name], field.type))
+    return {
+        "kept": rows.filter(pa.array(kept)),
+        "removed": removed,
+        "embedded_ids": ids[reps].tolist(),
+        "embeddings": vectors,
+        "conflict_pairs": int(cross.sum()),
+        "timings": timings,
+    }
+
+
+def _counts(table: pa.Table, keys: list[str]) -> list[dict]:
+    if not table.num_rows:
+        return []
+    grouped = table.group_by(keys).aggregate([([], "count_all")]).rename_columns([*keys, "rows"])
+    return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
+
+
+def run(location: RunLocation, spec: JobSpec, embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
+    """Deduplicate the run at ``location`` and write ``dedup/``; return the dedup manifest."""
+    started = time.perf_counter()
+    inputs = check_input(location)
+    rows = pa.concat_tables([location.read_table(path).replace_schema_metadata(None) for path in inputs])
+    rows = rows.sort_by("id")
+    location.delete(FOLDER)  # a stale, unfinished dedup of other settings must not mix in
+    result = decide(rows, embed_texts, spec)
+    kept, removed = result["kept"], result["removed"]
+    dim = result["embeddings"].shape[1]
+    embeddings = pa.Table.from_arrays(
+        [pa.array(result["embedded_ids"], pa.string()),
+         pa.FixedSizeListArray.from_arrays(result["embeddings"].ravel(), dim)],
+        schema=embeddings_schema(dim),
+    ).replace_schema_metadata({embed.EMBEDDING_MODEL_KEY: spec.dedup.model})
+    per_shard = spec.output.rows_per_shard
+    shards = {
+        "data": location.write_shards(f"{FOLDER}/data", kept, per_shard),
+        "removed": location.write_shards(f"{FOLDER}/removed", removed, per_shard),
+        "embeddings": location.write_shards(f"{FOLDER}/embeddings", embeddings, per_shard),
+    }
+    reasons = collections.Counter(removed["reason"].to_pylist())
+    dedup_manifest = {
+        "run_id": location.run_id,
+        "stage": "dedup",
+        "status": "complete",
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "output": location.uri(FOLDER),
+        "fingerprint": fingerprint(spec),
+        "settings": spec.dedup.model_dump(),
+        "rows": {"input": rows.num_rows, "kept": kept.num_rows, "removed": removed.num_rows},
+        "removed": {
+            "by_reason": {reason: reasons.get(reason, 0) for reason in REASONS},
+            "by_label_reason": _counts(removed, ["label", "reason"]),
+        },
+        "kept_by_label": _counts(kept, ["label"]),
+        "conflicts": {"policy": spec.dedup.conflicts, "pairs": result["conflict_pairs"], "rows_removed": reasons.get("conflict", 0)},
+        "embeddings": {"model": spec.dedup.model, "rows": embeddings.num_rows, "dim": dim},
+        "shards": shards,
+        "timings_s": {k: round(v, 3) for k, v in {**result["timings"], "total": time.perf_counter() - started}.items()},
+    }
+    manifest.write_card(location, spec, location.read_json("manifest.json"), dedup_manifest)
+    location.write_json(MANIFEST, dedup_manifest)
+    return dedup_manifest
