@@ -117,7 +117,7 @@ class DedupSpec(ActorPlacement):
     # Near-duplicates with different labels: drop every row involved, or keep them (counted).
     conflicts: Literal["drop", "keep"] = "drop"
     partition_size: int = Field(2000, gt=1)
-    probes: int = Field(2, gt=0)
+    probes: int = Field(3, gt=0)
     batch_size: int = Field(128, gt=0)
     seed: int = 0
 
@@ -130,6 +130,53 @@ class DedupSpec(ActorPlacement):
     def fingerprint(self) -> str:
         """A digest of the settings that decide which rows are kept (not where actors run)."""
         return _digest(self.model_dump(exclude=set(ActorPlacement.model_fields) | {"batch_size", "enabled"}))
+
+
+class EvalSetSpec(_Strict):
+    """A real labelled set to evaluate on: Parquet, CSV, JSONL or a ``datasets`` folder."""
+
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+    # Its label values → the job's label ids; values not listed must already be label ids.
+    label_map: dict[str, str] = {}
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _values_as_text(cls, value: Any) -> Any:
+        # YAML reads 0/1 and true/false as numbers and booleans; labels are compared as text.
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+class TrainSpec(_Strict):
+    """SetFit training on Ray Train (``train.py``) and evaluation (``evaluate.py``)."""
+
+    enabled: bool = True
+    # A sentence-transformers body: the seed's mpnet by default; builtin:all-minilm-l6-v2 offline.
+    base_model: str = "sentence-transformers/paraphrase-mpnet-base-v2"
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # Contrastive pairs = min(max_pairs, num_iterations × training rows), sampled as they are used.
+    num_iterations: int = Field(20, ge=0)
+    max_pairs: int = Field(100_000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    max_seq_length: int = Field(128, gt=0)
+    # Share of the synthetic rows held out for evaluation, chosen by id (stable across re-runs).
+    test_size: float = Field(0.2, ge=0, lt=1)
+    head_max_iter: int = Field(1000, gt=0)
+    seed: int = 0
+    eval_set: EvalSetSpec | None = None
+
+    @field_validator("base_model")
+    @classmethod
+    def _loadable(cls, value: str) -> str:
+        models.check_embedder(value)
+        return value
+
+    def fingerprint(self) -> str:
+        return _digest(self.model_dump(exclude={"enabled", "use_gpu", "cpus_per_worker"}))
 
 
 class OutputSpec(_Strict):
@@ -174,6 +221,7 @@ class JobSpec(_Strict):
     engine: EngineSpec = EngineSpec()
     output: OutputSpec = OutputSpec()
     dedup: DedupSpec = DedupSpec()
+    train: TrainSpec = TrainSpec()
     run_id: str | None = None
     # A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.
     tree_path: str | None = None
@@ -244,7 +292,7 @@ class JobSpec(_Strict):
         }
         return _digest(
             self.model_dump(
-                exclude={"output": True, "run_id": True, "dedup": True,
+                exclude={"output": True, "run_id": True, "dedup": True, "train": True,
                          "model": {"enforce_eager"}, "engine": placement}
             )
         )
@@ -325,7 +373,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         annotation = spec.model_fields[part].annotation
-        spec = getattr(annotation, "__args__", (annotation,))[0] if part == "labels" else annotation
+        # list[Label] and EvalSetSpec | None: the model class among the type's arguments.
+        spec = next(a for a in getattr(annotation, "__args__", ()) + (annotation,) if hasattr(a, "model_fields"))
     return list(spec.model_fields)
 
 

@@ -1,6 +1,7 @@
 """Sentence embeddings on replicated Ray actors.
 
-In: texts, a sentence-transformers model reference and an ``ActorPlacement``. Out: an
+In: texts, a sentence-transformers model (a reference, or a Ray Train checkpoint of one) and an
+``ActorPlacement``. Out: an
 ``(n, d)`` float32 array of L2-normalised embeddings in the input's order. Each actor loads
 the model once (on a GPU when the placement resolved to ``cuda``) and encodes batches streamed
 to it by Ray Data.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import ray
+import ray.train
 
 from anyclf_ray import models, runtime
 from anyclf_ray.config import ActorPlacement, ConfigError
@@ -21,10 +23,12 @@ EMBEDDING_MODEL_KEY = "anyclf_ray.embedding_model"
 class Embedder:
     """Ray Data callable class: a batch of ``text`` → the same batch with ``embedding``."""
 
-    def __init__(self, model: str, device: str, batch_size: int):
+    def __init__(self, model: str | ray.train.Checkpoint, device: str, batch_size: int):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(models.resolve_embedder(model), device=device)
+        # A checkpoint may sit on another node's storage (S3): fetch it to this node first.
+        folder = model.to_directory() if isinstance(model, ray.train.Checkpoint) else models.resolve_embedder(model)
+        self.model = SentenceTransformer(folder, device=device)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -42,7 +46,7 @@ def check_model(reference: str, section: str) -> None:
         raise ConfigError(f"{section}.model: {error}") from None
 
 
-def embed(texts: list[str], model: str, placement: ActorPlacement, batch_size: int) -> np.ndarray:
+def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement, batch_size: int) -> np.ndarray:
     """Embeddings of ``texts`` (in order) from ``placement.replicas`` actors; Ray must be up."""
     table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string())})
     dataset = runtime.blocks_dataset(table, batch_size * 4, placement.replicas).map_batches(

@@ -24,12 +24,12 @@ import math
 import numpy as np
 
 KMEANS_ITERATIONS = 10
-SAMPLE_PER_CENTROID = 32
+SAMPLE_PER_CENTROID = 128
 ASSIGN_CHUNK = 16_384
 
 
 def spherical_kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` unit centroids fitted by Lloyd's iterations on a sample of at most 32·k rows."""
+    """``k`` unit centroids fitted by Lloyd's iterations on a sample of at most 128·k rows."""
     sample = x[np.sort(rng.choice(len(x), size=min(len(x), SAMPLE_PER_CENTROID * k), replace=False))]
     centroids = sample[rng.choice(len(sample), size=k, replace=False)].copy()
     for _ in range(KMEANS_ITERATIONS):
@@ -61,7 +61,7 @@ def near_pairs(
     x: np.ndarray,
     threshold: float,
     partition_size: int = 2000,
-    probes: int = 2,
+    probes: int = 3,
     seed: int = 0,
     block_rows: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,7 +95,8 @@ def near_pairs(
             distinct = left != right
             found_left.append(np.minimum(left, right)[distinct])
             found_right.append(np.maximum(left, right)[distinct])
-            found_sim.append(sims[i, j][distinct])
+            # Rounding can put a vector's similarity to its copy a hair above 1.
+            found_sim.append(np.minimum(sims[i, j][distinct], 1.0))
     if not found_left:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     left, right, sim = np.concatenate(found_left), np.concatenate(found_right), np.concatenate(found_sim)

@@ -1,6 +1,8 @@
-"""The jobs: generate (tree stage → generation stage → manifest) and dedup, resumable by run id.
+"""The jobs: generate, dedup, train (with evaluation) and ``run``, which chains them.
 
 In: a validated ``JobSpec``. Out: the run folder ``<output>/<run_id>/`` and each stage's manifest.
+Every job checks its input before Ray starts and returns at once when its complete output for
+this run id and these settings already exists.
 
 Order of writes: ``spec.json`` first (it pins what the run id means), then the tree (after its
 failures), then the data parts, then the card and ``manifest.json`` last. A re-run of the same
@@ -10,6 +12,7 @@ spec is refused rather than mixed.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -17,7 +20,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from anyclf_ray import dedup, embed, generate, llm, manifest, plan, runtime, tree
+from anyclf_ray import dedup, embed, evaluate, generate, llm, manifest, plan, runtime, train, tree
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.storage import RunLocation
 
@@ -110,3 +113,67 @@ def run_dedup(spec: JobSpec, address: str | None = None) -> dict:
     return dedup.run(
         location, spec, lambda texts: embed.embed(texts, spec.dedup.model, placement, spec.dedup.batch_size)
     )
+
+
+def run_train(spec: JobSpec, address: str | None = None) -> dict:
+    """Train and evaluate a classifier on the run's data (or find it done); its manifest."""
+    location = RunLocation(spec.output, spec.resolved_run_id())
+    location.check_writable()
+    settings, label_ids = spec.train, [label.id for label in spec.labels]
+    rows, source = train.training_rows(location, spec)
+    train_rows, held_out = train.split(rows, settings)
+    train.check_labels(train_rows, spec)
+    real = evaluate.load_eval_set(settings.eval_set, label_ids) if settings.eval_set else None
+    data = dedup.fingerprint(spec) if source == "dedup" else spec.fingerprint()
+    fingerprint = f"{data}-{settings.fingerprint()}"
+    if location.exists(train.MANIFEST) and location.read_json(train.MANIFEST)["fingerprint"] == fingerprint:
+        log.info("training of run %s is already complete at %s", location.run_id, location.uri(train.MODEL_FOLDER))
+        return location.read_json(train.MANIFEST)
+    embed.check_model(settings.base_model, "train")
+    runtime.connect(address)
+    train.check_workers(settings)
+
+    started = time.perf_counter()
+    splits = {"held_out": (held_out["text"].to_pylist(), held_out["label"].to_pylist())}
+    if real:
+        splits["eval_set"] = real
+    texts = [text for split_texts, _ in splits.values() for text in split_texts]
+    result = train.fit(location, spec, train_rows, texts, run_name=f"train-{fingerprint}")
+    head, vectors, evaluation, offset = result["model"].model_head, result["other_vectors"], {}, 0
+    for name, (split_texts, truth) in splits.items():
+        if not split_texts:
+            continue
+        predicted = [label_ids[i] for i in head.predict(vectors[offset : offset + len(split_texts)])]
+        offset += len(split_texts)
+        evaluation[name] = evaluate.metrics(truth, predicted, label_ids)
+        location.write_bytes(f"eval/confusion-{name}.png", evaluate.confusion_png(evaluation[name], name))
+    location.write_json("eval/metrics.json", evaluation)
+    card = train.model_card(spec, location.run_id, source, result["figures"], evaluation)
+    files = train.save(location, result["model"], card)
+    train_manifest = {
+        "run_id": location.run_id,
+        "stage": "train",
+        "status": "complete",
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
+        "settings": settings.model_dump(),
+        "data": {"source": source, "rows": rows.num_rows, "train_rows": train_rows.num_rows,
+                 "held_out_rows": held_out.num_rows, "eval_set_rows": len(real[0]) if real else 0},
+        "model": location.uri(train.MODEL_FOLDER),
+        "files": files,
+        "figures": result["figures"],
+        "metrics": evaluation,
+        "timings_s": {k: round(v, 3) for k, v in {**result["timings"], "total": time.perf_counter() - started}.items()},
+    }
+    location.write_json(train.MANIFEST, train_manifest)
+    return train_manifest
+
+
+def run_all(spec: JobSpec, address: str | None = None) -> dict:
+    """generate → dedup (if enabled) → train and evaluate (if enabled); each stage's manifest."""
+    stages = {"generate": run_generate(spec, address)}
+    if spec.dedup.enabled:
+        stages["dedup"] = run_dedup(spec, address)
+    if spec.train.enabled:
+        stages["train"] = run_train(spec, address)
+    return stages

@@ -1,0 +1,111 @@
+"""Evaluation: the trained classifier on held-out synthetic rows and on an optional real set.
+
+In: predicted and true label ids per split; for the real set, its file and column settings
+(``train.eval_set``). Out: ``eval/metrics.json`` (accuracy, macro-F1, weighted-F1, per-class
+precision, recall, F1 and support, the confusion matrix) and ``eval/confusion-<split>.png``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.json
+import pyarrow.parquet as pq
+
+from anyclf_ray.config import ConfigError, EvalSetSpec
+
+READERS = {".parquet": pq.read_table, ".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json,
+           ".json": pyarrow.json.read_json}
+
+
+def _read(path: str) -> pa.Table:
+    source = Path(path).expanduser()
+    if source.is_dir():  # a `datasets` folder saved with save_to_disk
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(source))
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"train.eval_set.path: {path} is not a `datasets` folder ({error})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["test"] if "test" in loaded else next(iter(loaded.values()))
+        return loaded.data.table
+    reader = READERS.get(source.suffix.lower())
+    if reader is None:
+        raise ConfigError(f"train.eval_set.path: {path}: use a .parquet, .csv or .jsonl file or a `datasets` folder")
+    if not source.is_file():
+        raise ConfigError(f"train.eval_set.path: {path}: no such file")
+    try:
+        return reader(str(source))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ConfigError(f"train.eval_set.path: cannot read {path} ({str(error).splitlines()[0]})") from None
+
+
+def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str], list[str]]:
+    """Texts and job label ids of the real set; ConfigError naming the field to fix."""
+    table = _read(settings.path)
+    for field, column in (("text_column", settings.text_column), ("label_column", settings.label_column)):
+        if column not in table.column_names:
+            raise ConfigError(
+                f"train.eval_set.{field}: {settings.path} has no column {column!r}; it has {table.column_names}"
+            )
+    texts = [str(t) for t in table[settings.text_column].to_pylist()]
+    raw_labels = [str(v) for v in table[settings.label_column].to_pylist()]
+    labels = [settings.label_map.get(v, v) for v in raw_labels]
+    unknown = sorted({raw for raw, label in zip(raw_labels, labels) if label not in label_ids})
+    if unknown:
+        raise ConfigError(
+            f"train.eval_set.label_map: value {unknown[0]!r} of {settings.label_column!r} maps to no job label; "
+            f"map it to one of {label_ids}"
+        )
+    return texts, labels
+
+
+def metrics(true: list[str], predicted: list[str], label_ids: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, predicted, labels=label_ids, zero_division=0
+    )
+    return {
+        "rows": len(true),
+        "accuracy": float(accuracy_score(true, predicted)),
+        "macro_f1": float(f1_score(true, predicted, labels=label_ids, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(true, predicted, labels=label_ids, average="weighted", zero_division=0)),
+        "per_class": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(label_ids, precision, recall, f1, support)
+        },
+        "confusion_matrix": {"labels": label_ids, "rows_true_columns_predicted": confusion_matrix(
+            true, predicted, labels=label_ids).tolist()},
+    }
+
+
+def confusion_png(result: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = result["confusion_matrix"]["labels"]
+    counts = np.asarray(result["confusion_matrix"]["rows_true_columns_predicted"])
+    size = 2 + 0.6 * len(labels)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(counts, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(f"{title}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
+    for (i, j), value in np.ndenumerate(counts):
+        axes.text(j, i, str(value), ha="center", va="center",
+                  color="white" if value > counts.max() / 2 else "black")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

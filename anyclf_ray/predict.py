@@ -1,0 +1,92 @@
+"""Batch prediction: a trained SetFit model over a table of any size, with Ray Data.
+
+In: a model folder (``<run>/model``, local or ``s3://``), an input Parquet/CSV/JSONL file or
+folder and its text column. Out: Parquet files under the output path with every input column
+plus ``prediction`` (a label id), ``score`` (its probability) and ``scores`` (one probability per
+label, in the order of the model's ``labels``). One output row per input row.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+
+from anyclf_ray import runtime
+from anyclf_ray.config import ActorPlacement, ConfigError
+
+READERS = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json,
+           "json": ray.data.read_json}
+
+
+def local_model(path: str) -> str:
+    """A local folder holding the model at ``path``, fetched first when it is remote."""
+    filesystem, root = pafs.FileSystem.from_uri(path)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return root
+    folder = tempfile.mkdtemp(prefix="anyclf-model-")
+    pafs.copy_files(root, folder, source_filesystem=filesystem)
+    return folder
+
+
+class Predictor:
+    """Ray Data callable class: a batch with ``text_column`` → the batch with predictions."""
+
+    def __init__(self, model_path: str, text_column: str, device: str):
+        from setfit import SetFitModel
+
+        self.model = SetFitModel.from_pretrained(local_model(model_path), device=device)
+        self.labels = self.model.labels
+        self.text_column = text_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [str(t) for t in batch[self.text_column].to_pylist()]
+        scores = np.asarray(self.model.predict_proba(texts, as_numpy=True), dtype=np.float32)
+        best = scores.argmax(axis=1)
+        return (
+            batch.append_column("prediction", pa.array([self.labels[i] for i in best], pa.string()))
+            .append_column("score", pa.array(scores[np.arange(len(best)), best], pa.float32()))
+            .append_column("scores", pa.FixedSizeListArray.from_arrays(scores.ravel(), scores.shape[1]))
+        )
+
+
+def input_format(path: str) -> str:
+    suffix = path.rstrip("/").rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else "parquet"
+    if suffix not in READERS:
+        raise ConfigError(f"--input: {path}: use Parquet, CSV or JSONL (.parquet, .csv, .jsonl) or a Parquet folder")
+    return suffix
+
+
+def check(model_path: str, input_path: str, output_path: str) -> str:
+    """ConfigError naming the argument unless the model and input can be used; the input format."""
+    filesystem, root = pafs.FileSystem.from_uri(model_path)
+    if filesystem.get_file_info(f"{root}/model_head.pkl").type != pafs.FileType.File:
+        raise ConfigError(f"--model: {model_path} is not a trained anyclf-ray/SetFit model folder (no model_head.pkl)")
+    fmt = input_format(input_path)
+    filesystem, root = pafs.FileSystem.from_uri(input_path)
+    if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
+        raise ConfigError(f"--input: {input_path}: no such file or folder")
+    filesystem, root = pafs.FileSystem.from_uri(output_path)
+    if filesystem.get_file_info(root).type != pafs.FileType.NotFound:
+        raise ConfigError(f"--output: {output_path} already exists; give a new path so no old rows mix in")
+    return fmt
+
+
+def predict(model_path: str, input_path: str, output_path: str, text_column: str, placement: ActorPlacement,
+            batch_size: int = 256) -> int:
+    """Write predictions for every row of ``input_path`` to ``output_path``; the rows written."""
+    dataset = READERS[check(model_path, input_path, output_path)](input_path)
+    if text_column not in dataset.columns():
+        raise ConfigError(f"--text-column: {input_path} has no column {text_column!r}; it has {dataset.columns()}")
+    predicted = dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_path": model_path, "text_column": text_column, "device": placement.device},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        **runtime.actor_options(placement),
+    )
+    predicted.write_parquet(output_path)
+    return ray.data.read_parquet(output_path).count()

@@ -1,0 +1,244 @@
+"""The dedup stage with the real all-MiniLM-L6-v2 on embedded Ray actors.
+
+Input runs are written here in the generation stage's own shard format, with hand-written texts
+whose duplicates are known, so every expected keep and removal can be named.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from anyclf_ray import cli, config, dedup, generate, neighbours, pipeline
+from anyclf_ray.storage import RunLocation
+from conftest import read_parts, tiny_raw, write_spec
+
+# (id, label, language, text). Ids are ordered, so the keeper of each group is the lowest id.
+ROWS = [
+    ("a01", "pos", "en", "The food was great and the staff were friendly."),
+    ("a02", "pos", "en", "The food was excellent and the staff were friendly."),  # changed word
+    ("a03", "pos", "en", "the FOOD was great and   the staff were friendly."),  # case + spaces
+    ("a04", "pos", "en", "Although it rained all day, we enjoyed the trip."),
+    ("a05", "pos", "en", "We enjoyed the trip, although it rained all day."),  # reordered clause
+    ("a06", "pos", "en", "Great movie, I loved every minute!"),
+    ("a07", "pos", "en", "Great movie. I loved every minute"),  # punctuation
+    ("a08", "pos", "en", "The hotel room was clean and quiet."),
+    ("a09", "pos", "en", "Fast delivery, the package came a day early."),
+    ("b01", "neg", "en", "The hotel room was dirty and noisy."),  # 0.89 to a08: different, kept
+    ("b02", "neg", "en", "My package arrived broken and nobody answered my emails."),
+    ("b03", "neg", "en", "The battery dies after two hours of use."),
+    ("b04", "neg", "en", "Great movie; I loved every minute."),  # label conflict with a06/a07
+    ("b05", "neg", "en", "Fast delivery, the package came a day early."),  # exact conflict with a09
+    ("c01", "pos", "fr", "The food was great and the staff were friendly."),  # other language: kept
+]
+KEPT_WHEN_DROPPING = {"a01", "a04", "a08", "b01", "b02", "b03", "c01"}
+REMOVED_WHEN_DROPPING = {
+    # id: (reason, kept_id, matched_id)
+    "a02": ("near", "a01", "a01"),
+    "a03": ("exact", "a01", "a01"),
+    "a05": ("near", "a04", "a04"),
+    "a06": ("conflict", None, "b04"),
+    "a07": ("conflict", None, "b04"),
+    "a09": ("conflict", None, "b05"),
+    "b04": ("conflict", None, "a07"),  # its closer twin
+    "b05": ("conflict", None, "a09"),
+}
+
+
+def write_generated(location: RunLocation, rows: list[tuple], parts: int = 2) -> None:
+    """A finished generation in the spine's format: shards plus the manifest that lists them."""
+    table = pa.Table.from_pylist(
+        [
+            {"id": i, "text": text, "label": label, "label_name": label, "language": language,
+             "source_type": "review", "topic": "t", "subtopic": "s", "leaf_id": "leaf",
+             "sample_index": n, "model": "hand-written"}
+            for n, (i, label, language, text) in enumerate(rows)
+        ],
+        schema=generate.EXAMPLE_SCHEMA,
+    )
+    size = -(-table.num_rows // parts)
+    shards = [f"data/part-{p}.parquet" for p in range(parts)]
+    for p, shard in enumerate(reversed(shards)):  # the shard order must not matter
+        location.write_table(shard, table.slice(p * size, size))
+    summary = {"rows": {"written": table.num_rows, "expected": table.num_rows},
+               "counts": {"by_label": []}, "failures": {"requests": 0}}
+    location.write_json("manifest.json", {**summary, "shards": shards})
+
+
+def spec_for(tmp_path, run_id: str, **dedup_fields) -> config.JobSpec:
+    return config.parse(tiny_raw(tmp_path / "runs", run_id, dedup=dedup_fields))
+
+
+@pytest.fixture(scope="module")
+def dropped(tmp_path_factory, local_ray):
+    """One dedup of ROWS with the default conflict policy, shared by the checks below."""
+    spec = spec_for(tmp_path_factory.mktemp("dedup"), "planted")
+    location = RunLocation(spec.output, "planted")
+    write_generated(location, ROWS)
+    return spec, location, pipeline.run_dedup(spec)
+
+
+def test_planted_duplicates_are_removed_and_different_texts_kept(dropped):
+    _, location, manifest = dropped
+    kept, removed = read_parts(location, "dedup/data"), read_parts(location, "dedup/removed")
+    assert set(kept["id"].to_pylist()) == KEPT_WHEN_DROPPING
+    audit = {r["id"]: (r["reason"], r["kept_id"], r["matched_id"]) for r in removed.to_pylist()}
+    assert audit == REMOVED_WHEN_DROPPING
+    assert kept.schema == generate.EXAMPLE_SCHEMA
+    assert removed.schema.names == generate.EXAMPLE_SCHEMA.names + ["reason", "kept_id", "matched_id", "similarity"]
+    # Every removed row accounts for itself: kept + removed = input, each id exactly once.
+    assert sorted(kept["id"].to_pylist() + removed["id"].to_pylist()) == sorted(r[0] for r in ROWS)
+    similarity = dict(zip(removed["id"].to_pylist(), removed["similarity"].to_pylist()))
+    assert similarity["a03"] == 1.0 and similarity["b05"] == 1.0
+    assert all(0.92 <= similarity[i] < 1.0 for i in ("a02", "a05", "a06", "a07", "b04"))
+
+    assert manifest["rows"] == {"input": 15, "kept": 7, "removed": 8}
+    assert manifest["removed"]["by_reason"] == {"exact": 1, "near": 2, "conflict": 5}
+    assert {(r["label"], r["reason"]): r["rows"] for r in manifest["removed"]["by_label_reason"]} == {
+        ("pos", "exact"): 1, ("pos", "near"): 2, ("pos", "conflict"): 3, ("neg", "conflict"): 2,
+    }
+    assert manifest["conflicts"] == {"policy": "drop", "pairs": 3, "rows_removed": 5}
+    assert location.read_json(dedup.MANIFEST) == manifest
+
+
+def test_embeddings_are_kept_for_reuse(dropped):
+    _, location, manifest = dropped
+    embeddings = read_parts(location, "dedup/embeddings")
+    # One per representative: every row but a03, the exact copy of a01.
+    assert sorted(embeddings["id"].to_pylist()) == sorted(r[0] for r in ROWS if r[0] != "a03")
+    vectors = np.stack(embeddings["embedding"].to_numpy(zero_copy_only=False))
+    assert vectors.shape == (14, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert location.read_metadata(manifest["shards"]["embeddings"][0])["anyclf_ray.embedding_model"] == (
+        "builtin:all-minilm-l6-v2"
+    )
+
+
+def test_card_offers_the_deduplicated_config(dropped):
+    _, location, _ = dropped
+    loaded = datasets.load_dataset(location.path(), "deduplicated", split="train")
+    assert sorted(loaded["id"]) == sorted(KEPT_WHEN_DROPPING)
+    assert datasets.load_dataset(location.path(), split="train").num_rows == len(ROWS)
+
+
+def test_finished_dedup_is_reused_and_new_settings_redo_it(dropped):
+    spec, location, manifest = dropped
+    assert pipeline.run_dedup(spec)["finished_at"] == manifest["finished_at"]
+    kept_ids = lambda: set(read_parts(location, "dedup/data")["id"].to_pylist())  # noqa: E731
+    lenient = pipeline.run_dedup(spec.model_copy(update={"dedup": spec.dedup.model_copy(update={"conflicts": "keep"})}))
+    assert lenient["conflicts"] == {"policy": "keep", "pairs": 3, "rows_removed": 0}
+    # Under "keep", each label keeps its own first copy: a06 (a07 is its near copy), b04, a09, b05.
+    assert kept_ids() == KEPT_WHEN_DROPPING | {"a06", "a09", "b04", "b05"}
+    assert lenient["removed"]["by_reason"] == {"exact": 1, "near": 3, "conflict": 0}
+    pipeline.run_dedup(spec)
+    assert kept_ids() == KEPT_WHEN_DROPPING
+
+
+def test_keepers_are_the_same_in_another_run(dropped, tmp_path):
+    _, location, _ = dropped
+    other = spec_for(tmp_path, "again")
+    again = RunLocation(other.output, "again")
+    write_generated(again, list(reversed(ROWS)), parts=3)
+    pipeline.run_dedup(other)
+    for folder in ("dedup/data", "dedup/removed"):
+        assert read_parts(again, folder).sort_by("id").drop_columns(["sample_index"]).equals(
+            read_parts(location, folder).sort_by("id").drop_columns(["sample_index"])
+        )
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def dedup_cli(tmp_path, raw: dict, capsys) -> tuple[int, str]:
+    code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_missing_run_is_refused(tmp_path, capsys):
+    code, err = dedup_cli(tmp_path, tiny_raw(tmp_path / "runs", "nothing"), capsys)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err == (
+        f"anyclf-ray: error: run_id: no finished generation at {tmp_path / 'runs' / 'nothing'} "
+        "(no manifest.json); run `anyclf-ray generate` for this spec first"
+    )
+
+
+def test_empty_run_is_refused(tmp_path, capsys):
+    raw = tiny_raw(tmp_path / "runs", "empty")
+    write_generated(RunLocation(config.parse(raw).output, "empty"), [], parts=1)
+    code, err = dedup_cli(tmp_path, raw, capsys)
+    assert code == cli.EXIT_BAD_INPUT and err.endswith("has no generated rows; nothing to deduplicate")
+    assert not (tmp_path / "runs" / "empty" / "dedup").exists()
+
+
+def test_shards_without_the_text_column_are_refused(tmp_path, capsys):
+    raw = tiny_raw(tmp_path / "runs", "foreign")
+    location = RunLocation(config.parse(raw).output, "foreign")
+    location.write_table("data/part-0.parquet", pa.table({"id": ["x"], "label": ["pos"], "language": ["en"]}))
+    location.write_json("manifest.json", {"shards": ["data/part-0.parquet"]})
+    code, err = dedup_cli(tmp_path, raw, capsys)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err == (
+        "anyclf-ray: error: run_id: shard data/part-0.parquet has no 'text' column; dedup reads anyclf-ray "
+        "generation shards with columns ['id', 'text', 'label', 'language']"
+    )
+    assert not (tmp_path / "runs" / "foreign" / "dedup").exists()
+
+
+@pytest.mark.parametrize(
+    ("dedup_fields", "message"),
+    [
+        ({"threshold": 0}, "dedup.threshold: Input should be greater than 0"),
+        ({"threshold": 1.5}, "dedup.threshold: Input should be less than or equal to 1"),
+        ({"model": "builtin:nope"}, "dedup.model: unknown built-in model 'nope'; use one of builtin:all-minilm-l6-v2"),
+        ({"conflict": "drop"}, "dedup.conflict: unknown key; did you mean 'conflicts'?"),
+    ],
+)
+def test_bad_dedup_settings_fail_in_config(tmp_path, capsys, dedup_fields, message):
+    code, err = dedup_cli(tmp_path, tiny_raw(tmp_path / "runs", "bad", dedup=dedup_fields), capsys)
+    assert code == cli.EXIT_BAD_INPUT and err == f"anyclf-ray: error: {message}"
+
+
+def test_unavailable_hub_model_fails_before_any_actor(tmp_path, capsys):
+    raw = tiny_raw(tmp_path / "runs", "offline", dedup={"model": "someone/no-such-embedder"})
+    write_generated(RunLocation(config.parse(raw).output, "offline"), ROWS)
+    code, err = dedup_cli(tmp_path, raw, capsys)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err.startswith("anyclf-ray: error: dedup.model: 'someone/no-such-embedder' is not a model in the local cache")
+    assert not (tmp_path / "runs" / "offline" / "dedup").exists()
+
+
+# -- the partitioned search itself -------------------------------------------------------------
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 40 topics, with a fifth of them near-copies of another row."""
+    rng = np.random.default_rng(seed)
+    topics = rng.standard_normal((40, dim))
+    x = topics[rng.integers(0, 40, n)] + 0.8 * rng.standard_normal((n, dim))
+    copies = rng.choice(n, n // 5, replace=False)
+    x[copies] = x[rng.integers(0, n, n // 5)] + 0.12 * rng.standard_normal((n // 5, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_partitioned_search_finds_the_brute_force_pairs():
+    x = clustered(3000, 64, seed=1)
+    left, right, sim = neighbours.near_pairs(x, 0.9, partition_size=200, probes=3)
+    sims = x @ x.T
+    truth_left, truth_right = np.nonzero(np.triu(sims, 1) >= 0.9)
+    assert len(truth_left) > 300  # the planted copies are there to be found
+    found = set(zip(left.tolist(), right.tolist()))
+    assert found <= set(zip(truth_left.tolist(), truth_right.tolist()))  # precision is exact
+    assert len(found) >= 0.99 * len(truth_left)
+    assert np.allclose(sim, sims[left, right], atol=1e-5) and (left < right).all()
+
+
+def test_greedy_keepers_leave_no_found_pair_among_kept_rows():
+    x = clustered(2000, 64, seed=2)
+    left, right, sim = neighbours.near_pairs(x, 0.9, partition_size=200, probes=3)
+    kept, kept_by, similarity = neighbours.greedy_keepers(len(x), left, right, sim)
+    assert not (kept[left] & kept[right]).any()
+    removed = np.flatnonzero(~kept)
+    assert len(removed) > 100 and kept[kept_by[removed]].all() and (kept_by[removed] < removed).all()
+    assert (similarity[removed] >= 0.9).all() and (kept_by[kept] == -1).all()
