@@ -1,4 +1,4 @@
-"""The job on a real local cluster: `ray start --head`, then `ray job submit jobs/generate.py`.
+"""The jobs on a real local cluster: `ray start --head`, then `ray job submit jobs/...`.
 
 This module starts no embedded Ray of its own: `ray stop` would end it too.
 """
@@ -43,19 +43,25 @@ def cluster(tmp_path_factory):
     ray_cli("stop", "--force")
 
 
-def test_ray_job_submit_runs_the_generate_job(cluster, tiny_model, tmp_path):
-    raw = tiny_raw(tmp_path / "out", "submitted", languages=["en"], n_subtopic=1)
+def test_ray_job_submit_runs_the_whole_pipeline(cluster, tiny_model, tmp_path):
+    train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8}
+    raw = tiny_raw(tmp_path / "out", "submitted", languages=["en"], n_subtopic=1, train=train)
     spec_file = write_spec(tmp_path / "spec.yaml", raw)
     done = ray_cli(
         "job", "submit", "--address", cluster, "--working-dir", ".", "--",
-        "python", "jobs/generate.py", "--config", str(spec_file), "--set", "engine.seed=3",
+        "python", "jobs/pipeline.py", "--config", str(spec_file), "--set", "engine.seed=3",
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "anyclf-ray: complete: 24 of 24 rows" in done.stdout
-    manifest = json.loads((tmp_path / "out" / "submitted" / "manifest.json").read_text())
+    run = tmp_path / "out" / "submitted"
+    manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["config"]["engine"]["seed"] == 3  # the --set override reached the job
+    dedup = json.loads((run / "dedup" / "manifest.json").read_text())
+    trained = json.loads((run / "train" / "manifest.json").read_text())
+    assert dedup["rows"]["input"] == 24 and trained["data"]["rows"] == dedup["rows"]["kept"]
+    assert trained["settings"]["num_workers"] == 2 and (run / "model" / "model_head.pkl").is_file()
 
 
 def test_bad_spec_fails_the_submitted_job_early(cluster, tmp_path):

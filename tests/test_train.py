@@ -1,0 +1,195 @@
+"""The training stage with the real all-MiniLM-L6-v2 and 2 Ray Train workers (gloo on CPU).
+
+Training rows are written in the generation stage's shard format (as in test_dedup): short
+review sentences whose sentiment is plain, so a trained model has a right answer to find.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import datasets
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+import pytest
+from setfit import SetFitModel
+
+from anyclf_ray import cli, config, pipeline, train
+from anyclf_ray.storage import RunLocation
+from conftest import tiny_raw, write_spec
+from test_dedup import write_generated
+
+pytestmark = pytest.mark.slow
+
+POSITIVE = ["I loved this {}", "What a great {}", "The {} was wonderful", "Fantastic {}, very happy"]
+NEGATIVE = ["I hated this {}", "What a terrible {}", "The {} was awful", "Dreadful {}, very unhappy"]
+THINGS = ["movie", "phone", "hotel", "meal", "book", "laptop", "concert", "service"]
+TRAIN = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 2, "batch_size": 8}
+
+
+def reviews(count: int, seed: int) -> list[tuple]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = "pos" if i % 2 else "neg"
+        template = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
+        rows.append((f"r{seed}-{i:04d}", label, "en", f"{template.format(rng.choice(THINGS))} ({i})"))
+    return rows
+
+
+def train_raw(output, run_id: str, **train_fields) -> dict:
+    return tiny_raw(output, run_id, dedup={"enabled": False}, train={**TRAIN, **train_fields})
+
+
+@pytest.fixture(scope="module")
+def eval_csv(tmp_path_factory):
+    """A "real" labelled set in its own vocabulary: column `review`, labels good/bad."""
+    path = tmp_path_factory.mktemp("eval") / "real.csv"
+    rows = reviews(30, seed=7)
+    pyarrow.csv.write_csv(
+        pa.table({"review": [r[3] for r in rows], "kind": ["good" if r[1] == "pos" else "bad" for r in rows]}), path
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, local_ray, eval_csv):
+    output = tmp_path_factory.mktemp("train") / "runs"
+    eval_set = {"path": str(eval_csv), "text_column": "review", "label_column": "kind",
+                "label_map": {"good": "pos", "bad": "neg"}}
+    spec = config.parse(train_raw(output, "trained", eval_set=eval_set))
+    location = RunLocation(spec.output, "trained")
+    write_generated(location, reviews(80, seed=1))
+    return spec, location, pipeline.run_train(spec)
+
+
+def test_model_trains_saves_and_reloads_in_setfit_format(trained):
+    spec, location, manifest = trained
+    model = SetFitModel.from_pretrained(location.path("model"))
+    assert model.labels == ["neg", "pos"]
+    assert list(model.predict(["What a great hotel, I loved it", "The meal was awful, I hated it"])) == ["pos", "neg"]
+    data = manifest["data"]
+    assert data["source"] == "generate" and data["rows"] == 80
+    assert data["train_rows"] + data["held_out_rows"] == 80 and data["held_out_rows"] > 5
+    assert manifest["figures"]["pairs"] == 2 * data["train_rows"]
+    assert manifest["figures"]["steps_per_worker"] == -(-2 * data["train_rows"] // (2 * 8))
+    card = open(location.path("model/README.md")).read()
+    assert "library_name: setfit" in card and "base_model: builtin:all-minilm-l6-v2" in card
+    assert "| `pos` | positive sentiment |" in card and "| held_out |" in card
+    assert location.read_json(train.MANIFEST) == manifest
+
+
+def test_held_out_split_is_fixed_by_id(trained):
+    spec, location, manifest = trained
+    rows, _ = train.training_rows(location, spec)
+    _, held_out = train.split(rows, spec.train)
+    assert held_out.num_rows == manifest["data"]["held_out_rows"]
+    assert all(train.is_held_out(i, 0.2) for i in held_out["id"].to_pylist())
+
+
+def test_metrics_and_confusion_matrices_are_written(trained):
+    _, location, manifest = trained
+    metrics = location.read_json("eval/metrics.json")
+    assert set(metrics) == {"held_out", "eval_set"} and metrics == manifest["metrics"]
+    real = metrics["eval_set"]
+    assert real["rows"] == 30 and sum(c["support"] for c in real["per_class"].values()) == 30
+    assert set(real) >= {"accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"}
+    assert sum(map(sum, real["confusion_matrix"]["rows_true_columns_predicted"])) == 30
+    assert real["accuracy"] >= 0.9 and metrics["held_out"]["macro_f1"] >= 0.9
+    for split in ("held_out", "eval_set"):
+        assert location.read_bytes(f"eval/confusion-{split}.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_training_is_reused(trained):
+    spec, _, manifest = trained
+    assert pipeline.run_train(spec)["finished_at"] == manifest["finished_at"]
+
+
+def test_predict_writes_one_row_per_input_row(trained, tmp_path, capsys):
+    _, location, _ = trained
+    rows = reviews(37, seed=3)
+    source = tmp_path / "input.parquet"
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[3] for r in rows]}), source)
+    output = tmp_path / "predictions"
+    code = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output", str(output)])
+    assert code == 0 and "wrote 37 prediction(s)" in capsys.readouterr().out
+    predicted = pq.read_table(output)
+    assert predicted.num_rows == 37 and sorted(predicted["id"].to_pylist()) == sorted(r[0] for r in rows)
+    assert set(predicted["prediction"].to_pylist()) <= {"neg", "pos"}
+    assert all(len(s) == 2 and abs(sum(s) - 1) < 1e-4 for s in predicted["scores"].to_pylist())
+    assert all(0.5 <= s <= 1 for s in predicted["score"].to_pylist())
+    again = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output", str(output)])
+    assert again == cli.EXIT_BAD_INPUT
+    assert f"--output: {output} already exists" in capsys.readouterr().err
+
+
+# -- bad input, refused before training --------------------------------------------------------
+
+
+def train_cli(tmp_path, raw: dict, capsys) -> tuple[int, str]:
+    code = cli.main(["train", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    return code, capsys.readouterr().err.strip()
+
+
+def with_rows(tmp_path, run_id: str, rows: list[tuple], **train_fields) -> dict:
+    raw = train_raw(tmp_path / "runs", run_id, **train_fields)
+    write_generated(RunLocation(config.parse(raw).output, run_id), rows)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("eval_set", "message"),
+    [
+        ({"label_map": {"good": "pos"}},
+         "train.eval_set.label_map: value 'bad' of 'kind' maps to no job label; map it to one of ['neg', 'pos']"),
+        ({"text_column": "text"}, "train.eval_set.text_column: {path} has no column 'text'; it has ['review', 'kind']"),
+    ],
+)
+def test_eval_set_that_does_not_fit_is_refused(tmp_path, capsys, eval_csv, eval_set, message):
+    settings = {"path": str(eval_csv), "text_column": "review", "label_column": "kind", **eval_set}
+    code, err = train_cli(tmp_path, with_rows(tmp_path, "badeval", reviews(20, 1), eval_set=settings), capsys)
+    assert code == cli.EXIT_BAD_INPUT and err == "anyclf-ray: error: " + message.format(path=eval_csv)
+    assert not os.path.exists(tmp_path / "runs" / "badeval" / "train")
+
+
+def test_label_with_too_few_rows_is_refused(tmp_path, capsys):
+    rows = [r for r in reviews(20, 1) if r[1] == "neg"] + [("z", "pos", "en", "What a great phone")]
+    code, err = train_cli(tmp_path, with_rows(tmp_path, "few", rows, test_size=0.0), capsys)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err == (
+        "anyclf-ray: error: train: label 'pos' has 1 training row(s), at least 2 are needed; "
+        "generate more rows or lower train.test_size"
+    )
+
+
+def test_more_workers_than_the_cluster_has_is_refused(tmp_path, capsys, local_ray):
+    code, err = train_cli(tmp_path, with_rows(tmp_path, "wide", reviews(20, 1), num_workers=8), capsys)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err == (
+        "anyclf-ray: error: train.num_workers: 8 worker(s) need 8 CPU(s) but the cluster has 2; "
+        "lower train.num_workers (or cpus_per_worker) or add nodes"
+    )
+    assert not os.path.exists(tmp_path / "runs" / "wide" / "train")
+
+
+# -- the whole job -----------------------------------------------------------------------------
+
+
+def test_run_chains_generate_dedup_train_and_skips_done_stages(tmp_path, capsys, local_ray, tiny_model):
+    raw = tiny_raw(tmp_path / "runs", "whole", train={**TRAIN, "num_iterations": 1}, languages=["en"])
+    path = write_spec(tmp_path / "spec.yaml", raw)
+    assert cli.main(["run", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "48 of 48 rows" in out and "dedup complete" in out and "trained on" in out
+    location = RunLocation(config.parse(raw).output, "whole")
+    first = {name: location.read_json(f) for name, f in
+             [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", train.MANIFEST)]}
+    assert first["train"]["data"]["source"] == "dedup"
+    assert first["train"]["data"]["rows"] == first["dedup"]["rows"]["kept"]
+    assert first["dedup"]["rows"]["input"] == 48
+    assert datasets.load_dataset(location.path(), "deduplicated", split="train").num_rows == first["dedup"]["rows"]["kept"]
+    assert cli.main(["run", "--config", str(path)]) == 0
+    for name, f in [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", train.MANIFEST)]:
+        assert location.read_json(f)["finished_at"] == first[name]["finished_at"]
