@@ -36,6 +36,11 @@ def _non_blank(value: str) -> str:
     return value.strip()
 
 
+def _embedder(value: str) -> str:
+    models.check_embedder(value)
+    return value
+
+
 class Label(_Strict):
     """A class the classifier predicts: ``id`` is what rows carry, ``desc`` what the LLM reads."""
 
@@ -121,11 +126,7 @@ class DedupSpec(ActorPlacement):
     batch_size: int = Field(128, gt=0)
     seed: int = 0
 
-    @field_validator("model")
-    @classmethod
-    def _loadable(cls, value: str) -> str:
-        models.check_embedder(value)
-        return value
+    _loadable = field_validator("model")(_embedder)
 
     def fingerprint(self) -> str:
         """A digest of the settings that decide which rows are kept (not where actors run)."""
@@ -169,11 +170,7 @@ class TrainSpec(_Strict):
     seed: int = 0
     eval_set: EvalSetSpec | None = None
 
-    @field_validator("base_model")
-    @classmethod
-    def _loadable(cls, value: str) -> str:
-        models.check_embedder(value)
-        return value
+    _loadable = field_validator("base_model")(_embedder)
 
     def fingerprint(self) -> str:
         return _digest(self.model_dump(exclude={"enabled", "use_gpu", "cpus_per_worker"}))

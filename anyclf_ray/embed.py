@@ -9,6 +9,8 @@ to it by Ray Data.
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -24,11 +26,7 @@ class Embedder:
     """Ray Data callable class: a batch of ``text`` → the same batch with ``embedding``."""
 
     def __init__(self, model: str | ray.train.Checkpoint, device: str, batch_size: int):
-        from sentence_transformers import SentenceTransformer
-
-        # A checkpoint may sit on another node's storage (S3): fetch it to this node first.
-        folder = model.to_directory() if isinstance(model, ray.train.Checkpoint) else models.resolve_embedder(model)
-        self.model = SentenceTransformer(folder, device=device)
+        self.model = load(model, device)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -36,6 +34,27 @@ class Embedder:
             list(batch["text"]), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
         return {"row": batch["row"], "embedding": vectors.astype(np.float32)}
+
+
+def load(model: str | ray.train.Checkpoint, device: str):
+    """A ``SentenceTransformer`` from a model reference or a Ray Train checkpoint of one."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, ray.train.Checkpoint):  # it may sit on another node's storage (S3)
+        with checkpoint_folder(model) as folder:
+            return SentenceTransformer(folder, device=device)
+    return SentenceTransformer(models.resolve_embedder(model), device=device)
+
+
+def checkpoint_folder(checkpoint: ray.train.Checkpoint) -> tempfile.TemporaryDirectory:
+    """A private local copy of ``checkpoint``, deleted with the returned object (or its ``with``).
+
+    Not ``to_directory()``'s default folder: all processes on a node share that one, and a process
+    that arrives after the download has finished downloads again into it, under its readers.
+    """
+    scratch = tempfile.TemporaryDirectory(prefix="anyclf-checkpoint-")
+    checkpoint.to_directory(scratch.name)
+    return scratch
 
 
 def check_model(reference: str, section: str) -> None:

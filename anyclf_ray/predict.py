@@ -3,11 +3,14 @@
 In: a model folder (``<run>/model``, local or ``s3://``), an input Parquet/CSV/JSONL file or
 folder and its text column. Out: Parquet files under the output path with every input column
 plus ``prediction`` (a label id), ``score`` (its probability) and ``scores`` (one probability per
-label, in the order of the model's ``labels``). One output row per input row.
+label, in the order of the model's ``labels``), one output row per input row; then
+``_manifest.json`` (rows, model, input), written last, so its presence means the output is whole.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import tempfile
 
 import numpy as np
@@ -15,16 +18,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from anyclf_ray import runtime
+from anyclf_ray import runtime, storage
 from anyclf_ray.config import ActorPlacement, ConfigError
 
 READERS = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json,
            "json": ray.data.read_json}
+MANIFEST = "_manifest.json"  # Parquet readers skip files named with a leading underscore
 
 
-def local_model(path: str) -> str:
-    """A local folder holding the model at ``path``, fetched first when it is remote."""
-    filesystem, root = pafs.FileSystem.from_uri(path)
+def local_model(filesystem: pafs.FileSystem, root: str) -> str:
+    """A local folder holding the model at ``root``, fetched first when it is remote."""
     if isinstance(filesystem, pafs.LocalFileSystem):
         return root
     folder = tempfile.mkdtemp(prefix="anyclf-model-")
@@ -35,10 +38,10 @@ def local_model(path: str) -> str:
 class Predictor:
     """Ray Data callable class: a batch with ``text_column`` → the batch with predictions."""
 
-    def __init__(self, model_path: str, text_column: str, device: str):
+    def __init__(self, model_location: tuple[pafs.FileSystem, str], text_column: str, device: str):
         from setfit import SetFitModel
 
-        self.model = SetFitModel.from_pretrained(local_model(model_path), device=device)
+        self.model = SetFitModel.from_pretrained(local_model(*model_location), device=device)
         self.labels = self.model.labels
         self.text_column = text_column
 
@@ -62,31 +65,42 @@ def input_format(path: str) -> str:
 
 def check(model_path: str, input_path: str, output_path: str) -> str:
     """ConfigError naming the argument unless the model and input can be used; the input format."""
-    filesystem, root = pafs.FileSystem.from_uri(model_path)
+    filesystem, root = storage.resolve(model_path)
     if filesystem.get_file_info(f"{root}/model_head.pkl").type != pafs.FileType.File:
         raise ConfigError(f"--model: {model_path} is not a trained anyclf-ray/SetFit model folder (no model_head.pkl)")
     fmt = input_format(input_path)
-    filesystem, root = pafs.FileSystem.from_uri(input_path)
+    filesystem, root = storage.resolve(input_path)
     if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
         raise ConfigError(f"--input: {input_path}: no such file or folder")
-    filesystem, root = pafs.FileSystem.from_uri(output_path)
+    filesystem, root = storage.resolve(output_path)
     if filesystem.get_file_info(root).type != pafs.FileType.NotFound:
-        raise ConfigError(f"--output: {output_path} already exists; give a new path so no old rows mix in")
+        finished = filesystem.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
+        state = "already holds predictions" if finished else "exists (an unfinished prediction, or other files)"
+        raise ConfigError(f"--output: {output_path} {state}; give a new path so no old rows mix in")
     return fmt
 
 
 def predict(model_path: str, input_path: str, output_path: str, text_column: str, placement: ActorPlacement,
             batch_size: int = 256) -> int:
     """Write predictions for every row of ``input_path`` to ``output_path``; the rows written."""
-    dataset = READERS[check(model_path, input_path, output_path)](input_path)
+    fmt = check(model_path, input_path, output_path)
+    input_fs, input_root = storage.resolve(input_path)
+    dataset = READERS[fmt](input_root, filesystem=input_fs)
     if text_column not in dataset.columns():
         raise ConfigError(f"--text-column: {input_path} has no column {text_column!r}; it has {dataset.columns()}")
+    output_fs, output_root = storage.resolve(output_path)
     predicted = dataset.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_path": model_path, "text_column": text_column, "device": placement.device},
+        fn_constructor_kwargs={"model_location": storage.resolve(model_path), "text_column": text_column,
+                               "device": placement.device},
         batch_size=batch_size,
         batch_format="pyarrow",
         **runtime.actor_options(placement),
     )
-    predicted.write_parquet(output_path)
-    return ray.data.read_parquet(output_path).count()
+    predicted.write_parquet(output_root, filesystem=output_fs)
+    rows = ray.data.read_parquet(output_root, filesystem=output_fs).count()
+    summary = {"rows": rows, "model": model_path, "input": input_path, "text_column": text_column,
+               "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with output_fs.open_output_stream(f"{output_root}/{MANIFEST}") as stream:
+        stream.write(json.dumps(summary, indent=2).encode())
+    return rows

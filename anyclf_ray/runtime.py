@@ -34,21 +34,24 @@ def connect(address: str | None = None) -> None:
         ray.init(include_dashboard=False)
 
 
+def require(unit: str, need: float, field: str, what: str, fix: str) -> None:
+    """ConfigError naming ``field`` if the cluster has fewer than ``need`` of ``unit`` in all."""
+    have = ray.cluster_resources().get(unit, 0)
+    if need > have:
+        raise ConfigError(f"{field}: {what} need {need:g} {unit}(s) but the cluster has {have:g}; {fix}")
+
+
 def resolve_placement(placement: Placement, section: str) -> Placement:
     """Pick the device for ``auto`` and check the replicas can ever be placed on this cluster."""
-    resources = ray.cluster_resources()
     device = placement.device
     if device == "auto":
-        device = "cuda" if resources.get("GPU", 0) > 0 else "cpu"
-    if device == "cuda":
-        need, have, unit = placement.replicas * placement.gpus_per_replica, resources.get("GPU", 0), "GPU"
-    else:
-        need, have, unit = placement.replicas * placement.cpus_per_replica, resources.get("CPU", 0), "CPU"
-    if need > have:
-        raise ConfigError(
-            f"{section}.replicas: {placement.replicas} replica(s) need {need:g} {unit}(s) but the cluster "
-            f"has {have:g}; lower {section}.replicas (or cpus_per_replica / tensor_parallel_size) or add nodes"
-        )
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    per_replica = placement.gpus_per_replica if device == "cuda" else placement.cpus_per_replica
+    require(
+        "GPU" if device == "cuda" else "CPU", placement.replicas * per_replica, f"{section}.replicas",
+        f"{placement.replicas} replica(s)",
+        f"lower {section}.replicas (or cpus_per_replica / tensor_parallel_size) or add nodes",
+    )
     return placement.model_copy(update={"device": device})
 
 

@@ -20,6 +20,35 @@ import pyarrow.parquet as pq
 from anyclf_ray.config import ConfigError, OutputSpec
 
 
+def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+    """An S3 filesystem whose credentials are read here, from ``AWS_*`` variables.
+
+    Resolved on the driver, they travel with the pickled filesystem, so Ray workers on any node
+    read and write with the driver's identity rather than whatever their own environment holds.
+    """
+    endpoint = urlparse(endpoint_url) if endpoint_url else None
+    return pafs.S3FileSystem(
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=region,
+        scheme=endpoint.scheme if endpoint else "https",
+        endpoint_override=endpoint.netloc if endpoint else None,
+    )
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or ``s3://`` URI given on the command line.
+
+    S3 takes its endpoint from ``AWS_ENDPOINT_URL`` and its region from ``AWS_REGION`` (the AWS
+    SDKs' own variables), and its credentials as ``s3_filesystem`` does.
+    """
+    if uri.startswith("s3://"):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), region), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
 class RunLocation:
     """The folder of one run; all paths given to its methods are relative to it."""
 
@@ -30,25 +59,12 @@ class RunLocation:
             parsed = urlparse(output.path)
             self.bucket = parsed.netloc
             self.root = "/".join(p for p in (parsed.netloc, parsed.path.strip("/"), run_id) if p)
-            self.fs = pafs.S3FileSystem(**self._s3_options())
+            self.fs = s3_filesystem(output.endpoint_url, output.region)
         else:
             self.bucket = None
             local = output.path.removeprefix("file://")
             self.root = os.path.join(os.path.abspath(os.path.expanduser(local)), run_id)
             self.fs = pafs.LocalFileSystem()
-
-    def _s3_options(self) -> dict:
-        endpoint = urlparse(self.output.endpoint_url) if self.output.endpoint_url else None
-        # Credentials are resolved here, on the driver, and travel with the pickled filesystem,
-        # so workers on other nodes write with the same identity.
-        return {
-            "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
-            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            "session_token": os.environ.get("AWS_SESSION_TOKEN"),
-            "region": self.output.region,
-            "scheme": endpoint.scheme if endpoint else "https",
-            "endpoint_override": endpoint.netloc if endpoint else None,
-        }
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -63,11 +79,11 @@ class RunLocation:
         """fsspec options for readers such as ``datasets.load_dataset(..., storage_options=)``."""
         if not self.bucket:
             return {}
-        options = self._s3_options()
         endpoint = self.output.endpoint_url
         return {
-            "key": options["access_key"],
-            "secret": options["secret_key"],
+            "key": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "secret": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "token": os.environ.get("AWS_SESSION_TOKEN"),
             "client_kwargs": {"region_name": self.output.region, **({"endpoint_url": endpoint} if endpoint else {})},
         }
 

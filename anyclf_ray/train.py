@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from anyclf_ray import dedup, embed
+from anyclf_ray import dedup, embed, runtime
 from anyclf_ray.config import ActorPlacement, ConfigError, JobSpec, TrainSpec
 from anyclf_ray.storage import RunLocation
 
@@ -81,16 +81,12 @@ def check_labels(train_rows: pa.Table, spec: JobSpec) -> None:
 
 def check_workers(settings: TrainSpec) -> None:
     """ConfigError if the cluster can never place ``num_workers`` workers."""
-    resources = ray.cluster_resources()
-    if settings.use_gpu:
-        need, have, unit = settings.num_workers, resources.get("GPU", 0), "GPU"
-    else:
-        need, have, unit = settings.num_workers * settings.cpus_per_worker, resources.get("CPU", 0), "CPU"
-    if need > have:
-        raise ConfigError(
-            f"train.num_workers: {settings.num_workers} worker(s) need {need:g} {unit}(s) but the cluster has "
-            f"{have:g}; lower train.num_workers (or cpus_per_worker) or add nodes"
-        )
+    runtime.require(
+        "GPU" if settings.use_gpu else "CPU",
+        settings.num_workers * (1 if settings.use_gpu else settings.cpus_per_worker),
+        "train.num_workers", f"{settings.num_workers} worker(s)",
+        "lower train.num_workers (or cpus_per_worker) or add nodes",
+    )
 
 
 def embedding_placement(settings: TrainSpec) -> ActorPlacement:
@@ -244,7 +240,6 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts:
     """Fine-tune, embed and fit the head. Returns the SetFit model, the embeddings of
     ``other_texts`` (for evaluation) and training figures."""
     from setfit import SetFitModel
-    from sentence_transformers import SentenceTransformer
     from sklearn.linear_model import LogisticRegression
 
     settings = spec.train
@@ -275,9 +270,8 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts:
     head = LogisticRegression(max_iter=settings.head_max_iter, random_state=settings.seed)
     head.fit(train_vectors, y)
     timings["head"] = time.perf_counter() - started
-    body_folder = body_reference.to_directory() if settings.num_iterations else body_reference
     model = SetFitModel(
-        model_body=SentenceTransformer(body_folder, device="cpu"), model_head=head,
+        model_body=embed.load(body_reference, device="cpu"), model_head=head,
         normalize_embeddings=True, labels=label_ids,
     )
     return {"model": model, "other_vectors": other_vectors, "figures": figures, "timings": timings}

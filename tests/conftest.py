@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny offline model, an embedded Ray, a SeaweedFS S3 server on loopback.
+"""Shared fixtures: the tiny offline LLM, an embedded Ray, a SeaweedFS S3 server on loopback.
 
 Everything is real: vLLM's CPU build runs the tiny random-weight model, Ray runs locally, and
 SeaweedFS is a real S3 server. Nothing here needs the internet.

@@ -122,6 +122,31 @@ def test_fingerprint_ignores_placement_but_not_content(raw):
     assert config.parse({**raw, "languages": ["en"]}).fingerprint() != base
 
 
+def test_later_stages_have_their_own_fingerprints(raw):
+    spec = config.parse(raw)
+    retuned = config.parse({**raw, "dedup": {"threshold": 0.8}, "train": {"num_iterations": 3}})
+    assert retuned.fingerprint() == spec.fingerprint()  # the generated data stays valid
+    assert retuned.dedup.fingerprint() != spec.dedup.fingerprint()
+    assert retuned.train.fingerprint() != spec.train.fingerprint()
+    # Where dedup runs does not change which rows it keeps.
+    assert config.parse({**raw, "dedup": {"replicas": 4, "batch_size": 8}}).dedup.fingerprint() == spec.dedup.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"num_workrs": 2}, "train.num_workrs: unknown key; did you mean 'num_workers'?"),
+        ({"eval_set": {"path": "x.csv", "txt_column": "a"}}, "train.eval_set.txt_column: unknown key; did you mean 'text_column'?"),
+        ({"test_size": 1}, "train.test_size: Input should be less than 1"),
+        ({"base_model": "builtin:nope"}, "train.base_model: unknown built-in model 'nope'; use one of builtin:all-minilm-l6-v2"),
+    ],
+)
+def test_bad_train_settings_name_the_field(raw, train, message):
+    with pytest.raises(ConfigError) as error:
+        config.parse({**raw, "train": train})
+    assert str(error.value) == message
+
+
 def test_default_run_id_is_the_fingerprint(raw):
     spec = config.parse({**raw, "run_id": None})
     assert spec.resolved_run_id() == f"run-{spec.fingerprint()}"

@@ -6,6 +6,7 @@ review sentences whose sentiment is plain, so a trained model has a right answer
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -14,9 +15,10 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, pipeline, train
+from anyclf_ray import cli, config, embed, pipeline, train
 from anyclf_ray.storage import RunLocation
 from conftest import tiny_raw, write_spec
 from test_dedup import write_generated
@@ -120,9 +122,23 @@ def test_predict_writes_one_row_per_input_row(trained, tmp_path, capsys):
     assert set(predicted["prediction"].to_pylist()) <= {"neg", "pos"}
     assert all(len(s) == 2 and abs(sum(s) - 1) < 1e-4 for s in predicted["scores"].to_pylist())
     assert all(0.5 <= s <= 1 for s in predicted["score"].to_pylist())
+    assert json.loads((output / "_manifest.json").read_text())["rows"] == 37  # written last
     again = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output", str(output)])
     assert again == cli.EXIT_BAD_INPUT
-    assert f"--output: {output} already exists" in capsys.readouterr().err
+    assert f"--output: {output} already holds predictions; give a new path" in capsys.readouterr().err
+
+
+def test_every_checkpoint_reader_gets_its_own_copy(tmp_path):
+    """Embedding actors on one node must not share to_directory()'s folder: a late one re-downloads
+    into it while the others read (it broke model loading in CI)."""
+    (tmp_path / "body").mkdir()
+    (tmp_path / "body" / "weights.bin").write_bytes(b"w" * 1000)
+    checkpoint = ray.train.Checkpoint.from_directory(tmp_path / "body")
+    with embed.checkpoint_folder(checkpoint) as first, embed.checkpoint_folder(checkpoint) as second:
+        assert first != second
+        for folder in (first, second):
+            assert open(os.path.join(folder, "weights.bin"), "rb").read() == b"w" * 1000
+    assert not os.path.exists(first) and not os.path.exists(second)
 
 
 # -- bad input, refused before training --------------------------------------------------------
