@@ -93,14 +93,14 @@ def confusion_png(result: dict, title: str) -> bytes:
 
     labels = result["confusion_matrix"]["labels"]
     counts = np.asarray(result["confusion_matrix"]["rows_true_columns_predicted"])
-    size = 2 + 0.6 * len(labels)
+    size = max(4.0, 2 + 0.6 * len(labels))
     figure, axes = plt.subplots(figsize=(size, size))
     axes.imshow(counts, cmap="Blues")
     axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     axes.set_yticks(range(len(labels)), labels)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(f"{title}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
+    axes.set_title(f"{title}\naccuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
     for (i, j), value in np.ndenumerate(counts):
         axes.text(j, i, str(value), ha="center", va="center",
                   color="white" if value > counts.max() / 2 else "black")

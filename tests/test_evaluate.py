@@ -1,0 +1,60 @@
+"""Evaluation without a model: reading real labelled sets in every format, and the metrics."""
+
+from __future__ import annotations
+
+import datasets
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
+import pytest
+
+from anyclf_ray import evaluate
+from anyclf_ray.config import ConfigError, EvalSetSpec
+
+TABLE = pa.table({"body": ["great phone", "awful food", "fine hotel", "broken again"], "stars": [5, 1, 4, 1]})
+LABEL_MAP = {"5": "pos", "4": "pos", "1": "neg"}
+
+
+def write_as(fmt: str, folder) -> str:
+    path = folder / f"real.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(TABLE, path)
+    elif fmt == "csv":
+        pyarrow.csv.write_csv(TABLE, path)
+    elif fmt == "jsonl":
+        path.write_text("".join(f'{{"body": "{b}", "stars": {s}}}\n' for b, s in zip(*TABLE.to_pydict().values())))
+    else:  # a `datasets` folder, as save_to_disk writes it
+        path = folder / "real-dataset"
+        datasets.DatasetDict({"test": datasets.Dataset(TABLE)}).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "datasets"])
+def test_every_format_reads_to_the_same_texts_and_labels(tmp_path, fmt):
+    settings = EvalSetSpec(path=write_as(fmt, tmp_path), text_column="body", label_column="stars", label_map=LABEL_MAP)
+    texts, labels = evaluate.load_eval_set(settings, ["neg", "pos"])
+    assert texts == ["great phone", "awful food", "fine hotel", "broken again"]
+    assert labels == ["pos", "neg", "pos", "neg"]
+
+
+def test_an_unreadable_kind_of_file_is_refused(tmp_path):
+    (tmp_path / "real.xlsx").write_bytes(b"")
+    with pytest.raises(ConfigError) as error:
+        evaluate.load_eval_set(EvalSetSpec(path=str(tmp_path / "real.xlsx")), ["neg", "pos"])
+    assert str(error.value) == (
+        f"train.eval_set.path: {tmp_path / 'real.xlsx'}: use a .parquet, .csv or .jsonl file or a `datasets` folder"
+    )
+
+
+def test_metrics_of_a_known_confusion():
+    truth = ["pos", "pos", "pos", "neg", "neg", "neu"]
+    predicted = ["pos", "pos", "neg", "neg", "pos", "neu"]
+    result = evaluate.metrics(truth, predicted, ["neg", "neu", "pos"])
+    assert result["rows"] == 6 and result["accuracy"] == pytest.approx(4 / 6)
+    assert result["per_class"]["pos"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                                          "f1": pytest.approx(2 / 3), "support": 3}
+    assert result["per_class"]["neu"]["f1"] == 1.0
+    assert result["macro_f1"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)
+    assert result["weighted_f1"] == pytest.approx((2 * 0.5 + 1 + 3 * 2 / 3) / 6)
+    assert result["confusion_matrix"]["rows_true_columns_predicted"] == [[1, 0, 1], [0, 1, 0], [1, 0, 2]]
+    assert evaluate.confusion_png(result, "check")[:8] == b"\x89PNG\r\n\x1a\n"
