@@ -132,6 +132,9 @@ def run_train(spec: JobSpec, address: str | None = None) -> dict:
     embed.check_model(settings.base_model, "train")
     runtime.connect(address)
     train.check_workers(settings)
+    # A model of other settings must not mix into this one, nor pass for complete if this run dies.
+    for folder in (train.MODEL_FOLDER, "eval", "train"):
+        location.delete(folder)
 
     started = time.perf_counter()
     splits = {"held_out": (held_out["text"].to_pylist(), held_out["label"].to_pylist())}

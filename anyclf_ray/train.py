@@ -246,7 +246,7 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts:
     label_ids = [label.id for label in spec.labels]
     texts = train_rows["text"].to_pylist()
     y = np.asarray([label_ids.index(label) for label in train_rows["label"].to_pylist()])
-    timings, figures = {}, {"train_rows": len(texts)}
+    timings, figures = {}, {"train_rows": len(texts), "pairs": 0}
     started = time.perf_counter()
     body_reference = _loadable(settings.base_model)
     if settings.num_iterations:
@@ -301,7 +301,7 @@ A SetFit classifier for: {spec.instruction}
 It was trained by anyclf-ray on synthetic data written by `{spec.model.name}` (run `{run_id}`,
 {"deduplicated rows" if source == "dedup" else "all generated rows"}; {figures["train_rows"]} training rows,
 held-out share {settings.test_size}). Body: `{settings.base_model}`, fine-tuned contrastively on
-{figures.get("pairs", 0)} sampled pairs on {settings.num_workers} Ray Train worker(s); head: logistic regression.
+{figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: logistic regression.
 
 ```python
 from setfit import SetFitModel

@@ -128,6 +128,17 @@ def test_predict_writes_one_row_per_input_row(trained, tmp_path, capsys):
     assert f"--output: {output} already holds predictions; give a new path" in capsys.readouterr().err
 
 
+def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_ray):
+    raw = with_rows(tmp_path, "retrain", reviews(20, 1), num_iterations=0)
+    location = RunLocation(config.parse(raw).output, "retrain")
+    location.write_bytes("model/stale.bin", b"a file of a model trained with other settings")
+    location.write_json(train.MANIFEST, {"fingerprint": "other settings"})
+    manifest = pipeline.run_train(config.parse(raw))
+    assert not location.exists("model/stale.bin")
+    assert location.read_json(train.MANIFEST) == manifest and manifest["figures"]["pairs"] == 0
+    assert SetFitModel.from_pretrained(location.path("model")).labels == ["neg", "pos"]
+
+
 def test_every_checkpoint_reader_gets_its_own_copy(tmp_path):
     """Embedding actors on one node must not share to_directory()'s folder: a late one re-downloads
     into it while the others read (it broke model loading in CI)."""
