@@ -92,12 +92,12 @@ def _predict(args) -> int:
     from anyclf_ray import predict, runtime
     from anyclf_ray.config import ActorPlacement
 
-    predict.check(args.model, args.input, args.output)
+    paths = predict.check(args.model, args.input, args.output)
     runtime.connect(args.address)
     placement = runtime.resolve_placement(
         ActorPlacement(device=args.device, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica), "predict"
     )
-    rows = predict.predict(args.model, args.input, args.output, args.text_column, placement)
+    rows = predict.predict(paths, args.text_column, placement)
     print(f"anyclf-ray: wrote {rows} prediction(s) to {args.output}")
     return 0
 

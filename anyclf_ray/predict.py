@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -63,43 +64,54 @@ def input_format(path: str) -> str:
     return suffix
 
 
-def check(model_path: str, input_path: str, output_path: str) -> str:
-    """ConfigError naming the argument unless the model and input can be used; the input format."""
-    filesystem, root = storage.resolve(model_path)
-    if filesystem.get_file_info(f"{root}/model_head.pkl").type != pafs.FileType.File:
+class Paths(NamedTuple):
+    """The command's paths, checked, each with the filesystem and path it resolved to."""
+
+    model: str
+    input: str
+    output: str
+    input_format: str
+    model_location: tuple[pafs.FileSystem, str]
+    input_location: tuple[pafs.FileSystem, str]
+    output_location: tuple[pafs.FileSystem, str]
+
+
+def check(model_path: str, input_path: str, output_path: str) -> Paths:
+    """ConfigError naming the argument unless the model and input can be used and the output is new."""
+    model_fs, model_root = storage.resolve(model_path)
+    if model_fs.get_file_info(f"{model_root}/model_head.pkl").type != pafs.FileType.File:
         raise ConfigError(f"--model: {model_path} is not a trained anyclf-ray/SetFit model folder (no model_head.pkl)")
     fmt = input_format(input_path)
-    filesystem, root = storage.resolve(input_path)
-    if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
+    input_fs, input_root = storage.resolve(input_path)
+    if input_fs.get_file_info(input_root).type == pafs.FileType.NotFound:
         raise ConfigError(f"--input: {input_path}: no such file or folder")
-    filesystem, root = storage.resolve(output_path)
-    if filesystem.get_file_info(root).type != pafs.FileType.NotFound:
-        finished = filesystem.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
+    output_fs, output_root = storage.resolve(output_path)
+    if output_fs.get_file_info(output_root).type != pafs.FileType.NotFound:
+        finished = output_fs.get_file_info(f"{output_root}/{MANIFEST}").type == pafs.FileType.File
         state = "already holds predictions" if finished else "exists (an unfinished prediction, or other files)"
         raise ConfigError(f"--output: {output_path} {state}; give a new path so no old rows mix in")
-    return fmt
+    return Paths(model_path, input_path, output_path, fmt, (model_fs, model_root), (input_fs, input_root),
+                 (output_fs, output_root))
 
 
-def predict(model_path: str, input_path: str, output_path: str, text_column: str, placement: ActorPlacement,
-            batch_size: int = 256) -> int:
-    """Write predictions for every row of ``input_path`` to ``output_path``; the rows written."""
-    fmt = check(model_path, input_path, output_path)
-    input_fs, input_root = storage.resolve(input_path)
-    dataset = READERS[fmt](input_root, filesystem=input_fs)
+def predict(paths: Paths, text_column: str, placement: ActorPlacement, batch_size: int = 256) -> int:
+    """Write predictions for every row of the checked input to the output; the rows written."""
+    input_fs, input_root = paths.input_location
+    dataset = READERS[paths.input_format](input_root, filesystem=input_fs)
     if text_column not in dataset.columns():
-        raise ConfigError(f"--text-column: {input_path} has no column {text_column!r}; it has {dataset.columns()}")
-    output_fs, output_root = storage.resolve(output_path)
+        raise ConfigError(f"--text-column: {paths.input} has no column {text_column!r}; it has {dataset.columns()}")
     predicted = dataset.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_location": storage.resolve(model_path), "text_column": text_column,
+        fn_constructor_kwargs={"model_location": paths.model_location, "text_column": text_column,
                                "device": placement.device},
         batch_size=batch_size,
         batch_format="pyarrow",
         **runtime.actor_options(placement),
     )
+    output_fs, output_root = paths.output_location
     predicted.write_parquet(output_root, filesystem=output_fs)
     rows = ray.data.read_parquet(output_root, filesystem=output_fs).count()
-    summary = {"rows": rows, "model": model_path, "input": input_path, "text_column": text_column,
+    summary = {"rows": rows, "model": paths.model, "input": paths.input, "text_column": text_column,
                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with output_fs.open_output_stream(f"{output_root}/{MANIFEST}") as stream:
         stream.write(json.dumps(summary, indent=2).encode())

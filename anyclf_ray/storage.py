@@ -20,6 +20,11 @@ import pyarrow.parquet as pq
 from anyclf_ray.config import ConfigError, OutputSpec
 
 
+def _credentials() -> tuple[str | None, str | None, str | None]:
+    """Access key, secret key and session token from the ``AWS_*`` variables."""
+    return tuple(os.environ.get(f"AWS_{name}") for name in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SESSION_TOKEN"))
+
+
 def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     """An S3 filesystem whose credentials are read here, from ``AWS_*`` variables.
 
@@ -27,10 +32,11 @@ def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     read and write with the driver's identity rather than whatever their own environment holds.
     """
     endpoint = urlparse(endpoint_url) if endpoint_url else None
+    access_key, secret_key, session_token = _credentials()
     return pafs.S3FileSystem(
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        access_key=access_key,
+        secret_key=secret_key,
+        session_token=session_token,
         region=region,
         scheme=endpoint.scheme if endpoint else "https",
         endpoint_override=endpoint.netloc if endpoint else None,
@@ -80,10 +86,11 @@ class RunLocation:
         if not self.bucket:
             return {}
         endpoint = self.output.endpoint_url
+        key, secret, token = _credentials()
         return {
-            "key": os.environ.get("AWS_ACCESS_KEY_ID"),
-            "secret": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            "token": os.environ.get("AWS_SESSION_TOKEN"),
+            "key": key,
+            "secret": secret,
+            "token": token,
             "client_kwargs": {"region_name": self.output.region, **({"endpoint_url": endpoint} if endpoint else {})},
         }
 

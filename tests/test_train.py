@@ -126,6 +126,10 @@ def test_predict_writes_one_row_per_input_row(trained, tmp_path, capsys):
     again = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output", str(output)])
     assert again == cli.EXIT_BAD_INPUT
     assert f"--output: {output} already holds predictions; give a new path" in capsys.readouterr().err
+    wrong = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output",
+                      str(tmp_path / "other"), "--text-column", "review"])
+    assert wrong == cli.EXIT_BAD_INPUT and not (tmp_path / "other").exists()
+    assert f"--text-column: {source} has no column 'review'; it has ['id', 'text']" in capsys.readouterr().err
 
 
 def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_ray):
