@@ -8,7 +8,9 @@ SetFit classifier, ``run`` chains all three. ``anyclf-ray predict --model DIR --
 
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
 before any model is loaded); 3 the run finished but LLM failures left rows missing (counted in the
-manifest, listed under ``failures/``); 1 anything else.
+manifest, listed under ``failures/``); 4 stopped early because most of the first answers failed;
+1 anything else. ``--verbose`` shows engine and worker logs, which otherwise go to Ray's log
+folder (named on the console).
 """
 
 from __future__ import annotations
@@ -18,57 +20,26 @@ import logging
 import sys
 
 from anyclf_ray import config, pipeline
+from anyclf_ray.pool import EarlyStop
 
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 3
+EXIT_STOPPED = 4
 ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else embedded)"
 
-
-def _report_generate(manifest: dict) -> int:
-    rows, failures = manifest["rows"], manifest["failures"]
-    print(
-        f"anyclf-ray: {manifest['status']}: {rows['written']} of {rows['expected']} rows at "
-        f"{manifest['output']} ({failures['requests']} failed request(s), {failures['rows_lost']} rows lost)"
-    )
-    return 0 if manifest["status"] == "complete" else EXIT_INCOMPLETE
-
-
-def _report_dedup(manifest: dict) -> int:
-    rows, reasons = manifest["rows"], manifest["removed"]["by_reason"]
-    print(
-        f"anyclf-ray: dedup complete: kept {rows['kept']} of {rows['input']} rows at {manifest['output']} "
-        f"(removed {', '.join(f'{n} {reason}' for reason, n in reasons.items())})"
-    )
-    return 0
-
-
-def _report_train(manifest: dict) -> int:
-    scores = ", ".join(f"{split} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}"
-                       for split, m in manifest["metrics"].items())
-    print(f"anyclf-ray: trained on {manifest['data']['train_rows']} rows: {manifest['model']} ({scores or 'no evaluation rows'})")
-    return 0
-
-
-def _report_run(stages: dict) -> int:
-    codes = [REPORTS[name](manifest) for name, manifest in stages.items()]
-    return max(codes)
-
-
-REPORTS = {"generate": _report_generate, "dedup": _report_dedup, "train": _report_train}
-
-# command → (help, job, report); every job takes a JobSpec and an optional Ray address.
+# command → (help, the one stage it runs, or None for all of them)
 COMMANDS = {
-    "generate": ("generate a synthetic labelled dataset", pipeline.run_generate, _report_generate),
-    "dedup": ("remove exact and near-duplicate rows of a generated run", pipeline.run_dedup, _report_dedup),
-    "train": ("train and evaluate a SetFit classifier on a run's data", pipeline.run_train, _report_train),
-    "run": ("the whole job: generate, dedup, train and evaluate", pipeline.run_all, _report_run),
+    "generate": ("generate a synthetic labelled dataset (tree, then examples)", "generate"),
+    "dedup": ("remove exact and near-duplicate rows of a generated run", "dedup"),
+    "train": ("train and evaluate a SetFit classifier on what the last stage kept", "train"),
+    "run": ("the whole job: every stage the spec enables, on one engine pool", None),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anyclf-ray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, _, _) in COMMANDS.items():
+    for name, (help_text, _) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", required=True, help="job spec YAML file")
         command.add_argument(
@@ -76,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
             help="override one field, e.g. --set engine.replicas=2 (repeatable)",
         )
         command.add_argument("--address", help=ADDRESS_HELP)
+        command.add_argument("--verbose", action="store_true", help="show engine and worker logs on the console")
     predict = commands.add_parser("predict", help="predict labels for a Parquet/CSV/JSONL input with a trained model")
     predict.add_argument("--model", required=True, help="a trained model folder, e.g. runs/<run_id>/model")
     predict.add_argument("--input", required=True, help="Parquet, CSV or JSONL file (or Parquet folder), local or s3://")
@@ -86,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--cpus-per-replica", type=float, default=1.0)
     predict.add_argument("--address", help=ADDRESS_HELP)
     return parser
+
+
+def _run(args) -> int:
+    spec = config.load(args.config, args.overrides)
+    manifests = pipeline.run(spec, only=COMMANDS[args.command][1], address=args.address, verbose=args.verbose)
+    by_name = {stage.name: stage for stage in pipeline.stages(spec)}
+    for name, found in manifests.items():
+        print(f"anyclf-ray: {by_name[name].describe(found)}")
+    return 0 if all(found["status"] == "complete" for found in manifests.values()) else EXIT_INCOMPLETE
 
 
 def _predict(args) -> int:
@@ -106,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="anyclf-ray: %(message)s")
     try:
-        if args.command == "predict":
-            return _predict(args)
-        _, job, report = COMMANDS[args.command]
-        manifest = job(config.load(args.config, args.overrides), address=args.address)
+        return _predict(args) if args.command == "predict" else _run(args)
     except config.ConfigError as error:
         print(f"anyclf-ray: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return report(manifest)
+    except EarlyStop as error:
+        print(f"anyclf-ray: error: {error}; committed parts are kept, fix the spec and re-run to resume",
+              file=sys.stderr)
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pycountry
 import yaml
@@ -28,6 +28,35 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Decides:
+    """Field marker (``Annotated[T, DECIDES]``): the field's value decides a stage's output.
+
+    Fingerprints are digests of the marked fields only (``decisive``), so a new setting that only
+    says where or how fast things run cannot invalidate finished work by accident.
+    """
+
+
+DECIDES = Decides()
+
+
+class StageSpec(_Strict):
+    """Settings of one stage after generation; its fingerprint is chained from its input's."""
+
+    enabled: bool = True
+
+
+def decisive(spec: BaseModel) -> dict:
+    """The marked fields of ``spec``, recursing into unmarked sections (other stages' excluded)."""
+    dumped, found = spec.model_dump(), {}
+    for name, field in type(spec).model_fields.items():
+        value = getattr(spec, name)
+        if any(isinstance(meta, Decides) for meta in field.metadata):
+            found[name] = dumped[name]
+        elif isinstance(value, _Strict) and not isinstance(value, StageSpec) and (inner := decisive(value)):
+            found[name] = inner
+    return found
 
 
 def _non_blank(value: str) -> str:
@@ -59,9 +88,9 @@ class Label(_Strict):
 class ModelSpec(_Strict):
     """Which LLM writes the data and how vLLM loads it."""
 
-    name: str = "builtin:smollm2-135m-instruct"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = Field(2048, gt=0)
+    name: Annotated[str, DECIDES] = "builtin:smollm2-135m-instruct"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], DECIDES] = "auto"
+    max_model_len: Annotated[int, DECIDES, Field(gt=0)] = 2048
     # Skips torch.compile/CUDA graphs: faster start, slower decode. Right for tests and tiny runs.
     enforce_eager: bool = False
 
@@ -73,7 +102,10 @@ class ModelSpec(_Strict):
 
 
 class ActorPlacement(_Strict):
-    """Where a stage's model actors run: ``replicas`` actors on ``device`` (``auto``: GPU if any)."""
+    """Where a stage's model actors run: ``replicas`` actors on ``device`` (``auto``: GPU if any).
+
+    ``cpus_per_replica`` is what each actor reserves from Ray, not a thread count.
+    """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     replicas: int = Field(1, gt=0)
@@ -84,53 +116,113 @@ class ActorPlacement(_Strict):
         return 1
 
 
+SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "max_retries",
+                 "examples_per_request", "max_text_chars", "max_item_chars"}
+
+
 class EngineSpec(ActorPlacement):
-    """How the vLLM replicas run and sample. CPU and GPU differ only in these values."""
+    """How the vLLM replicas run: placement and engine settings. None of it decides the text."""
 
     tensor_parallel_size: int = Field(1, gt=0)
+    # CPU threads per replica; None: the cluster's cores divided among the replicas (at most one
+    # node's), so one replica on a laptop uses every core while reserving one CPU from Ray.
+    threads: int | None = Field(None, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, gt=0)
     # Off by default: vLLM's CPU build cannot rewind a per-request seeded sampler after a
     # partial prefill ("CPU Generator does not use offset"). On GPUs it may be turned on.
     chunked_prefill: bool = False
     batch_size: int = Field(256, gt=0)
-    max_tokens: int = Field(512, gt=0)
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
-    seed: int = 0
-    max_retries: int = Field(2, ge=0)
-    examples_per_request: int = Field(5, gt=0)
-    max_text_chars: int = Field(1200, gt=0)
-    max_item_chars: int = Field(80, gt=0)
+    # Times a dead replica is replaced (its in-flight batch is retried on the new one).
+    restarts: int = Field(3, ge=0)
     env: dict[str, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampling_moved(cls, raw: Any) -> Any:
+        moved = sorted(SAMPLING_KEYS & set(raw)) if isinstance(raw, dict) else []
+        if moved:
+            raise ValueError(f"{moved[0]} moved to sampling.{moved[0]}; write it under sampling:")
+        return raw
 
     @property
     def gpus_per_replica(self) -> int:
         return self.tensor_parallel_size
 
 
-class DedupSpec(ActorPlacement):
+# Characters per token when sizing an answer's token budget: a cautious figure for scripts
+# written with spaces, and one character a token for scripts without them.
+CHARS_PER_TOKEN = 3.0
+DENSE_SCRIPT_LANGUAGES = {"zh", "ja", "ko", "th", "lo", "km", "my", "bo"}
+# JSON around each item besides its text: {"<key>":""}, and the array's brackets.
+ITEM_OVERHEAD_CHARS = 8
+MIN_TEXT_CHARS = 20
+
+
+def chars_per_token(languages: list[str]) -> float:
+    return 1.0 if DENSE_SCRIPT_LANGUAGES & {code.lower()[:2] for code in languages} else CHARS_PER_TOKEN
+
+
+def answer_tokens(n_items: int, key: str, max_chars: int, languages: list[str]) -> int:
+    """Tokens that always hold a JSON array of ``n_items`` objects of at most ``max_chars``."""
+    chars = n_items * (max_chars + len(key) + ITEM_OVERHEAD_CHARS) + 2
+    return math.ceil(chars / chars_per_token(languages))
+
+
+class SamplingSpec(_Strict):
+    """How the LLM samples and how much each request asks for: all of it decides the text."""
+
+    max_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, gt=0)
+    seed: int = 0
+    max_retries: int = Field(2, ge=0)
+    examples_per_request: int = Field(5, gt=0)
+    # Longest text, in characters; None: what max_tokens holds for examples_per_request texts.
+    max_text_chars: int | None = Field(None, gt=0)
+    max_item_chars: int = Field(80, gt=0)
+
+    def text_chars(self, languages: list[str]) -> int:
+        """The per-text character limit: as given, or derived from ``max_tokens``."""
+        if self.max_text_chars is not None:
+            return self.max_text_chars
+        budget = (self.max_tokens * chars_per_token(languages) - 2) / self.examples_per_request
+        return int(budget) - len("text") - ITEM_OVERHEAD_CHARS
+
+    def check_budget(self, languages: list[str]) -> None:
+        """ValueError naming the fix when ``max_tokens`` cannot hold the texts asked for."""
+        n, limit = self.examples_per_request, self.text_chars(languages)
+        if self.max_text_chars is None and limit < MIN_TEXT_CHARS:
+            raise ValueError(
+                f"sampling.max_tokens: {self.max_tokens} tokens leave {max(limit, 0)} characters for each of "
+                f"{n} texts; raise max_tokens or lower examples_per_request"
+            )
+        need = answer_tokens(n, "text", limit, languages)
+        if need > self.max_tokens:
+            raise ValueError(
+                f"sampling.max_tokens: {self.max_tokens} tokens cannot hold {n} texts of up to {limit} characters "
+                f"(about {need} tokens); raise max_tokens to {need}, lower examples_per_request or "
+                "max_text_chars, or leave max_text_chars unset to derive it"
+            )
+
+
+class DedupSpec(ActorPlacement, StageSpec):
     """Exact and embedding near-duplicate removal (``dedup.py``); on by default in full jobs."""
 
-    enabled: bool = True
     # A sentence-transformers model: builtin:all-minilm-l6-v2 (offline), a folder or a hub id.
-    model: str = "builtin:all-minilm-l6-v2"
+    model: Annotated[str, DECIDES] = "builtin:all-minilm-l6-v2"
     # Cosine similarity at or above which two texts are near-duplicates. With MiniLM, a changed
     # word or reordered clause scores 0.95-0.99, while opposite statements can reach 0.89.
-    threshold: float = Field(0.92, gt=0, le=1)
+    threshold: Annotated[float, DECIDES, Field(gt=0, le=1)] = 0.92
     # Near-duplicates with different labels: drop every row involved, or keep them (counted).
-    conflicts: Literal["drop", "keep"] = "drop"
-    partition_size: int = Field(2000, gt=1)
-    probes: int = Field(3, gt=0)
+    conflicts: Annotated[Literal["drop", "keep"], DECIDES] = "drop"
+    partition_size: Annotated[int, DECIDES, Field(gt=1)] = 2000
+    probes: Annotated[int, DECIDES, Field(gt=0)] = 3
     batch_size: int = Field(128, gt=0)
-    seed: int = 0
+    seed: Annotated[int, DECIDES] = 0
 
     _loadable = field_validator("model")(_embedder)
-
-    def fingerprint(self) -> str:
-        """A digest of the settings that decide which rows are kept (not where actors run)."""
-        return _digest(self.model_dump(exclude=set(ActorPlacement.model_fields) | {"batch_size", "enabled"}))
 
 
 class EvalSetSpec(_Strict):
@@ -149,31 +241,28 @@ class EvalSetSpec(_Strict):
         return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
-class TrainSpec(_Strict):
+class TrainSpec(StageSpec):
     """SetFit training on Ray Train (``train.py``) and evaluation (``evaluate.py``)."""
 
-    enabled: bool = True
     # A sentence-transformers body: the seed's mpnet by default; builtin:all-minilm-l6-v2 offline.
-    base_model: str = "sentence-transformers/paraphrase-mpnet-base-v2"
-    num_workers: int = Field(1, gt=0)
+    base_model: Annotated[str, DECIDES] = "sentence-transformers/paraphrase-mpnet-base-v2"
+    # Each worker samples its own pairs, so the worker count decides the pairs seen.
+    num_workers: Annotated[int, DECIDES, Field(gt=0)] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     # Contrastive pairs = min(max_pairs, num_iterations × training rows), sampled as they are used.
-    num_iterations: int = Field(20, ge=0)
-    max_pairs: int = Field(100_000, gt=0)
-    batch_size: int = Field(16, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    max_seq_length: int = Field(128, gt=0)
+    num_iterations: Annotated[int, DECIDES, Field(ge=0)] = 20
+    max_pairs: Annotated[int, DECIDES, Field(gt=0)] = 100_000
+    batch_size: Annotated[int, DECIDES, Field(gt=0)] = 16
+    learning_rate: Annotated[float, DECIDES, Field(gt=0)] = 2e-5
+    max_seq_length: Annotated[int, DECIDES, Field(gt=0)] = 128
     # Share of the synthetic rows held out for evaluation, chosen by id (stable across re-runs).
-    test_size: float = Field(0.2, ge=0, lt=1)
-    head_max_iter: int = Field(1000, gt=0)
-    seed: int = 0
-    eval_set: EvalSetSpec | None = None
+    test_size: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.2
+    head_max_iter: Annotated[int, DECIDES, Field(gt=0)] = 1000
+    seed: Annotated[int, DECIDES] = 0
+    eval_set: Annotated[EvalSetSpec | None, DECIDES] = None
 
     _loadable = field_validator("base_model")(_embedder)
-
-    def fingerprint(self) -> str:
-        return _digest(self.model_dump(exclude={"enabled", "use_gpu", "cpus_per_worker"}))
 
 
 class OutputSpec(_Strict):
@@ -206,22 +295,23 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class JobSpec(_Strict):
     """A whole run. Sizes are either ``n_record_to_generate`` or all four explicit sizes."""
 
-    instruction: str
-    labels: list[Label]
-    n_record_to_generate: int | None = Field(None, gt=0)
-    n_source_type: int | None = Field(None, gt=0)
-    n_topic: int | None = Field(None, gt=0)
-    n_subtopic: int | None = Field(None, gt=0)
-    sample_per_subtopic: int | None = Field(None, gt=0)
-    languages: list[str] = ["en"]
+    instruction: Annotated[str, DECIDES]
+    labels: Annotated[list[Label], DECIDES]
+    n_record_to_generate: Annotated[int | None, DECIDES, Field(gt=0)] = None
+    n_source_type: Annotated[int | None, DECIDES, Field(gt=0)] = None
+    n_topic: Annotated[int | None, DECIDES, Field(gt=0)] = None
+    n_subtopic: Annotated[int | None, DECIDES, Field(gt=0)] = None
+    sample_per_subtopic: Annotated[int | None, DECIDES, Field(gt=0)] = None
+    languages: Annotated[list[str], DECIDES] = ["en"]
     model: ModelSpec = ModelSpec()
     engine: EngineSpec = EngineSpec()
+    sampling: Annotated[SamplingSpec, DECIDES] = SamplingSpec()
     output: OutputSpec = OutputSpec()
     dedup: DedupSpec = DedupSpec()
     train: TrainSpec = TrainSpec()
     run_id: str | None = None
     # A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.
-    tree_path: str | None = None
+    tree_path: Annotated[str | None, DECIDES] = None
 
     _blank = field_validator("instruction")(_non_blank)
 
@@ -268,6 +358,12 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"{missing[0]} is missing; give n_record_to_generate or all of " + ", ".join(SIZE_FIELDS)
             )
+        self.sampling.check_budget(self.languages)
+        if self.sampling.max_tokens >= self.model.max_model_len:
+            raise ValueError(
+                f"sampling.max_tokens: {self.sampling.max_tokens} leaves no room for the prompt in "
+                f"model.max_model_len {self.model.max_model_len}; lower it or raise max_model_len"
+            )
         return self
 
     # -- derived values -------------------------------------------------------------------
@@ -279,26 +375,18 @@ class JobSpec(_Strict):
         return sizes_for_records(self.n_record_to_generate, len(self.labels) * len(self.languages))
 
     def fingerprint(self) -> str:
-        """A digest of everything that decides the generated rows (not where they are written).
+        """A digest of the fields that decide the generated rows (``decisive``).
 
-        Later stages (dedup, train) are left out: they have their own fingerprints, so tuning
-        them reuses the generated data of the same run id.
+        Later stages' sections are left out: they have their own fingerprints, chained from this
+        one, so tuning them reuses the generated data of the same run id.
         """
-        placement = set(ActorPlacement.model_fields) | {
-            "tensor_parallel_size", "gpu_memory_utilization", "cpu_kv_cache_gib", "chunked_prefill", "batch_size", "env"
-        }
-        return _digest(
-            self.model_dump(
-                exclude={"output": True, "run_id": True, "dedup": True, "train": True,
-                         "model": {"enforce_eager"}, "engine": placement}
-            )
-        )
+        return digest(decisive(self))
 
     def resolved_run_id(self) -> str:
         return self.run_id or f"run-{self.fingerprint()}"
 
 
-def _digest(content: dict) -> str:
+def digest(content: object) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

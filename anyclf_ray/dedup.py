@@ -1,6 +1,6 @@
 """Dedup stage: exact, then embedding near-duplicate removal, per label within each language.
 
-In: a run's generated shards (the ``shards`` of its ``manifest.json``). Out, under
+A ``FilterStage`` (``stage.py``). In: the rows the stage before it committed. Out, under
 ``<run>/dedup/``:
 
 - ``data/part-*.parquet``: the kept rows, same schema as the input;
@@ -28,8 +28,6 @@ The rules, in order:
 
 from __future__ import annotations
 
-import collections
-import datetime
 import itertools
 import logging
 import time
@@ -40,15 +38,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from anyclf_ray import embed, manifest, neighbours
-from anyclf_ray.config import ConfigError, JobSpec
+from anyclf_ray import embed, neighbours, runtime
+from anyclf_ray.config import JobSpec
+from anyclf_ray.stage import Context, Decision, FilterStage
 from anyclf_ray.storage import RunLocation
 
 log = logging.getLogger(__name__)
 
-FOLDER = "dedup"
-MANIFEST = f"{FOLDER}/manifest.json"
-REQUIRED_COLUMNS = ("id", "text", "label", "language")
 REASONS = ("exact", "near", "conflict")
 AUDIT_FIELDS = [
     pa.field("reason", pa.string()),
@@ -65,34 +61,6 @@ def normalise(text: str) -> str:
 
 def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
-
-
-def fingerprint(spec: JobSpec) -> str:
-    """What decides this stage's output: the generated rows and the dedup settings."""
-    return f"{spec.fingerprint()}-{spec.dedup.fingerprint()}"
-
-
-def check_input(location: RunLocation) -> list[str]:
-    """The run's generated shards, checked from their footers; ConfigError if there is nothing to use."""
-    if not location.exists("manifest.json"):
-        raise ConfigError(
-            f"run_id: no finished generation at {location.uri()} (no manifest.json); "
-            "run `anyclf-ray generate` for this spec first"
-        )
-    shards = location.read_json("manifest.json").get("shards", [])
-    rows = 0
-    for shard in shards:
-        footer = location.read_footer(shard)
-        missing = [c for c in REQUIRED_COLUMNS if c not in footer.schema.names]
-        if missing:
-            raise ConfigError(
-                f"run_id: shard {shard} has no {missing[0]!r} column; dedup reads anyclf-ray generation "
-                f"shards with columns {list(REQUIRED_COLUMNS)}"
-            )
-        rows += footer.num_rows
-    if rows == 0:
-        raise ConfigError(f"run_id: the run at {location.uri()} has no generated rows; nothing to deduplicate")
-    return shards
 
 
 def _best_partner(ends: np.ndarray, partners: np.ndarray, sims: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,54 +169,41 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
     }
 
 
-def _counts(table: pa.Table, keys: list[str]) -> list[dict]:
-    if not table.num_rows:
-        return []
-    grouped = table.group_by(keys).aggregate([([], "count_all")]).rename_columns([*keys, "rows"])
-    return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
+class Dedup(FilterStage):
+    """The dedup stage on the stage contract: ``decide`` above, with embeddings kept for reuse."""
 
+    name = "dedup"
+    section = "dedup"
+    card_config = "deduplicated"
+    reasons = REASONS
 
-def run(location: RunLocation, spec: JobSpec, embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
-    """Deduplicate the run at ``location`` and write ``dedup/``; return the dedup manifest."""
-    started = time.perf_counter()
-    inputs = check_input(location)
-    rows = pa.concat_tables([location.read_table(path).replace_schema_metadata(None) for path in inputs])
-    rows = rows.sort_by("id")
-    location.delete(FOLDER)  # a stale, unfinished dedup of other settings must not mix in
-    result = decide(rows, embed_texts, spec)
-    kept, removed = result["kept"], result["removed"]
-    dim = result["embeddings"].shape[1]
-    embeddings = pa.Table.from_arrays(
-        [pa.array(result["embedded_ids"], pa.string()),
-         pa.FixedSizeListArray.from_arrays(result["embeddings"].ravel(), dim)],
-        schema=embeddings_schema(dim),
-    ).replace_schema_metadata({embed.EMBEDDING_MODEL_KEY: spec.dedup.model})
-    per_shard = spec.output.rows_per_shard
-    shards = {
-        "data": location.write_shards(f"{FOLDER}/data", kept, per_shard),
-        "removed": location.write_shards(f"{FOLDER}/removed", removed, per_shard),
-        "embeddings": location.write_shards(f"{FOLDER}/embeddings", embeddings, per_shard),
-    }
-    reasons = collections.Counter(removed["reason"].to_pylist())
-    dedup_manifest = {
-        "run_id": location.run_id,
-        "stage": "dedup",
-        "status": "complete",
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "output": location.uri(FOLDER),
-        "fingerprint": fingerprint(spec),
-        "settings": spec.dedup.model_dump(),
-        "rows": {"input": rows.num_rows, "kept": kept.num_rows, "removed": removed.num_rows},
-        "removed": {
-            "by_reason": {reason: reasons.get(reason, 0) for reason in REASONS},
-            "by_label_reason": _counts(removed, ["label", "reason"]),
-        },
-        "kept_by_label": _counts(kept, ["label"]),
-        "conflicts": {"policy": spec.dedup.conflicts, "pairs": result["conflict_pairs"], "rows_removed": reasons.get("conflict", 0)},
-        "embeddings": {"model": spec.dedup.model, "rows": embeddings.num_rows, "dim": dim},
-        "shards": shards,
-        "timings_s": {k: round(v, 3) for k, v in {**result["timings"], "total": time.perf_counter() - started}.items()},
-    }
-    manifest.write_card(location, spec, location.read_json("manifest.json"), dedup_manifest)
-    location.write_json(MANIFEST, dedup_manifest)
-    return dedup_manifest
+    def check(self, location: RunLocation) -> None:
+        embed.check_model(self.settings.model, "dedup.model")
+
+    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
+        settings = self.settings
+        placement = runtime.resolve_placement(settings, "dedup")
+        log.info("dedup: %d rows with %s on %s", rows.num_rows, settings.model, placement.device)
+        result = decide(rows, lambda texts: embed.embed(texts, settings.model, placement, settings.batch_size), self.spec)
+        dim = result["embeddings"].shape[1]
+        embeddings = pa.Table.from_arrays(
+            [pa.array(result["embedded_ids"], pa.string()),
+             pa.FixedSizeListArray.from_arrays(result["embeddings"].ravel(), dim)],
+            schema=embeddings_schema(dim),
+        ).replace_schema_metadata({embed.EMBEDDING_MODEL_KEY: settings.model})
+        removed = result["removed"]
+        return Decision(
+            kept=result["kept"],
+            removed=removed,
+            fields={
+                "conflicts": {"policy": settings.conflicts, "pairs": result["conflict_pairs"],
+                              "rows_removed": removed["reason"].to_pylist().count("conflict")},
+                "embeddings": {"model": settings.model, "rows": embeddings.num_rows, "dim": dim},
+            },
+            shards={"embeddings": ctx.location.write_shards(
+                self.data_path("embeddings"), embeddings, self.spec.output.rows_per_shard)},
+            timings=result["timings"],
+        )
+
+    def describe(self, manifest: dict) -> str:
+        return f"{super().describe(manifest)} at cosine {manifest['settings']['threshold']} with `{manifest['settings']['model']}`"

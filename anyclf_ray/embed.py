@@ -57,12 +57,12 @@ def checkpoint_folder(checkpoint: ray.train.Checkpoint) -> tempfile.TemporaryDir
     return scratch
 
 
-def check_model(reference: str, section: str) -> None:
-    """ConfigError naming ``section``.model unless the model can be loaded from here."""
+def check_model(reference: str, field: str) -> None:
+    """ConfigError naming the spec ``field`` unless the model can be loaded from here."""
     try:
         models.check_available(reference)
     except ValueError as error:
-        raise ConfigError(f"{section}.model: {error}") from None
+        raise ConfigError(f"{field}: {error}") from None
 
 
 def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement, batch_size: int) -> np.ndarray:

@@ -8,39 +8,48 @@ precision, recall, F1 and support, the confusion matrix) and ``eval/confusion-<s
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv
+import pyarrow.fs as pafs
 import pyarrow.json
 import pyarrow.parquet as pq
 
+from anyclf_ray import storage
 from anyclf_ray.config import ConfigError, EvalSetSpec
 
-READERS = {".parquet": pq.read_table, ".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json,
-           ".json": pyarrow.json.read_json}
+# Each reader takes a file opened on its filesystem, local or S3.
+READERS = {"parquet": pq.read_table, "csv": pyarrow.csv.read_csv, "jsonl": pyarrow.json.read_json,
+           "json": pyarrow.json.read_json}
+
+
+def _read_datasets_folder(path: str) -> pa.Table:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"train.eval_set.path: {path} is not a `datasets` folder ({error})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["test"] if "test" in loaded else next(iter(loaded.values()))
+    return loaded.data.table
 
 
 def _read(path: str) -> pa.Table:
-    source = Path(path).expanduser()
-    if source.is_dir():  # a `datasets` folder saved with save_to_disk
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(source))
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"train.eval_set.path: {path} is not a `datasets` folder ({error})") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded["test"] if "test" in loaded else next(iter(loaded.values()))
-        return loaded.data.table
-    reader = READERS.get(source.suffix.lower())
+    """The eval set at ``path``: a local or ``s3://`` file, or a local ``datasets`` folder."""
+    filesystem, resolved = storage.resolve(path)
+    kind = filesystem.get_file_info(resolved).type
+    if kind == pafs.FileType.Directory and isinstance(filesystem, pafs.LocalFileSystem):
+        return _read_datasets_folder(resolved)
+    reader = READERS.get(resolved.rsplit(".", 1)[-1].lower() if "." in resolved.rsplit("/", 1)[-1] else "")
     if reader is None:
-        raise ConfigError(f"train.eval_set.path: {path}: use a .parquet, .csv or .jsonl file or a `datasets` folder")
-    if not source.is_file():
+        raise ConfigError(f"train.eval_set.path: {path}: use a .parquet, .csv or .jsonl file or a local `datasets` folder")
+    if kind != pafs.FileType.File:
         raise ConfigError(f"train.eval_set.path: {path}: no such file")
     try:
-        return reader(str(source))
+        with filesystem.open_input_file(resolved) as stream:
+            return reader(stream)
     except (pa.ArrowInvalid, OSError) as error:
         raise ConfigError(f"train.eval_set.path: cannot read {path} ({str(error).splitlines()[0]})") from None
 

@@ -1,9 +1,10 @@
-"""Generation stage: every (language, leaf, sample) becomes one labelled example.
+"""Generation stage: the tree, then every (language, leaf, sample) as one labelled example.
 
-In: a ``JobSpec``, the tree and the run's location. Out: Parquet parts ``data/part-*.parquet``
+In: a ``JobSpec`` and the run's engine pool. Out, at the run's root: ``spec.json`` (what the run
+id means), ``tree.parquet`` (``tree.py``), Parquet parts ``data/part-*.parquet``
 (``EXAMPLE_SCHEMA``) and, for requests that failed after their retries,
 ``failures/part-*.parquet`` (``plan.FAILURE_SCHEMA``), written by Ray Data write tasks while the
-LLM answers stream out of the vLLM replicas.
+answers stream out of the engine pool; then the dataset card and ``manifest.json``, last.
 
 A part is committed when its data file lands (atomically, after its failures file). Its footer
 names the requests it answered and the tokens they cost, so a re-run of the same run id skips
@@ -14,15 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import llm, plan
-from anyclf_ray.config import JobSpec
+from anyclf_ray import engine, manifest, plan, tree
+from anyclf_ray.config import ConfigError, JobSpec
+from anyclf_ray.pool import EnginePool
+from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
 
 log = logging.getLogger(__name__)
@@ -99,7 +104,7 @@ class ShardSink(Datasink):
         failures = failures_from(results)
         if failures.num_rows:
             self.location.write_table(f"failures/{name}", failures)
-        part = {**llm.usage(results), "request_ids": results["request_id"].to_pylist()}
+        part = {**engine.usage(results), "request_ids": results["request_id"].to_pylist()}
         examples = examples_from(results, self.model_name)
         examples = examples.replace_schema_metadata({PART_METADATA_KEY: json.dumps(part)})
         self.location.write_table(f"data/{name}", examples)  # the commit point of this part
@@ -113,15 +118,109 @@ def committed_parts(location: RunLocation) -> dict[str, dict]:
     }
 
 
-def run(spec: JobSpec, tree: pa.Table, location: RunLocation) -> None:
+def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool) -> None:
     """Generate every example not already in a committed part of this run."""
     done = {rid for part in committed_parts(location).values() for rid in part["request_ids"]}
-    requests = [r for r in plan.generation_requests(spec, tree) if r["request_id"] not in done]
+    requests = [r for r in plan.generation_requests(spec, tree_table) if r["request_id"] not in done]
     log.info("generate: %d request(s) to run, %d already committed", len(requests), len(done))
     if not requests:
         return
-    per_part = max(1, spec.output.rows_per_shard // spec.engine.examples_per_request)
-    dataset = llm.generate(llm.requests_dataset(requests, spec.engine), spec.model, spec.engine)
-    dataset.write_datasink(
-        ShardSink(location, spec.model.name, per_part), ray_remote_args={"num_cpus": WRITE_TASK_CPUS}
-    )
+    per_part = max(1, spec.output.rows_per_shard // spec.sampling.examples_per_request)
+    answers = pool.answer(pool.requests_dataset(pa.Table.from_pylist(requests)), "generate", stop_early=True)
+    sink = ShardSink(location, spec.model.name, per_part)
+    pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}))
+
+
+def user_tree(spec: JobSpec) -> pa.Table:
+    """A tree Parquet named by ``tree_path``, checked against the spec's labels."""
+    try:
+        table = pq.read_table(spec.tree_path)
+    except (OSError, pa.ArrowInvalid) as error:
+        raise ConfigError(f"tree_path: cannot read {spec.tree_path!r} as Parquet ({error})") from None
+    missing = [name for name in plan.TREE_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ConfigError(f"tree_path: column {missing[0]!r} is missing; a tree has {plan.TREE_SCHEMA.names}")
+    table = table.select(plan.TREE_SCHEMA.names).cast(plan.TREE_SCHEMA)
+    unknown = set(table.column("label").to_pylist()) - {label.id for label in spec.labels}
+    if unknown:
+        raise ConfigError(f"tree_path: label {sorted(unknown)[0]!r} is not among the spec's label ids")
+    return table
+
+
+class Generate(Stage):
+    """The first stage: it has no input, writes at the run's root, and resumes rather than redoes."""
+
+    name = "generate"
+    uses_llm = True
+    card_config = "default"
+    folder = ""
+    manifest_path = "manifest.json"
+    clears = ()
+
+    @classmethod
+    def enabled(cls, spec: JobSpec) -> bool:
+        return True
+
+    @property
+    def settings(self) -> JobSpec:
+        return self.spec
+
+    def data_path(self, shard: str) -> str:
+        return shard
+
+    def fingerprint(self, upstream: str | None) -> str:
+        return self.spec.fingerprint()  # the run id's default is derived from it
+
+    def check(self, location: RunLocation) -> None:
+        """The user's tree, and that the run id is free or holds this very spec."""
+        self.tree = user_tree(self.spec) if self.spec.tree_path else None
+        if location.exists("spec.json") and location.read_json("spec.json")["fingerprint"] != self.spec.fingerprint():
+            raise ConfigError(
+                f"run_id: {location.run_id!r} already holds a run of a different spec; "
+                "use a new run_id (or the same spec to resume it)"
+            )
+
+    def _tree(self, ctx: Context) -> pa.Table:
+        location = ctx.location
+        if location.exists(manifest.TREE_FILE):
+            log.info("tree: reusing the committed tree of this run")
+            return location.read_table(manifest.TREE_FILE)
+        if self.tree is not None:
+            table, failures, usage = self.tree, [], dict.fromkeys(engine.USAGE_KEYS, 0)
+        else:
+            table, failures, usage = tree.expand(self.spec, ctx.engines())
+        if failures:
+            location.write_table(manifest.TREE_FAILURES_FILE, pa.Table.from_pylist(failures, schema=plan.FAILURE_SCHEMA))
+        table = table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps(usage)})
+        location.write_table(manifest.TREE_FILE, table)
+        return table
+
+    def execute(self, ctx: Context, upstream: None) -> dict:
+        location, spec = ctx.location, self.spec
+        if not location.exists("spec.json"):  # pin the run id to this spec before any work
+            location.write_json("spec.json", {"fingerprint": spec.fingerprint(), "spec": spec.model_dump()})
+        timings = {}
+        started = time.perf_counter()
+        tree_table = self._tree(ctx)
+        timings["tree"] = time.perf_counter() - started
+        started = time.perf_counter()
+        run(spec, tree_table, location, ctx.engines())
+        timings["generate"] = time.perf_counter() - started
+        summary = manifest.summarise(location, spec, tree_table, committed_parts(location))
+        return {
+            "status": "complete" if summary["rows"]["missing"] == 0 else "incomplete",
+            "output": location.uri(),
+            "sizes": spec.sizes(),
+            "versions": manifest.versions(),
+            **summary,
+            "engine": ctx.engine_figures(),
+            "timings_s": timings,
+        }
+
+    def describe(self, found: dict) -> str:
+        rows, failures = found["rows"], found["failures"]
+        return (
+            f"generate {found['status']}: {rows['written']} of {rows['expected']} rows at {found['output']} "
+            f"({failures['requests']} failed request(s), {failures['rows_lost']} rows lost; "
+            f"{found['engine']['starts']} engine start(s))"
+        )

@@ -1,21 +1,19 @@
-"""Finalise a run: the manifest and the dataset card, written last.
+"""What a run's generation committed, and the dataset card of the whole run.
 
-In: the run's location (its committed tree and parts), the spec and the stage timings. Out:
-``README.md`` (a Hugging Face dataset card whose YAML header points ``datasets`` at the shards)
-and then ``manifest.json``: config, package versions, counts per label and language, failures,
-tokens, timings and the list of shards. The manifest is the run's completion mark, so it is
-always the last file written.
+In: the run's location (its committed tree and parts) and the spec; for the card, the finished
+stages with their manifests. Out: ``summarise``, the generation's counts per label and language,
+failures, tokens and shards (for its manifest); ``card``, ``README.md``, a Hugging Face dataset
+card whose YAML header gives ``datasets`` one config per stage that wrote rows.
 """
 
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import json
 
 import pyarrow as pa
 
-from anyclf_ray import generate, llm, plan
+from anyclf_ray import engine, plan
 from anyclf_ray.config import JobSpec
 from anyclf_ray.storage import RunLocation
 
@@ -35,16 +33,19 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _counts(table: pa.Table, keys: list[str]) -> list[dict]:
+def counts(table: pa.Table, keys: list[str]) -> list[dict]:
+    """Rows per combination of ``keys``, sorted."""
+    if not table.num_rows:
+        return []
     grouped = table.group_by(keys).aggregate([([], "count_all")]).rename_columns([*keys, "rows"])
     return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
 
 
-def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table) -> dict:
-    """Counts, failures and usage of the run as committed at ``location``."""
-    parts = generate.committed_parts(location)
+def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[str, dict]) -> dict:
+    """Counts, failures and usage of the generation as committed at ``location`` (``parts``:
+    the committed data parts with their footer metadata)."""
     written = pa.concat_tables(
-        [generate.EXAMPLE_SCHEMA.empty_table().select(["label", "language"])]
+        [pa.schema([("label", pa.string()), ("language", pa.string())]).empty_table()]
         + [location.read_table(path, columns=["label", "language"]) for path in parts]
     )
     failure_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
@@ -53,49 +54,44 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table) -> dict:
     failure_files += [path for path in paired if location.exists(path)]
     failures = pa.concat_tables([plan.FAILURE_SCHEMA.empty_table()] + [location.read_table(p) for p in failure_files])
     tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
-    usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in llm.USAGE_KEYS}
+    usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in engine.USAGE_KEYS}
     expected = plan.expected_rows(spec, tree)
     return {
         "rows": {"expected": expected, "written": written.num_rows, "missing": expected - written.num_rows},
         "counts": {
-            "by_label": _counts(written, ["label"]),
-            "by_language": _counts(written, ["language"]),
-            "by_label_language": _counts(written, ["label", "language"]),
+            "by_label": counts(written, ["label"]),
+            "by_language": counts(written, ["language"]),
+            "by_label_language": counts(written, ["label", "language"]),
         },
         "failures": {
             "requests": failures.num_rows,
             "rows_lost": sum(failures["rows_lost"].to_pylist()),
-            "by_stage": _counts(failures, ["stage"]) if failures.num_rows else [],
+            "by_stage": counts(failures, ["stage"]),
             "files": failure_files,
         },
         "llm": usage,
-        "shards": sorted(parts),
+        "shards": {"data": sorted(parts)},
     }
 
 
-def card(spec: JobSpec, run_id: str, summary: dict, dedup: dict | None = None) -> str:
-    """A dataset card; its YAML header makes ``load_dataset(<run folder>)`` find the shards.
+def card(spec: JobSpec, run_id: str, stages: list) -> str:
+    """A dataset card for the finished ``stages`` (``(stage, manifest)`` pairs, generation first).
 
-    After the dedup stage the card gains a ``deduplicated`` config: ``load_dataset(<run folder>,
-    "deduplicated")`` reads the kept rows.
+    Its YAML header makes ``load_dataset(<run folder>)`` read the generated rows and
+    ``load_dataset(<run folder>, <config>)`` the rows a later stage kept (``deduplicated``...).
     """
+    (_, summary), *later = [(stage, found) for stage, found in stages if stage.card_config]
     by_label = {row["label"]: row["rows"] for row in summary["counts"]["by_label"]}
     label_rows = "\n".join(
         f"| `{label.id}` | {label.desc} | {by_label.get(label.id, 0)} |" for label in spec.labels
     )
     sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes().items())
-    configs = [("default", "data/*.parquet")]
-    dedup_line = ""
-    if dedup:
-        configs.append(("deduplicated", "dedup/data/*.parquet"))
-        removed = ", ".join(f"{n} {reason}" for reason, n in dedup["removed"]["by_reason"].items())
-        dedup_line = (
-            f"- Deduplicated (`deduplicated` config, `dedup/`): {dedup['rows']['kept']} rows kept, "
-            f"{dedup['rows']['removed']} removed ({removed}) at cosine {dedup['settings']['threshold']}"
-            f" with `{dedup['settings']['model']}`; `dedup/removed/` says why for each row\n"
-        )
+    configs = [(stage.card_config, stage.data_path("data/*.parquet")) for stage, _ in stages if stage.card_config]
     config_yaml = "".join(
         f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {path}\n" for name, path in configs
+    )
+    stage_lines = "".join(
+        f"- `{stage.card_config}` config (`{stage.folder}/`): {stage.describe(found)}\n" for stage, found in later
     )
     return f"""---
 configs:
@@ -117,39 +113,16 @@ subtopics, then examples per leaf.
 - Tree sizes: {sizes}
 - Rows: {summary["rows"]["written"]} of {summary["rows"]["expected"]} planned
   ({summary["failures"]["requests"]} LLM request(s) failed after retries; see `failures/`)
-{dedup_line}
+{stage_lines}
 | label | name | rows |
 |---|---|---|
 {label_rows}
 
 Columns: `id` (stable: leaf and sample index), `text`, `label` (the label id), `label_name`,
 `language`, `source_type`, `topic`, `subtopic`, `leaf_id`, `sample_index`, `model`.
-`tree.parquet` holds the taxonomy; `manifest.json` the config, versions, counts and timings.
+`tree.parquet` holds the taxonomy; `manifest.json` the config, versions, counts and timings;
+each later stage's folder its own `manifest.json` and, in `removed/`, every row it removed and why.
 
 Every text here was written by a language model: check it before trusting it, and do not
 present it as human-written.
 """
-
-
-def write_card(location: RunLocation, spec: JobSpec, summary: dict, dedup: dict | None = None) -> None:
-    location.write_bytes("README.md", card(spec, location.run_id, summary, dedup).encode())
-
-
-def write(location: RunLocation, spec: JobSpec, tree: pa.Table, timings: dict[str, float]) -> dict:
-    """Write the card, then the manifest (last); return the manifest."""
-    summary = summarise(location, spec, tree)
-    write_card(location, spec, summary)
-    manifest = {
-        "run_id": location.run_id,
-        "status": "complete" if summary["rows"]["missing"] == 0 else "incomplete",
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "output": location.uri(),
-        "config": spec.model_dump(),
-        "fingerprint": spec.fingerprint(),
-        "sizes": spec.sizes(),
-        "versions": versions(),
-        **summary,
-        "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
-    }
-    location.write_json("manifest.json", manifest)
-    return manifest

@@ -16,7 +16,7 @@ import json
 import pyarrow as pa
 
 from anyclf_ray import prompts
-from anyclf_ray.config import JobSpec, language_name
+from anyclf_ray.config import JobSpec, answer_tokens, language_name
 
 TREE_SCHEMA = pa.schema(
     [
@@ -76,7 +76,7 @@ def failure_record(result: dict, rows_lost: int) -> dict:
 # -- tree requests ---------------------------------------------------------------------------
 
 
-def _request(stage: str, request_id: str, prompt: str, n_items: int, max_chars: int, **key) -> dict:
+def _request(stage: str, request_id: str, prompt: str, n_items: int, max_chars: int, max_tokens: int, **key) -> dict:
     return {
         "stage": stage,
         "request_id": request_id,
@@ -84,6 +84,7 @@ def _request(stage: str, request_id: str, prompt: str, n_items: int, max_chars: 
         "item_key": prompts.ITEM_KEY[stage],
         "n_items": n_items,
         "max_chars": max_chars,
+        "max_tokens": max_tokens,
         **key,
     }
 
@@ -101,11 +102,15 @@ SIZE_OF_LEVEL = {"source_type": "n_source_type", "topic": "n_topic", "subtopic":
 def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict]:
     """One request per node of ``level`` whose parent has text: it asks for the node's children.
 
-    ``tree_rows`` is the tree so far (``full_tree`` rows, filled level by level).
+    ``tree_rows`` is the tree so far (``full_tree`` rows, filled level by level). A tree answer's
+    token budget grows past ``sampling.max_tokens`` when ``n`` items of ``max_item_chars`` need
+    more: tree passes are few and short, and a level cut off would cost its whole subtree.
     """
     keys = NODE_KEYS[level]
     parent = TREE_LEVELS[TREE_LEVELS.index(level) - 1] if keys else None
     n = spec.sizes()[SIZE_OF_LEVEL[level]]
+    max_chars = spec.sampling.max_item_chars
+    max_tokens = max(spec.sampling.max_tokens, answer_tokens(n, prompts.ITEM_KEY[level], max_chars, spec.languages))
     nodes = {}
     for row in tree_rows:
         if parent is None or row[parent] is not None:
@@ -119,7 +124,8 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
                 label=row["label_name"], source_type=row["source_type"], topic=row["topic"],
             ),
             n,
-            spec.engine.max_item_chars,
+            max_chars,
+            max_tokens,
             **dict(zip(keys, node)),
         )
         for node, row in nodes.items()
@@ -172,7 +178,8 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> list[list[int]]:
 def generation_requests(spec: JobSpec, tree: pa.Table) -> list[dict]:
     """One request per chunk of at most ``examples_per_request`` samples of each complete leaf."""
     counts = samples_per_leaf(spec, tree)
-    per_request = spec.engine.examples_per_request
+    per_request = spec.sampling.examples_per_request
+    max_chars = spec.sampling.text_chars(spec.languages)
     leaves = tree.to_pylist()
     requests = []
     for lang_index, language in enumerate(spec.languages):
@@ -190,8 +197,8 @@ def generation_requests(spec: JobSpec, tree: pa.Table) -> list[dict]:
                 )
                 requests.append(
                     _request(
-                        "generate", stable_id("generate", this_leaf, first), prompt, n,
-                        spec.engine.max_text_chars, language=language, leaf_id=this_leaf,
+                        "generate", stable_id("generate", this_leaf, first), prompt, n, max_chars,
+                        spec.sampling.max_tokens, language=language, leaf_id=this_leaf,
                         first_sample=first, **leaf,
                     )
                 )

@@ -27,22 +27,22 @@ READERS = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": 
 MANIFEST = "_manifest.json"  # Parquet readers skip files named with a leading underscore
 
 
-def local_model(filesystem: pafs.FileSystem, root: str) -> str:
-    """A local folder holding the model at ``root``, fetched first when it is remote."""
+def load_model(filesystem: pafs.FileSystem, root: str, device: str):
+    """The SetFit model at ``root``; a remote one is fetched into a temporary folder, removed once loaded."""
+    from setfit import SetFitModel
+
     if isinstance(filesystem, pafs.LocalFileSystem):
-        return root
-    folder = tempfile.mkdtemp(prefix="anyclf-model-")
-    pafs.copy_files(root, folder, source_filesystem=filesystem)
-    return folder
+        return SetFitModel.from_pretrained(root, device=device)
+    with tempfile.TemporaryDirectory(prefix="anyclf-model-") as folder:
+        pafs.copy_files(root, folder, source_filesystem=filesystem)
+        return SetFitModel.from_pretrained(folder, device=device)
 
 
 class Predictor:
     """Ray Data callable class: a batch with ``text_column`` → the batch with predictions."""
 
     def __init__(self, model_location: tuple[pafs.FileSystem, str], text_column: str, device: str):
-        from setfit import SetFitModel
-
-        self.model = SetFitModel.from_pretrained(local_model(*model_location), device=device)
+        self.model = load_model(*model_location, device=device)
         self.labels = self.model.labels
         self.text_column = text_column
 

@@ -8,30 +8,50 @@ from __future__ import annotations
 
 import logging
 import os
-
-import ray
-
 from typing import TypeVar
 
 import pyarrow as pa
+import ray
 
-from anyclf_ray.config import ActorPlacement, ConfigError
+from anyclf_ray.config import ActorPlacement, ConfigError, EngineSpec
 
 Placement = TypeVar("Placement", bound=ActorPlacement)
 
 log = logging.getLogger(__name__)
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, verbose: bool = False) -> None:
+    """Join the cluster at ``address`` (or the one ``ray start`` left on this machine), else
+    start an embedded Ray; say which. Worker and engine logs reach the console only if ``verbose``."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if not verbose:  # Ray Data's per-dataset start/plan/finish lines; its progress stays
+        for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    # The address ray.init() itself would join: given, RAY_ADDRESS, or a local `ray start` cluster.
+    found = canonicalize_bootstrap_address(address or os.environ.get("RAY_ADDRESS"))
+    if found:
+        ray.init(address=found, log_to_driver=verbose)
+        log.info("joined the Ray cluster at %s (%g CPUs, %g GPUs)", found, *_cores())
     else:
-        log.info("starting an embedded local Ray")
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, log_to_driver=verbose)
+        log.info("started an embedded local Ray (%g CPUs, %g GPUs)", *_cores())
+    log.info("engine and worker logs: %s", logs_folder())
+
+
+def _cores() -> tuple[float, float]:
+    resources = ray.cluster_resources()
+    return resources.get("CPU", 0), resources.get("GPU", 0)
+
+
+def logs_folder() -> str:
+    """This driver's Ray session log folder, where engine and worker output goes."""
+    from ray._private.worker import _global_node
+
+    return _global_node.get_logs_dir_path() if _global_node else "ray logs (see `ray job logs`)"
 
 
 def require(unit: str, need: float, field: str, what: str, fix: str) -> None:
@@ -53,6 +73,17 @@ def resolve_placement(placement: Placement, section: str) -> Placement:
         f"lower {section}.replicas (or cpus_per_replica / tensor_parallel_size) or add nodes",
     )
     return placement.model_copy(update={"device": device})
+
+
+def resolve_engine(engine: EngineSpec) -> EngineSpec:
+    """``resolve_placement`` for the LLM engines, plus their CPU threads when not given: the
+    cluster's cores divided among the replicas, at most one node's (see ``EngineSpec.threads``)."""
+    engine = resolve_placement(engine, "engine")
+    if engine.threads is not None or engine.device != "cpu":
+        return engine
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    share = int(ray.cluster_resources().get("CPU", 1) // engine.replicas)
+    return engine.model_copy(update={"threads": max(1, int(engine.cpus_per_replica), min(int(node_cpus), share))})
 
 
 def actor_options(placement: ActorPlacement) -> dict:

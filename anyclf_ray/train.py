@@ -1,9 +1,9 @@
-"""Training stage: SetFit's recipe, with the contrastive phase on Ray Train.
+"""Training stage: SetFit's recipe, with the contrastive phase on Ray Train, then evaluation.
 
-In: a run's training rows (``dedup/data`` when the dedup stage ran, else ``data``) and the
-spec's ``train`` section. Out: a ``SetFitModel`` (body fine-tuned, logistic-regression head),
-saved under ``<run>/model/`` in SetFit's format with a model card, and the embeddings of the
-evaluation texts for ``evaluate.py``.
+In: the rows the stage before it committed (``dedup/data`` after dedup, else the generated
+``data``) and the spec's ``train`` section. Out: a ``SetFitModel`` (body fine-tuned,
+logistic-regression head) under ``<run>/model/`` in SetFit's format with a model card;
+``eval/metrics.json`` and confusion PNGs (``evaluate.py``); ``train/manifest.json``, last.
 
 1. **Split.** A ``test_size`` share of rows is held out by a hash of the row id, so the split is
    the same on every re-run and independent of shard order.
@@ -29,17 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
-from anyclf_ray import dedup, embed, runtime
+from anyclf_ray import embed, evaluate, runtime
 from anyclf_ray.config import ActorPlacement, ConfigError, JobSpec, TrainSpec
+from anyclf_ray.stage import Context, Stage, read_rows
 from anyclf_ray.storage import RunLocation
 
 log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
 MODEL_FOLDER = "model"
-MANIFEST = "train/manifest.json"
 
 
 def is_held_out(row_id: str, test_size: float) -> bool:
@@ -47,24 +48,9 @@ def is_held_out(row_id: str, test_size: float) -> bool:
     return int.from_bytes(digest, "big") % SPLIT_BUCKETS < test_size * SPLIT_BUCKETS
 
 
-def training_rows(location: RunLocation, spec: JobSpec) -> tuple[pa.Table, str]:
-    """The rows to learn from (id, text, label) and which stage they come from."""
-    if spec.dedup.enabled and location.exists(dedup.MANIFEST):
-        source, shards = "dedup", location.read_json(dedup.MANIFEST)["shards"]["data"]
-    elif location.exists("manifest.json"):
-        source, shards = "generate", location.read_json("manifest.json")["shards"]
-    else:
-        raise ConfigError(
-            f"run_id: no generated data at {location.uri()}; run `anyclf-ray generate` (or `run`) first"
-        )
-    tables = [location.read_table(s, columns=["id", "text", "label"]).replace_schema_metadata(None) for s in shards]
-    empty = pa.schema([("id", pa.string()), ("text", pa.string()), ("label", pa.string())]).empty_table()
-    return pa.concat_tables([empty, *tables]).sort_by("id"), source
-
-
 def split(rows: pa.Table, settings: TrainSpec) -> tuple[pa.Table, pa.Table]:
     held_out = pa.array([is_held_out(i, settings.test_size) for i in rows["id"].to_pylist()], pa.bool_())
-    return rows.filter(pa.compute.invert(held_out)), rows.filter(held_out)
+    return rows.filter(pc.invert(held_out)), rows.filter(held_out)
 
 
 def check_labels(train_rows: pa.Table, spec: JobSpec) -> None:
@@ -217,26 +203,24 @@ def _loadable(reference: str) -> str:
     return models.resolve_embedder(reference)
 
 
-def reusable_embeddings(location: RunLocation, spec: JobSpec, ids: list[str]) -> np.ndarray | None:
-    """The dedup stage's embeddings of ``ids``, when they are what the head would compute anyway.
-
-    That is when the body is not fine-tuned and is the model dedup embedded with.
-    """
-    settings = spec.train
-    if settings.num_iterations or not location.exists(dedup.MANIFEST):
+def reusable_embeddings(location: RunLocation, finished: list[dict], settings: TrainSpec, ids: list[str]) -> np.ndarray | None:
+    """Embeddings of ``ids`` a finished stage kept (dedup's), when they are what the head would
+    compute anyway: the body is not fine-tuned and is the model that stage embedded with."""
+    if settings.num_iterations:
         return None
-    done = location.read_json(dedup.MANIFEST)
-    if done["settings"]["model"] != settings.base_model:
-        return None
-    table = pa.concat_tables([location.read_table(s) for s in done["shards"]["embeddings"]])
-    index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
-    if not all(i in index for i in ids):
-        return None
-    vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-    return vectors[[index[i] for i in ids]]
+    for found in finished:
+        if found.get("embeddings", {}).get("model") != settings.base_model:
+            continue
+        table = pa.concat_tables([location.read_table(s) for s in found["shards"]["embeddings"]])
+        index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
+        if all(i in index for i in ids):
+            vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+            return vectors[[index[i] for i in ids]]
+    return None
 
 
-def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts: list[str], run_name: str) -> dict:
+def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts: list[str], run_name: str,
+        finished: list[dict] = ()) -> dict:
     """Fine-tune, embed and fit the head. Returns the SetFit model, the embeddings of
     ``other_texts`` (for evaluation) and training figures."""
     from setfit import SetFitModel
@@ -256,7 +240,7 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts:
     timings["contrastive"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    reused = reusable_embeddings(location, spec, train_rows["id"].to_pylist())
+    reused = reusable_embeddings(location, list(finished), settings, train_rows["id"].to_pylist())
     figures["reused_dedup_embeddings"] = reused is not None
     to_embed = other_texts if reused is not None else texts + other_texts
     vectors = (
@@ -299,7 +283,7 @@ tags:
 A SetFit classifier for: {spec.instruction}
 
 It was trained by anyclf-ray on synthetic data written by `{spec.model.name}` (run `{run_id}`,
-{"deduplicated rows" if source == "dedup" else "all generated rows"}; {figures["train_rows"]} training rows,
+the rows its `{source}` stage committed; {figures["train_rows"]} training rows,
 held-out share {settings.test_size}). Body: `{settings.base_model}`, fine-tuned contrastively on
 {figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: logistic regression.
 
@@ -331,3 +315,62 @@ def save(location: RunLocation, model, card: str) -> list[str]:
         for path in files:
             location.write_bytes(f"{MODEL_FOLDER}/{path.relative_to(folder)}", path.read_bytes())
     return [f"{MODEL_FOLDER}/{p.relative_to(folder)}" for p in files]
+
+
+class Train(Stage):
+    """Training and evaluation on the stage contract: its input is whatever the last stage kept."""
+
+    name = "train"
+    section = "train"
+    clears = (MODEL_FOLDER, "eval", "train")
+
+    def check(self, location: RunLocation) -> None:
+        """Labels, body and eval set, before any engine starts (the rows are checked once they exist)."""
+        if len(self.spec.labels) < 2:
+            raise ConfigError(
+                f"labels: training needs at least 2 labels and the spec has {len(self.spec.labels)}; "
+                "add a label or set train.enabled: false"
+            )
+        embed.check_model(self.settings.base_model, "train.base_model")
+        label_ids = [label.id for label in self.spec.labels]
+        eval_set = self.settings.eval_set
+        self.real = evaluate.load_eval_set(eval_set, label_ids) if eval_set else None
+
+    def execute(self, ctx: Context, upstream: dict) -> dict:
+        spec, settings, location = self.spec, self.settings, ctx.location
+        label_ids = [label.id for label in spec.labels]
+        rows = read_rows(location, upstream["shards"]["data"], columns=["id", "text", "label"])
+        train_rows, held_out = split(rows, settings)
+        check_labels(train_rows, spec)
+        check_workers(settings)
+        splits = {"held_out": (held_out["text"].to_pylist(), held_out["label"].to_pylist())}
+        if self.real:
+            splits["eval_set"] = self.real
+        texts = [text for split_texts, _ in splits.values() for text in split_texts]
+        finished = [found for _, found in ctx.finished]
+        fingerprint = self.fingerprint(upstream["fingerprint"])
+        result = fit(location, spec, train_rows, texts, run_name=f"train-{fingerprint}", finished=finished)
+        head, vectors, evaluation, offset = result["model"].model_head, result["other_vectors"], {}, 0
+        for name, (split_texts, truth) in splits.items():
+            if not split_texts:
+                continue
+            predicted = [label_ids[i] for i in head.predict(vectors[offset : offset + len(split_texts)])]
+            offset += len(split_texts)
+            evaluation[name] = evaluate.metrics(truth, predicted, label_ids)
+            location.write_bytes(f"eval/confusion-{name}.png", evaluate.confusion_png(evaluation[name], name))
+        location.write_json("eval/metrics.json", evaluation)
+        card = model_card(spec, location.run_id, upstream["stage"], result["figures"], evaluation)
+        return {
+            "data": {"source": upstream["stage"], "rows": rows.num_rows, "train_rows": train_rows.num_rows,
+                     "held_out_rows": held_out.num_rows, "eval_set_rows": len(self.real[0]) if self.real else 0},
+            "model": location.uri(MODEL_FOLDER),
+            "files": save(location, result["model"], card),
+            "figures": result["figures"],
+            "metrics": evaluation,
+            "timings_s": result["timings"],
+        }
+
+    def describe(self, found: dict) -> str:
+        scores = ", ".join(f"{split} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}"
+                           for split, m in found["metrics"].items())
+        return f"trained on {found['data']['train_rows']} rows: {found['model']} ({scores or 'no evaluation rows'})"

@@ -1,9 +1,10 @@
-"""Tree stage: expand the instruction into source types, topics and subtopics.
+"""Tree stage step: expand the instruction into source types, topics and subtopics.
 
-In: a ``JobSpec``. Out: the tree, one row per planned (label, source type, topic, subtopic) leaf
-position (``plan.TREE_SCHEMA``), and failure records. Each level is one LLM pass over a Ray
-Dataset of that level's nodes. A node whose answer still fails after retries leaves its subtree's
-text null and is recorded with the number of examples it cost; its siblings go on.
+In: a ``JobSpec`` and the run's engine pool. Out: the tree, one row per planned (label, source
+type, topic, subtopic) leaf position (``plan.TREE_SCHEMA``), failure records and LLM usage.
+Each level is one pass of the pool over that level's nodes. A node whose answer still fails
+after retries leaves its subtree's text null and is recorded with the number of examples it
+cost; its siblings go on.
 """
 
 from __future__ import annotations
@@ -11,20 +12,14 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
-import ray
 
-from anyclf_ray import llm, plan
+from anyclf_ray import engine, plan
 from anyclf_ray.config import JobSpec
+from anyclf_ray.pool import EnginePool
 
 log = logging.getLogger(__name__)
 
 LEVEL_INDEX = {"source_type": "source_type_index", "topic": "topic_index", "subtopic": "subtopic_index"}
-
-
-def answer(requests: list[dict], spec: JobSpec) -> pa.Table:
-    """Run ``requests`` through the LLM stage and collect their results (small passes only)."""
-    dataset = llm.generate(llm.requests_dataset(requests, spec.engine), spec.model, spec.engine)
-    return pa.concat_tables(ray.get(dataset.to_arrow_refs()))
 
 
 def _fill_level(level: str, rows: list[dict], results: list[dict], rows_per_leaf: list[int]) -> list[dict]:
@@ -47,20 +42,20 @@ def _fill_level(level: str, rows: list[dict], results: list[dict], rows_per_leaf
     return failures
 
 
-def expand(spec: JobSpec) -> tuple[pa.Table, list[dict], dict[str, int]]:
+def expand(spec: JobSpec, pool: EnginePool) -> tuple[pa.Table, list[dict], dict[str, int]]:
     """Build the whole tree level by level; return it, the failures met and the LLM usage."""
     tree = plan.full_tree(spec)
     counts = plan.samples_per_leaf(spec, tree)
     rows_per_leaf = [sum(per_language) for per_language in zip(*counts)]
     rows = tree.to_pylist()
     failures: list[dict] = []
-    total = dict.fromkeys(llm.USAGE_KEYS, 0)
+    total = dict.fromkeys(engine.USAGE_KEYS, 0)
     for level in plan.TREE_LEVELS:
         requests = plan.tree_requests(level, spec, rows)
         if not requests:  # every parent failed: nothing left to expand
             break
         log.info("tree: expanding %d %s node(s)", len(requests), level)
-        results = answer(requests, spec)
+        results = pool.answer_table(pa.Table.from_pylist(requests), f"tree/{level}")
         failures += _fill_level(level, rows, results.to_pylist(), rows_per_leaf)
-        total = {key: total[key] + value for key, value in llm.usage(results).items()}
+        total = {key: total[key] + value for key, value in engine.usage(results).items()}
     return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA), failures, total

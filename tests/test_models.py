@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from anyclf_ray import config, models, plan, runtime, tree
+from anyclf_ray import config, models, pipeline, plan
 from conftest import tiny_raw
 
 
@@ -38,12 +39,12 @@ def test_smollm2_is_built_offline_and_answers_in_json(local_ray, tmp_path):
         tiny_raw(
             tmp_path, "smol",
             model={"name": "builtin:smollm2-135m-instruct", "dtype": "float32", "enforce_eager": True},
-            engine={"temperature": 0.6, "repetition_penalty": 1.05},
+            sampling={"temperature": 0.6, "repetition_penalty": 1.05},
         )
     )
-    spec = spec.model_copy(update={"engine": runtime.resolve_placement(spec.engine, "engine")})
     assert json.loads((Path(models.resolve(spec.model.name)) / "config.json").read_text())["model_type"] == "llama"
     requests = plan.tree_requests("source_type", spec, plan.full_tree(spec).to_pylist())
-    (result,) = tree.answer(requests, spec).to_pylist()
+    with pipeline.start_engines(spec) as pool:
+        (result,) = pool.answer_table(pa.Table.from_pylist(requests), "tree/source_type").to_pylist()
     assert result["ok"], result["error"]
     assert len(result["items"]) == 2 and all(item.strip() for item in result["items"])

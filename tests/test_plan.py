@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pyarrow as pa
 import pytest
 
-from anyclf_ray import config, llm, plan, prompts
+from anyclf_ray import config, plan, prompts
 from conftest import tiny_raw
 
 
@@ -59,7 +58,7 @@ def test_generation_requests_cover_every_sample_exactly_once(spec):
     requests = plan.generation_requests(spec, filled_tree(spec))
     samples = Counter()
     for request in requests:
-        assert request["n_items"] <= spec.engine.examples_per_request
+        assert request["n_items"] <= spec.sampling.examples_per_request
         for k in range(request["n_items"]):
             samples[(request["leaf_id"], request["first_sample"] + k)] += 1
     assert len(samples) == 2 * 2 * 8 * 3  # languages x labels x leaves x samples
@@ -102,28 +101,3 @@ def test_schema_asks_for_exactly_n_items():
     schema = prompts.items_schema("text", 3, 50)
     assert schema["minItems"] == schema["maxItems"] == 3
     assert schema["items"]["properties"]["text"] == {"type": "string", "minLength": 1, "maxLength": 50}
-
-
-@pytest.mark.parametrize(
-    "text, error",
-    [
-        ('[{"text": "a"}, {"text": "b"', "not valid JSON"),
-        ('{"text": "a"}', "not a JSON array"),
-        ('[{"text": "a"}]', "1 items, 2 asked for"),
-        ('[{"text": "a"}, {"other": "b"}]', "an item has no text under 'text'"),
-        ('[{"text": "a"}, {"text": " ,, "}]', "an item has no text under 'text'"),
-    ],
-)
-def test_parse_items_rejects_bad_answers(text, error):
-    with pytest.raises(ValueError, match=error):
-        llm.parse_items(text, "text", 2)
-
-
-def test_parse_items_keeps_order_and_strips():
-    assert llm.parse_items(json.dumps([{"text": " one "}, {"text": "two"}]), "text", 2) == ["one", "two"]
-
-
-def test_request_seeds_differ_per_attempt():
-    seeds = {llm.request_seed(0, "r", attempt) for attempt in range(5)}
-    assert len(seeds) == 5
-    assert llm.request_seed(0, "r", 0) == llm.request_seed(0, "r", 0)

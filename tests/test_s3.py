@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import io
+import os
+import tempfile
 
 import datasets
 import pyarrow.parquet as pq
@@ -30,7 +33,7 @@ def keys(s3_server, prefix: str) -> list[str]:
 
 def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
     spec = config.parse(s3_raw(s3_server, "s3-run"))
-    manifest = pipeline.run_generate(spec)
+    manifest = pipeline.run(spec, only="generate")["generate"]
     expected = 2 * 2 * 2 * 1 * 3
     assert manifest["status"] == "complete" and manifest["rows"]["written"] == expected
     assert manifest["output"] == "s3://anyclf/runs/s3-run"
@@ -39,7 +42,7 @@ def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model,
     assert {"runs/s3-run/manifest.json", "runs/s3-run/README.md", "runs/s3-run/tree.parquet",
             "runs/s3-run/spec.json"} <= set(stored)
     shards = [k for k in stored if k.startswith("runs/s3-run/data/")]
-    assert len(shards) == len(manifest["shards"]) >= 2
+    assert len(shards) == len(manifest["shards"]["data"]) >= 2
     assert not [k for k in stored if "/_tmp/" in k]
 
     location = RunLocation(spec.output, "s3-run")
@@ -74,9 +77,14 @@ def test_refused_credentials_are_reported(s3_server, monkeypatch, tmp_path, caps
 
 
 def test_dedup_training_and_prediction_on_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch, tmp_path):
-    train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8}
+    # The eval set is read from S3 too; like predict's paths, its endpoint comes from AWS_ENDPOINT_URL.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    s3_server["client"].put_object(Bucket="anyclf", Key="eval/real.csv", Body=b"text,label\nok then,neg\nfine,pos\n")
+    train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8,
+             "eval_set": {"path": "s3://anyclf/eval/real.csv"}}
     spec = config.parse({**s3_raw(s3_server, "s3-run"), "train": train})
-    stages = pipeline.run_all(spec)  # generation is reused when the round-trip test made it
+    stages = pipeline.run(spec)  # generation is reused when the round-trip test made it
+    assert stages["train"]["metrics"]["eval_set"]["rows"] == 2
     assert stages["dedup"]["rows"]["input"] == stages["generate"]["rows"]["written"]
     assert stages["train"]["data"]["rows"] == stages["dedup"]["rows"]["kept"]
     assert stages["train"]["model"] == "s3://anyclf/runs/s3-run/model"
@@ -85,14 +93,16 @@ def test_dedup_training_and_prediction_on_s3(s3_server, s3_credentials, local_ra
             "runs/s3-run/eval/metrics.json", "runs/s3-run/train/manifest.json"} <= stored
     assert not [k for k in stored if "/_tmp/" in k]
 
-    # Prediction fetches the model from S3; pyarrow finds the endpoint in AWS_ENDPOINT_URL.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    # Prediction fetches the model from S3 (into a temporary folder it removes once loaded).
+    fetched = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "anyclf-model-*")))  # noqa: E731
+    before = fetched()
     source = tmp_path / "input.jsonl"
     source.write_text("".join(f'{{"text": "message {i}"}}\n' for i in range(9)))
     code = cli.main(["predict", "--model", "s3://anyclf/runs/s3-run/model", "--input", str(source),
                      "--output", str(tmp_path / "out")])
     assert code == 0
     assert pq.read_table(tmp_path / "out").num_rows == 9
+    assert fetched() == before
 
     # The same, with the input and the predictions on S3 too.
     s3_server["client"].upload_file(str(source), "anyclf", "inputs/input.jsonl")

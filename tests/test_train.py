@@ -18,7 +18,7 @@ import pytest
 import ray.train
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, embed, pipeline, train
+from anyclf_ray import cli, config, embed, pipeline, stage, train
 from anyclf_ray.storage import RunLocation
 from conftest import tiny_raw, write_spec
 from test_dedup import write_generated
@@ -62,9 +62,8 @@ def trained(tmp_path_factory, local_ray, eval_csv):
     eval_set = {"path": str(eval_csv), "text_column": "review", "label_column": "kind",
                 "label_map": {"good": "pos", "bad": "neg"}}
     spec = config.parse(train_raw(output, "trained", eval_set=eval_set))
-    location = RunLocation(spec.output, "trained")
-    write_generated(location, reviews(80, seed=1))
-    return spec, location, pipeline.run_train(spec)
+    location = write_generated(spec, reviews(80, seed=1))
+    return spec, location, pipeline.run(spec, only="train")["train"]
 
 
 def test_model_trains_saves_and_reloads_in_setfit_format(trained):
@@ -80,12 +79,12 @@ def test_model_trains_saves_and_reloads_in_setfit_format(trained):
     card = open(location.path("model/README.md")).read()
     assert "library_name: setfit" in card and "base_model: builtin:all-minilm-l6-v2" in card
     assert "| `pos` | positive sentiment |" in card and "| held_out |" in card
-    assert location.read_json(train.MANIFEST) == manifest
+    assert location.read_json("train/manifest.json") == manifest
 
 
 def test_held_out_split_is_fixed_by_id(trained):
     spec, location, manifest = trained
-    rows, _ = train.training_rows(location, spec)
+    rows = stage.read_rows(location, location.read_json("manifest.json")["shards"]["data"], ["id", "text", "label"])
     _, held_out = train.split(rows, spec.train)
     assert held_out.num_rows == manifest["data"]["held_out_rows"]
     assert all(train.is_held_out(i, 0.2) for i in held_out["id"].to_pylist())
@@ -106,7 +105,7 @@ def test_metrics_and_confusion_matrices_are_written(trained):
 
 def test_finished_training_is_reused(trained):
     spec, _, manifest = trained
-    assert pipeline.run_train(spec)["finished_at"] == manifest["finished_at"]
+    assert pipeline.run(spec, only="train")["train"]["finished_at"] == manifest["finished_at"]
 
 
 def test_predict_writes_one_row_per_input_row(trained, tmp_path, capsys):
@@ -136,10 +135,10 @@ def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_r
     raw = with_rows(tmp_path, "retrain", reviews(20, 1), num_iterations=0)
     location = RunLocation(config.parse(raw).output, "retrain")
     location.write_bytes("model/stale.bin", b"a file of a model trained with other settings")
-    location.write_json(train.MANIFEST, {"fingerprint": "other settings"})
-    manifest = pipeline.run_train(config.parse(raw))
+    location.write_json("train/manifest.json", {"fingerprint": "other settings"})
+    manifest = pipeline.run(config.parse(raw), only="train")["train"]
     assert not location.exists("model/stale.bin")
-    assert location.read_json(train.MANIFEST) == manifest and manifest["figures"]["pairs"] == 0
+    assert location.read_json("train/manifest.json") == manifest and manifest["figures"]["pairs"] == 0
     assert SetFitModel.from_pretrained(location.path("model")).labels == ["neg", "pos"]
 
 
@@ -166,7 +165,7 @@ def train_cli(tmp_path, raw: dict, capsys) -> tuple[int, str]:
 
 def with_rows(tmp_path, run_id: str, rows: list[tuple], **train_fields) -> dict:
     raw = train_raw(tmp_path / "runs", run_id, **train_fields)
-    write_generated(RunLocation(config.parse(raw).output, run_id), rows)
+    write_generated(config.parse(raw), rows)
     return raw
 
 
@@ -216,13 +215,13 @@ def test_run_chains_generate_dedup_train_and_skips_done_stages(tmp_path, capsys,
     assert "48 of 48 rows" in out and "dedup complete" in out and "trained on" in out
     location = RunLocation(config.parse(raw).output, "whole")
     first = {name: location.read_json(f) for name, f in
-             [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", train.MANIFEST)]}
+             [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", "train/manifest.json")]}
     assert first["train"]["data"]["source"] == "dedup"
     assert first["train"]["data"]["rows"] == first["dedup"]["rows"]["kept"]
     assert first["dedup"]["rows"]["input"] == 48
     assert datasets.load_dataset(location.path(), "deduplicated", split="train").num_rows == first["dedup"]["rows"]["kept"]
     assert cli.main(["run", "--config", str(path)]) == 0
-    for name, f in [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", train.MANIFEST)]:
+    for name, f in [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", "train/manifest.json")]:
         assert location.read_json(f)["finished_at"] == first[name]["finished_at"]
 
 
@@ -241,8 +240,8 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
                     eval_set={"path": str(rest), "label_column": "spam", "label_map": {"0": "ham", "1": "spam"}})
     raw["instruction"] = "classify an SMS as spam or not"
     raw["labels"] = [{"id": "ham", "desc": "a normal personal message"}, {"id": "spam", "desc": "unsolicited advertising"}]
-    write_generated(RunLocation(config.parse(raw).output, "sms"), labelled)
-    manifest = pipeline.run_train(config.parse(raw))
+    write_generated(config.parse(raw), labelled)
+    manifest = pipeline.run(config.parse(raw), only="train")["train"]
     real = manifest["metrics"]["eval_set"]
     print(f"SMS spam, 200 training rows: spam F1 {real['per_class']['spam']['f1']:.3f}, "
           f"accuracy {real['accuracy']:.3f}, macro-F1 {real['macro_f1']:.3f} on {real['rows']} rows")

@@ -1,0 +1,210 @@
+"""The engine seam: an LLM that answers prompts under a JSON schema, and the retries over it.
+
+In: a table of requests (``REQUEST_COLUMNS``: ``request_id``, ``prompt``, ``item_key``,
+``n_items``, ``max_chars``, ``max_tokens``). Out: the same rows plus ``RESULT_FIELDS``: ``items``
+(exactly ``n_items`` strings when ``ok``), ``ok``, ``attempts``, ``error``, ``last_output``,
+``tokens_in`` and ``tokens_out``.
+
+``Engine`` is the whole interface an LLM must offer: ``complete(prompts) -> completions``.
+``VLLMEngine`` is the real one; tests put a fake behind the same seam. ``answer`` is the logic
+above it: each request's answer must parse as ``n_items`` items; one that does not (cut off at
+its token budget, blank items) is retried with a new seed, up to ``max_retries`` times, then
+reported as failed, never dropped. Where engines run and how many is ``pool.py``'s business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from anyclf_ray import models, prompts
+from anyclf_ray.config import EngineSpec, ModelSpec, SamplingSpec
+
+REQUEST_COLUMNS = ["request_id", "prompt", "item_key", "n_items", "max_chars", "max_tokens"]
+RESULT_FIELDS = {
+    "items": pa.list_(pa.string()),
+    "ok": pa.bool_(),
+    "attempts": pa.int32(),
+    "error": pa.string(),
+    "last_output": pa.string(),
+    "tokens_in": pa.int64(),
+    "tokens_out": pa.int64(),
+}
+# Failed answers are kept for the failures artifact, cut to this length.
+KEPT_OUTPUT_CHARS = 2000
+USAGE_KEYS = ("requests", "failed", "tokens_in", "tokens_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One user message to answer as JSON matching ``schema``, within ``max_tokens``."""
+
+    text: str
+    schema: dict
+    seed: int
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop", or "length" when cut off at max_tokens
+    tokens_in: int
+    tokens_out: int
+
+
+class Engine(Protocol):
+    def complete(self, prompts: list[Prompt]) -> list[Completion]:
+        """One completion per prompt, in order."""
+
+
+def request_seed(base_seed: int, request_id: str, attempt: int) -> int:
+    """A per-request, per-attempt seed: reproducible, and different on every retry."""
+    digest = hashlib.blake2b(f"{base_seed}:{request_id}:{attempt}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def parse_items(text: str, key: str, n_items: int) -> list[str]:
+    """The ``n_items`` strings of a JSON answer, or ValueError saying what is wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at char {error.pos})") from None
+    if not isinstance(value, list):
+        raise ValueError("not a JSON array")
+    if len(value) != n_items:
+        raise ValueError(f"{len(value)} items, {n_items} asked for")
+    items = []
+    for item in value:
+        text_value = item.get(key) if isinstance(item, dict) else None
+        if not isinstance(text_value, str) or not any(ch.isalnum() for ch in text_value):
+            raise ValueError(f"an item has no text under {key!r}")
+        items.append(text_value.strip())
+    return items
+
+
+def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Table:
+    """``requests`` with their answers (``RESULT_FIELDS``), retrying unparseable ones."""
+    rows = requests.select(REQUEST_COLUMNS).to_pylist()
+    results = [
+        {"items": None, "ok": False, "attempts": 0, "error": None, "last_output": None, "tokens_in": 0, "tokens_out": 0}
+        for _ in rows
+    ]
+    pending = list(range(len(rows)))
+    for attempt in range(sampling.max_retries + 1):
+        if not pending:
+            break
+        asked = [
+            Prompt(
+                text=rows[i]["prompt"],
+                schema=prompts.items_schema(rows[i]["item_key"], rows[i]["n_items"], rows[i]["max_chars"]),
+                seed=request_seed(sampling.seed, rows[i]["request_id"], attempt),
+                max_tokens=rows[i]["max_tokens"],
+            )
+            for i in pending
+        ]
+        still_pending = []
+        for i, completion in zip(pending, engine.complete(asked)):
+            result = results[i]
+            result["attempts"] = attempt + 1
+            result["tokens_in"] += completion.tokens_in
+            result["tokens_out"] += completion.tokens_out
+            try:
+                result["items"] = parse_items(completion.text, rows[i]["item_key"], rows[i]["n_items"])
+                result.update(ok=True, error=None, last_output=None)
+            except ValueError as error:
+                cut = " (cut off at max_tokens)" if completion.finish_reason == "length" else ""
+                result.update(error=f"{error}{cut}", last_output=completion.text[:KEPT_OUTPUT_CHARS])
+                still_pending.append(i)
+        pending = still_pending
+    for name, dtype in RESULT_FIELDS.items():
+        requests = requests.append_column(name, pa.array([r[name] for r in results], type=dtype))
+    return requests
+
+
+def usage(results: pa.Table) -> dict[str, int]:
+    """Requests, failures and tokens (``USAGE_KEYS``) of a table of answered requests."""
+    return {
+        "requests": results.num_rows,
+        "failed": pc.sum(pc.invert(results["ok"]).cast(pa.int64())).as_py() or 0,
+        "tokens_in": pc.sum(results["tokens_in"]).as_py() or 0,
+        "tokens_out": pc.sum(results["tokens_out"]).as_py() or 0,
+    }
+
+
+def engine_env(engine: EngineSpec) -> dict[str, str]:
+    """Environment for an engine's process: the CPU build's settings when on CPU, plus the user's."""
+    env = {}
+    if engine.device == "cpu":
+        env = {
+            "VLLM_TARGET_DEVICE": "cpu",
+            "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib),
+            # In-process engine: starts in seconds instead of spawning a second process.
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            # Several replicas may share a node's cores; pinning threads would make them fight.
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            # Ray sets OMP_NUM_THREADS to the CPUs an actor reserves (1); the engine's own count wins.
+            "OMP_NUM_THREADS": str(engine.threads or max(1, int(engine.cpus_per_replica))),
+            # The CPU build cannot load its own AOT-compiled artifacts ("'function' object has no
+            # attribute 'finalize_loading'") and recompiles on every start; the plain compile
+            # cache works, so a warm engine starts in seconds.
+            "VLLM_USE_AOT_COMPILE": "0",
+        }
+    # Ray workers fork; tokenizers' thread pool must not be live across that.
+    return {"TOKENIZERS_PARALLELISM": "false", **env, **engine.env}
+
+
+class VLLMEngine:
+    """``Engine`` on ``vllm.LLM``: batched chat with schema-constrained JSON and per-request seeds."""
+
+    def __init__(self, model: ModelSpec, engine: EngineSpec, sampling: SamplingSpec):
+        from vllm import LLM
+
+        self.sampling = sampling
+        self.llm = LLM(
+            model=models.resolve(model.name),
+            dtype=model.dtype,
+            max_model_len=model.max_model_len,
+            enforce_eager=model.enforce_eager,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            distributed_executor_backend="ray" if engine.tensor_parallel_size > 1 else None,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            enable_chunked_prefill=engine.chunked_prefill,
+            # Without chunking, a step's token budget must hold the longest prompt whole.
+            max_num_batched_tokens=None if engine.chunked_prefill else max(8192, model.max_model_len),
+            seed=sampling.seed,
+            # guidance keeps raw control characters out of strings and, with whitespace off,
+            # spends no tokens between JSON tokens.
+            structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
+        )
+
+    def complete(self, prompts: list[Prompt]) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = [
+            SamplingParams(
+                max_tokens=prompt.max_tokens,
+                temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                repetition_penalty=self.sampling.repetition_penalty,
+                seed=prompt.seed,
+                structured_outputs=StructuredOutputsParams(json=prompt.schema),
+            )
+            for prompt in prompts
+        ]
+        outputs = self.llm.chat([[{"role": "user", "content": p.text}] for p in prompts], params, use_tqdm=False)
+        return [
+            Completion(
+                text=output.outputs[0].text,
+                finish_reason=output.outputs[0].finish_reason or "stop",
+                tokens_in=len(output.prompt_token_ids),
+                tokens_out=len(output.outputs[0].token_ids),
+            )
+            for output in outputs
+        ]

@@ -1,0 +1,234 @@
+"""The engine pool: a run's LLM replicas, started once and shared by every LLM pass.
+
+In: the model, engine and sampling settings (or any picklable factory of an ``engine.Engine``);
+then, per pass, a Ray Dataset of requests. Out: the Dataset with its answers
+(``engine.RESULT_FIELDS``), lazily; and the pool's figures for the manifest: engine starts, the
+seconds spent starting, and the requests each pass answered.
+
+Replicas are long-lived Ray actors (``Replica``), one engine each, placed on ``engine.device``
+(tensor-parallel replicas in a placement group of GPU bundles). Named actors a run owns were
+chosen over a Ray Serve deployment: the same start-once reuse, without Serve's controller and
+proxies taking cores from the engines, and with Ray's actor restarts as the fault tolerance.
+
+A pass streams through ``map_batches`` into a few ``PoolClient`` actors that reserve no CPU:
+each splits its batch evenly across the replicas and waits for the parts, so every replica has
+the next part queued while it answers one, and Ray Data's backpressure still bounds what is in
+flight. A replica that dies is restarted by Ray (up to ``engine.restarts`` times) and the call
+it was running is retried on the new one, so its requests are answered once, never lost or
+duplicated. A ``Monitor`` actor counts engine starts and answered requests; a pass asked to
+``stop_early`` fails with ``EarlyStop`` once most of its first ``EARLY_STOP_WINDOW`` answers failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from anyclf_ray import engine as engines
+from anyclf_ray import runtime
+from anyclf_ray.config import EngineSpec, ModelSpec, SamplingSpec
+
+log = logging.getLogger(__name__)
+
+# Client actors per pass: one batch being answered while the next waits on the replicas.
+CLIENTS = 2
+EARLY_STOP_WINDOW = 64
+EARLY_STOP_RATE = 0.5
+
+
+class EarlyStop(RuntimeError):
+    """A pass whose first answers mostly failed was stopped; ``str()`` is the line to show."""
+
+
+@ray.remote(num_cpus=0)
+class Monitor:
+    """Counts engine starts and each pass's answers; judges early stops."""
+
+    def __init__(self):
+        self.starts: list[dict] = []
+        self.passes: dict[str, dict] = {}
+
+    def started(self, replica: int, seconds: float, restarted: bool) -> None:
+        self.starts.append({"replica": replica, "seconds": round(seconds, 3), "restarted": restarted})
+
+    def answered(self, name: str, ok: int, errors: list[str], total: int | None) -> str | None:
+        """Count a batch of answers of a pass of ``total`` requests (None: never stopped early);
+        the reason to stop the pass, if it should stop."""
+        state = self.passes.setdefault(name, {"requests": 0, "failed": 0, "errors": collections.Counter(), "stop": None})
+        state["requests"] += ok + len(errors)
+        state["failed"] += len(errors)
+        state["errors"].update(errors)
+        # One verdict per pass, on its first EARLY_STOP_WINDOW answers (or the first batch past
+        # them), and only while requests remain: a pass that is done is reported, not stopped.
+        if total and state["stop"] is None and EARLY_STOP_WINDOW <= state["requests"] < total:
+            bad = state["failed"] > EARLY_STOP_RATE * state["requests"]
+            state["stop"] = (
+                f"{state['failed']} of the first {state['requests']} requests failed "
+                f"(most often: {state['errors'].most_common(1)[0][0]})" if bad else ""
+            )
+        return state["stop"] or None
+
+    def figures(self) -> dict:
+        return {
+            "starts": list(self.starts),
+            "passes": {name: {"requests": s["requests"], "failed": s["failed"]} for name, s in self.passes.items()},
+        }
+
+    def stop_reason(self, name: str) -> str | None:
+        return (self.passes.get(name) or {}).get("stop") or None
+
+
+class Replica:
+    """One engine in a long-lived actor; answers tables of requests (retries included)."""
+
+    def __init__(self, index: int, factory: Callable[[], engines.Engine], sampling: SamplingSpec, monitor):
+        started = time.perf_counter()
+        self.engine = factory()
+        self.sampling = sampling
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        ray.get(monitor.started.remote(index, time.perf_counter() - started, restarted))
+
+    def ready(self) -> bool:
+        return True
+
+    def answer(self, requests: pa.Table) -> pa.Table:
+        return engines.answer(self.engine, requests, self.sampling)
+
+
+class PoolClient:
+    """Ray Data callable class: a batch of requests → answered, split across all replicas."""
+
+    def __init__(self, replicas: list, monitor, name: str, total: int | None):
+        self.replicas, self.monitor, self.name, self.total = replicas, monitor, name, total
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        bounds = np.linspace(0, batch.num_rows, min(len(self.replicas), batch.num_rows) + 1).astype(int)
+        parts = [
+            replica.answer.remote(batch.slice(start, end - start))
+            for replica, start, end in zip(self.replicas, bounds[:-1], bounds[1:])
+        ]
+        answered = pa.concat_tables(ray.get(parts))
+        ok = answered["ok"].to_pylist()
+        errors = [e for e, good in zip(answered["error"].to_pylist(), ok) if not good]
+        reason = ray.get(self.monitor.answered.remote(self.name, sum(ok), errors, self.total))
+        if reason:
+            raise EarlyStop(f"{self.name}: stopped early: {reason}")
+        return answered
+
+
+def vllm_factory(model: ModelSpec, engine: EngineSpec, sampling: SamplingSpec) -> Callable[[], engines.Engine]:
+    return functools.partial(engines.VLLMEngine, model, engine, sampling)
+
+
+class EnginePool:
+    """The replicas of one run. ``with EnginePool(...) as pool:`` starts them once, then any
+    number of passes (``answer``, ``answer_table``) share them until the block ends."""
+
+    def __init__(self, engine: EngineSpec, sampling: SamplingSpec, factory: Callable[[], engines.Engine]):
+        if engine.device not in ("cpu", "cuda"):
+            raise ValueError("device must be resolved (runtime.resolve_engine) before engines are placed")
+        self.engine, self.sampling, self.factory = engine, sampling, factory
+        self.replicas: list = []
+        self.monitor = None
+        self.start_wall_seconds = 0.0
+
+    def _actor_options(self, index: int) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "num_cpus": self.engine.cpus_per_replica,
+            "runtime_env": {"env_vars": engines.engine_env(self.engine)},
+            "max_restarts": self.engine.restarts,
+            "max_task_retries": -1,  # a call on a replica that died runs again on its replacement
+            "name": f"anyclf-engine-{id(self):x}-{index}",
+        }
+        tp = self.engine.tensor_parallel_size
+        if self.engine.device == "cuda" and tp > 1:
+            # vLLM starts one Ray worker per GPU shard; they join this replica's placement group.
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+            options.update(
+                num_cpus=0, num_gpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
+            )
+        elif self.engine.device == "cuda":
+            options["num_gpus"] = 1
+        return options
+
+    def start(self) -> EnginePool:
+        if self.replicas:
+            return self
+        started = time.perf_counter()
+        self.monitor = Monitor.remote()
+        replica_class = ray.remote(Replica)
+        self.replicas = [
+            replica_class.options(**self._actor_options(i)).remote(i, self.factory, self.sampling, self.monitor)
+            for i in range(self.engine.replicas)
+        ]
+        ray.get([replica.ready.remote() for replica in self.replicas])
+        self.start_wall_seconds = time.perf_counter() - started
+        log.info("engines: %d replica(s) ready in %.1f s", len(self.replicas), self.start_wall_seconds)
+        return self
+
+    def close(self) -> None:
+        for actor in [*self.replicas, self.monitor]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self.replicas, self.monitor = [], None
+
+    def __enter__(self) -> EnginePool:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def answer(self, requests: ray.data.Dataset, name: str, stop_early: bool = False) -> ray.data.Dataset:
+        """``requests`` answered by the replicas (lazy). Consume it through ``run_pass``."""
+        return requests.map_batches(
+            PoolClient,
+            fn_constructor_kwargs={"replicas": self.replicas, "monitor": self.monitor, "name": name,
+                                   "total": requests.count() if stop_early else None},
+            batch_size=self.engine.batch_size * len(self.replicas),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=CLIENTS),
+            num_cpus=0,
+        )
+
+    def run_pass(self, name: str, consume: Callable[[], Any]) -> Any:
+        """Run ``consume()`` (which executes a Dataset from ``answer``); an early stop becomes ``EarlyStop``."""
+        try:
+            return consume()
+        except Exception:
+            reason = ray.get(self.monitor.stop_reason.remote(name))
+            if reason:
+                raise EarlyStop(f"{name}: stopped early: {reason}") from None
+            raise
+
+    def answer_table(self, requests: pa.Table, name: str) -> pa.Table:
+        """A small pass (a tree level) answered and collected on the driver."""
+        dataset = self.answer(self.requests_dataset(requests), name)
+        return self.run_pass(name, lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
+
+    def requests_dataset(self, requests: pa.Table) -> ray.data.Dataset:
+        return runtime.blocks_dataset(requests, self.engine.batch_size, len(self.replicas))
+
+    def figures(self) -> dict:
+        """Engine starts (first starts and replacements) and the time they took, per replica."""
+        found = ray.get(self.monitor.figures.remote())
+        starts = found["starts"]
+        return {
+            "replicas": len(self.replicas),
+            "device": self.engine.device,
+            "threads_per_replica": self.engine.threads,
+            "starts": len(starts),
+            "restarts": sum(s["restarted"] for s in starts),
+            "start_seconds": round(sum(s["seconds"] for s in starts), 3),
+            "start_wall_seconds": round(self.start_wall_seconds, 3),
+            "passes": found["passes"],
+        }

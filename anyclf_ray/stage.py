@@ -1,0 +1,226 @@
+"""The stage contract: what every step of a run shares, written once.
+
+A stage reads the committed output of the stage before it and writes its own under
+``<run>/<folder>/``, its ``manifest.json`` last: that file is the stage's completion mark. Its
+fingerprint is a digest of its input's fingerprint and of its settings' deciding fields
+(``config.decisive``), so a stage is skipped exactly when its output for this input and these
+settings is already committed, and redone (after clearing a stale attempt) otherwise.
+
+``Stage`` does the chain, skip-when-done, clearing, timings and the manifest; a subclass says
+what it checks before any cluster time (``check``) and what it does (``execute``).
+``FilterStage`` is a stage that keeps or removes rows, each removed row with its ``reason``:
+the base reads the input shards, writes ``data/`` and ``removed/``, counts kept and removed rows
+per label and reason, and adds the stage's config to the dataset card. A new filter is one
+module with a ``decide`` method, one spec section and one line in ``pipeline.STAGES``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import logging
+import time
+from typing import Callable, ClassVar
+
+import pyarrow as pa
+
+from anyclf_ray import manifest as cards
+from anyclf_ray.config import ConfigError, JobSpec, StageSpec, decisive, digest
+from anyclf_ray.pool import EnginePool
+from anyclf_ray.storage import RunLocation
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Context:
+    """What a stage runs with: the spec, the run's folder, the run's engine pool (started on
+    first use by ``engines()``) and the stages finished so far, in order, with their manifests."""
+
+    spec: JobSpec
+    location: RunLocation
+    start_engines: Callable[[], EnginePool]
+    finished: list[tuple[Stage, dict]] = dataclasses.field(default_factory=list)
+    pool: EnginePool | None = None
+
+    def engines(self) -> EnginePool:
+        if self.pool is None:
+            self.pool = self.start_engines()
+        return self.pool
+
+    def close_engines(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def engine_figures(self) -> dict:
+        return self.pool.figures() if self.pool else {"starts": 0}
+
+    def write_card(self, stage: Stage | None = None, manifest: dict | None = None) -> None:
+        """The dataset card, from the finished stages plus the one about to commit."""
+        stages = self.finished + ([(stage, manifest)] if stage else [])
+        self.location.write_bytes("README.md", cards.card(self.spec, self.location.run_id, stages).encode())
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Stage:
+    """One step of a run. Subclasses set ``name`` and ``section`` and define ``execute``."""
+
+    name: ClassVar[str]
+    # The spec section holding this stage's settings (a ``StageSpec``).
+    section: ClassVar[str]
+    uses_llm: ClassVar[bool] = False
+    # A dataset-card config for this stage's data/, if it writes rows.
+    card_config: ClassVar[str | None] = None
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+
+    @classmethod
+    def enabled(cls, spec: JobSpec) -> bool:
+        return getattr(spec, cls.section).enabled
+
+    @property
+    def settings(self) -> StageSpec:
+        return getattr(self.spec, self.section)
+
+    @property
+    def folder(self) -> str:
+        return self.name
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.folder}/manifest.json"
+
+    # Folders cleared before the stage runs, so a stale attempt never mixes in or passes for done.
+    @property
+    def clears(self) -> tuple[str, ...]:
+        return (self.folder,)
+
+    def data_path(self, shard: str) -> str:
+        return f"{self.folder}/{shard}"
+
+    def fingerprint(self, upstream: str | None) -> str:
+        return digest({"input": upstream, "stage": self.name, "settings": decisive(self.settings)})
+
+    def check(self, location: RunLocation) -> None:
+        """Refuse (ConfigError) settings or inputs that cannot work, before Ray starts."""
+
+    def done(self, location: RunLocation, fingerprint: str) -> dict | None:
+        """This stage's manifest if its output for ``fingerprint`` is committed."""
+        if location.exists(self.manifest_path):
+            found = location.read_json(self.manifest_path)
+            if found.get("fingerprint") == fingerprint:
+                return found
+        return None
+
+    def execute(self, ctx: Context, upstream: dict | None) -> dict:
+        """Do the work; return the stage's own manifest fields (``timings_s`` optional)."""
+        raise NotImplementedError
+
+    def describe(self, manifest: dict) -> str:
+        """One line for the console and the dataset card."""
+        return f"{self.name} complete"
+
+    def run(self, ctx: Context, upstream: dict | None, fingerprint: str) -> dict:
+        """Clear, execute, then write the card and the manifest (last)."""
+        started = time.perf_counter()
+        for folder in self.clears:
+            ctx.location.delete(folder)
+        fields = self.execute(ctx, upstream)
+        timings = {**fields.pop("timings_s", {}), "total": time.perf_counter() - started}
+        manifest = {
+            "run_id": ctx.location.run_id,
+            "stage": self.name,
+            "status": fields.pop("status", "complete"),
+            "finished_at": now(),
+            "fingerprint": fingerprint,
+            "input": {"stage": upstream["stage"], "fingerprint": upstream["fingerprint"]} if upstream else None,
+            "settings": self.settings.model_dump(),
+            **fields,
+            "timings_s": {step: round(seconds, 3) for step, seconds in timings.items()},
+        }
+        if self.card_config:
+            ctx.write_card(self, manifest)
+        ctx.location.write_json(self.manifest_path, manifest)
+        return manifest
+
+
+def read_rows(location: RunLocation, shards: list[str], columns: list[str] | None = None) -> pa.Table:
+    """The rows of ``shards`` as one table sorted by id (footer metadata dropped)."""
+    tables = [location.read_table(s, columns=columns).replace_schema_metadata(None) for s in shards]
+    return pa.concat_tables(tables).sort_by("id")
+
+
+@dataclasses.dataclass
+class Decision:
+    """What a filter decided: the rows kept, the rows removed with a ``reason`` column (and any
+    audit columns), the manifest fields the filter adds, other shards it wrote, its step timings."""
+
+    kept: pa.Table
+    removed: pa.Table
+    fields: dict = dataclasses.field(default_factory=dict)
+    shards: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+
+
+class FilterStage(Stage):
+    """A stage that keeps or removes rows of its input; subclasses define ``decide`` and ``reasons``."""
+
+    reasons: ClassVar[tuple[str, ...]]
+    required_columns: ClassVar[tuple[str, ...]] = ("id", "text", "label", "language")
+
+    def input_shards(self, location: RunLocation, upstream: dict) -> list[str]:
+        """The input's data shards, checked from their footers."""
+        shards = upstream["shards"]["data"]
+        total = 0
+        for shard in shards:
+            footer = location.read_footer(shard)
+            missing = [c for c in self.required_columns if c not in footer.schema.names]
+            if missing:
+                raise ConfigError(
+                    f"run_id: shard {shard} has no {missing[0]!r} column; {self.name} reads rows "
+                    f"with columns {list(self.required_columns)}"
+                )
+            total += footer.num_rows
+        if total == 0:
+            raise ConfigError(f"run_id: the run at {location.uri()} has no rows for {self.name}; nothing to do")
+        return shards
+
+    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
+        raise NotImplementedError
+
+    def execute(self, ctx: Context, upstream: dict) -> dict:
+        location = ctx.location
+        rows = read_rows(location, self.input_shards(location, upstream))
+        decision = self.decide(ctx, rows)
+        kept, removed = decision.kept, decision.removed
+        if kept.num_rows + removed.num_rows != rows.num_rows:
+            raise AssertionError(f"{self.name}: kept + removed ({kept.num_rows} + {removed.num_rows}) != input {rows.num_rows}")
+        per_shard = self.spec.output.rows_per_shard
+        reasons = collections.Counter(removed["reason"].to_pylist())
+        return {
+            "output": location.uri(self.folder),
+            "rows": {"input": rows.num_rows, "kept": kept.num_rows, "removed": removed.num_rows},
+            "removed": {
+                "by_reason": {reason: reasons.get(reason, 0) for reason in self.reasons},
+                "by_label_reason": cards.counts(removed, ["label", "reason"]),
+            },
+            "kept_by_label": cards.counts(kept, ["label"]),
+            **decision.fields,
+            "shards": {
+                "data": location.write_shards(self.data_path("data"), kept, per_shard),
+                "removed": location.write_shards(self.data_path("removed"), removed, per_shard),
+                **decision.shards,
+            },
+            "timings_s": decision.timings,
+        }
+
+    def describe(self, manifest: dict) -> str:
+        rows, reasons = manifest["rows"], manifest["removed"]["by_reason"]
+        removed = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        return f"{self.name} complete: kept {rows['kept']} of {rows['input']} rows at {manifest['output']} (removed {removed})"

@@ -1,0 +1,172 @@
+"""The engine seam and the pool, driven by a fake engine: retries, failures, reuse, early stop.
+
+The fake answers in microseconds, so the retry logic is tested without Ray and the pool on an
+embedded Ray in seconds. The same paths run on real vLLM in test_generate.py and test_pool.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+import ray
+
+from anyclf_ray import config, engine, pipeline, plan, pool
+from anyclf_ray.storage import RunLocation
+from conftest import read_parts, tiny_raw
+
+# Ray pickles classes by reference; this module is not importable in Ray's workers, so ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class FakeEngine:
+    """An ``engine.Engine`` that answers at once: schema-valid items, except that each prompt's
+    first ``fail_first`` attempts (all of them with ``always_fail``) come back cut off."""
+
+    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay: float = 0.0):
+        self.fail_first, self.always_fail, self.delay = fail_first, always_fail, delay
+        self.attempts: collections.Counter = collections.Counter()
+        self.calls = 0
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        self.calls += 1
+        time.sleep(self.delay)
+        out = []
+        for prompt in prompts:
+            self.attempts[prompt.text] += 1
+            key = next(iter(prompt.schema["items"]["properties"]))
+            if self.always_fail or self.attempts[prompt.text] <= self.fail_first:
+                out.append(engine.Completion(f'[{{"{key}": "cut', "length", 7, prompt.max_tokens))
+            else:
+                items = [{key: f"item {i} seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
+                out.append(engine.Completion(json.dumps(items), "stop", 7, 3 * len(items)))
+        return out
+
+
+def requests(n: int, n_items: int = 2, name: str = "") -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"request_id": f"r{i}", "prompt": f"prompt {name}{i}", "item_key": "text", "n_items": n_items,
+          "max_chars": 50, "max_tokens": 64} for i in range(n)]
+    )
+
+
+SAMPLING = config.SamplingSpec(max_retries=2, max_tokens=64)
+
+
+# -- the retry logic, no Ray -------------------------------------------------------------------
+
+
+def test_an_answer_that_fails_once_is_retried_then_succeeds():
+    fake = FakeEngine(fail_first=1)
+    answered = engine.answer(fake, requests(3), SAMPLING).to_pylist()
+    assert [r["ok"] for r in answered] == [True] * 3
+    assert [r["attempts"] for r in answered] == [2] * 3
+    assert fake.calls == 2  # the retries of a batch go to the engine as one batch
+    # Each attempt has its own seed, so the answer kept is the second attempt's.
+    assert answered[0]["items"][0] == f"item 0 seed {engine.request_seed(SAMPLING.seed, 'r0', 1)}"
+    assert answered[0]["tokens_out"] == 64 + 6 and answered[0]["tokens_in"] == 14  # both attempts counted
+    assert answered[0]["error"] is None and answered[0]["last_output"] is None
+
+
+def test_answers_that_always_fail_are_reported_after_max_retries():
+    fake = FakeEngine(always_fail=True)
+    answered = engine.answer(fake, requests(2), SAMPLING).to_pylist()
+    assert [(r["ok"], r["attempts"], r["items"]) for r in answered] == [(False, 3, None)] * 2
+    assert answered[0]["error"].endswith("(cut off at max_tokens)") and answered[0]["last_output"] == '[{"text": "cut'
+    assert engine.usage(pa.Table.from_pylist(answered)) == {"requests": 2, "failed": 2, "tokens_in": 42, "tokens_out": 384}
+
+
+def test_no_retries_means_one_attempt():
+    answered = engine.answer(FakeEngine(fail_first=1), requests(1), config.SamplingSpec(max_retries=0))
+    assert answered["attempts"].to_pylist() == [1] and answered["ok"].to_pylist() == [False]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[{"text": "a"}, {"text": "b"', "not valid JSON"),
+        ('{"text": "a"}', "not a JSON array"),
+        ('[{"text": "a"}]', "1 items, 2 asked for"),
+        ('[{"text": "a"}, {"other": "b"}]', "an item has no text under 'text'"),
+        ('[{"text": "a"}, {"text": " ,, "}]', "an item has no text under 'text'"),
+    ],
+)
+def test_parse_items_rejects_bad_answers(text, error):
+    with pytest.raises(ValueError, match=error):
+        engine.parse_items(text, "text", 2)
+
+
+def test_parse_items_keeps_order_and_strips():
+    assert engine.parse_items(json.dumps([{"text": " one "}, {"text": "two"}]), "text", 2) == ["one", "two"]
+
+
+def test_request_seeds_differ_per_attempt():
+    seeds = {engine.request_seed(0, "r", attempt) for attempt in range(5)}
+    assert len(seeds) == 5
+    assert engine.request_seed(0, "r", 0) == engine.request_seed(0, "r", 0)
+
+
+def test_engine_threads_reach_the_cpu_build():
+    placed = config.EngineSpec(device="cpu", threads=2, cpus_per_replica=1)
+    assert engine.engine_env(placed)["OMP_NUM_THREADS"] == "2"
+    assert engine.engine_env(placed.model_copy(update={"threads": None}))["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in engine.engine_env(config.EngineSpec(device="cuda"))
+
+
+# -- the pool, on an embedded Ray ----------------------------------------------------------------
+
+
+def fake_pool(replicas: int = 1, **fake) -> pool.EnginePool:
+    placed = config.EngineSpec(device="cpu", replicas=replicas, cpus_per_replica=0.5, batch_size=8)
+    return pool.EnginePool(placed, SAMPLING, functools.partial(FakeEngine, **fake))
+
+
+@pytest.mark.slow
+def test_one_pool_serves_every_pass_with_one_start_per_replica(local_ray):
+    with fake_pool(replicas=2, fail_first=1) as engines:
+        first = engines.answer_table(requests(5, name="one"), "pass/one")
+        second = engines.answer_table(requests(40, name="two"), "pass/two")
+        figures = engines.figures()
+    assert first["ok"].to_pylist() == [True] * 5 and second["ok"].to_pylist() == [True] * 40
+    assert sorted(second["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(40))
+    assert figures["starts"] == 2 and figures["restarts"] == 0 and figures["replicas"] == 2
+    assert figures["passes"] == {"pass/one": {"requests": 5, "failed": 0}, "pass/two": {"requests": 40, "failed": 0}}
+    assert set(first["attempts"].to_pylist()) == set(second["attempts"].to_pylist()) == {2}  # fail once, retried
+    assert not [a for a in ray.util.list_named_actors() if a.startswith("anyclf-engine")]  # released
+
+
+@pytest.mark.slow
+def test_a_pass_whose_first_answers_mostly_fail_stops_early(local_ray):
+    with fake_pool(always_fail=True, delay=0.05) as engines:
+        dataset = engines.answer(engines.requests_dataset(requests(400)), "generate", stop_early=True)
+        with pytest.raises(pool.EarlyStop, match=r"^generate: stopped early: (\d+) of the first \1 requests failed "
+                                                 r"\(most often: not valid JSON .* \(cut off at max_tokens\)\)$"):
+            engines.run_pass("generate", dataset.materialize)
+        answered = engines.figures()["passes"]["generate"]["requests"]
+    assert 64 <= answered < 400  # stopped, not run to the end
+
+
+@pytest.mark.slow
+def test_small_failing_passes_are_not_stopped(local_ray):
+    with fake_pool(always_fail=True) as engines:
+        dataset = engines.answer(engines.requests_dataset(requests(40)), "generate", stop_early=True)
+        answered = engines.run_pass("generate", lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
+    assert answered.num_rows == 40 and not any(answered["ok"].to_pylist())
+
+
+@pytest.mark.slow
+def test_whole_run_on_a_fake_engine_counts_rows_and_starts(local_ray, tmp_path):
+    spec = config.parse(tiny_raw(tmp_path, "fake", dedup={"enabled": False}, train={"enabled": False}))
+    done = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_first=1))["generate"]
+    assert done["rows"] == {"expected": 96, "written": 96, "missing": 0}
+    assert done["engine"]["starts"] == 1 and set(done["engine"]["passes"]) == {
+        "tree/source_type", "tree/topic", "tree/subtopic", "generate"}
+    rows = read_parts(RunLocation(spec.output, "fake"))
+    assert sorted(rows["id"].to_pylist()) == sorted(
+        plan.example_id(r["leaf_id"], r["sample_index"]) for r in rows.to_pylist())
+    assert len(set(rows["id"].to_pylist())) == 96
