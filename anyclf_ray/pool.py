@@ -25,6 +25,7 @@ import collections
 import functools
 import logging
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -86,14 +87,18 @@ class Monitor:
 
 
 class Replica:
-    """One engine in a long-lived actor; answers tables of requests (retries included)."""
+    """One engine in a long-lived actor; answers tables of requests (retries included).
 
-    def __init__(self, index: int, factory: Callable[[], engines.Engine], sampling: SamplingSpec, monitor):
+    Actors are passed to each other by name, never by handle: a restarted actor is rebuilt from
+    its constructor arguments, and handles among them would tie that to objects Ray may release.
+    """
+
+    def __init__(self, index: int, factory: Callable[[], engines.Engine], sampling: SamplingSpec, monitor: str):
         started = time.perf_counter()
         self.engine = factory()
         self.sampling = sampling
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        ray.get(monitor.started.remote(index, time.perf_counter() - started, restarted))
+        ray.get(ray.get_actor(monitor).started.remote(index, time.perf_counter() - started, restarted))
 
     def ready(self) -> bool:
         return True
@@ -105,8 +110,9 @@ class Replica:
 class PoolClient:
     """Ray Data callable class: a batch of requests → answered, split across all replicas."""
 
-    def __init__(self, replicas: list, monitor, name: str, total: int | None):
-        self.replicas, self.monitor, self.name, self.total = replicas, monitor, name, total
+    def __init__(self, replicas: list[str], monitor: str, name: str, total: int | None):
+        self.replicas = [ray.get_actor(replica) for replica in replicas]
+        self.monitor, self.name, self.total = ray.get_actor(monitor), name, total
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         bounds = np.linspace(0, batch.num_rows, min(len(self.replicas), batch.num_rows) + 1).astype(int)
@@ -138,6 +144,8 @@ class EnginePool:
         self.replicas: list = []
         self.monitor = None
         self.start_wall_seconds = 0.0
+        self.names: list[str] = []
+        self.monitor_name = ""
 
     def _actor_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -145,7 +153,7 @@ class EnginePool:
             "runtime_env": {"env_vars": engines.engine_env(self.engine)},
             "max_restarts": self.engine.restarts,
             "max_task_retries": -1,  # a call on a replica that died runs again on its replacement
-            "name": f"anyclf-engine-{id(self):x}-{index}",
+            "name": self.names[index],
         }
         tp = self.engine.tensor_parallel_size
         if self.engine.device == "cuda" and tp > 1:
@@ -165,10 +173,13 @@ class EnginePool:
         if self.replicas:
             return self
         started = time.perf_counter()
-        self.monitor = Monitor.remote()
+        prefix = f"anyclf-{uuid.uuid4().hex[:12]}"  # named, so actors find each other by name
+        self.names = [f"{prefix}-engine-{i}" for i in range(self.engine.replicas)]
+        self.monitor_name = f"{prefix}-monitor"
+        self.monitor = Monitor.options(name=self.monitor_name).remote()
         replica_class = ray.remote(Replica)
         self.replicas = [
-            replica_class.options(**self._actor_options(i)).remote(i, self.factory, self.sampling, self.monitor)
+            replica_class.options(**self._actor_options(i)).remote(i, self.factory, self.sampling, self.monitor_name)
             for i in range(self.engine.replicas)
         ]
         ray.get([replica.ready.remote() for replica in self.replicas])
@@ -192,7 +203,7 @@ class EnginePool:
         """``requests`` answered by the replicas (lazy). Consume it through ``run_pass``."""
         return requests.map_batches(
             PoolClient,
-            fn_constructor_kwargs={"replicas": self.replicas, "monitor": self.monitor, "name": name,
+            fn_constructor_kwargs={"replicas": self.names, "monitor": self.monitor_name, "name": name,
                                    "total": requests.count() if stop_early else None},
             batch_size=self.engine.batch_size * len(self.replicas),
             batch_format="pyarrow",
@@ -216,7 +227,7 @@ class EnginePool:
         return self.run_pass(name, lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
 
     def requests_dataset(self, requests: pa.Table) -> ray.data.Dataset:
-        return runtime.blocks_dataset(requests, self.engine.batch_size, len(self.replicas))
+        return runtime.blocks_dataset(requests, self.engine.batch_size, self.engine.replicas)
 
     def figures(self) -> dict:
         """Engine starts (first starts and replacements) and the time they took, per replica."""

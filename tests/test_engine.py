@@ -137,7 +137,7 @@ def test_one_pool_serves_every_pass_with_one_start_per_replica(local_ray):
     assert figures["starts"] == 2 and figures["restarts"] == 0 and figures["replicas"] == 2
     assert figures["passes"] == {"pass/one": {"requests": 5, "failed": 0}, "pass/two": {"requests": 40, "failed": 0}}
     assert set(first["attempts"].to_pylist()) == set(second["attempts"].to_pylist()) == {2}  # fail once, retried
-    assert not [a for a in ray.util.list_named_actors() if a.startswith("anyclf-engine")]  # released
+    assert not [a for a in ray.util.list_named_actors() if a.startswith("anyclf-")]  # released
 
 
 @pytest.mark.slow
