@@ -42,7 +42,7 @@ def test_an_unreadable_kind_of_file_is_refused(tmp_path):
     with pytest.raises(ConfigError) as error:
         evaluate.load_eval_set(EvalSetSpec(path=str(tmp_path / "real.xlsx")), ["neg", "pos"])
     assert str(error.value) == (
-        f"train.eval_set.path: {tmp_path / 'real.xlsx'}: use a .parquet, .csv or .jsonl file or a `datasets` folder"
+        f"train.eval_set.path: {tmp_path / 'real.xlsx'}: use a .parquet, .csv or .jsonl file or a local `datasets` folder"
     )
 
 
