@@ -42,7 +42,7 @@ def _read(path: str) -> pa.Table:
     kind = filesystem.get_file_info(resolved).type
     if kind == pafs.FileType.Directory and isinstance(filesystem, pafs.LocalFileSystem):
         return _read_datasets_folder(resolved)
-    reader = READERS.get(resolved.rsplit(".", 1)[-1].lower() if "." in resolved.rsplit("/", 1)[-1] else "")
+    reader = READERS.get(storage.extension(resolved))
     if reader is None:
         raise ConfigError(f"train.eval_set.path: {path}: use a .parquet, .csv or .jsonl file or a local `datasets` folder")
     if kind != pafs.FileType.File:

@@ -58,7 +58,7 @@ class Predictor:
 
 
 def input_format(path: str) -> str:
-    suffix = path.rstrip("/").rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else "parquet"
+    suffix = storage.extension(path) or "parquet"
     if suffix not in READERS:
         raise ConfigError(f"--input: {path}: use Parquet, CSV or JSONL (.parquet, .csv, .jsonl) or a Parquet folder")
     return suffix

@@ -43,6 +43,12 @@ def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     )
 
 
+def extension(path: str) -> str:
+    """The lower-case extension of a path's last part, without the dot; "" if it has none."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path of a local path or ``s3://`` URI given on the command line.
 
