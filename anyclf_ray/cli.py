@@ -2,8 +2,9 @@
 
 ``anyclf-ray COMMAND --config FILE [--set key=value ...] [--address ADDR]`` runs one job of a run
 on an embedded local Ray, or on the cluster at ``--address`` / ``RAY_ADDRESS``: ``generate``
-writes the synthetic data, ``dedup`` removes its duplicates, ``train`` trains and evaluates a
-SetFit classifier, ``run`` chains all three. ``anyclf-ray predict --model DIR --input FILE
+writes the synthetic data, ``label-check`` removes rows that do not say what their label says,
+``dedup`` removes duplicates, ``diversity`` reports on the rows kept, ``train`` trains and
+evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``anyclf-ray predict --model DIR --input FILE
 --output DIR`` labels a table with a trained model.
 
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
@@ -30,7 +31,9 @@ ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else embedded)"
 # command → (help, the one stage it runs, or None for all of them)
 COMMANDS = {
     "generate": ("generate a synthetic labelled dataset (tree, then examples)", "generate"),
-    "dedup": ("remove exact and near-duplicate rows of a generated run", "dedup"),
+    "label-check": ("remove (or flag) rows whose text does not say what their label says", "label_check"),
+    "dedup": ("remove exact and near-duplicate rows of what the last stage kept", "dedup"),
+    "diversity": ("report the kept rows' diversity per label, with plots", "diversity"),
     "train": ("train and evaluate a SetFit classifier on what the last stage kept", "train"),
     "run": ("the whole job: every stage the spec enables, on one engine pool", None),
 }

@@ -70,6 +70,10 @@ def _embedder(value: str) -> str:
     return value
 
 
+def _optional_embedder(value: str | None) -> str | None:
+    return value if value is None else _embedder(value)
+
+
 class Label(_Strict):
     """A class the classifier predicts: ``id`` is what rows carry, ``desc`` what the LLM reads."""
 
@@ -117,7 +121,7 @@ class ActorPlacement(_Strict):
 
 
 SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "max_retries",
-                 "examples_per_request", "max_text_chars", "max_item_chars"}
+                 "examples_per_request", "max_text_chars", "max_item_chars", "valid_items", "min_text_words"}
 
 
 class EngineSpec(ActorPlacement):
@@ -182,6 +186,11 @@ class SamplingSpec(_Strict):
     # Longest text, in characters; None: what max_tokens holds for examples_per_request texts.
     max_text_chars: int | None = Field(None, gt=0)
     max_item_chars: int = Field(80, gt=0)
+    # Hold items to ``items.py``'s rules (no JSON syntax, no echo of the prompt, distinct within
+    # a node), retrying what fails. Off is the plain AnyClassifier recipe, kept for comparison.
+    valid_items: bool = True
+    # Fewest words in a generated text (scripts without spaces counted by characters).
+    min_text_words: int = Field(5, ge=0)
 
     def text_chars(self, languages: list[str]) -> int:
         """The per-text character limit: as given, or derived from ``max_tokens``."""
@@ -223,6 +232,54 @@ class DedupSpec(ActorPlacement, StageSpec):
     seed: Annotated[int, DECIDES] = 0
 
     _loadable = field_validator("model")(_embedder)
+
+
+LABEL_CHECK_METHODS = ("llm", "crossfit", "similarity")
+
+
+class LabelCheckSpec(ActorPlacement, StageSpec):
+    """Rows whose text does not say what their label says (``label_check.py``).
+
+    Methods, combined (a row fails if any fails it): ``llm`` asks the run's engines which label
+    fits; ``crossfit`` is a k-fold classifier over the rows' embeddings; ``similarity`` compares
+    each row with every label's description. The placement is the embedding actors'.
+    """
+
+    methods: Annotated[list[Literal["llm", "crossfit", "similarity"]], DECIDES] = ["crossfit"]
+    # remove: failing rows go to removed/; flag: they stay, marked in ``label_check_failed``.
+    action: Annotated[Literal["remove", "flag"], DECIDES] = "remove"
+    # The embedder of crossfit and similarity; None: the training body (train.base_model).
+    model: Annotated[str | None, DECIDES] = None
+    folds: Annotated[int, DECIDES, Field(ge=2)] = 5
+    # crossfit: rows whose out-of-fold probability of their own label is below this are removed;
+    # None: 1 / number of labels, i.e. the classifier finds the row less its own than chance.
+    threshold: Annotated[float | None, DECIDES, Field(gt=0, lt=1)] = None
+    # similarity: how much nearer its own label's description a row must be than any other's.
+    margin: Annotated[float, DECIDES, Field(ge=0, lt=2)] = 0.0
+    batch_size: int = Field(128, gt=0)
+    seed: Annotated[int, DECIDES] = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, methods: list[str]) -> list[str]:
+        if not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"list each method once, from {list(LABEL_CHECK_METHODS)} (or set enabled: false)")
+        return methods
+
+    _loadable = field_validator("model")(_optional_embedder)
+
+
+class DiversitySpec(ActorPlacement, StageSpec):
+    """The diversity report of the rows the run keeps (``diversity.py``): figures and plots."""
+
+    # The embedder of the pairwise cosine and the 2-D map; None: dedup.model.
+    model: Annotated[str | None, DECIDES] = None
+    # Rows per label embedded for the pairwise cosine and the 2-D map.
+    sample_rows: Annotated[int, DECIDES, Field(gt=1)] = 2000
+    batch_size: int = Field(128, gt=0)
+    seed: Annotated[int, DECIDES] = 0
+
+    _loadable = field_validator("model")(_optional_embedder)
 
 
 class EvalSetSpec(_Strict):
@@ -307,7 +364,9 @@ class JobSpec(_Strict):
     engine: EngineSpec = EngineSpec()
     sampling: Annotated[SamplingSpec, DECIDES] = SamplingSpec()
     output: OutputSpec = OutputSpec()
+    label_check: LabelCheckSpec = LabelCheckSpec()
     dedup: DedupSpec = DedupSpec()
+    diversity: DiversitySpec = DiversitySpec()
     train: TrainSpec = TrainSpec()
     run_id: str | None = None
     # A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.
@@ -359,6 +418,8 @@ class JobSpec(_Strict):
                 f"{missing[0]} is missing; give n_record_to_generate or all of " + ", ".join(SIZE_FIELDS)
             )
         self.sampling.check_budget(self.languages)
+        if self.label_check.enabled and "llm" in self.label_check.methods and "none" in {l.desc for l in self.labels}:
+            raise ValueError("label_check.methods: the llm check answers 'none' for no label; reword the label desc 'none'")
         if self.sampling.max_tokens >= self.model.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens: {self.sampling.max_tokens} leaves no room for the prompt in "

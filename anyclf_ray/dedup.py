@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import unicodedata
 from typing import Callable
 
 import numpy as np
@@ -39,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 
 from anyclf_ray import embed, neighbours, runtime
+from anyclf_ray.items import normalise
 from anyclf_ray.config import JobSpec
 from anyclf_ray.stage import Context, Decision, FilterStage
 from anyclf_ray.storage import RunLocation
@@ -52,15 +52,6 @@ AUDIT_FIELDS = [
     pa.field("matched_id", pa.string()),
     pa.field("similarity", pa.float32()),
 ]
-
-
-def normalise(text: str) -> str:
-    """The text exact dedup compares: NFKC, case-folded, runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
 def _best_partner(ends: np.ndarray, partners: np.ndarray, sims: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,12 +176,7 @@ class Dedup(FilterStage):
         placement = runtime.resolve_placement(settings, "dedup")
         log.info("dedup: %d rows with %s on %s", rows.num_rows, settings.model, placement.device)
         result = decide(rows, lambda texts: embed.embed(texts, settings.model, placement, settings.batch_size), self.spec)
-        dim = result["embeddings"].shape[1]
-        embeddings = pa.Table.from_arrays(
-            [pa.array(result["embedded_ids"], pa.string()),
-             pa.FixedSizeListArray.from_arrays(result["embeddings"].ravel(), dim)],
-            schema=embeddings_schema(dim),
-        ).replace_schema_metadata({embed.EMBEDDING_MODEL_KEY: settings.model})
+        embeddings = embed.embeddings_table(result["embedded_ids"], result["embeddings"], settings.model)
         removed = result["removed"]
         return Decision(
             kept=result["kept"],
@@ -198,7 +184,7 @@ class Dedup(FilterStage):
             fields={
                 "conflicts": {"policy": settings.conflicts, "pairs": result["conflict_pairs"],
                               "rows_removed": removed["reason"].to_pylist().count("conflict")},
-                "embeddings": {"model": settings.model, "rows": embeddings.num_rows, "dim": dim},
+                "embeddings": embed.embeddings_figures(embeddings),
             },
             shards={"embeddings": ctx.location.write_shards(
                 self.data_path("embeddings"), embeddings, self.spec.output.rows_per_shard)},

@@ -83,3 +83,33 @@ def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorP
     if vectors is None:
         raise ValueError("embed() needs at least one text")
     return vectors
+
+
+def embeddings_table(ids: list[str], vectors: np.ndarray, model: str) -> pa.Table:
+    """Rows' ``id`` and ``embedding`` as a table a later stage can reuse (``model`` in its footer)."""
+    dim = vectors.shape[1]
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(vectors, np.float32).ravel(), dim)],
+        schema=schema,
+    ).replace_schema_metadata({EMBEDDING_MODEL_KEY: model})
+
+
+def kept_embeddings(location, finished: list[dict], model: str, ids: list[str]) -> np.ndarray | None:
+    """Embeddings of ``ids`` by ``model`` that a finished stage (``finished``: manifests) kept, or
+    None when no stage kept them all."""
+    for found in finished:
+        if found.get("embeddings", {}).get("model") != model:
+            continue
+        table = pa.concat_tables([location.read_table(s) for s in found["shards"]["embeddings"]])
+        index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
+        if all(i in index for i in ids):
+            vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+            return vectors[[index[i] for i in ids]]
+    return None
+
+
+def embeddings_figures(table: pa.Table) -> dict:
+    """The manifest's ``embeddings`` entry, by which training finds embeddings it can reuse."""
+    return {"model": table.schema.metadata[EMBEDDING_MODEL_KEY.encode()].decode(), "rows": table.num_rows,
+            "dim": table.schema.field("embedding").type.list_size}

@@ -1,19 +1,20 @@
 """The engine seam: an LLM that answers prompts under a JSON schema, and the retries over it.
 
-In: a table of requests (``REQUEST_COLUMNS``: ``request_id``, ``prompt``, ``item_key``,
-``n_items``, ``max_chars``, ``max_tokens``). Out: the same rows plus ``RESULT_FIELDS``: ``items``
-(exactly ``n_items`` strings when ``ok``), ``ok``, ``attempts``, ``error``, ``last_output``,
-``tokens_in`` and ``tokens_out``.
+In: a table of requests (``REQUEST_FIELDS``: the prompt, the items wanted and the rules they
+must meet). Out: the same rows plus ``RESULT_FIELDS``: ``items`` (exactly ``n_items`` valid
+strings when ``ok``), ``ok``, ``attempts``, ``error``, ``last_output``, ``rejected`` (the
+reasons items were refused) and the tokens spent.
 
 ``Engine`` is the whole interface an LLM must offer: ``complete(prompts) -> completions``.
 ``VLLMEngine`` is the real one; tests put a fake behind the same seam. ``answer`` is the logic
-above it: each request's answer must parse as ``n_items`` items; one that does not (cut off at
-its token budget, blank items) is retried with a new seed, up to ``max_retries`` times, then
-reported as failed, never dropped. Where engines run and how many is ``pool.py``'s business.
+above it: each request's answer must parse as ``n_items`` items that pass ``items.py``'s rules;
+what is missing (cut off at its token budget, refused items) is asked again with a new seed, up
+to ``max_retries`` times, then reported as failed, never dropped. Where engines run and how many is ``pool.py``'s business.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -22,22 +23,41 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray import models, prompts
+from anyclf_ray import items as valid, models, prompts
 from anyclf_ray.config import EngineSpec, ModelSpec, SamplingSpec
 
-REQUEST_COLUMNS = ["request_id", "prompt", "item_key", "n_items", "max_chars", "max_tokens"]
+# A request: its prompt, and the rules its ``n_items`` items must meet (``items.py``):
+# ``min_words``, ``echoes`` (strings an item must not merely repeat) and ``choices`` (the only
+# values allowed, for answers that pick one; null for free text).
+REQUEST_FIELDS = {
+    "request_id": pa.string(),
+    "prompt": pa.string(),
+    "item_key": pa.string(),
+    "n_items": pa.int32(),
+    "max_chars": pa.int32(),
+    "max_tokens": pa.int32(),
+    "min_words": pa.int32(),
+    "echoes": pa.list_(pa.string()),
+    "choices": pa.list_(pa.string()),
+    # Overrides sampling.temperature (0 for a judge's answer); null keeps it.
+    "temperature": pa.float32(),
+}
+REQUEST_COLUMNS = list(REQUEST_FIELDS)
 RESULT_FIELDS = {
     "items": pa.list_(pa.string()),
     "ok": pa.bool_(),
     "attempts": pa.int32(),
     "error": pa.string(),
     "last_output": pa.string(),
+    # The reason (``items.REASONS``) of every item refused on the way, kept or not in the end.
+    "rejected": pa.list_(pa.string()),
     "tokens_in": pa.int64(),
     "tokens_out": pa.int64(),
 }
 # Failed answers are kept for the failures artifact, cut to this length.
 KEPT_OUTPUT_CHARS = 2000
-USAGE_KEYS = ("requests", "failed", "tokens_in", "tokens_out")
+# Requests, failures, tokens, and the items refused per reason (``refused_too_short``...).
+USAGE_KEYS = ("requests", "failed", "tokens_in", "tokens_out", *(f"refused_{reason}" for reason in valid.REASONS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +68,7 @@ class Prompt:
     schema: dict
     seed: int
     max_tokens: int
+    temperature: float | None = None  # None: the engine's sampling.temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +90,18 @@ def request_seed(base_seed: int, request_id: str, attempt: int) -> int:
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
+def requests_table(requests: list[dict]) -> pa.Table:
+    """Request dicts as a table with ``REQUEST_FIELDS`` typed (rules left out default to none)."""
+    table = pa.Table.from_pylist(requests)
+    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None}
+    for name, dtype in REQUEST_FIELDS.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, table[name].cast(dtype))
+        else:
+            table = table.append_column(name, pa.array([defaults[name]] * table.num_rows, dtype))
+    return table
+
+
 def parse_items(text: str, key: str, n_items: int) -> list[str]:
     """The ``n_items`` strings of a JSON answer, or ValueError saying what is wrong with it."""
     try:
@@ -79,20 +112,52 @@ def parse_items(text: str, key: str, n_items: int) -> list[str]:
         raise ValueError("not a JSON array")
     if len(value) != n_items:
         raise ValueError(f"{len(value)} items, {n_items} asked for")
-    items = []
+    found = []
     for item in value:
         text_value = item.get(key) if isinstance(item, dict) else None
         if not isinstance(text_value, str) or not any(ch.isalnum() for ch in text_value):
             raise ValueError(f"an item has no text under {key!r}")
-        items.append(text_value.strip())
-    return items
+        found.append(text_value.strip())
+    return found
+
+
+def _schema(request: dict, sampling: SamplingSpec) -> dict:
+    pattern = valid.text_pattern() if sampling.valid_items else None
+    return prompts.items_schema(request["item_key"], request["n_items"], request["max_chars"], pattern, request["choices"])
+
+
+def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSpec) -> list[str]:
+    """Add the valid items of ``found`` to ``kept`` (up to ``n_items``); the refusals' reasons."""
+    refused = []
+    seen = {valid.normalise(item) for item in kept}
+    for item in found:
+        if len(kept) == request["n_items"]:
+            break
+        if request["choices"]:
+            reason = None if item in request["choices"] else "not_a_choice"
+        elif sampling.valid_items:
+            reason = valid.problem(item, request["min_words"], request["echoes"], request["prompt"])
+            reason = reason or ("repeated" if valid.normalise(item) in seen else None)
+        else:
+            reason = None
+        if reason:
+            refused.append(reason)
+        else:
+            kept.append(item)
+            seen.add(valid.normalise(item))
+    return refused
 
 
 def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Table:
-    """``requests`` with their answers (``RESULT_FIELDS``), retrying unparseable ones."""
+    """``requests`` with their answers (``RESULT_FIELDS``).
+
+    An attempt that does not parse is retried whole; one with refused items is retried for the
+    items still missing (the valid ones are kept), each attempt with a new seed.
+    """
     rows = requests.select(REQUEST_COLUMNS).to_pylist()
     results = [
-        {"items": None, "ok": False, "attempts": 0, "error": None, "last_output": None, "tokens_in": 0, "tokens_out": 0}
+        {"items": [], "ok": False, "attempts": 0, "error": None, "last_output": None, "rejected": [],
+         "tokens_in": 0, "tokens_out": 0}
         for _ in rows
     ]
     pending = list(range(len(rows)))
@@ -102,38 +167,53 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
         asked = [
             Prompt(
                 text=rows[i]["prompt"],
-                schema=prompts.items_schema(rows[i]["item_key"], rows[i]["n_items"], rows[i]["max_chars"]),
+                schema=_schema(rows[i], sampling),
                 seed=request_seed(sampling.seed, rows[i]["request_id"], attempt),
                 max_tokens=rows[i]["max_tokens"],
+                temperature=rows[i]["temperature"],
             )
             for i in pending
         ]
         still_pending = []
         for i, completion in zip(pending, engine.complete(asked)):
-            result = results[i]
+            request, result = rows[i], results[i]
             result["attempts"] = attempt + 1
             result["tokens_in"] += completion.tokens_in
             result["tokens_out"] += completion.tokens_out
             try:
-                result["items"] = parse_items(completion.text, rows[i]["item_key"], rows[i]["n_items"])
-                result.update(ok=True, error=None, last_output=None)
+                found = parse_items(completion.text, request["item_key"], request["n_items"])
             except ValueError as error:
                 cut = " (cut off at max_tokens)" if completion.finish_reason == "length" else ""
                 result.update(error=f"{error}{cut}", last_output=completion.text[:KEPT_OUTPUT_CHARS])
                 still_pending.append(i)
+                continue
+            refused = _take(request, found, result["items"], sampling)
+            result["rejected"] += refused
+            if len(result["items"]) == request["n_items"]:
+                result.update(ok=True, error=None, last_output=None)
+            else:
+                missing = request["n_items"] - len(result["items"])
+                result.update(error=f"{missing} item(s) still missing; refused: {', '.join(refused)}",
+                              last_output=completion.text[:KEPT_OUTPUT_CHARS])
+                still_pending.append(i)
         pending = still_pending
+    for result in results:
+        if not result["ok"]:
+            result["items"] = None
     for name, dtype in RESULT_FIELDS.items():
         requests = requests.append_column(name, pa.array([r[name] for r in results], type=dtype))
     return requests
 
 
 def usage(results: pa.Table) -> dict[str, int]:
-    """Requests, failures and tokens (``USAGE_KEYS``) of a table of answered requests."""
+    """Requests, failures, tokens and refused items (``USAGE_KEYS``) of answered requests."""
+    refused = collections.Counter(pc.list_flatten(results["rejected"]).to_pylist())
     return {
         "requests": results.num_rows,
         "failed": pc.sum(pc.invert(results["ok"]).cast(pa.int64())).as_py() or 0,
         "tokens_in": pc.sum(results["tokens_in"]).as_py() or 0,
         "tokens_out": pc.sum(results["tokens_out"]).as_py() or 0,
+        **{f"refused_{reason}": refused[reason] for reason in valid.REASONS},
     }
 
 
@@ -190,7 +270,7 @@ class VLLMEngine:
         params = [
             SamplingParams(
                 max_tokens=prompt.max_tokens,
-                temperature=self.sampling.temperature,
+                temperature=self.sampling.temperature if prompt.temperature is None else prompt.temperature,
                 top_p=self.sampling.top_p,
                 repetition_penalty=self.sampling.repetition_penalty,
                 seed=prompt.seed,

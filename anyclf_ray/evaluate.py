@@ -7,7 +7,6 @@ precision, recall, F1 and support, the confusion matrix) and ``eval/confusion-<s
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.json
 import pyarrow.parquet as pq
 
-from anyclf_ray import storage
+from anyclf_ray import plots, storage
 from anyclf_ray.config import ConfigError, EvalSetSpec
 
 # Each reader takes a file opened on its filesystem, local or S3.
@@ -95,26 +94,8 @@ def metrics(true: list[str], predicted: list[str], label_ids: list[str]) -> dict
 
 
 def confusion_png(result: dict, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = result["confusion_matrix"]["labels"]
-    counts = np.asarray(result["confusion_matrix"]["rows_true_columns_predicted"])
-    size = max(4.0, 2 + 0.6 * len(labels))
-    figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(counts, cmap="Blues")
-    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axes.set_yticks(range(len(labels)), labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(f"{title}\naccuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
-    for (i, j), value in np.ndenumerate(counts):
-        axes.text(j, i, str(value), ha="center", va="center",
-                  color="white" if value > counts.max() / 2 else "black")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return plots.heatmap(
+        np.asarray(result["confusion_matrix"]["rows_true_columns_predicted"]), labels, labels, "true", "predicted",
+        f"{title}\naccuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
+    )

@@ -126,7 +126,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     if not requests:
         return
     per_part = max(1, spec.output.rows_per_shard // spec.sampling.examples_per_request)
-    answers = pool.answer(pool.requests_dataset(pa.Table.from_pylist(requests)), "generate", stop_early=True)
+    answers = pool.answer(pool.requests_dataset(engine.requests_table(requests)), "generate", stop_early=True)
     sink = ShardSink(location, spec.model.name, per_part)
     pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}))
 

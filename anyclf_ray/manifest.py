@@ -93,6 +93,7 @@ def card(spec: JobSpec, run_id: str, stages: list) -> str:
     stage_lines = "".join(
         f"- `{stage.card_config}` config (`{stage.folder}/`): {stage.describe(found)}\n" for stage, found in later
     )
+    sections = "".join(f"\n{section}\n" for stage, found in stages if (section := stage.card_section(found)))
     return f"""---
 configs:
 {config_yaml}language: {json.dumps(spec.languages)}
@@ -117,7 +118,7 @@ subtopics, then examples per leaf.
 | label | name | rows |
 |---|---|---|
 {label_rows}
-
+{sections}
 Columns: `id` (stable: leaf and sample index), `text`, `label` (the label id), `label_name`,
 `language`, `source_type`, `topic`, `subtopic`, `leaf_id`, `sample_index`, `model`.
 `tree.parquet` holds the taxonomy; `manifest.json` the config, versions, counts and timings;

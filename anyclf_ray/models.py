@@ -40,7 +40,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ANYCLF_RAY_HOME", Path.home() / ".cache" / "anyclf-ray"))
 
 
-def _build_atomically(target: Path, build) -> Path:
+def build_atomically(target: Path, build) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,10 +123,10 @@ def _smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _build_smollm2(folder: Path) -> None:
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Save GGUF file ``gguf`` as an ordinary float32 safetensors model folder vLLM loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = dequantised.config
@@ -138,6 +138,10 @@ def _build_smollm2(folder: Path) -> None:
     model.load_state_dict(dequantised.state_dict())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _build_smollm2(folder: Path) -> None:
+    convert_gguf(_smollm2_gguf(), folder)
 
 
 BUILTINS = {"tiny-random": _build_tiny_random, "smollm2-135m-instruct": _build_smollm2}
@@ -195,7 +199,7 @@ def resolve(reference: str) -> str:
     """Return what vLLM should load for ``reference``, building a built-in model if needed."""
     if reference.startswith(BUILTIN_PREFIX):
         name = reference[len(BUILTIN_PREFIX) :]
-        return str(_build_atomically(cache_root() / "models" / name, BUILTINS[name]))
+        return str(build_atomically(cache_root() / "models" / name, BUILTINS[name]))
     if is_local_path(reference):
         return str(Path(reference).expanduser().resolve())
     return reference

@@ -18,7 +18,9 @@ import logging
 from anyclf_ray import runtime
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.dedup import Dedup
+from anyclf_ray.diversity import Diversity
 from anyclf_ray.generate import Generate
+from anyclf_ray.label_check import LabelCheck
 from anyclf_ray.pool import EnginePool, vllm_factory
 from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
@@ -27,11 +29,21 @@ from anyclf_ray.train import Train
 log = logging.getLogger(__name__)
 
 # Every stage in run order; the spec enables them. A new stage is one module and one entry here.
-STAGES: list[type[Stage]] = [Generate, Dedup, Train]
+STAGES: list[type[Stage]] = [Generate, LabelCheck, Dedup, Diversity, Train]
 
 
 def stages(spec: JobSpec) -> list[Stage]:
     return [cls(spec) for cls in STAGES if cls.enabled(spec)]
+
+
+def chain(plan: list[Stage]) -> tuple[dict[str, str], dict[str, Stage | None]]:
+    """Each stage's fingerprint and input: the last stage before it that is not a report."""
+    fingerprints, inputs, source = {}, {}, None
+    for stage in plan:
+        inputs[stage.name] = source
+        fingerprints[stage.name] = stage.fingerprint(fingerprints[source.name] if source else None)
+        source = source if stage.report_only else stage
+    return fingerprints, inputs
 
 
 def start_engines(spec: JobSpec, factory=None) -> EnginePool:
@@ -53,36 +65,34 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
         raise ConfigError(f"{only}.enabled: the {only} stage is off in this spec; set {only}.enabled: true")
     targets = plan if only is None else [plan[names.index(only)]]
     location.check_writable()
-    fingerprints, upstream = {}, None
-    for stage in plan:
-        upstream = fingerprints[stage.name] = stage.fingerprint(upstream)
+    fingerprints, inputs = chain(plan)
     for stage in targets:
         stage.check(location)
     done = {stage.name: stage.done(location, fingerprints[stage.name]) for stage in plan}
     first = plan.index(targets[0])
-    if first and not done[plan[first - 1].name]:
-        before = plan[first - 1].name
+    before = inputs[targets[0].name]
+    if before and not done[before.name]:
         raise ConfigError(
-            f"run_id: {location.run_id!r} has no finished {before} stage for this spec; "
-            f"run `anyclf-ray {before}` (or `anyclf-ray run`) first"
+            f"run_id: {location.run_id!r} has no finished {before.name} stage for this spec; "
+            f"run `anyclf-ray {before.name}` (or `anyclf-ray run`) first"
         )
 
     ctx = Context(spec, location, lambda: start_engines(spec, engine_factory),
-                  finished=[(stage, done[stage.name]) for stage in plan[:first]])
+                  finished=[(stage, done[stage.name]) for stage in plan[:first] if done[stage.name]])
     last_llm = max((i for i, stage in enumerate(plan) if stage.uses_llm and not done[stage.name]), default=-1)
     manifests = {}
     try:
         for stage in targets:
-            index = plan.index(stage)
             found = done[stage.name]
             if found:
                 log.info("%s: already complete for this input and these settings; skipped", stage.name)
             else:
                 runtime.connect(address, verbose)
                 log.info("%s: running", stage.name)
-                upstream = ctx.finished[-1][1] if ctx.finished else None
-                found = stage.run(ctx, upstream, fingerprints[stage.name])
-            if index >= last_llm:
+                source = inputs[stage.name]
+                found = stage.run(ctx, done[source.name] if source else None, fingerprints[stage.name])
+                done[stage.name] = found
+            if plan.index(stage) >= last_llm:
                 ctx.close_engines()  # free the engines' cores for the stages after the last LLM pass
             ctx.finished.append((stage, found))
             manifests[stage.name] = found

@@ -199,7 +199,8 @@ def generation_requests(spec: JobSpec, tree: pa.Table) -> list[dict]:
                     _request(
                         "generate", stable_id("generate", this_leaf, first), prompt, n, max_chars,
                         spec.sampling.max_tokens, language=language, leaf_id=this_leaf,
-                        first_sample=first, **leaf,
+                        first_sample=first, min_words=spec.sampling.min_text_words,
+                        echoes=[leaf[k] for k in ("label_name", *TREE_LEVELS)], **leaf,
                     )
                 )
     return requests

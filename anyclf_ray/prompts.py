@@ -58,16 +58,37 @@ def render(template: str, **fields: object) -> str:
     return template.format_map(fields)
 
 
-def items_schema(key: str, n: int, max_chars: int) -> dict:
-    """A JSON array of exactly ``n`` objects ``{key: non-empty string}``."""
+def items_schema(key: str, n: int, max_chars: int, pattern: str | None = None,
+                 choices: list[str] | None = None) -> dict:
+    """A JSON array of exactly ``n`` objects ``{key: string}``: one of ``choices`` if given, else
+    a non-empty string of at most ``max_chars`` matching ``pattern`` (if any)."""
+    if choices:
+        value: dict = {"type": "string", "enum": list(choices)}
+    else:
+        value = {"type": "string", "minLength": 1, "maxLength": max_chars}
+        if pattern:
+            value["pattern"] = pattern
     return {
         "type": "array",
         "minItems": n,
         "maxItems": n,
         "items": {
             "type": "object",
-            "properties": {key: {"type": "string", "minLength": 1, "maxLength": max_chars}},
+            "properties": {key: value},
             "required": [key],
             "additionalProperties": False,
         },
     }
+
+
+# The label check's question (``label_check.py``); the answer is constrained to the labels
+# as written in {labels} and "none", so it is one short JSON item.
+JUDGE = (
+    "I am building a document classifier to {instruction} with labels {labels}.\n\n"
+    "<text>\n{text}\n</text>\n\n"
+    "<instruction>\n"
+    "- Which label does the text above express? Answer with one of the labels, "
+    'or "none" if it expresses none of them.\n'
+    '- Output JSON array with one item. The item contains key "label".\n'
+    "</instruction>"
+)

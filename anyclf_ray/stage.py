@@ -76,6 +76,9 @@ class Stage:
     uses_llm: ClassVar[bool] = False
     # A dataset-card config for this stage's data/, if it writes rows.
     card_config: ClassVar[str | None] = None
+    # A report reads its input and writes figures only: the next stage reads the same input,
+    # and its fingerprint is not chained from the report's (a report setting redoes no work).
+    report_only: ClassVar[bool] = False
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
@@ -126,6 +129,10 @@ class Stage:
         """One line for the console and the dataset card."""
         return f"{self.name} complete"
 
+    def card_section(self, manifest: dict) -> str:
+        """Markdown the dataset card shows for this stage, beyond its ``describe`` line."""
+        return ""
+
     def run(self, ctx: Context, upstream: dict | None, fingerprint: str) -> dict:
         """Clear, execute, then write the card and the manifest (last)."""
         started = time.perf_counter()
@@ -144,8 +151,7 @@ class Stage:
             **fields,
             "timings_s": {step: round(seconds, 3) for step, seconds in timings.items()},
         }
-        if self.card_config:
-            ctx.write_card(self, manifest)
+        ctx.write_card(self, manifest)
         ctx.location.write_json(self.manifest_path, manifest)
         return manifest
 

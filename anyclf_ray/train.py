@@ -204,19 +204,9 @@ def _loadable(reference: str) -> str:
 
 
 def reusable_embeddings(location: RunLocation, finished: list[dict], settings: TrainSpec, ids: list[str]) -> np.ndarray | None:
-    """Embeddings of ``ids`` a finished stage kept (dedup's), when they are what the head would
-    compute anyway: the body is not fine-tuned and is the model that stage embedded with."""
-    if settings.num_iterations:
-        return None
-    for found in finished:
-        if found.get("embeddings", {}).get("model") != settings.base_model:
-            continue
-        table = pa.concat_tables([location.read_table(s) for s in found["shards"]["embeddings"]])
-        index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
-        if all(i in index for i in ids):
-            vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-            return vectors[[index[i] for i in ids]]
-    return None
+    """Embeddings of ``ids`` a finished stage kept, when they are what the head would compute
+    anyway: the body is not fine-tuned and is the model that stage embedded with."""
+    return None if settings.num_iterations else embed.kept_embeddings(location, finished, settings.base_model, ids)
 
 
 def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts: list[str], run_name: str,

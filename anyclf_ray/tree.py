@@ -55,7 +55,7 @@ def expand(spec: JobSpec, pool: EnginePool) -> tuple[pa.Table, list[dict], dict[
         if not requests:  # every parent failed: nothing left to expand
             break
         log.info("tree: expanding %d %s node(s)", len(requests), level)
-        results = pool.answer_table(pa.Table.from_pylist(requests), f"tree/{level}")
+        results = pool.answer_table(engine.requests_table(requests), f"tree/{level}")
         failures += _fill_level(level, rows, results.to_pylist(), rows_per_leaf)
         total = {key: total[key] + value for key, value in engine.usage(results).items()}
     return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA), failures, total

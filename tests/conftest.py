@@ -40,6 +40,9 @@ def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
         "sampling": {"max_tokens": 256, "examples_per_request": 2, "max_text_chars": 60, "max_item_chars": 30},
         "output": {"path": str(output), "rows_per_shard": 24},
         "run_id": run_id,
+        # The checks and the report embed every row; the tests that are about them turn them on.
+        "label_check": {"enabled": False},
+        "diversity": {"enabled": False},
     }
     for key, value in fields.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
@@ -54,6 +57,37 @@ def read_parts(location, folder: str = "data"):
     import pyarrow as pa
 
     return pa.concat_tables([location.read_table(p) for p in location.list(folder)]).replace_schema_metadata(None)
+
+
+def write_generated(spec, rows: list[tuple], parts: int = 2):
+    """A finished generation of ``spec`` in the generation stage's format: shards plus the manifest
+    that lists them (with the fingerprint that marks it finished for this spec).
+
+    ``rows`` are (id, label, language, text) or (id, label, language, text, topic)."""
+    import pyarrow as pa
+
+    from anyclf_ray import generate
+    from anyclf_ray.storage import RunLocation
+
+    location = RunLocation(spec.output, spec.resolved_run_id())
+    table = pa.Table.from_pylist(
+        [
+            {"id": i, "text": text, "label": label, "label_name": label, "language": language,
+             "source_type": "review", "topic": topic[0] if topic else "t", "subtopic": "s", "leaf_id": "leaf",
+             "sample_index": n, "model": "hand-written"}
+            for n, (i, label, language, text, *topic) in enumerate(rows)
+        ],
+        schema=generate.EXAMPLE_SCHEMA,
+    )
+    size = -(-table.num_rows // parts)
+    shards = [f"data/part-{p}.parquet" for p in range(parts)]
+    for p, shard in enumerate(reversed(shards)):  # the shard order must not matter
+        location.write_table(shard, table.slice(p * size, size))
+    summary = {"rows": {"written": table.num_rows, "expected": table.num_rows},
+               "counts": {"by_label": []}, "failures": {"requests": 0}}
+    location.write_json("manifest.json", {**summary, "stage": "generate", "fingerprint": spec.fingerprint(),
+                                          "shards": {"data": shards}})
+    return location
 
 
 def write_spec(path: Path, raw: dict) -> Path:

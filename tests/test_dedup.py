@@ -12,8 +12,7 @@ import pyarrow as pa
 import pytest
 
 from anyclf_ray import cli, config, generate, neighbours, pipeline
-from anyclf_ray.storage import RunLocation
-from conftest import read_parts, tiny_raw, write_spec
+from conftest import read_parts, tiny_raw, write_generated, write_spec
 
 # (id, label, language, text). Ids are ordered, so the keeper of each group is the lowest id.
 ROWS = [
@@ -45,30 +44,6 @@ REMOVED_WHEN_DROPPING = {
     "b04": ("conflict", None, "a07"),  # its closer twin
     "b05": ("conflict", None, "a09"),
 }
-
-
-def write_generated(spec: config.JobSpec, rows: list[tuple], parts: int = 2) -> RunLocation:
-    """A finished generation of ``spec`` in the generation stage's format: shards plus the manifest
-    that lists them (with the fingerprint that marks it finished for this spec)."""
-    location = RunLocation(spec.output, spec.resolved_run_id())
-    table = pa.Table.from_pylist(
-        [
-            {"id": i, "text": text, "label": label, "label_name": label, "language": language,
-             "source_type": "review", "topic": "t", "subtopic": "s", "leaf_id": "leaf",
-             "sample_index": n, "model": "hand-written"}
-            for n, (i, label, language, text) in enumerate(rows)
-        ],
-        schema=generate.EXAMPLE_SCHEMA,
-    )
-    size = -(-table.num_rows // parts)
-    shards = [f"data/part-{p}.parquet" for p in range(parts)]
-    for p, shard in enumerate(reversed(shards)):  # the shard order must not matter
-        location.write_table(shard, table.slice(p * size, size))
-    summary = {"rows": {"written": table.num_rows, "expected": table.num_rows},
-               "counts": {"by_label": []}, "failures": {"requests": 0}}
-    location.write_json("manifest.json", {**summary, "stage": "generate", "fingerprint": spec.fingerprint(),
-                                          "shards": {"data": shards}})
-    return location
 
 
 def spec_for(tmp_path, run_id: str, **dedup_fields) -> config.JobSpec:

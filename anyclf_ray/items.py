@@ -1,0 +1,67 @@
+"""Valid items: what one item of an LLM answer (a tree node's name, an example's text) must be.
+
+In: an item's text and its request's rules (``min_words``, ``echoes``, the prompt). Out: None
+for a valid item, else the reason it is refused (``REASONS``). The engine's retry loop
+(``engine.answer``) applies these checks and asks again for what is missing; the same checks
+shape the JSON schema (``text_pattern``), so a constrained decoder cannot write JSON syntax into
+a string in the first place, and an unconstrained engine is still held to them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+
+REASONS = ("json_syntax", "too_short", "echo", "repeated", "not_a_choice")
+
+# JSON's structural characters and escapes, and control characters other than line breaks and
+# tabs. Inside a string they mean the model lost track of the JSON around it
+# (`source_type1},{`, `\u0000`): real examples of a text classifier do not need them.
+REFUSED_CHARACTERS = r'{}\[\]"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f'
+JSON_SYNTAX = re.compile(f"[{REFUSED_CHARACTERS}]")
+# Scripts written without spaces between words: a word per character (Chinese, Japanese kana),
+# or a word per few characters (Thai, Lao, Myanmar, Khmer, Tibetan).
+CHARACTER_WORDS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+SYLLABIC_RUNS = re.compile(r"[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff]")
+CHARS_PER_SYLLABIC_WORD = 3
+WORD = re.compile(r"\w+")
+
+
+def text_pattern() -> str:
+    """The regex a constrained decoder holds every free-text item to: no JSON syntax, and a
+    first character that is not a space."""
+    return rf"^[^{REFUSED_CHARACTERS}\s][^{REFUSED_CHARACTERS}]*$"
+
+
+def normalise(text: str) -> str:
+    """The form items are compared in: NFKC, case-folded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def word_count(text: str) -> int:
+    """Words in ``text``, counting scripts without spaces by characters."""
+    characters = len(CHARACTER_WORDS.findall(text))
+    syllabic = len(SYLLABIC_RUNS.findall(text))
+    rest = SYLLABIC_RUNS.sub(" ", CHARACTER_WORDS.sub(" ", text))
+    return characters + math.ceil(syllabic / CHARS_PER_SYLLABIC_WORD) + len(WORD.findall(rest))
+
+
+def _words(text: str) -> set[str]:
+    return set(WORD.findall(normalise(text)))
+
+
+def problem(item: str, min_words: int, echoes: list[str], prompt: str) -> str | None:
+    """Why ``item`` is refused, or None. ``echoes`` are the request's own words (label name,
+    topic, subtopic, source type): an item made only of them, or copied out of the prompt, says
+    nothing new."""
+    if JSON_SYNTAX.search(item):
+        return "json_syntax"
+    if word_count(item) < min_words:
+        return "too_short"
+    if echoes:
+        folded = normalise(item)
+        echoed = set().union(*(_words(echo) for echo in echoes))
+        if folded in normalise(prompt) or _words(item) <= echoed:
+            return "echo"
+    return None

