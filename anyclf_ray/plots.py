@@ -51,7 +51,7 @@ def bars(values: dict[str, list[int]], title: str, xlabel: str) -> bytes:
     figure, all_axes = plt.subplots(len(groups), 1, figsize=(7, max(2.5, 1.6 * len(groups))), squeeze=False)
     for axes, group in zip(all_axes[:, 0], groups):
         heights = sorted(values[group], reverse=True)
-        axes.bar(range(len(heights)), heights, width=1.0, color="tab:blue")
+        axes.bar(range(len(heights)), heights, width=0.9, color="tab:blue")
         axes.set_ylabel(group)
         axes.set_xticks([])
     all_axes[0, 0].set_title(title)
