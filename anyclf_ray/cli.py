@@ -31,6 +31,7 @@ ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else embedded)"
 # command → (help, the one stage it runs, or None for all of them)
 COMMANDS = {
     "generate": ("generate a synthetic labelled dataset (tree, then examples)", "generate"),
+    "language-check": ("remove rows not written in the language they were asked in", "language_check"),
     "label-check": ("remove (or flag) rows whose text does not say what their label says", "label_check"),
     "dedup": ("remove exact and near-duplicate rows of what the last stage kept", "dedup"),
     "diversity": ("report the kept rows' diversity per label, with plots", "diversity"),

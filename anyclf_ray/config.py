@@ -79,6 +79,9 @@ class Label(_Strict):
 
     id: str
     desc: str
+    # The description in other languages, by language code; the generation prompt of a language
+    # uses its own (else ``desc``, with a stronger instruction to write in that language).
+    desc_by_language: dict[str, str] = {}
 
     @field_validator("id", mode="before")
     @classmethod
@@ -269,6 +272,18 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
     _loadable = field_validator("model")(_optional_embedder)
 
 
+class LanguageCheckSpec(StageSpec):
+    """Rows not written in the language they were asked in (``language_check.py``)."""
+
+    # The detector weighs the run's languages, English (what models drift into) and these:
+    # others a model may write instead (es for a pt run). Each one added costs accuracy on
+    # short texts, so the detector does not weigh every language it knows.
+    also_detect: Annotated[list[str], DECIDES] = []
+    # A row is kept only if its requested language is the one detected, with at least this
+    # confidence (lingua's confidence among the weighed languages, 0-1).
+    min_confidence: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.2
+
+
 class DiversitySpec(ActorPlacement, StageSpec):
     """The diversity report of the rows the run keeps (``diversity.py``): figures and plots."""
 
@@ -288,6 +303,8 @@ class EvalSetSpec(_Strict):
     path: str
     text_column: str = "text"
     label_column: str = "label"
+    # A column of language codes: metrics are then reported per language too.
+    language_column: str | None = None
     # Its label values → the job's label ids; values not listed must already be label ids.
     label_map: dict[str, str] = {}
 
@@ -353,6 +370,8 @@ class JobSpec(_Strict):
     """A whole run. Sizes are either ``n_record_to_generate`` or all four explicit sizes."""
 
     instruction: Annotated[str, DECIDES]
+    # The instruction in other languages, by language code (as ``Label.desc_by_language``).
+    instruction_by_language: Annotated[dict[str, str], DECIDES] = {}
     labels: Annotated[list[Label], DECIDES]
     n_record_to_generate: Annotated[int | None, DECIDES, Field(gt=0)] = None
     n_source_type: Annotated[int | None, DECIDES, Field(gt=0)] = None
@@ -360,10 +379,15 @@ class JobSpec(_Strict):
     n_subtopic: Annotated[int | None, DECIDES, Field(gt=0)] = None
     sample_per_subtopic: Annotated[int | None, DECIDES, Field(gt=0)] = None
     languages: Annotated[list[str], DECIDES] = ["en"]
+    # One tree read by every language (its items in English), or a tree per language written in
+    # it. Shared is the default: the languages' rows then come from the same leaves, so their
+    # counts and metrics compare like with like, and tree passes do not grow with the languages.
+    tree_languages: Annotated[Literal["shared", "per_language"], DECIDES] = "shared"
     model: ModelSpec = ModelSpec()
     engine: EngineSpec = EngineSpec()
     sampling: Annotated[SamplingSpec, DECIDES] = SamplingSpec()
     output: OutputSpec = OutputSpec()
+    language_check: LanguageCheckSpec = LanguageCheckSpec()
     label_check: LabelCheckSpec = LabelCheckSpec()
     dedup: DedupSpec = DedupSpec()
     diversity: DiversitySpec = DiversitySpec()
@@ -404,6 +428,20 @@ class JobSpec(_Strict):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names a folder)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _multilingual_defaults(cls, raw: Any) -> Any:
+        """Runs in other languages than English default to a multilingual embedder for dedup
+        and training (the built-in MiniLM and the seed's mpnet read English only)."""
+        if not isinstance(raw, dict) or not non_english(raw.get("languages") or ["en"]):
+            return raw
+        raw = dict(raw)
+        for section, field in (("dedup", "model"), ("train", "base_model")):
+            given = raw.get(section) or {}
+            if isinstance(given, dict) and field not in given:
+                raw[section] = {**given, field: models.MULTILINGUAL_EMBEDDER}
+        return raw
+
     @model_validator(mode="after")
     def _one_way_to_size(self) -> JobSpec:
         explicit = [f for f in SIZE_FIELDS if getattr(self, f) is not None]
@@ -417,6 +455,12 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"{missing[0]} is missing; give n_record_to_generate or all of " + ", ".join(SIZE_FIELDS)
             )
+        translated = [("instruction_by_language", self.instruction_by_language)] + [
+            (f"labels[{i}].desc_by_language", label.desc_by_language) for i, label in enumerate(self.labels)]
+        for field, by_language in translated:
+            unknown = sorted(set(by_language) - set(self.languages))
+            if unknown:
+                raise ValueError(f"{field}: {unknown[0]!r} is not in languages {self.languages}; add it there or drop it")
         self.sampling.check_budget(self.languages)
         if self.label_check.enabled and "llm" in self.label_check.methods and "none" in {l.desc for l in self.labels}:
             raise ValueError("label_check.methods: the llm check answers 'none' for no label; reword the label desc 'none'")
@@ -434,6 +478,31 @@ class JobSpec(_Strict):
         if self.n_record_to_generate is None:
             return {f: getattr(self, f) for f in SIZE_FIELDS}
         return sizes_for_records(self.n_record_to_generate, len(self.labels) * len(self.languages))
+
+    def embedders(self) -> dict[str, str]:
+        """The embedding model of every enabled stage that embeds, by the field that names it."""
+        found = {}
+        if self.label_check.enabled and {"crossfit", "similarity"} & set(self.label_check.methods):
+            found["label_check.model" if self.label_check.model else "train.base_model"] = (
+                self.label_check.model or self.train.base_model)
+        if self.dedup.enabled:
+            found["dedup.model"] = self.dedup.model
+        if self.diversity.enabled:
+            found["diversity.model" if self.diversity.model else "dedup.model"] = self.diversity.model or self.dedup.model
+        if self.train.enabled:
+            found["train.base_model"] = self.train.base_model
+        return found
+
+    def warnings(self) -> list[str]:
+        """What will run but read poorly: English-only embedders on other languages."""
+        others = non_english(self.languages)
+        if not others:
+            return []
+        return [
+            f"{field}: {model} reads English only, but languages include {', '.join(others)}; "
+            f"set a multilingual model such as {models.MULTILINGUAL_EMBEDDER}"
+            for field, model in self.embedders().items() if model in models.ENGLISH_ONLY
+        ]
 
     def fingerprint(self) -> str:
         """A digest of the fields that decide the generated rows (``decisive``).
@@ -470,6 +539,10 @@ def sizes_for_records(n_records: int, groups: int) -> dict[str, int]:
         "n_subtopic": n_subtopic,
         "sample_per_subtopic": samples,
     }
+
+
+def non_english(codes: list) -> list:
+    return [code for code in codes if not (isinstance(code, str) and code.lower() in ("en", "eng"))]
 
 
 def language_name(code: str) -> str:

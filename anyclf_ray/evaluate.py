@@ -53,10 +53,14 @@ def _read(path: str) -> pa.Table:
         raise ConfigError(f"train.eval_set.path: cannot read {path} ({str(error).splitlines()[0]})") from None
 
 
-def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str], list[str]]:
-    """Texts and job label ids of the real set; ConfigError naming the field to fix."""
+def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str], list[str], list[str] | None]:
+    """Texts, job label ids and languages (None without ``language_column``) of the real set;
+    ConfigError naming the field to fix."""
     table = _read(settings.path)
-    for field, column in (("text_column", settings.text_column), ("label_column", settings.label_column)):
+    columns = [("text_column", settings.text_column), ("label_column", settings.label_column)]
+    if settings.language_column:
+        columns.append(("language_column", settings.language_column))
+    for field, column in columns:
         if column not in table.column_names:
             raise ConfigError(
                 f"train.eval_set.{field}: {settings.path} has no column {column!r}; it has {table.column_names}"
@@ -70,7 +74,8 @@ def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str
             f"train.eval_set.label_map: value {unknown[0]!r} of {settings.label_column!r} maps to no job label; "
             f"map it to one of {label_ids}"
         )
-    return texts, labels
+    languages = [str(v) for v in table[settings.language_column].to_pylist()] if settings.language_column else None
+    return texts, labels, languages
 
 
 def metrics(true: list[str], predicted: list[str], label_ids: list[str]) -> dict:
@@ -91,6 +96,16 @@ def metrics(true: list[str], predicted: list[str], label_ids: list[str]) -> dict
         "confusion_matrix": {"labels": label_ids, "rows_true_columns_predicted": confusion_matrix(
             true, predicted, labels=label_ids).tolist()},
     }
+
+
+def metrics_by_language(true: list[str], predicted: list[str], languages: list[str], label_ids: list[str]) -> dict:
+    """``metrics`` for the rows of each language (without the confusion matrix)."""
+    found = {}
+    for language in sorted(set(languages)):
+        chosen = [i for i, code in enumerate(languages) if code == language]
+        figures = metrics([true[i] for i in chosen], [predicted[i] for i in chosen], label_ids)
+        found[language] = {k: v for k, v in figures.items() if k != "confusion_matrix"}
+    return found
 
 
 def confusion_png(result: dict, title: str) -> bytes:

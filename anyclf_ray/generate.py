@@ -137,13 +137,17 @@ def user_tree(spec: JobSpec) -> pa.Table:
         table = pq.read_table(spec.tree_path)
     except (OSError, pa.ArrowInvalid) as error:
         raise ConfigError(f"tree_path: cannot read {spec.tree_path!r} as Parquet ({error})") from None
+    if "language" not in table.column_names:  # a tree without languages is shared by all of them
+        table = table.append_column("language", pa.nulls(table.num_rows, pa.string()))
     missing = [name for name in plan.TREE_SCHEMA.names if name not in table.column_names]
     if missing:
         raise ConfigError(f"tree_path: column {missing[0]!r} is missing; a tree has {plan.TREE_SCHEMA.names}")
     table = table.select(plan.TREE_SCHEMA.names).cast(plan.TREE_SCHEMA)
-    unknown = set(table.column("label").to_pylist()) - {label.id for label in spec.labels}
-    if unknown:
-        raise ConfigError(f"tree_path: label {sorted(unknown)[0]!r} is not among the spec's label ids")
+    for column, allowed, what in (("label", [label.id for label in spec.labels], "label ids"),
+                                  ("language", [*spec.languages, None], "languages (or null: shared)")):
+        unknown = set(table.column(column).to_pylist()) - set(allowed)
+        if unknown:
+            raise ConfigError(f"tree_path: {column} {min(map(str, unknown))!r} is not among the spec's {what}")
     return table
 
 
@@ -216,6 +220,14 @@ class Generate(Stage):
             "engine": ctx.engine_figures(),
             "timings_s": timings,
         }
+
+    def card_section(self, found: dict) -> str:
+        """Rows per language, when there are several: a language that fails shows apart."""
+        if len(found["languages"]) < 2:
+            return ""
+        lines = "".join(f"| {row['language']} | {row['expected']} | {row['written']} | {row['failed_requests']} |\n"
+                        for row in found["languages"])
+        return f"| language | planned | written | failed requests |\n|---|---|---|---|\n{lines}"
 
     def describe(self, found: dict) -> str:
         rows, failures = found["rows"], found["failures"]

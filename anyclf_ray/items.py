@@ -22,8 +22,12 @@ REFUSED_CHARACTERS = r'{}\[\]"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f'
 JSON_SYNTAX = re.compile(f"[{REFUSED_CHARACTERS}]")
 # Scripts written without spaces between words: a word per character (Chinese, Japanese kana),
 # or a word per few characters (Thai, Lao, Myanmar, Khmer, Tibetan).
-CHARACTER_WORDS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-SYLLABIC_RUNS = re.compile(r"[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff]")
+CHARACTER_SCRIPTS = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+SYLLABIC_SCRIPTS = r"\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff"
+CHARACTER_WORDS = re.compile(f"[{CHARACTER_SCRIPTS}]")
+SYLLABIC_RUNS = re.compile(f"[{SYLLABIC_SCRIPTS}]")
+# Spaces next to a character of those scripts separate no words: they are dropped in comparison.
+UNSPACED_GAP = re.compile(f"(?<=[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}]) +| +(?=[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}])")
 CHARS_PER_SYLLABIC_WORD = 3
 WORD = re.compile(r"\w+")
 
@@ -35,8 +39,10 @@ def text_pattern() -> str:
 
 
 def normalise(text: str) -> str:
-    """The form items are compared in: NFKC, case-folded, runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """The form items are compared in (exact dedup, repeats, echoes): NFKC (full-width forms as
+    ASCII), case-folded (a no-op for scripts without case), runs of whitespace as one space, and
+    none beside Chinese, Japanese, Thai and the other scripts written without spaces."""
+    return UNSPACED_GAP.sub("", " ".join(unicodedata.normalize("NFKC", text).casefold().split()))
 
 
 def word_count(text: str) -> int:

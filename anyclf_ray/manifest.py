@@ -56,11 +56,20 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[
     tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
     usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in engine.USAGE_KEYS}
     expected = plan.expected_rows(spec, tree)
+    written_by_language = {row["language"]: row["rows"] for row in counts(written, ["language"])}
+    failed_by_language = {row["language"]: row["rows"] for row in counts(failures, ["language"])}
     return {
-        "rows": {"expected": expected, "written": written.num_rows, "missing": expected - written.num_rows},
+        "rows": {"expected": sum(expected.values()), "written": written.num_rows,
+                 "missing": sum(expected.values()) - written.num_rows},
+        # One line per language, so a language that fails shows apart from the others.
+        "languages": [
+            {"language": language, "expected": n, "written": written_by_language.get(language, 0),
+             "missing": n - written_by_language.get(language, 0),
+             "failed_requests": failed_by_language.get(language, 0)}
+            for language, n in expected.items()
+        ],
         "counts": {
             "by_label": counts(written, ["label"]),
-            "by_language": counts(written, ["language"]),
             "by_label_language": counts(written, ["label", "language"]),
         },
         "failures": {
@@ -94,6 +103,9 @@ def card(spec: JobSpec, run_id: str, stages: list) -> str:
         f"- `{stage.card_config}` config (`{stage.folder}/`): {stage.describe(found)}\n" for stage, found in later
     )
     sections = "".join(f"\n{section}\n" for stage, found in stages if (section := stage.card_section(found)))
+    warnings = "".join(f"- {warning}\n" for warning in spec.warnings())
+    if warnings:
+        sections += f"\n### Warnings\n\n{warnings}"
     return f"""---
 configs:
 {config_yaml}language: {json.dumps(spec.languages)}
@@ -111,7 +123,7 @@ subtopics, then examples per leaf.
 
 - Instruction: {spec.instruction}
 - Languages: {", ".join(spec.languages)}
-- Tree sizes: {sizes}
+- Tree sizes: {sizes} ({spec.tree_languages.replace("_", " ")} tree)
 - Rows: {summary["rows"]["written"]} of {summary["rows"]["expected"]} planned
   ({summary["failures"]["requests"]} LLM request(s) failed after retries; see `failures/`)
 {stage_lines}

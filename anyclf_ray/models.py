@@ -156,6 +156,15 @@ def _minilm() -> Path:
 
 
 EMBEDDERS = {"all-minilm-l6-v2": _minilm}
+# Embedders trained on English only: on other languages their neighbours are near chance.
+ENGLISH_ONLY = {
+    "builtin:all-minilm-l6-v2",
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "sentence-transformers/all-mpnet-base-v2",
+    "sentence-transformers/paraphrase-mpnet-base-v2",
+    "sentence-transformers/paraphrase-MiniLM-L6-v2",
+}
+MULTILINGUAL_EMBEDDER = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
 
 
 def is_local_path(reference: str) -> bool:

@@ -21,6 +21,7 @@ from anyclf_ray.dedup import Dedup
 from anyclf_ray.diversity import Diversity
 from anyclf_ray.generate import Generate
 from anyclf_ray.label_check import LabelCheck
+from anyclf_ray.language_check import LanguageCheck
 from anyclf_ray.pool import EnginePool, vllm_factory
 from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
@@ -29,7 +30,7 @@ from anyclf_ray.train import Train
 log = logging.getLogger(__name__)
 
 # Every stage in run order; the spec enables them. A new stage is one module and one entry here.
-STAGES: list[type[Stage]] = [Generate, LabelCheck, Dedup, Diversity, Train]
+STAGES: list[type[Stage]] = [Generate, LanguageCheck, LabelCheck, Dedup, Diversity, Train]
 
 
 def stages(spec: JobSpec) -> list[Stage]:
@@ -65,6 +66,8 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
         raise ConfigError(f"{only}.enabled: the {only} stage is off in this spec; set {only}.enabled: true")
     targets = plan if only is None else [plan[names.index(only)]]
     location.check_writable()
+    for warning in spec.warnings():
+        log.warning("warning: %s", warning)
     fingerprints, inputs = chain(plan)
     for stage in targets:
         stage.check(location)

@@ -3,6 +3,9 @@
 In: a ``JobSpec`` and the tree built so far. Out: Arrow tables of requests (one row per LLM call,
 with its prompt) and the per-leaf sample counts. Pure functions: no Ray, no model.
 
+A tree is shared by every language (``language`` null) or holds one tree per language
+(``tree_languages``); either way a generation leaf is a (language, tree row) pair.
+
 Ids are positional, so they do not depend on what the LLM wrote: a leaf is
 ``(language, label, source_type_index, topic_index, subtopic_index)`` and an example is a leaf
 plus its sample index. Two runs of one spec give the same ids, and an edited tree keeps them.
@@ -11,6 +14,7 @@ plus its sample index. Two runs of one spec give the same ids, and an edited tre
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 
 import pyarrow as pa
@@ -20,6 +24,7 @@ from anyclf_ray.config import JobSpec, answer_tokens, language_name
 
 TREE_SCHEMA = pa.schema(
     [
+        ("language", pa.string()),  # null: a shared tree's node, read by every language
         ("label", pa.string()),
         ("label_name", pa.string()),
         ("source_type_index", pa.int32()),
@@ -64,8 +69,9 @@ def example_id(leaf: str, sample_index: int) -> str:
     return stable_id("example", leaf, sample_index)
 
 
-def labels_text(spec: JobSpec) -> str:
-    return json.dumps([label.desc for label in spec.labels], ensure_ascii=False)
+def labels_text(spec: JobSpec, language: str | None = None) -> str:
+    """The label list the LLM reads, in ``language`` where the spec gives it."""
+    return json.dumps([label.desc_by_language.get(language, label.desc) for label in spec.labels], ensure_ascii=False)
 
 
 def failure_record(result: dict, rows_lost: int) -> dict:
@@ -89,7 +95,8 @@ def _request(stage: str, request_id: str, prompt: str, n_items: int, max_chars: 
     }
 
 
-# The fields that name a node of each tree level, and the template that expands it.
+# The fields that name a node of each tree level (after its language in a tree per language),
+# and the template that expands it.
 NODE_KEYS = {
     "source_type": (),
     "topic": ("label", "source_type_index"),
@@ -99,15 +106,28 @@ TEMPLATES = {"source_type": prompts.SOURCE_TYPE, "topic": prompts.TOPIC, "subtop
 SIZE_OF_LEVEL = {"source_type": "n_source_type", "topic": "n_topic", "subtopic": "n_subtopic"}
 
 
+def label_text(spec: JobSpec, label: str, language: str | None) -> str:
+    """A label's description as the prompts of ``language`` show it."""
+    desc = next(item for item in spec.labels if item.id == label)
+    return desc.desc_by_language.get(language, desc.desc)
+
+
+def node_keys(level: str, spec: JobSpec) -> tuple[str, ...]:
+    """What names a node of ``level``; a shared tree's nodes keep the ids they had before trees
+    per language existed, so its requests, and their seeds, are the same."""
+    return ("language", *NODE_KEYS[level]) if spec.tree_languages == "per_language" else NODE_KEYS[level]
+
+
 def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict]:
     """One request per node of ``level`` whose parent has text: it asks for the node's children.
 
-    ``tree_rows`` is the tree so far (``full_tree`` rows, filled level by level). A tree answer's
+    ``tree_rows`` is the tree so far (``full_tree`` rows, filled level by level). A node of a
+    per-language tree is asked in its language's words, for items written in it. A tree answer's
     token budget grows past ``sampling.max_tokens`` when ``n`` items of ``max_item_chars`` need
     more: tree passes are few and short, and a level cut off would cost its whole subtree.
     """
-    keys = NODE_KEYS[level]
-    parent = TREE_LEVELS[TREE_LEVELS.index(level) - 1] if keys else None
+    keys = node_keys(level, spec)
+    parent = TREE_LEVELS[TREE_LEVELS.index(level) - 1] if level != TREE_LEVELS[0] else None
     n = spec.sizes()[SIZE_OF_LEVEL[level]]
     max_chars = spec.sampling.max_item_chars
     max_tokens = max(spec.sampling.max_tokens, answer_tokens(n, prompts.ITEM_KEY[level], max_chars, spec.languages))
@@ -120,8 +140,10 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
             level,
             stable_id(level, *node),
             prompts.render(
-                TEMPLATES[level], instruction=spec.instruction, labels=labels_text(spec), n=n,
-                label=row["label_name"], source_type=row["source_type"], topic=row["topic"],
+                TEMPLATES[level], instruction=spec.instruction_by_language.get(row["language"], spec.instruction),
+                labels=labels_text(spec, row["language"]), n=n, label=label_text(spec, row["label"], row["language"]),
+                source_type=row["source_type"], topic=row["topic"],
+                in_language=prompts.tree_language_rule(row["language"] and language_name(row["language"])),
             ),
             n,
             max_chars,
@@ -135,9 +157,11 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
 def full_tree(spec: JobSpec) -> pa.Table:
     """Every planned leaf position with no text yet: the frame the LLM's answers fill in."""
     sizes = spec.sizes()
+    trees = spec.languages if spec.tree_languages == "per_language" else [None]
     rows = [
-        {"label": label.id, "label_name": label.desc, "source_type_index": s, "source_type": None,
-         "topic_index": t, "topic": None, "subtopic_index": u, "subtopic": None}
+        {"language": language, "label": label.id, "label_name": label.desc, "source_type_index": s,
+         "source_type": None, "topic_index": t, "topic": None, "subtopic_index": u, "subtopic": None}
+        for language in trees
         for label in spec.labels
         for s in range(sizes["n_source_type"])
         for t in range(sizes["n_topic"])
@@ -149,62 +173,83 @@ def full_tree(spec: JobSpec) -> pa.Table:
 # -- generation requests ---------------------------------------------------------------------
 
 
+def leaves(spec: JobSpec, tree: pa.Table) -> list[tuple[int, int]]:
+    """Every generation leaf as (language index, tree row): a shared row serves every language,
+    a per-language row its own."""
+    tree_languages = tree.column("language").to_pylist()
+    return [
+        (lang, row)
+        for lang, code in enumerate(spec.languages)
+        for row, language in enumerate(tree_languages)
+        if language in (None, code)
+    ]
+
+
 def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> list[list[int]]:
-    """Examples wanted for each (language, tree row): ``counts[language][row]``.
+    """Examples wanted for each (language, tree row): ``counts[language][row]`` (0 off its leaves).
 
     With explicit sizes every leaf gets ``sample_per_subtopic``. With ``n_record_to_generate``
     the total is split exactly: every leaf gets the floor share and the remainder goes one each
     to leaves taken round-robin across (language, label), so classes stay balanced within one.
     """
-    n_leaves = tree.num_rows * len(spec.languages)
+    pairs = leaves(spec, tree)
+    counts = [[0] * tree.num_rows for _ in spec.languages]
     if spec.n_record_to_generate is None:
-        return [[spec.sample_per_subtopic] * tree.num_rows for _ in spec.languages]
-    base, extra = divmod(spec.n_record_to_generate, n_leaves)
+        for lang, row in pairs:
+            counts[lang][row] = spec.sample_per_subtopic
+        return counts
+    base, extra = divmod(spec.n_record_to_generate, len(pairs))
     labels = tree.column("label").to_pylist()
+    group_of = {label.id: g for g, label in enumerate(spec.labels)}
     seen: dict[tuple[int, str], int] = {}
     rank = []  # (position within its (language, label) group, group) orders the round-robin
-    group_of = {label.id: g for g, label in enumerate(spec.labels)}
-    for lang in range(len(spec.languages)):
-        for row, label in enumerate(labels):
-            position = seen.get((lang, label), 0)
-            seen[(lang, label)] = position + 1
-            rank.append((position, group_of[label] * len(spec.languages) + lang, lang, row))
-    counts = [[base] * tree.num_rows for _ in spec.languages]
+    for lang, row in pairs:
+        position = seen.get((lang, labels[row]), 0)
+        seen[(lang, labels[row])] = position + 1
+        rank.append((position, group_of[labels[row]] * len(spec.languages) + lang, lang, row))
+        counts[lang][row] = base
     for _, _, lang, row in sorted(rank)[:extra]:
         counts[lang][row] += 1
     return counts
 
 
 def generation_requests(spec: JobSpec, tree: pa.Table) -> list[dict]:
-    """One request per chunk of at most ``examples_per_request`` samples of each complete leaf."""
+    """One request per chunk of at most ``examples_per_request`` samples of each complete leaf.
+
+    The languages take turns in the list, so every language is under way from the start: the
+    early-stop verdict on a pass's first answers is not one language's, and a run cut short
+    holds some of every language.
+    """
     counts = samples_per_leaf(spec, tree)
     per_request = spec.sampling.examples_per_request
     max_chars = spec.sampling.text_chars(spec.languages)
-    leaves = tree.to_pylist()
-    requests = []
-    for lang_index, language in enumerate(spec.languages):
-        name = language_name(language)
-        for row, leaf in enumerate(leaves):
-            if any(leaf[level] is None for level in TREE_LEVELS):
-                continue
-            this_leaf = leaf_id(language, leaf["label"], leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
-            for first in range(0, counts[lang_index][row], per_request):
-                n = min(per_request, counts[lang_index][row] - first)
-                prompt = prompts.render(
-                    prompts.GENERATE, instruction=spec.instruction, labels=labels_text(spec),
-                    label=leaf["label_name"], topic=leaf["topic"], subtopic=leaf["subtopic"],
-                    source_type=leaf["source_type"], n=n, language=name,
+    tree_rows = tree.to_pylist()
+    by_language: list[list[dict]] = [[] for _ in spec.languages]
+    for lang, row in leaves(spec, tree):
+        language = spec.languages[lang]
+        leaf = {**tree_rows[row], "language": language}
+        if any(leaf[level] is None for level in TREE_LEVELS):
+            continue
+        label = label_text(spec, leaf["label"], language)
+        this_leaf = leaf_id(language, leaf["label"], leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
+        for first in range(0, counts[lang][row], per_request):
+            n = min(per_request, counts[lang][row] - first)
+            prompt = prompts.render(
+                prompts.GENERATE, instruction=spec.instruction_by_language.get(language, spec.instruction),
+                labels=labels_text(spec, language), label=label, topic=leaf["topic"], subtopic=leaf["subtopic"],
+                source_type=leaf["source_type"], n=n,
+                language_rule=prompts.language_rule(language_name(language), language in spec.instruction_by_language),
+            )
+            by_language[lang].append(
+                _request(
+                    "generate", stable_id("generate", this_leaf, first), prompt, n, max_chars,
+                    spec.sampling.max_tokens, leaf_id=this_leaf, first_sample=first,
+                    min_words=spec.sampling.min_text_words, echoes=[label, *(leaf[k] for k in TREE_LEVELS)], **leaf,
                 )
-                requests.append(
-                    _request(
-                        "generate", stable_id("generate", this_leaf, first), prompt, n, max_chars,
-                        spec.sampling.max_tokens, language=language, leaf_id=this_leaf,
-                        first_sample=first, min_words=spec.sampling.min_text_words,
-                        echoes=[leaf[k] for k in ("label_name", *TREE_LEVELS)], **leaf,
-                    )
-                )
-    return requests
+            )
+    return [request for turn in itertools.zip_longest(*by_language) for request in turn if request]
 
 
-def expected_rows(spec: JobSpec, tree: pa.Table) -> int:
-    return sum(map(sum, samples_per_leaf(spec, tree)))
+def expected_rows(spec: JobSpec, tree: pa.Table) -> dict[str, int]:
+    """Planned rows per language."""
+    return {language: sum(per_row) for language, per_row in zip(spec.languages, samples_per_leaf(spec, tree))}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 SOURCE_TYPE = (
     "I am building a document classifier to {instruction} with labels {labels}. "
-    "Suggest {n} source type of information for efficient data acquisition.\n"
+    "Suggest {n} source type of information for efficient data acquisition.{in_language}\n"
     'Output JSON array. Each item contains key "source_type".'
 )
 
@@ -19,7 +19,7 @@ TOPIC = (
     "I would like to collect collectively exhaustive taxonomy or topic for the label: "
     "{label} from {source_type}.\n\n"
     "<instruction>\n"
-    "- Suggest {n} taxonomies or topics to further expand on this label.\n"
+    "- Suggest {n} taxonomies or topics to further expand on this label.{in_language}\n"
     '- Output JSON array. Each item contains key "item"\n'
     "</instruction>"
 )
@@ -28,7 +28,7 @@ SUBTOPIC = (
     "I am building document classifier to {instruction} with labels {labels}. "
     "I would like to collect collectively exhaustive subtopic under {topic} from {source_type}.\n\n"
     "<instruction>\n"
-    "- Suggest {n} subtopic or keywords.\n"
+    "- Suggest {n} subtopic or keywords.{in_language}\n"
     '- Output JSON array. Each item contains key "item"\n'
     "</instruction>"
 )
@@ -43,7 +43,7 @@ GENERATE = (
     "  Subtopic: {subtopic}.\n"
     "  Source type: {source_type}\n"
     "- Generate {n} example.\n"
-    "- Write every example in {language}.\n"
+    "- {language_rule}\n"
     "- The example shall have a realistic length, and cannot be too short.\n"
     '- Output JSON array. Each item contains key "text"\n'
     "</instruction>"
@@ -51,6 +51,19 @@ GENERATE = (
 
 # The key each kind of answer puts its items under, as in the seed prompts.
 ITEM_KEY = {"source_type": "source_type", "topic": "item", "subtopic": "item", "generate": "text"}
+
+
+def language_rule(language: str, translated: bool) -> str:
+    """The generation prompt's language line: plain when the prompt is written in that language,
+    insistent when an English prompt asks for another language (small models drift to English)."""
+    if translated or language == "English":
+        return f"Write every example in {language}."
+    return f"Write every example in {language} only, never in English, although these instructions are in English."
+
+
+def tree_language_rule(language: str | None) -> str:
+    """The tree prompts' language sentence: none for a shared tree, else its items' language."""
+    return f" Write every item in {language}." if language else ""
 
 
 def render(template: str, **fields: object) -> str:

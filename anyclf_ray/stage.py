@@ -10,7 +10,7 @@ settings is already committed, and redone (after clearing a stale attempt) other
 what it checks before any cluster time (``check``) and what it does (``execute``).
 ``FilterStage`` is a stage that keeps or removes rows, each removed row with its ``reason``:
 the base reads the input shards, writes ``data/`` and ``removed/``, counts kept and removed rows
-per label and reason, and adds the stage's config to the dataset card. A new filter is one
+per label, language and reason, and adds the stage's config to the dataset card. A new filter is one
 module with a ``decide`` method, one spec section and one line in ``pipeline.STAGES``.
 """
 
@@ -148,6 +148,7 @@ class Stage:
             "fingerprint": fingerprint,
             "input": {"stage": upstream["stage"], "fingerprint": upstream["fingerprint"]} if upstream else None,
             "settings": self.settings.model_dump(),
+            **({"warnings": warnings} if (warnings := ctx.spec.warnings()) else {}),
             **fields,
             "timings_s": {step: round(seconds, 3) for step, seconds in timings.items()},
         }
@@ -160,6 +161,16 @@ def read_rows(location: RunLocation, shards: list[str], columns: list[str] | Non
     """The rows of ``shards`` as one table sorted by id (footer metadata dropped)."""
     tables = [location.read_table(s, columns=columns).replace_schema_metadata(None) for s in shards]
     return pa.concat_tables(tables).sort_by("id")
+
+
+def removal_by_language(rows: pa.Table, removed: pa.Table) -> list[dict]:
+    """Input rows, removed rows and the removed share of each language."""
+    removed_by = {row["language"]: row["rows"] for row in cards.counts(removed, ["language"])}
+    return [
+        {"language": row["language"], "input": row["rows"], "removed": removed_by.get(row["language"], 0),
+         "removed_share": round(removed_by.get(row["language"], 0) / row["rows"], 4)}
+        for row in cards.counts(rows, ["language"])
+    ]
 
 
 @dataclasses.dataclass
@@ -215,7 +226,9 @@ class FilterStage(Stage):
             "removed": {
                 "by_reason": {reason: reasons.get(reason, 0) for reason in self.reasons},
                 "by_label_reason": cards.counts(removed, ["label", "reason"]),
+                "by_language_reason": cards.counts(removed, ["language", "reason"]),
             },
+            "languages": removal_by_language(rows, removed),
             "kept_by_label": cards.counts(kept, ["label"]),
             **decision.fields,
             "shards": {

@@ -329,24 +329,27 @@ class Train(Stage):
     def execute(self, ctx: Context, upstream: dict) -> dict:
         spec, settings, location = self.spec, self.settings, ctx.location
         label_ids = [label.id for label in spec.labels]
-        rows = read_rows(location, upstream["shards"]["data"], columns=["id", "text", "label"])
+        rows = read_rows(location, upstream["shards"]["data"], columns=["id", "text", "label", "language"])
         train_rows, held_out = split(rows, settings)
         check_labels(train_rows, spec)
         check_workers(settings)
-        splits = {"held_out": (held_out["text"].to_pylist(), held_out["label"].to_pylist())}
+        splits = {"held_out": (held_out["text"].to_pylist(), held_out["label"].to_pylist(),
+                               held_out["language"].to_pylist())}
         if self.real:
             splits["eval_set"] = self.real
-        texts = [text for split_texts, _ in splits.values() for text in split_texts]
+        texts = [text for split_texts, _, _ in splits.values() for text in split_texts]
         finished = [found for _, found in ctx.finished]
         fingerprint = self.fingerprint(upstream["fingerprint"])
         result = fit(location, spec, train_rows, texts, run_name=f"train-{fingerprint}", finished=finished)
         head, vectors, evaluation, offset = result["model"].model_head, result["other_vectors"], {}, 0
-        for name, (split_texts, truth) in splits.items():
+        for name, (split_texts, truth, languages) in splits.items():
             if not split_texts:
                 continue
             predicted = [label_ids[i] for i in head.predict(vectors[offset : offset + len(split_texts)])]
             offset += len(split_texts)
             evaluation[name] = evaluate.metrics(truth, predicted, label_ids)
+            if languages:
+                evaluation[name]["by_language"] = evaluate.metrics_by_language(truth, predicted, languages, label_ids)
             location.write_bytes(f"eval/confusion-{name}.png", evaluate.confusion_png(evaluation[name], name))
         location.write_json("eval/metrics.json", evaluation)
         card = model_card(spec, location.run_id, upstream["stage"], result["figures"], evaluation)

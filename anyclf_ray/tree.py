@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 LEVEL_INDEX = {"source_type": "source_type_index", "topic": "topic_index", "subtopic": "subtopic_index"}
 
 
-def _fill_level(level: str, rows: list[dict], results: list[dict], rows_per_leaf: list[int]) -> list[dict]:
-    """Write each node's answer into the leaves under it; return failure records."""
-    keys = plan.NODE_KEYS[level]
+def _fill_level(level: str, keys: tuple[str, ...], rows: list[dict], results: list[dict],
+                rows_per_leaf: list[int]) -> list[dict]:
+    """Write each node's answer into the leaves under it (a node named by ``keys``); return
+    failure records."""
     by_node = {tuple(r[k] for k in keys): r for r in results}
     failures = []
     lost: dict[tuple, int] = {}
@@ -56,6 +57,6 @@ def expand(spec: JobSpec, pool: EnginePool) -> tuple[pa.Table, list[dict], dict[
             break
         log.info("tree: expanding %d %s node(s)", len(requests), level)
         results = pool.answer_table(engine.requests_table(requests), f"tree/{level}")
-        failures += _fill_level(level, rows, results.to_pylist(), rows_per_leaf)
+        failures += _fill_level(level, plan.node_keys(level, spec), rows, results.to_pylist(), rows_per_leaf)
         total = {key: total[key] + value for key, value in engine.usage(results).items()}
     return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA), failures, total

@@ -41,6 +41,10 @@ def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
         "output": {"path": str(output), "rows_per_shard": 24},
         "run_id": run_id,
         # The checks and the report embed every row; the tests that are about them turn them on.
+        # English-only but offline; multilingual specs default to a hub model this machine lacks.
+        "dedup": {"model": "builtin:all-minilm-l6-v2"},
+        "train": {"base_model": "builtin:all-minilm-l6-v2"},
+        "language_check": {"enabled": False},
         "label_check": {"enabled": False},
         "diversity": {"enabled": False},
     }
@@ -83,7 +87,7 @@ def write_generated(spec, rows: list[tuple], parts: int = 2):
     shards = [f"data/part-{p}.parquet" for p in range(parts)]
     for p, shard in enumerate(reversed(shards)):  # the shard order must not matter
         location.write_table(shard, table.slice(p * size, size))
-    summary = {"rows": {"written": table.num_rows, "expected": table.num_rows},
+    summary = {"rows": {"written": table.num_rows, "expected": table.num_rows}, "languages": [],
                "counts": {"by_label": []}, "failures": {"requests": 0}}
     location.write_json("manifest.json", {**summary, "stage": "generate", "fingerprint": spec.fingerprint(),
                                           "shards": {"data": shards}})

@@ -136,8 +136,8 @@ def test_fingerprint_ignores_placement_but_not_content(raw):
 def test_fingerprints_come_from_the_fields_marked_deciding(raw):
     spec = config.parse(raw)
     assert set(config.decisive(spec)) == {
-        "instruction", "labels", "n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic",
-        "n_record_to_generate", "languages", "model", "sampling", "tree_path",
+        "instruction", "instruction_by_language", "labels", "n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic",
+        "n_record_to_generate", "languages", "tree_languages", "model", "sampling", "tree_path",
     }
     assert set(config.decisive(spec)["model"]) == {"name", "dtype", "max_model_len"}
     assert set(config.decisive(spec.dedup)) == {"model", "threshold", "conflicts", "partition_size", "probes", "seed"}
@@ -147,18 +147,18 @@ def test_later_stages_chain_their_own_fingerprints(raw):
     from anyclf_ray import pipeline
 
     def chain(spec):
-        found, upstream = {}, None
-        for stage in pipeline.stages(spec):
-            upstream = found[stage.name] = stage.fingerprint(upstream)
-        return found
+        return pipeline.chain(pipeline.stages(spec))[0]
+
+    def retuned(section, **fields):
+        return config.parse({**raw, section: {**raw.get(section, {}), **fields}})
 
     base = chain(config.parse(raw))
-    retuned = chain(config.parse({**raw, "dedup": {"threshold": 0.8}}))
-    assert retuned["generate"] == base["generate"]  # the generated data stays valid
-    assert retuned["dedup"] != base["dedup"] and retuned["train"] != base["train"]  # and the chain moves on
+    moved = chain(retuned("dedup", threshold=0.8))
+    assert moved["generate"] == base["generate"]  # the generated data stays valid
+    assert moved["dedup"] != base["dedup"] and moved["train"] != base["train"]  # and the chain moves on
     # Where dedup runs does not change which rows it keeps.
-    assert chain(config.parse({**raw, "dedup": {"replicas": 4, "batch_size": 8}})) == base
-    assert chain(config.parse({**raw, "train": {"num_iterations": 3}}))["dedup"] == base["dedup"]
+    assert chain(retuned("dedup", replicas=4, batch_size=8)) == base
+    assert chain(retuned("train", num_iterations=3))["dedup"] == base["dedup"]
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 class FakeEngine:
     """An ``engine.Engine`` that answers at once: schema-valid items, except that each prompt's
-    first ``fail_first`` attempts (all of them with ``always_fail``) come back cut off."""
+    first ``fail_first`` attempts (all of them with ``always_fail``, or when the prompt holds
+    ``fail_on``) come back cut off."""
 
-    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay: float = 0.0):
-        self.fail_first, self.always_fail, self.delay = fail_first, always_fail, delay
+    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay: float = 0.0, fail_on: str | None = None):
+        self.fail_first, self.always_fail, self.delay, self.fail_on = fail_first, always_fail, delay, fail_on
         self.attempts: collections.Counter = collections.Counter()
         self.calls = 0
 
@@ -40,10 +41,11 @@ class FakeEngine:
         for prompt in prompts:
             self.attempts[prompt.text] += 1
             key = next(iter(prompt.schema["items"]["properties"]))
-            if self.always_fail or self.attempts[prompt.text] <= self.fail_first:
+            failing = self.always_fail or (self.fail_on is not None and self.fail_on in prompt.text)
+            if failing or self.attempts[prompt.text] <= self.fail_first:
                 out.append(engine.Completion(f'[{{"{key}": "cut', "length", 7, prompt.max_tokens))
             else:
-                items = [{key: f"fake item {i} written with seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
+                items = [{key: f"Item {i} of a fake answer, which the test engine wrote with seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
                 out.append(engine.Completion(json.dumps(items), "stop", 7, 3 * len(items)))
         return out
 
@@ -68,7 +70,8 @@ def test_an_answer_that_fails_once_is_retried_then_succeeds():
     assert [r["attempts"] for r in answered] == [2] * 3
     assert fake.calls == 2  # the retries of a batch go to the engine as one batch
     # Each attempt has its own seed, so the answer kept is the second attempt's.
-    assert answered[0]["items"][0] == f"fake item 0 written with seed {engine.request_seed(SAMPLING.seed, 'r0', 1)}"
+    assert answered[0]["items"][0] == (
+        f"Item 0 of a fake answer, which the test engine wrote with seed {engine.request_seed(SAMPLING.seed, 'r0', 1)}")
     assert answered[0]["tokens_out"] == 64 + 6 and answered[0]["tokens_in"] == 14  # both attempts counted
     assert answered[0]["error"] is None and answered[0]["last_output"] is None
 
@@ -170,6 +173,17 @@ def test_words_are_counted_in_scripts_without_spaces(text, words):
     assert items.word_count(text) == words
 
 
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("Great  movie,\nloved it!", "great movie, LOVED it!"), ("ＡＢＣ　１２３ is fine", "abc 123 is fine"),
+     ("这部 电影 很好看", "这部电影很好看"), ("這部電影，很好看", "這部電影,很好看"), ("この映画は 最高", "この映画は最高"),
+     ("ภาพยนตร์ เรื่องนี้", "ภาพยนตร์เรื่องนี้"), ("ΟΔΟΣ", "οδος"), ("Straße", "STRASSE"), ("정말 재미있는", "정말 재미있는")],
+)
+def test_texts_that_differ_only_in_form_normalise_alike(one, other):
+    assert items.normalise(one) == items.normalise(other)
+    assert items.normalise("정말 재미있는") != items.normalise("정말재미있는")  # Korean separates words by spaces
+
+
 def test_text_pattern_refuses_json_syntax_and_a_leading_space():
     import re
 
@@ -243,3 +257,34 @@ def test_whole_run_on_a_fake_engine_counts_rows_and_starts(local_ray, tmp_path):
     assert sorted(rows["id"].to_pylist()) == sorted(
         plan.example_id(r["leaf_id"], r["sample_index"]) for r in rows.to_pylist())
     assert len(set(rows["id"].to_pylist())) == 96
+
+
+# Twelve languages, the one whose every request fails listed first.
+BULK_LANGUAGES = ["th", "en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "zh", "ja"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree_languages", ["shared", "per_language"])
+def test_one_failing_language_of_twelve_holds_up_none_of_the_others(local_ray, tmp_path, tree_languages):
+    spec = config.parse(tiny_raw(tmp_path, "bulk", languages=BULK_LANGUAGES, tree_languages=tree_languages,
+                                 language_check={"enabled": True}, dedup={"enabled": False}, train={"enabled": False}))
+    found = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_on="Thai"))
+    generated = found["generate"]
+    # A per-language tree fails at Thai's source types (1 request); a shared tree at Thai's 32 generation requests.
+    thai_failures = {"shared": 32, "per_language": 1}[tree_languages]
+    assert generated["languages"] == [
+        {"language": language, "expected": 48, "written": 0 if language == "th" else 48,
+         "missing": 48 if language == "th" else 0, "failed_requests": thai_failures if language == "th" else 0}
+        for language in BULK_LANGUAGES
+    ]
+    assert generated["status"] == "incomplete" and generated["rows"]["written"] == 11 * 48
+    location = RunLocation(spec.output, "bulk")
+    failures = pa.concat_tables([location.read_table(path) for path in generated["failures"]["files"]])
+    assert set(failures["language"].to_pylist()) == {"th"} and sum(failures["rows_lost"].to_pylist()) == 48
+    # The fake writes English, so the language check keeps English and removes the rest, counted per language.
+    checked = found["language_check"]
+    assert [(row["language"], row["input"]) for row in checked["languages"]] == [
+        (language, 48) for language in sorted(BULK_LANGUAGES) if language != "th"]
+    shares = {row["language"]: row["removed_share"] for row in checked["languages"]}
+    assert shares.pop("en") == 0.0 and set(shares.values()) == {1.0}
+    assert "| th | 48 | 0 | " in location.read_bytes("README.md").decode()

@@ -32,9 +32,23 @@ def write_as(fmt: str, folder) -> str:
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "datasets"])
 def test_every_format_reads_to_the_same_texts_and_labels(tmp_path, fmt):
     settings = EvalSetSpec(path=write_as(fmt, tmp_path), text_column="body", label_column="stars", label_map=LABEL_MAP)
-    texts, labels = evaluate.load_eval_set(settings, ["neg", "pos"])
+    texts, labels, languages = evaluate.load_eval_set(settings, ["neg", "pos"])
     assert texts == ["great phone", "awful food", "fine hotel", "broken again"]
-    assert labels == ["pos", "neg", "pos", "neg"]
+    assert labels == ["pos", "neg", "pos", "neg"] and languages is None
+
+
+def test_metrics_per_language_split_the_rows_by_their_language():
+    true, predicted = ["pos", "neg", "pos", "neg", "pos"], ["pos", "neg", "neg", "neg", "pos"]
+    found = evaluate.metrics_by_language(true, predicted, ["en", "en", "fr", "fr", "fr"], ["neg", "pos"])
+    assert {code: (m["rows"], m["accuracy"]) for code, m in found.items()} == {"en": (2, 1.0), "fr": (3, 2 / 3)}
+    assert "confusion_matrix" not in found["fr"] and found["fr"]["per_class"]["pos"]["support"] == 2
+
+
+def test_a_language_column_the_set_lacks_is_refused(tmp_path):
+    settings = EvalSetSpec(path=write_as("csv", tmp_path), text_column="body", label_column="stars",
+                           label_map=LABEL_MAP, language_column="lang")
+    with pytest.raises(ConfigError, match=r"^train.eval_set.language_column: .* has no column 'lang'"):
+        evaluate.load_eval_set(settings, ["neg", "pos"])
 
 
 def test_an_unreadable_kind_of_file_is_refused(tmp_path):

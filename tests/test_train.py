@@ -36,7 +36,8 @@ def reviews(count: int, seed: int) -> list[tuple]:
     for i in range(count):
         label = "pos" if i % 2 else "neg"
         template = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
-        rows.append((f"r{seed}-{i:04d}", label, "en", f"{template.format(rng.choice(THINGS))} ({i})"))
+        language = "fr" if i % 4 == 3 else "en"  # a language tag for the per-language metrics; the text is English
+        rows.append((f"r{seed}-{i:04d}", label, language, f"{template.format(rng.choice(THINGS))} ({i})"))
     return rows
 
 
@@ -50,7 +51,8 @@ def eval_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "real.csv"
     rows = reviews(30, seed=7)
     pyarrow.csv.write_csv(
-        pa.table({"review": [r[3] for r in rows], "kind": ["good" if r[1] == "pos" else "bad" for r in rows]}), path
+        pa.table({"review": [r[3] for r in rows], "kind": ["good" if r[1] == "pos" else "bad" for r in rows],
+                  "lang": [r[2] for r in rows]}), path
     )
     return path
 
@@ -59,7 +61,7 @@ def eval_csv(tmp_path_factory):
 def trained(tmp_path_factory, local_ray, eval_csv):
     output = tmp_path_factory.mktemp("train") / "runs"
     eval_set = {"path": str(eval_csv), "text_column": "review", "label_column": "kind",
-                "label_map": {"good": "pos", "bad": "neg"}}
+                "label_map": {"good": "pos", "bad": "neg"}, "language_column": "lang"}
     spec = config.parse(train_raw(output, "trained", eval_set=eval_set))
     location = write_generated(spec, reviews(80, seed=1))
     return spec, location, pipeline.run(spec, only="train")["train"]
@@ -98,6 +100,9 @@ def test_metrics_and_confusion_matrices_are_written(trained):
     assert set(real) >= {"accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"}
     assert sum(map(sum, real["confusion_matrix"]["rows_true_columns_predicted"])) == 30
     assert real["accuracy"] >= 0.9 and metrics["held_out"]["macro_f1"] >= 0.9
+    assert {code: figures["rows"] for code, figures in real["by_language"].items()} == {"en": 23, "fr": 7}
+    held_out = metrics["held_out"]["by_language"]
+    assert set(held_out) <= {"en", "fr"} and sum(f["rows"] for f in held_out.values()) == metrics["held_out"]["rows"]
     for split in ("held_out", "eval_set"):
         assert location.read_bytes(f"eval/confusion-{split}.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -173,7 +178,7 @@ def with_rows(tmp_path, run_id: str, rows: list[tuple], **train_fields) -> dict:
     [
         ({"label_map": {"good": "pos"}},
          "train.eval_set.label_map: value 'bad' of 'kind' maps to no job label; map it to one of ['neg', 'pos']"),
-        ({"text_column": "text"}, "train.eval_set.text_column: {path} has no column 'text'; it has ['review', 'kind']"),
+        ({"text_column": "text"}, "train.eval_set.text_column: {path} has no column 'text'; it has ['review', 'kind', 'lang']"),
     ],
 )
 def test_eval_set_that_does_not_fit_is_refused(tmp_path, capsys, eval_csv, eval_set, message):

@@ -1,0 +1,106 @@
+"""The language check on real texts in several languages and scripts (written here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from anyclf_ray import config, language_check, pipeline
+from conftest import read_parts, tiny_raw, write_generated
+
+# (id, label, requested language, text): the x rows are not in the language asked for.
+ROWS = [
+    ("en1", "pos", "en", "The hotel staff were friendly and the room was spotless."),
+    ("en2", "neg", "en", "My order arrived two weeks late and the box was crushed."),
+    ("fr1", "pos", "fr", "Le personnel de l'hôtel était charmant et la chambre impeccable."),
+    ("fr2", "neg", "fr", "Ma commande est arrivée avec deux semaines de retard."),
+    ("zh1", "pos", "zh", "酒店的员工非常友好，房间也很干净。"),
+    ("zh2", "neg", "zh", "我的订单晚到了两个星期，盒子也被压坏了。"),
+    ("ja1", "pos", "ja", "ホテルのスタッフはとても親切で、部屋もきれいでした。"),
+    ("ru1", "neg", "ru", "Мой заказ пришёл на две недели позже, коробка была помята."),
+    ("ar1", "pos", "ar", "كان موظفو الفندق ودودين وكانت الغرفة نظيفة للغاية."),
+    ("x1", "pos", "fr", "The staff at the hotel were lovely and the room was clean."),  # English for French
+    ("x2", "neg", "zh", "Ma commande est arrivée cassée et personne ne répond."),  # French for Chinese
+    ("x3", "pos", "ja", "酒店的员工非常友好，房间也很干净，我们会再来。"),  # Chinese for Japanese
+]
+WRONG = {"x1": "en", "x2": "fr", "x3": "zh"}
+
+
+def spec_for(tmp_path, run_id: str, **fields) -> config.JobSpec:
+    return config.parse(tiny_raw(tmp_path, run_id, languages=["en", "fr", "zh", "ja", "ru", "ar"],
+                                 language_check={"enabled": True, **fields}))
+
+
+# Tests that run the stage take the module's embedded Ray (a Ray started by the pipeline itself
+# would outlive the module and clash with the next module's).
+
+
+def test_texts_in_other_languages_are_removed_with_what_was_detected(tmp_path, local_ray):
+    spec = spec_for(tmp_path, "langs")
+    location = write_generated(spec, ROWS)
+    found = pipeline.run(spec, only="language_check")["language_check"]
+    removed = {row["id"]: row for row in read_parts(location, "language_check/removed").to_pylist()}
+    assert {i: (r["reason"], r["detected_language"]) for i, r in removed.items()} == {
+        i: ("wrong_language", language) for i, language in WRONG.items()}
+    kept = read_parts(location, "language_check/data")
+    assert kept.num_rows == 9 and kept["detected_language"].to_pylist() == kept["language"].to_pylist()
+    assert found["removed"]["by_reason"] == {"wrong_language": 3, "low_confidence": 0}
+    assert {"language": "fr", "detected_language": "en", "rows": 1} in found["requested_by_detected"]
+    assert location.read_bytes(found["figure"])[:4] == b"\x89PNG"
+
+
+def test_a_high_confidence_bar_removes_uncertain_rows(tmp_path, local_ray):
+    spec = spec_for(tmp_path, "strict", min_confidence=0.99)
+    write_generated(spec, ROWS)
+    found = pipeline.run(spec, only="language_check")["language_check"]
+    assert found["removed"]["by_reason"]["wrong_language"] == 3
+    assert found["removed"]["by_reason"]["low_confidence"] >= 1  # short Latin-script texts share words
+
+
+def test_a_language_the_detector_does_not_know_fails_before_any_work(tmp_path):
+    spec = config.parse(tiny_raw(tmp_path, "unknown", languages=["en", "haw"], language_check={"enabled": True}))
+    with pytest.raises(config.ConfigError, match=r"^languages: the language check cannot detect 'haw'; remove it"):
+        pipeline.run(spec, only="language_check")
+
+
+def test_a_language_outside_the_run_is_named_when_the_detector_also_weighs_it():
+    spanish = "El personal del hotel fue muy amable y la habitación estaba limpia y tranquila."
+    detected, _ = language_check.detect([spanish], ["pt"], ("en", "es"))
+    assert detected == ["es"]
+
+
+def test_an_extra_language_the_detector_does_not_know_fails_before_any_work(tmp_path):
+    spec = spec_for(tmp_path, "extra", also_detect=["es", "tlh"])
+    with pytest.raises(config.ConfigError, match=r"^language_check.also_detect: the language check cannot detect 'tlh'"):
+        pipeline.run(spec, only="language_check")
+
+
+def test_detect_names_requested_codes_as_the_spec_writes_them():
+    detected, confidence = language_check.detect(["Bonjour tout le monde, comment allez-vous ?"], ["fra"])
+    assert detected == ["fra"] and confidence[0] > 0.5
+
+
+def test_an_english_only_embedder_on_other_languages_is_warned_about(tmp_path, caplog, local_ray):
+    message = ("dedup.model: builtin:all-minilm-l6-v2 reads English only, but languages include fr; "
+               "set a multilingual model such as sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2")
+    spec = config.parse(tiny_raw(tmp_path, "warned", languages=["en", "fr"], language_check={"enabled": True},
+                                 dedup={"enabled": True}, train={"enabled": False}))
+    assert spec.warnings() == [message]
+    location = write_generated(spec, ROWS[:4])
+    with caplog.at_level("WARNING"):
+        found = pipeline.run(spec, only="language_check")["language_check"]
+    assert found["warnings"] == [message] and f"warning: {message}" in caplog.text
+    assert f"### Warnings\n\n- {message}" in location.read_bytes("README.md").decode()
+    assert config.parse(tiny_raw(tmp_path, "en", languages=["en"], dedup={"enabled": True})).warnings() == []
+    assert config.parse(tiny_raw(tmp_path, "off", languages=["fr"], dedup={"enabled": False},
+                                 train={"enabled": False})).warnings() == []  # nothing embeds
+
+
+def test_runs_in_other_languages_default_to_a_multilingual_embedder(tmp_path):
+    raw = tiny_raw(tmp_path, "multi", languages=["fr", "zh"])
+    del raw["dedup"], raw["train"]
+    spec = config.parse(raw)
+    assert spec.dedup.model == spec.train.base_model == "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
+    assert spec.warnings() == []
+    english = config.parse({**raw, "languages": ["en"]})
+    assert english.dedup.model == "builtin:all-minilm-l6-v2"  # English runs keep the English defaults
+    assert english.train.base_model == "sentence-transformers/paraphrase-mpnet-base-v2"
