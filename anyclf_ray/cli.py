@@ -4,8 +4,9 @@
 on an embedded local Ray, or on the cluster at ``--address`` / ``RAY_ADDRESS``: ``generate``
 writes the synthetic data, ``label-check`` removes rows that do not say what their label says,
 ``dedup`` removes duplicates, ``diversity`` reports on the rows kept, ``train`` trains and
-evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``anyclf-ray predict --model DIR --input FILE
---output DIR`` labels a table with a trained model.
+evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``anyclf-ray plan
+--config FILE [--tokens-per-second N]`` prints what a spec will generate and cost, with no LLM
+time. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a trained model.
 
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
 before any model is loaded); 3 the run finished but LLM failures left rows missing (counted in the
@@ -17,6 +18,7 @@ folder (named on the console).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -52,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--address", help=ADDRESS_HELP)
         command.add_argument("--verbose", action="store_true", help="show engine and worker logs on the console")
+    planned = commands.add_parser("plan", help="print the plan of a spec (requests, rows, tokens, time), spending no LLM time")
+    planned.add_argument("--config", required=True, help="job spec YAML file")
+    planned.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    planned.add_argument("--tokens-per-second", type=float, help="tokens one replica decodes per second, for the time")
     predict = commands.add_parser("predict", help="predict labels for a Parquet/CSV/JSONL input with a trained model")
     predict.add_argument("--model", required=True, help="a trained model folder, e.g. runs/<run_id>/model")
     predict.add_argument("--input", required=True, help="Parquet, CSV or JSONL file (or Parquet folder), local or s3://")
@@ -73,6 +79,14 @@ def _run(args) -> int:
     return 0 if all(found["status"] == "complete" for found in manifests.values()) else EXIT_INCOMPLETE
 
 
+def _plan(args) -> int:
+    from anyclf_ray import estimate
+
+    spec = config.load(args.config, args.overrides)
+    print(json.dumps(estimate.estimate(spec, args.tokens_per_second), indent=2))
+    return 0
+
+
 def _predict(args) -> int:
     from anyclf_ray import predict, runtime
     from anyclf_ray.config import ActorPlacement
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="anyclf-ray: %(message)s")
     try:
-        return _predict(args) if args.command == "predict" else _run(args)
+        return {"predict": _predict, "plan": _plan}.get(args.command, _run)(args)
     except config.ConfigError as error:
         print(f"anyclf-ray: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, manifest, plan, tree
+from anyclf_ray import engine, estimate, manifest, plan, tree
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.stage import Context, Stage
@@ -216,6 +216,7 @@ class Generate(Stage):
             "output": location.uri(),
             "sizes": spec.sizes(),
             "versions": manifest.versions(),
+            "plan": estimate.estimate(spec),
             **summary,
             "engine": ctx.engine_figures(),
             "timings_s": timings,

