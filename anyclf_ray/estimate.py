@@ -39,7 +39,7 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
     counts = plan.samples_per_leaf(spec, tree)
     requests, tokens_in, tokens_out = {}, 0, 0
     for level in plan.TREE_LEVELS:
-        level_requests = plan.tree_requests(level, spec, rows)
+        level_requests = [] if spec.tree_path else plan.tree_requests(level, spec, rows)  # a given tree costs none
         requests[level] = len(level_requests)
         tokens_in += prompt_tokens(level_requests)
         tokens_out += sum(request["max_tokens"] for request in level_requests)

@@ -189,7 +189,7 @@ def test_edited_tree_drives_generation(first_run, tmp_path):
     edited = config.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
     manifest = pipeline.run(edited, only="generate")["generate"]
     rows = read_parts(RunLocation(edited.output, "edited"))
-    assert manifest["llm"]["requests"] == GENERATION_REQUESTS  # no tree requests
+    assert manifest["llm"]["requests"] == manifest["plan"]["requests"]["total"] == GENERATION_REQUESTS  # no tree requests
     assert set(rows.filter(pa.compute.field("label") == "pos")["topic"].to_pylist()) == {"EDITED topic"}
     assert set(rows["id"].to_pylist()) == set(read_parts(location)["id"].to_pylist())
 
