@@ -4,8 +4,9 @@ In: a ``JobSpec`` and, optionally, a decode rate per replica. Out: tree sizes, l
 requests per pass, planned rows per label and language, tokens and, given the rate, time.
 No Ray and no model: the tree is a frame whose every item is ``max_item_chars`` long, so prompt
 lengths are upper bounds, and answers are counted at their token budgets (``max_tokens``): what
-a run's first attempts spend at most (retries of refused or cut-off answers add to both). ``anyclf-ray plan`` prints it; the generation's manifest
-keeps it beside the figures the run measured.
+a run's first attempts spend at most (retries of refused or cut-off answers add to both).
+``anyclf-ray plan`` prints it; the generation's manifest keeps it beside the figures the run
+measured.
 """
 
 from __future__ import annotations
@@ -44,13 +45,12 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         tokens_in += prompt_tokens(level_requests)
         tokens_out += sum(request["max_tokens"] for request in level_requests)
     per_request = spec.sampling.examples_per_request
-    rows_by = collections.Counter()
+    by_label = collections.Counter()
     generate = 0
     leaves = plan.leaves(spec, tree)
     for lang, row in leaves:
-        n = counts[lang][row]
-        rows_by[(spec.languages[lang], rows[row]["label"])] += n
-        generate += math.ceil(n / per_request)
+        by_label[rows[row]["label"]] += counts[lang][row]
+        generate += math.ceil(counts[lang][row] / per_request)
     # One leaf's prompts stand for all: they differ only in the tree items, here all alike.
     first_leaves = [row for row in rows if row["source_type_index"] == row["topic_index"] == row["subtopic_index"] == 0]
     one_each = spec.model_copy(update={"n_record_to_generate": None, "sample_per_subtopic": 1})
@@ -63,9 +63,9 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         "tree_languages": spec.tree_languages,
         "leaves": len(leaves),
         "rows": {
-            "total": sum(rows_by.values()),
-            "by_label": {label.id: sum(n for (_, l), n in rows_by.items() if l == label.id) for label in spec.labels},
-            "by_language": {code: sum(n for (c, _), n in rows_by.items() if c == code) for code in spec.languages},
+            "total": sum(by_label.values()),
+            "by_label": {label.id: by_label[label.id] for label in spec.labels},
+            "by_language": dict(zip(spec.languages, map(sum, counts))),  # as plan.expected_rows, from these counts
         },
         "requests": {**requests, "total": sum(requests.values())},
         "tokens": {"in": tokens_in, "out_budget": tokens_out},
