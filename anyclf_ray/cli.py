@@ -11,7 +11,8 @@ time. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a tabl
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
 before any model is loaded); 3 the run finished but LLM failures left rows missing (counted in the
 manifest, listed under ``failures/``); 4 stopped early because most of the first answers failed;
-1 anything else. ``--verbose`` shows engine and worker logs, which otherwise go to Ray's log
+1 anything else. ``--retry-failures`` (generate, run) asks again for the generation requests that
+failed in a finished run, and redoes the stages after it. ``--verbose`` shows engine and worker logs, which otherwise go to Ray's log
 folder (named on the console).
 """
 
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--address", help=ADDRESS_HELP)
         command.add_argument("--verbose", action="store_true", help="show engine and worker logs on the console")
+        if name in ("generate", "run"):
+            command.add_argument("--retry-failures", action="store_true",
+                                 help="ask again for the generation requests that failed in this run (and redo later stages)")
     planned = commands.add_parser("plan", help="print the plan of a spec (requests, rows, tokens, time), spending no LLM time")
     planned.add_argument("--config", required=True, help="job spec YAML file")
     planned.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -72,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     spec = config.load(args.config, args.overrides)
-    manifests = pipeline.run(spec, only=COMMANDS[args.command][1], address=args.address, verbose=args.verbose)
+    manifests = pipeline.run(spec, only=COMMANDS[args.command][1], address=args.address, verbose=args.verbose,
+                             retry_failures=getattr(args, "retry_failures", False))
     by_name = {stage.name: stage for stage in pipeline.stages(spec)}
     for name, found in manifests.items():
         print(f"anyclf-ray: {by_name[name].describe(found)}")

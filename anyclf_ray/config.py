@@ -143,6 +143,9 @@ class EngineSpec(ActorPlacement):
     # Times a dead replica is replaced (its in-flight batch is retried on the new one).
     restarts: int = Field(3, ge=0)
     env: dict[str, str] = {}
+    # Custom Ray resources a replica needs, to keep engines on some nodes (a node type's label,
+    # ``{"engine_node": 1}``); split across a tensor-parallel replica's GPU bundles.
+    resources: dict[str, float] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -346,6 +349,13 @@ class OutputSpec(_Strict):
     endpoint_url: str | None = None
     region: str = "us-east-1"
     rows_per_shard: int = Field(50_000, gt=0)
+    # Generation commits a part at least every ``commit_rows`` rows, and sooner when that many
+    # would take the engines longer than ``commit_seconds`` at the rate the tree passes measured:
+    # what a crash can lose, whatever ``engine.batch_size``.
+    commit_rows: int = Field(2_000, gt=0)
+    commit_seconds: float = Field(120.0, gt=0)
+    # How often a long pass logs its progress and rewrites ``<run>/status.json``.
+    status_seconds: float = Field(30.0, gt=0)
 
     @field_validator("path")
     @classmethod

@@ -90,10 +90,16 @@ def request_seed(base_seed: int, request_id: str, attempt: int) -> int:
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
-def requests_table(requests: list[dict]) -> pa.Table:
-    """Request dicts as a table with ``REQUEST_FIELDS`` typed (rules left out default to none)."""
-    table = pa.Table.from_pylist(requests)
+def requests_table(requests: list[dict], fields: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Request dicts as a table with ``REQUEST_FIELDS`` typed (rules left out default to none).
+
+    ``fields``: what a pass keeps beside each request (its place in the tree...), typed; given,
+    the table has exactly these columns, even with no requests.
+    """
     defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None}
+    if fields is not None:
+        return pa.Table.from_pylist([{**defaults, **r} for r in requests], schema=pa.schema({**REQUEST_FIELDS, **fields}))
+    table = pa.Table.from_pylist(requests)
     for name, dtype in REQUEST_FIELDS.items():
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, table[name].cast(dtype))

@@ -2,8 +2,8 @@
 
 In: a ``JobSpec`` and, optionally, a decode rate per replica. Out: tree sizes, leaves, LLM
 requests per pass, planned rows per label and language, tokens and, given the rate, time.
-No Ray and no model: the tree is a frame whose every item is ``max_item_chars`` long, so prompt
-lengths are upper bounds, and answers are counted at their token budgets (``max_tokens``): what
+No Ray and no model: the tree's items are all taken ``max_item_chars`` long, so prompt lengths
+are upper bounds, and answers are counted at their token budgets (``max_tokens``): what
 a run's first attempts spend at most (retries of refused or cut-off answers add to both).
 ``anyclf-ray plan`` prints it; the generation's manifest keeps it beside the figures the run
 measured.
@@ -11,61 +11,67 @@ measured.
 
 from __future__ import annotations
 
-import collections
 import math
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from anyclf_ray import plan
 from anyclf_ray.config import CHARS_PER_TOKEN, JobSpec
 
 
-def placeholder_tree(spec: JobSpec) -> pa.Table:
-    """Every planned leaf, each item as long as an item may be."""
-    filler = "x" * spec.sampling.max_item_chars
-    rows = plan.full_tree(spec).to_pylist()
-    for row in rows:
-        row.update({level: filler for level in plan.TREE_LEVELS})
-    return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA)
+def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:
+    """``spec`` with one source type, topic, subtopic and sample per (tree, label), and its tree
+    with every item as long as an item may be: one prompt of each kind, standing for all of
+    its kind (prompts of a kind differ only in their tree items, here all alike)."""
+    one = spec.model_copy(update={"n_record_to_generate": None, "n_source_type": 1, "n_topic": 1, "n_subtopic": 1,
+                                  "sample_per_subtopic": 1})
+    tree = plan.full_tree(one)
+    filler = pa.array(["x" * spec.sampling.max_item_chars] * tree.num_rows)
+    for level in plan.TREE_LEVELS:
+        tree = tree.set_column(tree.schema.get_field_index(level), level, filler)
+    return one, tree
 
 
-def prompt_tokens(requests: list[dict]) -> int:
-    return math.ceil(sum(len(request["prompt"]) for request in requests) / CHARS_PER_TOKEN)
+def prompt_tokens(prompts: list[str]) -> int:
+    return math.ceil(sum(map(len, prompts)) / CHARS_PER_TOKEN)
 
 
 def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
-    """The plan of ``spec``; with ``tokens_per_second`` (decoded per replica), its time too."""
-    tree = placeholder_tree(spec)
-    rows = tree.to_pylist()
-    counts = plan.samples_per_leaf(spec, tree)
+    """The plan of ``spec``; with ``tokens_per_second`` (decoded per replica), its time too.
+
+    Counted from arrays over the leaves, never a row or request each, so planning 10M rows
+    takes about what planning 1M does.
+    """
+    one, one_tree = one_leaf_each(spec)
+    sizes = spec.sizes()
+    # Nodes of each level under one (tree, label) node of the level above.
+    nodes_per_node = {"source_type": 1, "topic": sizes["n_source_type"],
+                      "subtopic": sizes["n_source_type"] * sizes["n_topic"]}
     requests, tokens_in, tokens_out = {}, 0, 0
     for level in plan.TREE_LEVELS:
-        level_requests = [] if spec.tree_path else plan.tree_requests(level, spec, rows)  # a given tree costs none
-        requests[level] = len(level_requests)
-        tokens_in += prompt_tokens(level_requests)
-        tokens_out += sum(request["max_tokens"] for request in level_requests)
-    per_request = spec.sampling.examples_per_request
-    by_label = collections.Counter()
-    generate = 0
-    leaves = plan.leaves(spec, tree)
-    for lang, row in leaves:
-        by_label[rows[row]["label"]] += counts[lang][row]
-        generate += math.ceil(counts[lang][row] / per_request)
-    # One leaf's prompts stand for all: they differ only in the tree items, here all alike.
-    first_leaves = [row for row in rows if row["source_type_index"] == row["topic_index"] == row["subtopic_index"] == 0]
-    one_each = spec.model_copy(update={"n_record_to_generate": None, "sample_per_subtopic": 1})
-    sample = plan.generation_requests(one_each, pa.Table.from_pylist(first_leaves, schema=plan.TREE_SCHEMA))
+        level_requests = [] if spec.tree_path else plan.tree_requests(level, spec, one_tree.to_pylist())  # a given tree costs none
+        requests[level] = len(level_requests) * nodes_per_node[level]
+        tokens_in += prompt_tokens([r["prompt"] for r in level_requests]) * nodes_per_node[level]
+        tokens_out += sum(r["max_tokens"] for r in level_requests) * nodes_per_node[level]
+    tree = plan.full_tree(spec)
+    counts = plan.samples_per_leaf(spec, tree)
+    label_index = pc.index_in(tree.column("label"), pa.array([label.id for label in spec.labels])).to_numpy()
+    by_label = np.bincount(label_index, weights=counts.sum(axis=0), minlength=len(spec.labels))
+    generate = int(np.sum(-(-counts // spec.sampling.examples_per_request)))
+    sample = plan.generation_requests(one, one_tree).column("prompt").to_pylist()
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
     tokens_out += generate * spec.sampling.max_tokens
     found = {
         "sizes": spec.sizes(),
         "tree_languages": spec.tree_languages,
-        "leaves": len(leaves),
+        "leaves": int(plan.on_leaf(spec, tree).sum()),
         "rows": {
-            "total": sum(by_label.values()),
-            "by_label": {label.id: by_label[label.id] for label in spec.labels},
-            "by_language": dict(zip(spec.languages, map(sum, counts))),  # as plan.expected_rows, from these counts
+            "total": int(counts.sum()),
+            "by_label": {label.id: int(n) for label, n in zip(spec.labels, by_label)},
+            "by_language": dict(zip(spec.languages, counts.sum(axis=1).tolist())),  # as plan.expected_rows
         },
         "requests": {**requests, "total": sum(requests.values())},
         "tokens": {"in": tokens_in, "out_budget": tokens_out},

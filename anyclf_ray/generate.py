@@ -5,6 +5,7 @@ id means), ``tree.parquet`` (``tree.py``), Parquet parts ``data/part-*.parquet``
 (``EXAMPLE_SCHEMA``) and, for requests that failed after their retries,
 ``failures/part-*.parquet`` (``plan.FAILURE_SCHEMA``), written by Ray Data write tasks while the
 answers stream out of the engine pool; then the dataset card and ``manifest.json``, last.
+While the pass runs, ``status.json`` says how far it is (``progress.py``).
 
 A part is committed when its data file lands (atomically, after its failures file). Its footer
 names the requests it answered and the tokens they cost, so a re-run of the same run id skips
@@ -18,15 +19,18 @@ import logging
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, estimate, manifest, plan, tree
+from anyclf_ray import engine, estimate, manifest, plan, runtime, tree
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.pool import EnginePool
+from anyclf_ray.progress import Progress
 from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
 
@@ -48,6 +52,10 @@ EXAMPLE_SCHEMA = pa.schema(
     ]
 )
 PART_METADATA_KEY = "anyclf_ray.part"
+REQUEST_ID = "S16"  # request ids are 16 hex characters (plan.stable_id)
+# Requests per replica below which a part's time bound does not cut it: a smaller batch leaves
+# an engine idle between parts.
+PART_FLOOR = 16
 # Write tasks only move bytes; a small CPU share keeps them schedulable next to busy engines.
 WRITE_TASK_CPUS = 0.25
 
@@ -88,6 +96,7 @@ class ShardSink(Datasink):
         self.location = location
         self.model_name = model_name
         self.requests_per_part = requests_per_part
+        self.pass_id = uuid.uuid4().hex
 
     @property
     def min_rows_per_write(self) -> int:
@@ -100,12 +109,14 @@ class ShardSink(Datasink):
             self._write_part(results.slice(start, self.requests_per_part))
 
     def _write_part(self, results: pa.Table) -> None:
-        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+        # Named by this pass and its requests: a write task Ray retries (its node lost) rewrites
+        # the same part in place, never a second copy of its rows.
+        name = f"part-{plan.stable_id('part', self.pass_id, *results['request_id'].to_pylist())}.parquet"
         failures = failures_from(results)
         if failures.num_rows:
             self.location.write_table(f"failures/{name}", failures)
-        part = {**engine.usage(results), "request_ids": results["request_id"].to_pylist()}
         examples = examples_from(results, self.model_name)
+        part = {**engine.usage(results), "rows": examples.num_rows, "request_ids": results["request_id"].to_pylist()}
         examples = examples.replace_schema_metadata({PART_METADATA_KEY: json.dumps(part)})
         self.location.write_table(f"data/{name}", examples)  # the commit point of this part
 
@@ -118,17 +129,65 @@ def committed_parts(location: RunLocation) -> dict[str, dict]:
     }
 
 
-def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool) -> None:
-    """Generate every example not already in a committed part of this run."""
-    done = {rid for part in committed_parts(location).values() for rid in part["request_ids"]}
-    requests = [r for r in plan.generation_requests(spec, tree_table) if r["request_id"] not in done]
-    log.info("generate: %d request(s) to run, %d already committed", len(requests), len(done))
-    if not requests:
+def pending_requests(leaves: pa.Table, spec: JobSpec, committed: list) -> pa.Table:
+    """Ray Data map: the generation requests of a block of leaves, less the committed ones
+    (``committed``: one object ref to their sorted ids, fetched zero-copy where the task runs)."""
+    requests = plan.render_requests(spec, leaves)
+    done = ray.get(committed[0])
+    ids = np.array(requests.column("request_id").to_pylist(), dtype=REQUEST_ID)
+    return requests.filter(pa.array(~np.isin(ids, done, assume_unique=True)))
+
+
+def requests_per_part(spec: JobSpec, tokens_per_second: float | None, replicas: int) -> int:
+    """Requests per committed part: ``output.commit_rows`` worth, fewer when answering them at
+    ``tokens_per_second`` (all replicas; None: not measured) would pass ``output.commit_seconds``
+    with every answer at its token budget, but then never fewer than ``PART_FLOOR`` per replica
+    (the tree's few requests at a time measure a low rate: parts cut by it alone would starve the
+    engines); and never fewer than one per replica."""
+    bound = spec.output.commit_rows // spec.sampling.examples_per_request
+    if tokens_per_second:
+        in_time = int(spec.output.commit_seconds * tokens_per_second / spec.sampling.max_tokens)
+        bound = min(bound, max(in_time, PART_FLOOR * replicas))
+    return max(bound, replicas)
+
+
+def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool,
+        tokens_per_second: float | None, retry_failures: bool = False) -> None:
+    """Generate every example not already in a committed part of this run (and, with
+    ``retry_failures``, the requests that failed in one).
+
+    The driver holds the leaves and the committed request ids; requests are rendered by Ray
+    Data tasks, block by block, as the engines take them.
+    """
+    found = committed_parts(location)
+    retry = set(manifest.generation_failures(location, found)[0]["request_id"].to_pylist()) if retry_failures else set()
+    parts = found.values()
+    committed = np.array(sorted({rid for part in parts for rid in part["request_ids"]} - retry), dtype=REQUEST_ID)
+    leaves = plan.leaf_table(spec, tree_table)
+    total = plan.request_count(spec, leaves)
+    pending = total - len(committed)
+    log.info("generate: %d request(s) to run, %d already committed", pending, len(committed))
+    if not pending:
         return
-    per_part = max(1, spec.output.rows_per_shard // spec.sampling.examples_per_request)
-    answers = pool.answer(pool.requests_dataset(engine.requests_table(requests)), "generate", stop_early=True)
+    per_part = requests_per_part(spec, tokens_per_second, pool.engine.replicas)
+    log.info("generate: a part commits every %d request(s) (%d rows)", per_part,
+             per_part * spec.sampling.examples_per_request)
+    leaves_per_block = max(1, leaves.num_rows * per_part // total)
+    requests = runtime.blocks_dataset(leaves, leaves_per_block, pool.engine.replicas).map_batches(
+        pending_requests, fn_kwargs={"spec": spec, "committed": [ray.put(committed)]},
+        batch_size=None, batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS,
+    )
+    answers = pool.answer(requests, "generate", batch_size=per_part, total=pending)
     sink = ShardSink(location, spec.model.name, per_part)
-    pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}))
+    progress = Progress(location, "generate", pending, int(pc.sum(leaves.column("n_samples")).as_py()),
+                        sum(part["rows"] for part in parts))
+    try:
+        pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}),
+                      report=progress, interval=spec.output.status_seconds)
+    except BaseException:
+        progress.finish("failed")
+        raise
+    progress.finish("finished")
 
 
 def user_tree(spec: JobSpec) -> pa.Table:
@@ -175,6 +234,9 @@ class Generate(Stage):
     def fingerprint(self, upstream: str | None) -> str:
         return self.spec.fingerprint()  # the run id's default is derived from it
 
+    def retries(self, manifest: dict) -> bool:
+        return any(row["stage"] == "generate" for row in manifest["failures"]["by_stage"])
+
     def check(self, location: RunLocation) -> None:
         """The user's tree, and that the run id is free or holds this very spec."""
         self.tree = user_tree(self.spec) if self.spec.tree_path else None
@@ -191,11 +253,16 @@ class Generate(Stage):
             return location.read_table(manifest.TREE_FILE)
         if self.tree is not None:
             table, failures, usage = self.tree, [], dict.fromkeys(engine.USAGE_KEYS, 0)
+            seconds = 0.0
         else:
-            table, failures, usage = tree.expand(self.spec, ctx.engines())
+            pool = ctx.engines()
+            started = time.perf_counter()
+            table, failures, usage = tree.expand(self.spec, pool)
+            seconds = time.perf_counter() - started
         if failures:
             location.write_table(manifest.TREE_FAILURES_FILE, pa.Table.from_pylist(failures, schema=plan.FAILURE_SCHEMA))
-        table = table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps(usage)})
+        # The tree passes' seconds give the decode rate that sizes generation's parts, on resumes too.
+        table = table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps({**usage, "seconds": round(seconds, 3)})})
         location.write_table(manifest.TREE_FILE, table)
         return table
 
@@ -208,7 +275,9 @@ class Generate(Stage):
         tree_table = self._tree(ctx)
         timings["tree"] = time.perf_counter() - started
         started = time.perf_counter()
-        run(spec, tree_table, location, ctx.engines())
+        tree_usage = json.loads(tree_table.schema.metadata[manifest.USAGE_KEY.encode()])
+        tokens_per_second = tree_usage["tokens_out"] / tree_usage["seconds"] if tree_usage.get("seconds") else None
+        run(spec, tree_table, location, ctx.engines(), tokens_per_second, ctx.retry_failures)
         timings["generate"] = time.perf_counter() - started
         summary = manifest.summarise(location, spec, tree_table, committed_parts(location))
         return {

@@ -37,8 +37,29 @@ def counts(table: pa.Table, keys: list[str]) -> list[dict]:
     """Rows per combination of ``keys``, sorted."""
     if not table.num_rows:
         return []
-    grouped = table.group_by(keys).aggregate([([], "count_all")]).rename_columns([*keys, "rows"])
+    # On the calling thread only: a threaded plan run from a thread other than the main one can
+    # touch more threads than Acero's per-plan index holds ("thread index 11 is out of range").
+    grouped = table.group_by(keys, use_threads=False).aggregate([([], "count_all")]).rename_columns([*keys, "rows"])
     return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
+
+
+def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[pa.Table, list[str]]:
+    """The failed generation requests of the committed ``parts`` that no part has answered since,
+    and the failures files read. (``--retry-failures`` commits retried requests in new parts:
+    answered, a request is no longer a failure; failed again, it counts once.)"""
+    tables, files, answered = [plan.FAILURE_SCHEMA.empty_table()], [], set()
+    for path, part in parts.items():
+        # A failures file counts only with its committed data part (a crash can leave it alone).
+        failed = plan.FAILURE_SCHEMA.empty_table()
+        if location.exists(paired := path.replace("data/", "failures/", 1)):
+            failed = location.read_table(paired)
+            tables.append(failed)
+            files.append(paired)
+        answered.update(set(part["request_ids"]) - set(failed["request_id"].to_pylist()))
+    failures = pa.concat_tables(tables)
+    failures = failures.filter(pa.array([rid not in answered for rid in failures["request_id"].to_pylist()], pa.bool_()))
+    once = {rid: row for row, rid in enumerate(failures["request_id"].to_pylist())}
+    return failures.take(pa.array(sorted(once.values()), pa.int64())), files
 
 
 def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[str, dict]) -> dict:
@@ -48,11 +69,10 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[
         [pa.schema([("label", pa.string()), ("language", pa.string())]).empty_table()]
         + [location.read_table(path, columns=["label", "language"]) for path in parts]
     )
-    failure_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
-    # A failures file counts only with its committed data part (a crash can leave it alone).
-    paired = [path.replace("data/", "failures/", 1) for path in parts]
-    failure_files += [path for path in paired if location.exists(path)]
-    failures = pa.concat_tables([plan.FAILURE_SCHEMA.empty_table()] + [location.read_table(p) for p in failure_files])
+    generation, files = generation_failures(location, parts)
+    tree_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
+    failures = pa.concat_tables([generation] + [location.read_table(path) for path in tree_files])
+    failure_files = tree_files + files
     tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
     usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in engine.USAGE_KEYS}
     expected = plan.expected_rows(spec, tree)

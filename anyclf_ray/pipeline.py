@@ -56,9 +56,10 @@ def start_engines(spec: JobSpec, factory=None) -> EnginePool:
 
 
 def run(spec: JobSpec, only: str | None = None, address: str | None = None, verbose: bool = False,
-        engine_factory=None) -> dict[str, dict]:
+        engine_factory=None, retry_failures: bool = False) -> dict[str, dict]:
     """Run the spec's stages (or ``only`` the one named, whose input must be committed); each
-    stage's manifest by name. ``engine_factory`` replaces vLLM (tests)."""
+    stage's manifest by name. ``retry_failures`` asks again for the LLM requests that failed in
+    a finished generation (and redoes the stages after it). ``engine_factory`` replaces vLLM (tests)."""
     location = RunLocation(spec.output, spec.resolved_run_id())
     plan = stages(spec)
     names = [stage.name for stage in plan]
@@ -71,7 +72,13 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
     fingerprints, inputs = chain(plan)
     for stage in targets:
         stage.check(location)
-    done = {stage.name: stage.done(location, fingerprints[stage.name]) for stage in plan}
+    done: dict[str, dict | None] = {}
+    for stage in plan:  # in order: a stage is done only on its input as committed now
+        source = inputs[stage.name]
+        done[stage.name] = stage.done(location, fingerprints[stage.name], done[source.name] if source else None)
+        if done[stage.name] and retry_failures and stage in targets and stage.retries(done[stage.name]):
+            log.info("%s: retrying its failed requests", stage.name)
+            done[stage.name] = None
     first = plan.index(targets[0])
     before = inputs[targets[0].name]
     if before and not done[before.name]:
@@ -80,7 +87,7 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
             f"run `anyclf-ray {before.name}` (or `anyclf-ray run`) first"
         )
 
-    ctx = Context(spec, location, lambda: start_engines(spec, engine_factory),
+    ctx = Context(spec, location, lambda: start_engines(spec, engine_factory), retry_failures=retry_failures,
                   finished=[(stage, done[stage.name]) for stage in plan[:first] if done[stage.name]])
     last_llm = max((i for i, stage in enumerate(plan) if stage.uses_llm and not done[stage.name]), default=-1)
     manifests = {}

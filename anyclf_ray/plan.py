@@ -14,12 +14,14 @@ plus its sample index. Two runs of one spec give the same ids, and an edited tre
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+import math
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from anyclf_ray import prompts
+from anyclf_ray import engine, prompts
 from anyclf_ray.config import JobSpec, answer_tokens, language_name
 
 TREE_SCHEMA = pa.schema(
@@ -36,6 +38,9 @@ TREE_SCHEMA = pa.schema(
     ]
 )
 TREE_LEVELS = ("source_type", "topic", "subtopic")
+# What a generation request carries beside its prompt and rules: its leaf, and its samples' place.
+GENERATION_FIELDS = {"stage": pa.string(), **dict(zip(TREE_SCHEMA.names, TREE_SCHEMA.types)),
+                     "leaf_id": pa.string(), "first_sample": pa.int32()}
 # One row per LLM request that still failed after its retries, and the examples it cost.
 FAILURE_SCHEMA = pa.schema(
     [
@@ -155,101 +160,123 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
 
 
 def full_tree(spec: JobSpec) -> pa.Table:
-    """Every planned leaf position with no text yet: the frame the LLM's answers fill in."""
+    """Every planned leaf position with no text yet: the frame the LLM's answers fill in.
+
+    Built column by column (no row dicts), so planning a 10M-row spec stays small."""
     sizes = spec.sizes()
     trees = spec.languages if spec.tree_languages == "per_language" else [None]
-    rows = [
-        {"language": language, "label": label.id, "label_name": label.desc, "source_type_index": s,
-         "source_type": None, "topic_index": t, "topic": None, "subtopic_index": u, "subtopic": None}
-        for language in trees
-        for label in spec.labels
-        for s in range(sizes["n_source_type"])
-        for t in range(sizes["n_topic"])
-        for u in range(sizes["n_subtopic"])
-    ]
-    return pa.Table.from_pylist(rows, schema=TREE_SCHEMA)
+    shape = (len(trees), len(spec.labels), sizes["n_source_type"], sizes["n_topic"], sizes["n_subtopic"])
+    # Each position's index at every level: level k's range, each value repeated for the levels below.
+    tree, label, s, t, u = (np.tile(np.repeat(np.arange(n, dtype=np.int32), math.prod(shape[k + 1:])),
+                                    math.prod(shape[:k])) for k, n in enumerate(shape))
+    no_text = pa.nulls(len(tree), pa.string())
+    return pa.table(
+        {"language": pa.array(trees, pa.string()).take(tree),
+         "label": pa.array([item.id for item in spec.labels]).take(label),
+         "label_name": pa.array([item.desc for item in spec.labels]).take(label),
+         "source_type_index": s, "source_type": no_text, "topic_index": t, "topic": no_text,
+         "subtopic_index": u, "subtopic": no_text},
+        schema=TREE_SCHEMA,
+    )
 
 
 # -- generation requests ---------------------------------------------------------------------
 
 
-def leaves(spec: JobSpec, tree: pa.Table) -> list[tuple[int, int]]:
-    """Every generation leaf as (language index, tree row): a shared row serves every language,
-    a per-language row its own."""
-    tree_languages = tree.column("language").to_pylist()
-    return [
-        (lang, row)
-        for lang, code in enumerate(spec.languages)
-        for row, language in enumerate(tree_languages)
-        if language in (None, code)
-    ]
+def on_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
+    """``[language, tree row]``: whether the row is a leaf of that language. A shared row serves
+    every language, a per-language row its own."""
+    shared = tree.column("language").is_null().to_numpy(zero_copy_only=False)
+    return np.stack([shared | pc.equal(tree.column("language"), code).fill_null(False).to_numpy(zero_copy_only=False)
+                     for code in spec.languages])
 
 
-def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> list[list[int]]:
-    """Examples wanted for each (language, tree row): ``counts[language][row]`` (0 off its leaves).
+def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
+    """Examples wanted for each (language, tree row): ``counts[language, row]`` (0 off its leaves).
 
     With explicit sizes every leaf gets ``sample_per_subtopic``. With ``n_record_to_generate``
     the total is split exactly: every leaf gets the floor share and the remainder goes one each
     to leaves taken round-robin across (language, label), so classes stay balanced within one.
     """
-    pairs = leaves(spec, tree)
-    counts = [[0] * tree.num_rows for _ in spec.languages]
+    mask = on_leaf(spec, tree)
+    counts = np.zeros(mask.shape, np.int32)
     if spec.n_record_to_generate is None:
-        for lang, row in pairs:
-            counts[lang][row] = spec.sample_per_subtopic
+        counts[mask] = spec.sample_per_subtopic
         return counts
-    base, extra = divmod(spec.n_record_to_generate, len(pairs))
-    labels = tree.column("label").to_pylist()
-    group_of = {label.id: g for g, label in enumerate(spec.labels)}
-    seen: dict[tuple[int, str], int] = {}
-    rank = []  # (position within its (language, label) group, group) orders the round-robin
-    for lang, row in pairs:
-        position = seen.get((lang, labels[row]), 0)
-        seen[(lang, labels[row])] = position + 1
-        rank.append((position, group_of[labels[row]] * len(spec.languages) + lang, lang, row))
-        counts[lang][row] = base
-    for _, _, lang, row in sorted(rank)[:extra]:
-        counts[lang][row] += 1
+    lang, row = (index.astype(np.int32) for index in np.nonzero(mask))
+    base, extra = divmod(spec.n_record_to_generate, len(lang))
+    counts[lang, row] = base
+    label_index = pc.index_in(tree.column("label"), pa.array([label.id for label in spec.labels])).to_numpy()
+    group = label_index[row] * len(spec.languages) + lang
+    # Each leaf's position among its (language, label) group's leaves, in tree order.
+    order = np.argsort(group, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order)) - np.searchsorted(group[order], group[order])
+    chosen = np.lexsort((group, position))[:extra]  # by position, then group: round-robin
+    counts[lang[chosen], row[chosen]] += 1
     return counts
 
 
-def generation_requests(spec: JobSpec, tree: pa.Table) -> list[dict]:
-    """One request per chunk of at most ``examples_per_request`` samples of each complete leaf.
+def leaf_table(spec: JobSpec, tree: pa.Table) -> pa.Table:
+    """One row per complete leaf to generate: the tree row, its ``language`` and ``n_samples``.
 
-    The languages take turns in the list, so every language is under way from the start: the
-    early-stop verdict on a pass's first answers is not one language's, and a run cut short
-    holds some of every language.
+    The languages take turns (a language's k-th leaf, then the next language's), so every
+    language is under way from the start: the early-stop verdict on a pass's first answers is
+    not one language's, and a run cut short holds some of every language.
     """
     counts = samples_per_leaf(spec, tree)
+    complete = np.ones(tree.num_rows, bool)
+    for level in TREE_LEVELS:
+        complete &= tree.column(level).is_valid().to_numpy(zero_copy_only=False)
+    lang, row = np.nonzero((counts > 0) & complete)
+    turn = np.concatenate([np.arange(n) for n in np.bincount(lang, minlength=len(spec.languages))])
+    order = np.lexsort((lang, turn))
+    lang, row = lang[order], row[order]
+    leaves = tree.take(row).drop_columns(["language"])
+    return leaves.add_column(0, "language", pa.array(spec.languages).take(lang)).append_column(
+        "n_samples", pa.array(counts[lang, row], pa.int32()))
+
+
+def render_requests(spec: JobSpec, leaves: pa.Table) -> pa.Table:
+    """The generation requests of ``leaves`` (``leaf_table`` rows): one per chunk of at most
+    ``examples_per_request`` samples. Pure, so Ray Data can run it on blocks of leaves."""
     per_request = spec.sampling.examples_per_request
     max_chars = spec.sampling.text_chars(spec.languages)
-    tree_rows = tree.to_pylist()
-    by_language: list[list[dict]] = [[] for _ in spec.languages]
-    for lang, row in leaves(spec, tree):
-        language = spec.languages[lang]
-        leaf = {**tree_rows[row], "language": language}
-        if any(leaf[level] is None for level in TREE_LEVELS):
-            continue
+    requests = []
+    for leaf in leaves.to_pylist():
+        language, n_samples = leaf["language"], leaf.pop("n_samples")
         label = label_text(spec, leaf["label"], language)
         this_leaf = leaf_id(language, leaf["label"], leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
-        for first in range(0, counts[lang][row], per_request):
-            n = min(per_request, counts[lang][row] - first)
+        for first in range(0, n_samples, per_request):
+            n = min(per_request, n_samples - first)
             prompt = prompts.render(
                 prompts.GENERATE, instruction=spec.instruction_by_language.get(language, spec.instruction),
                 labels=labels_text(spec, language), label=label, topic=leaf["topic"], subtopic=leaf["subtopic"],
                 source_type=leaf["source_type"], n=n,
                 language_rule=prompts.language_rule(language_name(language), language in spec.instruction_by_language),
             )
-            by_language[lang].append(
+            requests.append(
                 _request(
                     "generate", stable_id("generate", this_leaf, first), prompt, n, max_chars,
                     spec.sampling.max_tokens, leaf_id=this_leaf, first_sample=first,
                     min_words=spec.sampling.min_text_words, echoes=[label, *(leaf[k] for k in TREE_LEVELS)], **leaf,
                 )
             )
-    return [request for turn in itertools.zip_longest(*by_language) for request in turn if request]
+    return engine.requests_table(requests, GENERATION_FIELDS)
+
+
+def generation_requests(spec: JobSpec, tree: pa.Table) -> pa.Table:
+    """Every generation request of ``tree``, on the driver (tests, benches; a run renders them
+    in Ray Data from ``leaf_table``)."""
+    return render_requests(spec, leaf_table(spec, tree))
+
+
+def request_count(spec: JobSpec, leaves: pa.Table) -> int:
+    """How many requests ``render_requests`` makes of ``leaves``, without rendering them."""
+    per_request = spec.sampling.examples_per_request
+    return int(np.sum(-(-leaves.column("n_samples").to_numpy() // per_request)))
 
 
 def expected_rows(spec: JobSpec, tree: pa.Table) -> dict[str, int]:
     """Planned rows per language."""
-    return {language: sum(per_row) for language, per_row in zip(spec.languages, samples_per_leaf(spec, tree))}
+    return dict(zip(spec.languages, samples_per_leaf(spec, tree).sum(axis=1).tolist()))

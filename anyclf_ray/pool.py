@@ -15,8 +15,10 @@ each splits its batch evenly across the replicas and waits for the parts, so eve
 the next part queued while it answers one, and Ray Data's backpressure still bounds what is in
 flight. A replica that dies is restarted by Ray (up to ``engine.restarts`` times) and the call
 it was running is retried on the new one, so its requests are answered once, never lost or
-duplicated. A ``Monitor`` actor counts engine starts and answered requests; a pass asked to
-``stop_early`` fails with ``EarlyStop`` once most of its first ``EARLY_STOP_WINDOW`` answers failed.
+duplicated. A ``Monitor`` actor, on the driver's node, counts engine starts and answered
+requests; a pass given its ``total`` fails with ``EarlyStop`` once most of its first
+``EARLY_STOP_WINDOW`` answers failed, and ``run_pass`` can hand its counts to a ``report`` at a
+steady interval (``Watcher``, used for ``progress.py``'s status).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -31,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from anyclf_ray import engine as engines
 from anyclf_ray import runtime
@@ -59,12 +63,14 @@ class Monitor:
     def started(self, replica: int, seconds: float, restarted: bool) -> None:
         self.starts.append({"replica": replica, "seconds": round(seconds, 3), "restarted": restarted})
 
-    def answered(self, name: str, ok: int, errors: list[str], total: int | None) -> str | None:
-        """Count a batch of answers of a pass of ``total`` requests (None: never stopped early);
-        the reason to stop the pass, if it should stop."""
-        state = self.passes.setdefault(name, {"requests": 0, "failed": 0, "errors": collections.Counter(), "stop": None})
+    def answered(self, name: str, ok: int, errors: list[str], items: int, total: int | None) -> str | None:
+        """Count a batch of answers (``items``: what the good ones hold) of a pass of ``total``
+        requests (None: never stopped early); the reason to stop the pass, if it should stop."""
+        state = self.passes.setdefault(
+            name, {"requests": 0, "failed": 0, "items": 0, "errors": collections.Counter(), "stop": None})
         state["requests"] += ok + len(errors)
         state["failed"] += len(errors)
+        state["items"] += items
         state["errors"].update(errors)
         # One verdict per pass, on its first EARLY_STOP_WINDOW answers (or the first batch past
         # them), and only while requests remain: a pass that is done is reported, not stopped.
@@ -81,6 +87,11 @@ class Monitor:
             "starts": list(self.starts),
             "passes": {name: {"requests": s["requests"], "failed": s["failed"]} for name, s in self.passes.items()},
         }
+
+    def progress(self, name: str) -> dict:
+        """Requests answered and failed so far in pass ``name``, and the items answered."""
+        state = self.passes.get(name, {"requests": 0, "failed": 0, "items": 0})
+        return {key: state[key] for key in ("requests", "failed", "items")}
 
     def stop_reason(self, name: str) -> str | None:
         return (self.passes.get(name) or {}).get("stop") or None
@@ -123,10 +134,37 @@ class PoolClient:
         answered = pa.concat_tables(ray.get(parts))
         ok = answered["ok"].to_pylist()
         errors = [e for e, good in zip(answered["error"].to_pylist(), ok) if not good]
-        reason = ray.get(self.monitor.answered.remote(self.name, sum(ok), errors, self.total))
+        items = sum(len(found) for found, good in zip(answered["items"].to_pylist(), ok) if good)
+        reason = ray.get(self.monitor.answered.remote(self.name, sum(ok), errors, items, self.total))
         if reason:
             raise EarlyStop(f"{self.name}: stopped early: {reason}")
         return answered
+
+
+class Watcher:
+    """A driver thread calling ``report(progress)`` on a pass every ``interval`` seconds, and
+    once more when stopped."""
+
+    def __init__(self, monitor, name: str, report: Callable[[dict], None], interval: float):
+        self.monitor, self.name, self.report, self.interval = monitor, name, report, interval
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"watch-{name}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(self.interval):
+            self._report()
+
+    def _report(self) -> None:
+        try:
+            self.report(ray.get(self.monitor.progress.remote(self.name)))
+        except Exception as error:  # a report that fails (S3 briefly away) must not stop the pass
+            log.warning("%s: progress report failed: %s", self.name, error)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self._report()
 
 
 def vllm_factory(model: ModelSpec, engine: EngineSpec, sampling: SamplingSpec) -> Callable[[], engines.Engine]:
@@ -154,15 +192,15 @@ class EnginePool:
             "max_restarts": self.engine.restarts,
             "max_task_retries": -1,  # a call on a replica that died runs again on its replacement
             "name": self.names[index],
+            "resources": self.engine.resources,
         }
         tp = self.engine.tensor_parallel_size
         if self.engine.device == "cuda" and tp > 1:
             # vLLM starts one Ray worker per GPU shard; they join this replica's placement group.
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+            shard = {"GPU": 1, "CPU": 1, **{name: amount / tp for name, amount in self.engine.resources.items()}}
+            group = ray.util.placement_group([shard] * tp, strategy="STRICT_PACK")
             options.update(
-                num_cpus=0, num_gpus=0,
+                num_cpus=0, num_gpus=0, resources={},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
             )
         elif self.engine.device == "cuda":
@@ -176,7 +214,10 @@ class EnginePool:
         prefix = f"anyclf-{uuid.uuid4().hex[:12]}"  # named, so actors find each other by name
         self.names = [f"{prefix}-engine-{i}" for i in range(self.engine.replicas)]
         self.monitor_name = f"{prefix}-monitor"
-        self.monitor = Monitor.options(name=self.monitor_name).remote()
+        # On the driver's node: a run outlives the loss of any other node, and only this actor
+        # holds counts that a restart would lose.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.monitor = Monitor.options(name=self.monitor_name, scheduling_strategy=here).remote()
         replica_class = ray.remote(Replica)
         self.replicas = [
             replica_class.options(**self._actor_options(i)).remote(i, self.factory, self.sampling, self.monitor_name)
@@ -199,20 +240,26 @@ class EnginePool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def answer(self, requests: ray.data.Dataset, name: str, stop_early: bool = False) -> ray.data.Dataset:
-        """``requests`` answered by the replicas (lazy). Consume it through ``run_pass``."""
+    def answer(self, requests: ray.data.Dataset, name: str, batch_size: int | None = None,
+               total: int | None = None) -> ray.data.Dataset:
+        """``requests`` answered by the replicas (lazy), ``batch_size`` requests at a time (default:
+        ``engine.batch_size`` per replica); given the pass's ``total`` requests, it may stop early.
+        Consume it through ``run_pass``."""
         return requests.map_batches(
             PoolClient,
-            fn_constructor_kwargs={"replicas": self.names, "monitor": self.monitor_name, "name": name,
-                                   "total": requests.count() if stop_early else None},
-            batch_size=self.engine.batch_size * len(self.replicas),
+            fn_constructor_kwargs={"replicas": self.names, "monitor": self.monitor_name, "name": name, "total": total},
+            batch_size=batch_size or self.engine.batch_size * len(self.replicas),
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=CLIENTS),
             num_cpus=0,
         )
 
-    def run_pass(self, name: str, consume: Callable[[], Any]) -> Any:
-        """Run ``consume()`` (which executes a Dataset from ``answer``); an early stop becomes ``EarlyStop``."""
+    def run_pass(self, name: str, consume: Callable[[], Any], report: Callable[[dict], None] | None = None,
+                 interval: float = 30.0) -> Any:
+        """Run ``consume()`` (which executes a Dataset from ``answer``); an early stop becomes
+        ``EarlyStop``. ``report`` is called with the pass's ``Monitor.progress`` every ``interval``
+        seconds while it runs, from another thread, and once at the end."""
+        watcher = Watcher(self.monitor, name, report, interval) if report else None
         try:
             return consume()
         except Exception:
@@ -220,6 +267,9 @@ class EnginePool:
             if reason:
                 raise EarlyStop(f"{name}: stopped early: {reason}") from None
             raise
+        finally:
+            if watcher:
+                watcher.stop()
 
     def answer_table(self, requests: pa.Table, name: str) -> pa.Table:
         """A small pass (a tree level) answered and collected on the driver."""

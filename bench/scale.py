@@ -1,0 +1,68 @@
+"""Scale benchmark: a whole generation and dedup at growing row counts, with the tiny model.
+
+    python bench/scale.py                          # 2,000 and 10,000 rows
+    python bench/scale.py --rows 10000 100000      # the scaling line to 100k (hours on 2 cores)
+
+Each size is a fresh process running ``pipeline.run`` (tree, generation, dedup; the language and
+label checks and training off: this measures scale, and the tiny model's text is random) on an
+embedded Ray with one engine replica on all cores. It prints per size: seconds per stage, rows
+written per second, tokens out per second per replica, and the driver's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+
+CHILD = """
+import json, resource, sys, time
+from anyclf_ray import config, pipeline
+rows, folder = int(sys.argv[1]), sys.argv[2]
+spec = config.parse({
+    "instruction": "classify a text's sentiment",
+    "labels": [{"id": "neg", "desc": "negative sentiment"}, {"id": "pos", "desc": "positive sentiment"}],
+    "n_record_to_generate": rows, "languages": ["en"], "run_id": f"scale-{rows}",
+    "model": {"name": "builtin:tiny-random", "dtype": "float32"},
+    "sampling": {"max_tokens": 256, "examples_per_request": 5, "max_text_chars": 200},
+    "output": {"path": folder},
+    "language_check": {"enabled": False}, "label_check": {"enabled": False},
+    "dedup": {"model": "builtin:all-minilm-l6-v2"}, "diversity": {"enabled": False}, "train": {"enabled": False},
+})
+started = time.perf_counter()
+found = pipeline.run(spec)
+wall = time.perf_counter() - started
+generated, dedup = found["generate"], found["dedup"]
+print(json.dumps({"rows": rows, "wall": wall, "generated": generated, "dedup": dedup,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def measure(rows: int) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-c", CHILD, str(rows), folder], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2_000, 10_000])
+    args = parser.parse_args()
+    print(f"{'rows':>8} {'written':>8} {'tree s':>7} {'generate s':>10} {'dedup s':>8} {'rows/s':>7} "
+          f"{'tok/s/replica':>13} {'driver RSS':>10}")
+    for rows in args.rows:
+        found = measure(rows)
+        generated, timings = found["generated"], found["generated"]["timings_s"]
+        replicas = generated["engine"]["replicas"]
+        print(f"{rows:>8,} {generated['rows']['written']:>8,} {timings['tree']:>7.1f} {timings['generate']:>10.1f} "
+              f"{found['dedup']['timings_s']['total']:>8.1f} {generated['rows']['written'] / timings['generate']:>7.1f} "
+              f"{generated['llm']['tokens_out'] / timings['generate'] / replicas:>13.0f} {found['rss_mib']:>6.0f} MiB",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
