@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from anyclf_ray import engine, plan
 from anyclf_ray.config import JobSpec
@@ -33,14 +34,26 @@ def versions() -> dict[str, str]:
     return found
 
 
-def counts(table: pa.Table, keys: list[str]) -> list[dict]:
-    """Rows per combination of ``keys``, sorted."""
+def counts(table: pa.Table, keys: list[str], weights: str | None = None) -> list[dict]:
+    """Rows per combination of ``keys`` (or, given ``weights``, the sum of that column), sorted."""
     if not table.num_rows:
         return []
     # On the calling thread only: a threaded plan run from a thread other than the main one can
     # touch more threads than Acero's per-plan index holds ("thread index 11 is out of range").
-    grouped = table.group_by(keys, use_threads=False).aggregate([([], "count_all")]).rename_columns([*keys, "rows"])
+    aggregate = [(weights, "sum")] if weights else [([], "count_all")]
+    grouped = table.group_by(keys, use_threads=False).aggregate(aggregate).rename_columns([*keys, "rows"])
     return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
+
+
+COUNT_SCHEMA = pa.schema([("label", pa.string()), ("language", pa.string()), ("rows", pa.int64())])
+
+
+def written_counts(location: RunLocation, parts: dict[str, dict]) -> pa.Table:
+    """Rows per (label, language) of the committed ``parts``, counted part by part, so the
+    driver never holds a column of every row."""
+    per_part = [pa.Table.from_pylist(counts(location.read_table(path, columns=["label", "language"]),
+                                            ["label", "language"]), schema=COUNT_SCHEMA) for path in parts]
+    return pa.concat_tables([COUNT_SCHEMA.empty_table(), *per_part])
 
 
 def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[pa.Table, list[str]]:
@@ -65,10 +78,8 @@ def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[
 def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[str, dict]) -> dict:
     """Counts, failures and usage of the generation as committed at ``location`` (``parts``:
     the committed data parts with their footer metadata)."""
-    written = pa.concat_tables(
-        [pa.schema([("label", pa.string()), ("language", pa.string())]).empty_table()]
-        + [location.read_table(path, columns=["label", "language"]) for path in parts]
-    )
+    written = written_counts(location, parts)
+    total_written = int(pc.sum(written["rows"]).as_py() or 0)
     generation, files = generation_failures(location, parts)
     tree_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
     failures = pa.concat_tables([generation] + [location.read_table(path) for path in tree_files])
@@ -76,11 +87,11 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[
     tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
     usage = {key: tree_usage[key] + sum(part[key] for part in parts.values()) for key in engine.USAGE_KEYS}
     expected = plan.expected_rows(spec, tree)
-    written_by_language = {row["language"]: row["rows"] for row in counts(written, ["language"])}
+    written_by_language = {row["language"]: row["rows"] for row in counts(written, ["language"], "rows")}
     failed_by_language = {row["language"]: row["rows"] for row in counts(failures, ["language"])}
     return {
-        "rows": {"expected": sum(expected.values()), "written": written.num_rows,
-                 "missing": sum(expected.values()) - written.num_rows},
+        "rows": {"expected": sum(expected.values()), "written": total_written,
+                 "missing": sum(expected.values()) - total_written},
         # One line per language, so a language that fails shows apart from the others.
         "languages": [
             {"language": language, "expected": n, "written": written_by_language.get(language, 0),
@@ -89,8 +100,8 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[
             for language, n in expected.items()
         ],
         "counts": {
-            "by_label": counts(written, ["label"]),
-            "by_label_language": counts(written, ["label", "language"]),
+            "by_label": counts(written, ["label"], "rows"),
+            "by_label_language": counts(written, ["label", "language"], "rows"),
         },
         "failures": {
             "requests": failures.num_rows,

@@ -86,6 +86,7 @@ def test_a_submitted_job_survives_a_lost_engine_node_and_a_killed_driver(cluster
              "max_pairs": 64}
     raw = tiny_raw(tmp_path / "out", "faults", languages=["en"], n_subtopic=1, sample_per_subtopic=100, train=train,
                    engine={"resources": {"engine_node": 1}})
+    raw["sampling"]["examples_per_request"] = 5  # 160 requests: the suite's time is counted
     spec_file = write_spec(tmp_path / "spec.yaml", raw)
     command = ("--address", cluster["dashboard"], "--working-dir", ".", "--",
                "python", "jobs/pipeline.py", "--config", str(spec_file), "--set", "sampling.seed=3")
