@@ -98,7 +98,8 @@ def requests_table(requests: list[dict], fields: dict[str, pa.DataType] | None =
     """
     defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None}
     if fields is not None:
-        return pa.Table.from_pylist([{**defaults, **r} for r in requests], schema=pa.schema({**REQUEST_FIELDS, **fields}))
+        schema = pa.schema({**REQUEST_FIELDS, **fields})
+        return pa.Table.from_pylist([{**defaults, **r} for r in requests], schema=schema)
     table = pa.Table.from_pylist(requests)
     for name, dtype in REQUEST_FIELDS.items():
         if name in table.column_names:

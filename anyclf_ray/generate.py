@@ -56,8 +56,8 @@ REQUEST_ID = "S16"  # request ids are 16 hex characters (plan.stable_id)
 # Requests per replica below which a part's time bound does not cut it: a smaller batch leaves
 # an engine idle between parts.
 PART_FLOOR = 16
-# Write tasks only move bytes; a small CPU share keeps them schedulable next to busy engines.
-WRITE_TASK_CPUS = 0.25
+# Render and write tasks only move bytes; a small CPU share keeps them schedulable next to busy engines.
+TASK_CPUS = 0.25
 
 
 def examples_from(results: pa.Table, model_name: str) -> pa.Table:
@@ -116,7 +116,8 @@ class ShardSink(Datasink):
         if failures.num_rows:
             self.location.write_table(f"failures/{name}", failures)
         examples = examples_from(results, self.model_name)
-        part = {**engine.usage(results), "rows": examples.num_rows, "request_ids": results["request_id"].to_pylist()}
+        part = {**engine.usage(results), "rows": examples.num_rows,
+                "request_ids": results["request_id"].to_pylist()}
         examples = examples.replace_schema_metadata({PART_METADATA_KEY: json.dumps(part)})
         self.location.write_table(f"data/{name}", examples)  # the commit point of this part
 
@@ -162,7 +163,8 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     found = committed_parts(location)
     retry = set(manifest.generation_failures(location, found)[0]["request_id"].to_pylist()) if retry_failures else set()
     parts = found.values()
-    committed = np.array(sorted({rid for part in parts for rid in part["request_ids"]} - retry), dtype=REQUEST_ID)
+    committed = {rid for part in parts for rid in part["request_ids"]} - retry
+    committed = np.array(sorted(committed), dtype=REQUEST_ID)
     leaves = plan.leaf_table(spec, tree_table)
     total = plan.request_count(spec, leaves)
     pending = total - len(committed)
@@ -175,14 +177,14 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     leaves_per_block = max(1, leaves.num_rows * per_part // total)
     requests = runtime.blocks_dataset(leaves, leaves_per_block, pool.engine.replicas).map_batches(
         pending_requests, fn_kwargs={"spec": spec, "committed": [ray.put(committed)]},
-        batch_size=None, batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS,
+        batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
     )
     answers = pool.answer(requests, "generate", batch_size=per_part, total=pending)
     sink = ShardSink(location, spec.model.name, per_part)
     progress = Progress(location, "generate", pending, int(pc.sum(leaves.column("n_samples")).as_py()),
                         sum(part["rows"] for part in parts))
     try:
-        pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}),
+        pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS}),
                       report=progress, interval=spec.output.status_seconds)
     except BaseException:
         progress.finish("failed")
@@ -262,7 +264,8 @@ class Generate(Stage):
         if failures:
             location.write_table(manifest.TREE_FAILURES_FILE, pa.Table.from_pylist(failures, schema=plan.FAILURE_SCHEMA))
         # The tree passes' seconds give the decode rate that sizes generation's parts, on resumes too.
-        table = table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps({**usage, "seconds": round(seconds, 3)})})
+        usage = {**usage, "seconds": round(seconds, 3)}
+        table = table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps(usage)})
         location.write_table(manifest.TREE_FILE, table)
         return table
 
@@ -276,7 +279,8 @@ class Generate(Stage):
         timings["tree"] = time.perf_counter() - started
         started = time.perf_counter()
         tree_usage = json.loads(tree_table.schema.metadata[manifest.USAGE_KEY.encode()])
-        tokens_per_second = tree_usage["tokens_out"] / tree_usage["seconds"] if tree_usage.get("seconds") else None
+        seconds = tree_usage.get("seconds")
+        tokens_per_second = tree_usage["tokens_out"] / seconds if seconds else None
         run(spec, tree_table, location, ctx.engines(), tokens_per_second, ctx.retry_failures)
         timings["generate"] = time.perf_counter() - started
         summary = manifest.summarise(location, spec, tree_table, committed_parts(location))

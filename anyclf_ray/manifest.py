@@ -70,7 +70,8 @@ def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[
             files.append(paired)
         answered.update(set(part["request_ids"]) - set(failed["request_id"].to_pylist()))
     failures = pa.concat_tables(tables)
-    failures = failures.filter(pa.array([rid not in answered for rid in failures["request_id"].to_pylist()], pa.bool_()))
+    still_failed = [rid not in answered for rid in failures["request_id"].to_pylist()]
+    failures = failures.filter(pa.array(still_failed, pa.bool_()))
     once = {rid: row for row, rid in enumerate(failures["request_id"].to_pylist())}
     return failures.take(pa.array(sorted(once.values()), pa.int64())), files
 

@@ -187,8 +187,9 @@ def on_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     """``[language, tree row]``: whether the row is a leaf of that language. A shared row serves
     every language, a per-language row its own."""
     shared = tree.column("language").is_null().to_numpy(zero_copy_only=False)
-    return np.stack([shared | pc.equal(tree.column("language"), code).fill_null(False).to_numpy(zero_copy_only=False)
-                     for code in spec.languages])
+    own = [pc.equal(tree.column("language"), code).fill_null(False).to_numpy(zero_copy_only=False)
+           for code in spec.languages]
+    return np.stack([shared | mine for mine in own])
 
 
 def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:

@@ -90,7 +90,8 @@ def retrying(method):
                 final = isinstance(error, FileNotFoundError) or any(code in str(error) for code in FINAL)
                 if not self.bucket or delay is None or final:
                     raise
-                log.warning("S3: %s failed (%s); trying again in %d s", method.__name__, str(error).splitlines()[0], delay)
+                log.warning("S3: %s failed (%s); trying again in %d s", method.__name__,
+                            str(error).splitlines()[0], delay)
                 time.sleep(delay)
 
     return call
