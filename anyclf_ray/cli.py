@@ -6,14 +6,15 @@ writes the synthetic data, ``label-check`` removes rows that do not say what the
 ``dedup`` removes duplicates, ``diversity`` reports on the rows kept, ``train`` trains and
 evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``anyclf-ray plan
 --config FILE [--tokens-per-second N]`` prints what a spec will generate and cost, with no LLM
-time. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a trained model.
+time. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a trained
+model.
 
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
 before any model is loaded); 3 the run finished but LLM failures left rows missing (counted in the
 manifest, listed under ``failures/``); 4 stopped early because most of the first answers failed;
 1 anything else. ``--retry-failures`` (generate, run) asks again for the generation requests that
-failed in a finished run, and redoes the stages after it. ``--verbose`` shows engine and worker logs, which otherwise go to Ray's log
-folder (named on the console).
+failed in a finished run, and redoes the stages after it. ``--verbose`` shows engine and worker
+logs, which otherwise go to Ray's log folder (named on the console).
 """
 
 from __future__ import annotations

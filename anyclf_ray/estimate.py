@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from anyclf_ray import plan
 from anyclf_ray.config import CHARS_PER_TOKEN, JobSpec
@@ -50,22 +49,22 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
     nodes_per_node = {"source_type": 1, "topic": sizes["n_source_type"],
                       "subtopic": sizes["n_source_type"] * sizes["n_topic"]}
     requests, tokens_in, tokens_out = {}, 0, 0
+    one_nodes = one_tree.to_pylist()
     for level in plan.TREE_LEVELS:
-        level_requests = [] if spec.tree_path else plan.tree_requests(level, spec, one_tree.to_pylist())  # a given tree costs none
+        level_requests = [] if spec.tree_path else plan.tree_requests(level, spec, one_nodes)  # a given tree costs none
         requests[level] = len(level_requests) * nodes_per_node[level]
         tokens_in += prompt_tokens([r["prompt"] for r in level_requests]) * nodes_per_node[level]
         tokens_out += sum(r["max_tokens"] for r in level_requests) * nodes_per_node[level]
     tree = plan.full_tree(spec)
     counts = plan.samples_per_leaf(spec, tree)
-    label_index = pc.index_in(tree.column("label"), pa.array([label.id for label in spec.labels])).to_numpy()
-    by_label = np.bincount(label_index, weights=counts.sum(axis=0), minlength=len(spec.labels))
+    by_label = np.bincount(plan.label_index(spec, tree), weights=counts.sum(axis=0), minlength=len(spec.labels))
     generate = int(np.sum(-(-counts // spec.sampling.examples_per_request)))
     sample = plan.generation_requests(one, one_tree).column("prompt").to_pylist()
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
     tokens_out += generate * spec.sampling.max_tokens
     found = {
-        "sizes": spec.sizes(),
+        "sizes": sizes,
         "tree_languages": spec.tree_languages,
         "leaves": int(plan.on_leaf(spec, tree).sum()),
         "rows": {

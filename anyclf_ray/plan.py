@@ -192,6 +192,11 @@ def on_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     return np.stack([shared | mine for mine in own])
 
 
+def label_index(spec: JobSpec, tree: pa.Table) -> np.ndarray:
+    """Each tree row's label as its position in ``spec.labels``."""
+    return pc.index_in(tree.column("label"), pa.array([label.id for label in spec.labels])).to_numpy()
+
+
 def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     """Examples wanted for each (language, tree row): ``counts[language, row]`` (0 off its leaves).
 
@@ -207,8 +212,7 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     lang, row = (index.astype(np.int32) for index in np.nonzero(mask))
     base, extra = divmod(spec.n_record_to_generate, len(lang))
     counts[lang, row] = base
-    label_index = pc.index_in(tree.column("label"), pa.array([label.id for label in spec.labels])).to_numpy()
-    group = label_index[row] * len(spec.languages) + lang
+    group = label_index(spec, tree)[row] * len(spec.languages) + lang
     # Each leaf's position among its (language, label) group's leaves, in tree order.
     order = np.argsort(group, kind="stable")
     position = np.empty_like(order)

@@ -2,6 +2,7 @@
 
     python bench/scale.py                          # 2,000 and 10,000 rows
     python bench/scale.py --rows 10000 100000      # the scaling line to 100k (hours on 2 cores)
+    python bench/scale.py --rows 100000 --keep runs/scale   # keep the runs (to train on one after)
 
 Each size is a fresh process running ``pipeline.run`` (tree, generation, dedup; the language and
 label checks and training off: this measures scale, and the tiny model's text is random) on an
@@ -40,9 +41,9 @@ print(json.dumps({"rows": rows, "wall": wall, "generated": generated, "dedup": d
 """
 
 
-def measure(rows: int) -> dict:
+def measure(rows: int, keep: str | None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(rows), folder], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", CHILD, str(rows), keep or folder], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -51,11 +52,12 @@ def measure(rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[2_000, 10_000])
+    parser.add_argument("--keep", help="write the runs under this folder (run ids scale-ROWS) and keep them")
     args = parser.parse_args()
     print(f"{'rows':>8} {'written':>8} {'tree s':>7} {'generate s':>10} {'dedup s':>8} {'rows/s':>7} "
           f"{'tok/s/replica':>13} {'driver RSS':>10}")
     for rows in args.rows:
-        found = measure(rows)
+        found = measure(rows, args.keep)
         generated, timings = found["generated"], found["generated"]["timings_s"]
         replicas = generated["engine"]["replicas"]
         print(f"{rows:>8,} {generated['rows']['written']:>8,} {timings['tree']:>7.1f} {timings['generate']:>10.1f} "
