@@ -27,7 +27,7 @@ spec = config.parse({
     "labels": [{"id": "neg", "desc": "negative sentiment"}, {"id": "pos", "desc": "positive sentiment"}],
     "n_record_to_generate": rows, "languages": ["en"], "run_id": f"scale-{rows}",
     "model": {"name": "builtin:tiny-random", "dtype": "float32"},
-    "sampling": {"max_tokens": 256, "examples_per_request": 5, "max_text_chars": 200},
+    "sampling": {"max_tokens": 256, "examples_per_request": 5},
     "output": {"path": folder},
     "language_check": {"enabled": False}, "label_check": {"enabled": False},
     "dedup": {"model": "builtin:all-minilm-l6-v2"}, "diversity": {"enabled": False}, "train": {"enabled": False},
