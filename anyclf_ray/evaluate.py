@@ -1,6 +1,7 @@
 """Evaluation: the trained classifier on held-out synthetic rows and on an optional real set.
 
-In: predicted and true label ids per split; for the real set, its file and column settings
+In: confusion matrices of true and predicted label indices per split and language (tallied batch by
+batch as the rows stream past, ``train.py``); for the real set, its file and column settings
 (``train.eval_set``). Out: ``eval/metrics.json`` (accuracy, macro-F1, weighted-F1, per-class
 precision, recall, F1 and support, the confusion matrix) and ``eval/confusion-<split>.png``.
 """
@@ -78,33 +79,44 @@ def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str
     return texts, labels, languages
 
 
-def metrics(true: list[str], predicted: list[str], label_ids: list[str]) -> dict:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+def confusion(true: np.ndarray, predicted: np.ndarray, n_labels: int) -> np.ndarray:
+    """The confusion matrix of label indices: ``[true, predicted]`` row counts."""
+    matrix = np.zeros((n_labels, n_labels), np.int64)
+    np.add.at(matrix, (np.asarray(true, np.int64), np.asarray(predicted, np.int64)), 1)
+    return matrix
 
-    precision, recall, f1, support = precision_recall_fscore_support(
-        true, predicted, labels=label_ids, zero_division=0
-    )
+
+def metrics(matrix: np.ndarray, label_ids: list[str]) -> dict:
+    """Accuracy, macro- and weighted-F1 and per-class figures from a confusion matrix (a score
+    with a zero denominator is 0, as scikit-learn's ``zero_division=0``)."""
+    hits, support, predicted = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(hits / predicted)
+        recall = np.nan_to_num(hits / support)
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    rows = int(matrix.sum())
     return {
-        "rows": len(true),
-        "accuracy": float(accuracy_score(true, predicted)),
-        "macro_f1": float(f1_score(true, predicted, labels=label_ids, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(true, predicted, labels=label_ids, average="weighted", zero_division=0)),
+        "rows": rows,
+        "accuracy": float(hits.sum() / rows) if rows else 0.0,
+        "macro_f1": float(f1.mean()),
+        "weighted_f1": float((f1 * support).sum() / rows) if rows else 0.0,
         "per_class": {
-            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for label, p, r, f, s in zip(label_ids, precision, recall, f1, support)
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for label, p, r, f, n in zip(label_ids, precision, recall, f1, support)
         },
-        "confusion_matrix": {"labels": label_ids, "rows_true_columns_predicted": confusion_matrix(
-            true, predicted, labels=label_ids).tolist()},
+        "confusion_matrix": {"labels": label_ids, "rows_true_columns_predicted": matrix.tolist()},
     }
 
 
-def metrics_by_language(true: list[str], predicted: list[str], languages: list[str], label_ids: list[str]) -> dict:
-    """``metrics`` for the rows of each language (without the confusion matrix)."""
-    found = {}
-    for language in sorted(set(languages)):
-        chosen = [i for i, code in enumerate(languages) if code == language]
-        figures = metrics([true[i] for i in chosen], [predicted[i] for i in chosen], label_ids)
-        found[language] = {k: v for k, v in figures.items() if k != "confusion_matrix"}
+def split_metrics(by_language: dict[str | None, np.ndarray], label_ids: list[str]) -> dict:
+    """A split's ``metrics`` from its confusion matrices by language (key None: rows without a
+    language), with ``by_language`` (no confusion matrix) when every row has one."""
+    found = metrics(sum(by_language.values()), label_ids)
+    if None not in by_language:
+        found["by_language"] = {
+            language: {k: v for k, v in metrics(by_language[language], label_ids).items() if k != "confusion_matrix"}
+            for language in sorted(by_language)
+        }
     return found
 
 

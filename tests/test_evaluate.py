@@ -38,10 +38,21 @@ def test_every_format_reads_to_the_same_texts_and_labels(tmp_path, fmt):
 
 
 def test_metrics_per_language_split_the_rows_by_their_language():
-    true, predicted = ["pos", "neg", "pos", "neg", "pos"], ["pos", "neg", "neg", "neg", "pos"]
-    found = evaluate.metrics_by_language(true, predicted, ["en", "en", "fr", "fr", "fr"], ["neg", "pos"])
-    assert {code: (m["rows"], m["accuracy"]) for code, m in found.items()} == {"en": (2, 1.0), "fr": (3, 2 / 3)}
-    assert "confusion_matrix" not in found["fr"] and found["fr"]["per_class"]["pos"]["support"] == 2
+    # en: pos→pos, neg→neg; fr: pos→neg, neg→neg, pos→pos (neg 0, pos 1)
+    by_language = {"fr": evaluate.confusion([1, 0, 1], [0, 0, 1], 2), "en": evaluate.confusion([1, 0], [1, 0], 2)}
+    found = evaluate.split_metrics(by_language, ["neg", "pos"])
+    assert found["rows"] == 5 and found["accuracy"] == pytest.approx(4 / 5)
+    assert found["confusion_matrix"]["rows_true_columns_predicted"] == [[2, 0], [1, 2]]
+    languages = found["by_language"]
+    assert list(languages) == ["en", "fr"]
+    assert {code: (m["rows"], m["accuracy"]) for code, m in languages.items()} == {"en": (2, 1.0), "fr": (3, 2 / 3)}
+    assert "confusion_matrix" not in languages["fr"] and languages["fr"]["per_class"]["pos"]["support"] == 2
+
+
+def test_rows_without_a_language_have_no_per_language_figures():
+    found = evaluate.split_metrics({None: evaluate.confusion([0, 1], [0, 0], 2)}, ["neg", "pos"])
+    assert "by_language" not in found and found["rows"] == 2
+    assert found["per_class"]["pos"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
 def test_a_language_column_the_set_lacks_is_refused(tmp_path):
@@ -61,9 +72,9 @@ def test_an_unreadable_kind_of_file_is_refused(tmp_path):
 
 
 def test_metrics_of_a_known_confusion():
-    truth = ["pos", "pos", "pos", "neg", "neg", "neu"]
-    predicted = ["pos", "pos", "neg", "neg", "pos", "neu"]
-    result = evaluate.metrics(truth, predicted, ["neg", "neu", "pos"])
+    truth = [2, 2, 2, 0, 0, 1]  # pos pos pos neg neg neu
+    predicted = [2, 2, 0, 0, 2, 1]  # pos pos neg neg pos neu
+    result = evaluate.metrics(evaluate.confusion(truth, predicted, 3), ["neg", "neu", "pos"])
     assert result["rows"] == 6 and result["accuracy"] == pytest.approx(4 / 6)
     assert result["per_class"]["pos"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
                                           "f1": pytest.approx(2 / 3), "support": 3}
