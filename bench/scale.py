@@ -25,7 +25,8 @@ rows, folder = int(sys.argv[1]), sys.argv[2]
 spec = config.parse({
     "instruction": "classify a text's sentiment",
     "labels": [{"id": "neg", "desc": "negative sentiment"}, {"id": "pos", "desc": "positive sentiment"}],
-    "n_record_to_generate": rows, "n_source_type": 2, "n_topic": 3, "n_subtopic": 3, "languages": ["en"],
+    # 2 labels x 5 x 5 x 5 leaves (62 tree requests), rows / 250 examples a leaf.
+    "n_source_type": 5, "n_topic": 5, "n_subtopic": 5, "sample_per_subtopic": rows // 250, "languages": ["en"],
     "run_id": f"scale-{rows}", "model": {"name": "builtin:tiny-random", "dtype": "float32", "enforce_eager": True},
     # Short items and texts, as the tests ask of the random model: its JSON stays within max_tokens.
     "sampling": {"max_tokens": 256, "examples_per_request": 5, "max_text_chars": 60, "max_item_chars": 30},
