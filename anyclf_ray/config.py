@@ -335,6 +335,9 @@ class TrainSpec(StageSpec):
     max_seq_length: Annotated[int, DECIDES, Field(gt=0)] = 128
     # Share of the synthetic rows held out for evaluation, chosen by id (stable across re-runs).
     test_size: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.2
+    # Training rows at most, the rest streamed past: the driver holds this many texts and their
+    # embeddings whatever the run's size. Beyond it a share of every label is taken, by id.
+    max_rows: Annotated[int, DECIDES, Field(gt=0)] = 50_000
     head_max_iter: Annotated[int, DECIDES, Field(gt=0)] = 1000
     seed: Annotated[int, DECIDES] = 0
     eval_set: Annotated[EvalSetSpec | None, DECIDES] = None

@@ -13,6 +13,7 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 
@@ -23,7 +24,7 @@ EMBEDDING_MODEL_KEY = "anyclf_ray.embedding_model"
 
 
 class Embedder:
-    """Ray Data callable class: a batch of ``text`` → the same batch with ``embedding``."""
+    """Ray Data callable class: a batch with ``text`` → the batch with ``embedding`` in its place."""
 
     def __init__(self, model: str | ray.train.Checkpoint, device: str, batch_size: int):
         self.model = load(model, device)
@@ -33,7 +34,8 @@ class Embedder:
         vectors = self.model.encode(
             list(batch["text"]), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
-        return {"row": batch["row"], "embedding": vectors.astype(np.float32)}
+        others = {column: values for column, values in batch.items() if column != "text"}
+        return {**others, "embedding": vectors.astype(np.float32)}
 
 
 def load(model: str | ray.train.Checkpoint, device: str):
@@ -65,16 +67,23 @@ def check_model(reference: str, field: str) -> None:
         raise ConfigError(f"{field}: {error}") from None
 
 
-def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement, batch_size: int) -> np.ndarray:
-    """Embeddings of ``texts`` (in order) from ``placement.replicas`` actors; Ray must be up."""
-    table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string())})
-    dataset = runtime.blocks_dataset(table, batch_size * 4, placement.replicas).map_batches(
+def embedded(dataset: ray.data.Dataset, model: str | ray.train.Checkpoint, placement: ActorPlacement,
+             batch_size: int) -> ray.data.Dataset:
+    """``dataset`` with ``embedding`` in place of ``text`` (other columns kept), computed by
+    ``placement.replicas`` actors as the rows stream past."""
+    return dataset.map_batches(
         Embedder,
         fn_constructor_kwargs={"model": model, "device": placement.device, "batch_size": batch_size},
         batch_size=batch_size * 4,
         batch_format="numpy",
         **runtime.actor_options(placement),
     )
+
+
+def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement, batch_size: int) -> np.ndarray:
+    """Embeddings of ``texts`` (in order) from ``placement.replicas`` actors; Ray must be up."""
+    table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string())})
+    dataset = embedded(runtime.blocks_dataset(table, batch_size * 4, placement.replicas), model, placement, batch_size)
     vectors: np.ndarray | None = None
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         if vectors is None:
@@ -101,7 +110,9 @@ def kept_embeddings(location, finished: list[dict], model: str, ids: list[str]) 
     for found in finished:
         if found.get("embeddings", {}).get("model") != model:
             continue
-        table = pa.concat_tables([location.read_table(s) for s in found["shards"]["embeddings"]])
+        wanted = pa.array(ids, pa.string())  # filtered shard by shard: only these rows are held
+        table = pa.concat_tables([location.read_table(s).filter(pc.is_in(pc.field("id"), wanted))
+                                  for s in found["shards"]["embeddings"]])
         index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
         if all(i in index for i in ids):
             vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))

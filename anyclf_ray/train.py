@@ -5,8 +5,11 @@ In: the rows the stage before it committed (``dedup/data`` after dedup, else the
 logistic-regression head) under ``<run>/model/`` in SetFit's format with a model card;
 ``eval/metrics.json`` and confusion PNGs (``evaluate.py``); ``train/manifest.json``, last.
 
-1. **Split.** A ``test_size`` share of rows is held out by a hash of the row id, so the split is
-   the same on every re-run and independent of shard order.
+The rows stream through Ray Data; the driver holds the training sample only, never the run.
+
+1. **Split and sample.** Each row id hashes to a fixed draw in [0, 1): rows under ``test_size``
+   are held out, and of the rest a share is taken so that about ``max_rows`` rows (never more)
+   are trained on. Both are the same on every re-run and independent of shard order.
 2. **Contrastive fine-tuning** (skipped when ``num_iterations`` is 0): ``num_workers`` Ray Train
    workers run DDP (gloo on CPU, NCCL on GPU). Each samples its own pairs, half same-label and
    half different-label, batch by batch from per-label row indices: memory is linear in rows,
@@ -14,8 +17,10 @@ logistic-regression head) under ``<run>/model/`` in SetFit's format with a model
    never built. Pairs in total = min(``max_pairs``, ``num_iterations`` × rows). Loss: SetFit's
    default, cosine similarity against 1 (same label) or 0. Rank 0 checkpoints the body to the
    run's storage.
-3. **Head.** Every row is embedded with the fine-tuned body on replicated Ray actors
-   (``embed.embed``); a logistic regression is fitted on all training rows on the driver.
+3. **Head.** The training rows are embedded with the fine-tuned body on replicated Ray actors
+   (``embed.embed``); a logistic regression is fitted on them on the driver.
+4. **Evaluation.** The held-out rows and the real eval set stream through the same actors; the
+   driver predicts each batch with the head and keeps only confusion counts per language.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import resource
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -34,23 +40,62 @@ import ray
 
 from anyclf_ray import embed, evaluate, runtime
 from anyclf_ray.config import ActorPlacement, ConfigError, JobSpec, TrainSpec
-from anyclf_ray.stage import Context, Stage, read_rows
+from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
 
 log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
 MODEL_FOLDER = "model"
+ROW_COLUMNS = ["id", "text", "label", "language"]
+
+
+def draws(ids: list[str]) -> np.ndarray:
+    """Each row id's fixed draw in [0, 1). Its hash's bucket (of ``SPLIT_BUCKETS``) leads, so
+    ``draw < test_size`` holds out exactly the rows earlier versions held out."""
+    found = np.empty(len(ids), np.float64)
+    for i, row_id in enumerate(ids):
+        digest = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big")
+        bucket, rest = divmod(digest, SPLIT_BUCKETS)
+        found[i] = (rest + bucket / (2**64 // SPLIT_BUCKETS + 1)) / SPLIT_BUCKETS
+    return found
 
 
 def is_held_out(row_id: str, test_size: float) -> bool:
-    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % SPLIT_BUCKETS < test_size * SPLIT_BUCKETS
+    return bool(draws([row_id])[0] < test_size)
 
 
-def split(rows: pa.Table, settings: TrainSpec) -> tuple[pa.Table, pa.Table]:
-    held_out = pa.array([is_held_out(i, settings.test_size) for i in rows["id"].to_pylist()], pa.bool_())
-    return rows.filter(pc.invert(held_out)), rows.filter(held_out)
+def with_draws(batch: pa.Table) -> pa.Table:
+    return batch.append_column("draw", pa.array(draws(batch["id"].to_pylist())))
+
+
+def drawn_between(batch: pa.Table, low: float, high: float) -> pa.Table:
+    draw = batch["draw"]
+    return batch.filter(pc.and_(pc.greater_equal(draw, low), pc.less(draw, high)))
+
+
+def input_rows(location: RunLocation, shards: list[str], blocks: int) -> tuple[ray.data.Dataset, int]:
+    """The committed rows as a Dataset (at least ``blocks`` blocks), each with its ``draw``, and
+    their number (from the Parquet footers)."""
+    paths = [location.path(shard) for shard in shards]
+    dataset = ray.data.read_parquet(paths, filesystem=location.fs, columns=ROW_COLUMNS,
+                                    override_num_blocks=max(blocks, len(paths)))
+    return dataset.map_batches(with_draws, batch_format="pyarrow", batch_size=None), dataset.count()
+
+
+def training_sample(rows: ray.data.Dataset, settings: TrainSpec, total: int) -> pa.Table:
+    """The rows to train on, gathered on the driver: every row past the held-out share while
+    they number ``max_rows`` or fewer, else the ``max_rows`` lowest draws, sorted by id."""
+    share = min(1.0, settings.max_rows / max(1.0, total * (1 - settings.test_size)))
+    # A little over the expected share, so the cut below rarely falls short of max_rows.
+    high = min(1.0, settings.test_size + (1 - settings.test_size) * min(1.0, share * 1.05))
+    chosen = rows.map_batches(drawn_between, fn_kwargs={"low": settings.test_size, "high": high},
+                              batch_format="pyarrow", batch_size=None)
+    tables = [table for table in ray.get(chosen.to_arrow_refs()) if table.num_rows]
+    if not tables:
+        return pa.table({column: pa.array([], pa.string()) for column in ROW_COLUMNS})
+    gathered = pa.concat_tables([table.replace_schema_metadata(None) for table in tables])
+    return gathered.sort_by("draw").slice(0, settings.max_rows).drop_columns(["draw"]).sort_by("id")
 
 
 def check_labels(train_rows: pa.Table, spec: JobSpec) -> None:
@@ -76,7 +121,7 @@ def check_workers(settings: TrainSpec) -> None:
 
 
 def embedding_placement(settings: TrainSpec) -> ActorPlacement:
-    """The head's embedding actors sit where the training workers sat."""
+    """The head's and the evaluation's embedding actors sit where the training workers sat."""
     return ActorPlacement(
         device="cuda" if settings.use_gpu else "cpu", replicas=settings.num_workers,
         cpus_per_replica=settings.cpus_per_worker,
@@ -209,17 +254,21 @@ def reusable_embeddings(location: RunLocation, finished: list[dict], settings: T
     return None if settings.num_iterations else embed.kept_embeddings(location, finished, settings.base_model, ids)
 
 
-def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts: list[str], run_name: str,
-        finished: list[dict] = ()) -> dict:
-    """Fine-tune, embed and fit the head. Returns the SetFit model, the embeddings of
-    ``other_texts`` (for evaluation) and training figures."""
+def label_positions(labels: pa.ChunkedArray | pa.Array, label_ids: list[str]) -> np.ndarray:
+    """Label ids as their positions in ``label_ids``."""
+    return pc.index_in(labels, pa.array(label_ids)).to_numpy(zero_copy_only=False)
+
+
+def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: str, finished: list[dict] = ()) -> dict:
+    """Fine-tune, embed and fit the head. Returns the SetFit model, its body's reference (a
+    checkpoint once fine-tuned) and training figures."""
     from setfit import SetFitModel
     from sklearn.linear_model import LogisticRegression
 
     settings = spec.train
     label_ids = [label.id for label in spec.labels]
     texts = train_rows["text"].to_pylist()
-    y = np.asarray([label_ids.index(label) for label in train_rows["label"].to_pylist()])
+    y = label_positions(train_rows["label"], label_ids)
     timings, figures = {}, {"train_rows": len(texts), "pairs": 0}
     started = time.perf_counter()
     body_reference = _loadable(settings.base_model)
@@ -230,25 +279,55 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, other_texts:
     timings["contrastive"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    reused = reusable_embeddings(location, list(finished), settings, train_rows["id"].to_pylist())
-    figures["reused_dedup_embeddings"] = reused is not None
-    to_embed = other_texts if reused is not None else texts + other_texts
-    vectors = (
-        embed.embed(to_embed, body_reference, embedding_placement(settings), batch_size=64)
-        if to_embed else np.empty((0, 1), np.float32)
-    )
-    train_vectors, other_vectors = (reused, vectors) if reused is not None else (vectors[: len(texts)], vectors[len(texts) :])
+    vectors = reusable_embeddings(location, list(finished), settings, train_rows["id"].to_pylist())
+    figures["reused_dedup_embeddings"] = vectors is not None
+    if vectors is None:
+        vectors = embed.embed(texts, body_reference, embedding_placement(settings), batch_size=64)
     timings["embed"] = time.perf_counter() - started
 
     started = time.perf_counter()
     head = LogisticRegression(max_iter=settings.head_max_iter, random_state=settings.seed)
-    head.fit(train_vectors, y)
+    head.fit(vectors, y)
     timings["head"] = time.perf_counter() - started
     model = SetFitModel(
         model_body=embed.load(body_reference, device="cpu"), model_head=head,
         normalize_embeddings=True, labels=label_ids,
     )
-    return {"model": model, "other_vectors": other_vectors, "figures": figures, "timings": timings}
+    return {"model": model, "body": body_reference, "figures": figures, "timings": timings}
+
+
+def evaluation_rows(held_out: ray.data.Dataset, real: tuple | None, replicas: int) -> ray.data.Dataset:
+    """The held-out rows and the real eval set as one Dataset of ``split``, ``text``, ``label``
+    and ``language`` (null where the eval set has none)."""
+    def tagged(batch: pa.Table) -> pa.Table:
+        return batch.select(["text", "label", "language"]).add_column(0, "split", pa.array(["held_out"] * batch.num_rows))
+
+    # Materialized (into the object store, not the driver) before the actors start: a fixed
+    # pool of embedding actors may hold every CPU, and the read tasks feeding it would wait forever.
+    tagged_held_out = held_out.map_batches(tagged, batch_format="pyarrow", batch_size=None).materialize()
+    if not real:
+        return tagged_held_out
+    texts, labels, languages = real
+    table = pa.table({"split": ["eval_set"] * len(texts), "text": texts, "label": labels,
+                      "language": pa.array(languages or [None] * len(texts), pa.string())})
+    return tagged_held_out.union(runtime.blocks_dataset(table, 256, replicas))
+
+
+def evaluate_streamed(rows: ray.data.Dataset, body, head, settings: TrainSpec, label_ids: list[str]) -> dict:
+    """Each split's metrics: the rows embedded on actors, predicted batch by batch on the driver,
+    tallied into confusion matrices by language (all the driver keeps)."""
+    tallies: dict[str, dict] = {"held_out": {}, "eval_set": {}}
+    embedded = embed.embedded(rows, body, embedding_placement(settings), batch_size=64)
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        true = label_positions(pa.array(batch["label"], pa.string()), label_ids)
+        predicted = head.predict(batch["embedding"]) if len(true) else true
+        groups = defaultdict(list)
+        for i, key in enumerate(zip(batch["split"].tolist(), batch["language"].tolist())):
+            groups[key].append(i)
+        for (split, language), chosen in groups.items():
+            matrix = evaluate.confusion(true[chosen], predicted[chosen], len(label_ids))
+            tallies[split][language] = tallies[split].get(language, 0) + matrix
+    return {split: evaluate.split_metrics(found, label_ids) for split, found in tallies.items() if found}
 
 
 def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluation: dict) -> str:
@@ -329,33 +408,25 @@ class Train(Stage):
     def execute(self, ctx: Context, upstream: dict) -> dict:
         spec, settings, location = self.spec, self.settings, ctx.location
         label_ids = [label.id for label in spec.labels]
-        rows = read_rows(location, upstream["shards"]["data"], columns=["id", "text", "label", "language"])
-        train_rows, held_out = split(rows, settings)
-        check_labels(train_rows, spec)
         check_workers(settings)
-        splits = {"held_out": (held_out["text"].to_pylist(), held_out["label"].to_pylist(),
-                               held_out["language"].to_pylist())}
-        if self.real:
-            splits["eval_set"] = self.real
-        texts = [text for split_texts, _, _ in splits.values() for text in split_texts]
+        rows, total = input_rows(location, upstream["shards"]["data"], blocks=4 * settings.num_workers)
+        train_rows = training_sample(rows, settings, total)
+        check_labels(train_rows, spec)
         finished = [found for _, found in ctx.finished]
         fingerprint = self.fingerprint(upstream["fingerprint"])
-        result = fit(location, spec, train_rows, texts, run_name=f"train-{fingerprint}", finished=finished)
-        head, vectors, evaluation, offset = result["model"].model_head, result["other_vectors"], {}, 0
-        for name, (split_texts, truth, languages) in splits.items():
-            if not split_texts:
-                continue
-            predicted = [label_ids[i] for i in head.predict(vectors[offset : offset + len(split_texts)])]
-            offset += len(split_texts)
-            evaluation[name] = evaluate.metrics(truth, predicted, label_ids)
-            if languages:
-                evaluation[name]["by_language"] = evaluate.metrics_by_language(truth, predicted, languages, label_ids)
-            location.write_bytes(f"eval/confusion-{name}.png", evaluate.confusion_png(evaluation[name], name))
+        result = fit(location, spec, train_rows, run_name=f"train-{fingerprint}", finished=finished)
+        held_out = rows.map_batches(drawn_between, fn_kwargs={"low": 0.0, "high": settings.test_size},
+                                    batch_format="pyarrow", batch_size=None)
+        evaluation = evaluate_streamed(evaluation_rows(held_out, self.real, settings.num_workers), result["body"],
+                                       result["model"].model_head, settings, label_ids)
+        for name, figures in evaluation.items():
+            location.write_bytes(f"eval/confusion-{name}.png", evaluate.confusion_png(figures, name))
         location.write_json("eval/metrics.json", evaluation)
         card = model_card(spec, location.run_id, upstream["stage"], result["figures"], evaluation)
         return {
-            "data": {"source": upstream["stage"], "rows": rows.num_rows, "train_rows": train_rows.num_rows,
-                     "held_out_rows": held_out.num_rows, "eval_set_rows": len(self.real[0]) if self.real else 0},
+            "data": {"source": upstream["stage"], "rows": total, "train_rows": train_rows.num_rows,
+                     "held_out_rows": evaluation.get("held_out", {}).get("rows", 0),
+                     "eval_set_rows": len(self.real[0]) if self.real else 0},
             "model": location.uri(MODEL_FOLDER),
             "files": save(location, result["model"], card),
             "figures": result["figures"],

@@ -1,13 +1,15 @@
-"""Scale benchmark: a whole generation and dedup at growing row counts, with the tiny model.
+"""Scale benchmark: a whole run at growing row counts, with the tiny model.
 
     python bench/scale.py                          # 2,000 and 10,000 rows
-    python bench/scale.py --rows 10000 100000      # the scaling line to 100k (hours on 2 cores)
-    python bench/scale.py --rows 100000 --keep runs/scale   # keep the runs (to train on one after)
+    python bench/scale.py --rows 10000 100000      # the scaling line to 100k (about an hour on 2 cores)
+    python bench/scale.py --rows 100000 --keep runs/scale   # keep the runs; run again to resume
 
-Each size is a fresh process running ``pipeline.run`` (tree, generation, dedup; the language and
-label checks and training off: this measures scale, and the tiny model's text is random) on an
-embedded Ray with one engine replica on all cores. It prints per size: seconds per stage, rows
-written per second, tokens out per second per replica, and the driver's peak RSS.
+Each size is a fresh process running ``pipeline.run`` (tree, generation, dedup, then training on
+a sample of ``--train-rows`` rows with the held-out fifth of all rows evaluated; the language
+and label checks off: this measures scale, and the tiny model's text is random) on an embedded
+Ray with one engine replica on all cores. It prints per size: seconds per stage, rows written
+per second, tokens out per second per replica, and the driver's peak RSS. A kept run resumed
+skips its finished stages; their seconds are those of the run that did them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 CHILD = """
 import json, resource, sys, time
 from anyclf_ray import config, pipeline
-rows, folder = int(sys.argv[1]), sys.argv[2]
+rows, folder, train_rows = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 spec = config.parse({
     "instruction": "classify a text's sentiment",
     "labels": [{"id": "neg", "desc": "negative sentiment"}, {"id": "pos", "desc": "positive sentiment"}],
@@ -32,20 +34,22 @@ spec = config.parse({
     "sampling": {"max_tokens": 256, "examples_per_request": 5, "max_text_chars": 60, "max_item_chars": 30},
     "output": {"path": folder},
     "language_check": {"enabled": False}, "label_check": {"enabled": False},
-    "dedup": {"model": "builtin:all-minilm-l6-v2"}, "diversity": {"enabled": False}, "train": {"enabled": False},
+    "dedup": {"model": "builtin:all-minilm-l6-v2"}, "diversity": {"enabled": False},
+    "train": {"base_model": "builtin:all-minilm-l6-v2", "max_rows": train_rows, "num_iterations": 1,
+              "num_workers": 2, "max_seq_length": 64},
 })
 started = time.perf_counter()
 found = pipeline.run(spec)
 wall = time.perf_counter() - started
-generated, dedup = found["generate"], found["dedup"]
-print(json.dumps({"rows": rows, "wall": wall, "generated": generated, "dedup": dedup,
+print(json.dumps({"rows": rows, "wall": wall, **{name: found[name] for name in ("generate", "dedup", "train")},
                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def measure(rows: int, keep: str | None) -> dict:
+def measure(rows: int, keep: str | None, train_rows: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(rows), keep or folder], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", CHILD, str(rows), keep or folder, str(train_rows)],
+                              capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -54,16 +58,19 @@ def measure(rows: int, keep: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[2_000, 10_000])
+    parser.add_argument("--train-rows", type=int, default=5_000, help="train.max_rows: the training sample")
     parser.add_argument("--keep", help="write the runs under this folder (run ids scale-ROWS) and keep them")
     args = parser.parse_args()
-    print(f"{'rows':>8} {'written':>8} {'tree s':>7} {'generate s':>10} {'dedup s':>8} {'rows/s':>7} "
-          f"{'tok/s/replica':>13} {'driver RSS':>10}")
+    print(f"{'rows':>8} {'written':>8} {'tree s':>7} {'generate s':>10} {'dedup s':>8} {'train s':>8} "
+          f"{'trained on':>10} {'held out':>8} {'rows/s':>7} {'tok/s/replica':>13} {'driver RSS':>10}")
     for rows in args.rows:
-        found = measure(rows, args.keep)
-        generated, timings = found["generated"], found["generated"]["timings_s"]
-        replicas = generated["engine"]["replicas"]
+        found = measure(rows, args.keep, args.train_rows)
+        generated, trained = found["generate"], found["train"]
+        timings, replicas = generated["timings_s"], generated["engine"]["replicas"]
         print(f"{rows:>8,} {generated['rows']['written']:>8,} {timings['tree']:>7.1f} {timings['generate']:>10.1f} "
-              f"{found['dedup']['timings_s']['total']:>8.1f} {generated['rows']['written'] / timings['generate']:>7.1f} "
+              f"{found['dedup']['timings_s']['total']:>8.1f} {trained['timings_s']['total']:>8.1f} "
+              f"{trained['data']['train_rows']:>10,} {trained['data']['held_out_rows']:>8,} "
+              f"{generated['rows']['written'] / timings['generate']:>7.1f} "
               f"{generated['llm']['tokens_out'] / timings['generate'] / replicas:>13.0f} {found['rss_mib']:>6.0f} MiB",
               flush=True)
 

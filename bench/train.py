@@ -66,7 +66,7 @@ def one_run(rows: int, workers: int, cpus: float, pairs_per_row: float, output: 
     location = RunLocation(spec.output, f"bench-{rows}-{workers}-{cpus:g}")
     table = sms_rows(rows)
     started = time.perf_counter()
-    result = train.fit(location, spec, table, [], run_name="bench")
+    result = train.fit(location, spec, table, run_name="bench")
     total = time.perf_counter() - started
     figures, timings = result["figures"], result["timings"]
     print(f"    {rows:<7d} {workers}×{cpus:g} CPU  {figures['pairs']:<7d} {timings['contrastive']:13.1f} "
