@@ -345,6 +345,79 @@ class TrainSpec(StageSpec):
     _loadable = field_validator("base_model")(_embedder)
 
 
+LABEL_SET_SEPARATOR = "|"
+# Label sets a multi-label run may enumerate at most (20 labels with 1-3 each are 1,350).
+MAX_LABEL_SETS = 1_000_000
+
+
+class MultiLabelSpec(_Strict):
+    """Multi-label runs (``label_sets.py``): each text carries a set of labels, drawn so that
+    every label set gets an exact number of rows.
+
+    Rows are split evenly across the set sizes (or by ``size_weights``), then within a size by
+    each set's weight: the product of its pairs' ``pair_weights`` (1 unless listed; 0 forbids
+    the pair). Every label and every allowed pair first gets ``min_rows`` rows, in the smallest
+    set that holds it, so rare ones are never left out.
+    """
+
+    enabled: Annotated[bool, DECIDES] = False
+    min_labels: Annotated[int, DECIDES, Field(ge=1)] = 1
+    max_labels: Annotated[int, DECIDES, Field(ge=1)] = 2
+    # Relative rows per set size, from min_labels to max_labels; None: equal.
+    size_weights: Annotated[list[float] | None, DECIDES] = None
+    # Weights of label pairs written "a|b"; 0 forbids the pair in any set.
+    pair_weights: Annotated[dict[str, float], DECIDES] = {}
+    # Share of the texts that express none of the labels.
+    none_share: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.0
+    # Rows each label and each allowed pair gets before the weights share out the rest.
+    min_rows: Annotated[int, DECIDES, Field(ge=1)] = 5
+
+    @field_validator("size_weights")
+    @classmethod
+    def _positive_sizes(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and (any(w < 0 for w in weights) or not any(weights)):
+            raise ValueError("weights must be 0 or more with at least one above 0, one per set size")
+        return weights
+
+    @field_validator("pair_weights")
+    @classmethod
+    def _no_negative_pairs(cls, weights: dict[str, float]) -> dict[str, float]:
+        negative = sorted(pair for pair, w in weights.items() if w < 0)
+        if negative:
+            raise ValueError(f"{negative[0]!r}: a weight must be 0 (forbidden) or more")
+        return weights
+
+    def check(self, label_ids: list[str], n_records: int | None) -> None:
+        """ValueError naming the field and the fix when the labels cannot hold these sets."""
+        if not self.enabled:
+            return
+        if n_records is None:
+            raise ValueError("multi_label: give n_record_to_generate; a multi-label run's rows are split by label set, "
+                             "not per leaf")
+        if self.max_labels > len(label_ids):
+            raise ValueError(f"multi_label.max_labels: {self.max_labels} labels per text, but the spec has "
+                             f"{len(label_ids)} labels; lower max_labels or add labels")
+        if self.min_labels > self.max_labels:
+            raise ValueError(f"multi_label.min_labels: {self.min_labels} is above max_labels {self.max_labels}; "
+                             "lower it or raise max_labels")
+        sizes = self.max_labels - self.min_labels + 1
+        if self.size_weights is not None and len(self.size_weights) != sizes:
+            raise ValueError(f"multi_label.size_weights: {len(self.size_weights)} weight(s) for {sizes} set size(s) "
+                             f"({self.min_labels} to {self.max_labels}); give one per size")
+        joined = [label for label in label_ids if LABEL_SET_SEPARATOR in label]
+        if joined:
+            raise ValueError(f"labels: id {joined[0]!r} holds {LABEL_SET_SEPARATOR!r}, which joins a multi-label "
+                             "row's label_set; rename it")
+        for pair in self.pair_weights:
+            parts = pair.split(LABEL_SET_SEPARATOR)
+            unknown = [part for part in parts if part not in label_ids]
+            if len(parts) != 2 or parts[0] == parts[1]:
+                raise ValueError(f"multi_label.pair_weights: {pair!r} is not a pair; write two label ids as 'a|b'")
+            if unknown:
+                raise ValueError(f"multi_label.pair_weights: {pair!r} names unknown label {unknown[0]!r}; "
+                                 f"labels are {label_ids}")
+
+
 class OutputSpec(_Strict):
     """Where a run's artifacts go: ``<path>/<run_id>/``, a local folder or ``s3://bucket/prefix``."""
 
@@ -375,6 +448,7 @@ class OutputSpec(_Strict):
         return self.path.startswith("s3://")
 
 
+MULTI_LABEL_PENDING = {"label_check": "label-checked", "diversity": "reported on", "train": "trained"}
 SIZE_FIELDS = ("n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -405,6 +479,7 @@ class JobSpec(_Strict):
     dedup: DedupSpec = DedupSpec()
     diversity: DiversitySpec = DiversitySpec()
     train: TrainSpec = TrainSpec()
+    multi_label: MultiLabelSpec = MultiLabelSpec()
     run_id: str | None = None
     # A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.
     tree_path: Annotated[str | None, DECIDES] = None
@@ -475,6 +550,12 @@ class JobSpec(_Strict):
             if unknown:
                 raise ValueError(f"{field}: {unknown[0]!r} is not in languages {self.languages}; add it there or drop it")
         self.sampling.check_budget(self.languages)
+        self.multi_label.check([label.id for label in self.labels], self.n_record_to_generate)
+        if self.multi_label.enabled:
+            for section in MULTI_LABEL_PENDING:  # they read one label a row, for now
+                if getattr(self, section).enabled:
+                    raise ValueError(f"{section}: multi-label runs are not {MULTI_LABEL_PENDING[section]} yet; "
+                                     f"set {section}.enabled: false")
         if self.label_check.enabled and "llm" in self.label_check.methods and "none" in {l.desc for l in self.labels}:
             raise ValueError("label_check.methods: the llm check answers 'none' for no label; reword the label desc 'none'")
         if self.sampling.max_tokens >= self.model.max_model_len:
@@ -491,6 +572,11 @@ class JobSpec(_Strict):
         if self.n_record_to_generate is None:
             return {f: getattr(self, f) for f in SIZE_FIELDS}
         return sizes_for_records(self.n_record_to_generate, len(self.labels) * len(self.languages))
+
+    @property
+    def label_column(self) -> str:
+        """The column that holds a row's label: its id, or a multi-label row's ``label_set``."""
+        return "label_set" if self.multi_label.enabled else "label"
 
     def embedders(self) -> dict[str, str]:
         """The embedding model of every enabled stage that embeds, by the field that names it."""
@@ -523,7 +609,10 @@ class JobSpec(_Strict):
         Later stages' sections are left out: they have their own fingerprints, chained from this
         one, so tuning them reuses the generated data of the same run id.
         """
-        return digest(decisive(self))
+        found = decisive(self)
+        if not self.multi_label.enabled:  # so single-label runs keep the ids they had before it
+            del found["multi_label"]
+        return digest(found)
 
     def resolved_run_id(self) -> str:
         return self.run_id or f"run-{self.fingerprint()}"

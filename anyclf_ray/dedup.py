@@ -17,8 +17,9 @@ The rules, in order:
    are exact duplicates; the first row of each (language, text, label) is its *representative*.
 2. Representatives are embedded, and pairs at or above ``threshold`` cosine found within each
    language (``neighbours.near_pairs``). Exact copies across labels count as pairs at 1.0.
-3. A pair with different labels is a label conflict. Policy ``drop`` removes every
-   representative in a conflict; ``keep`` leaves them and only counts them.
+3. A pair with different labels (in a multi-label run, different label sets) is a label
+   conflict. Policy ``drop`` removes every representative in a conflict; ``keep`` leaves them
+   and only counts them.
 4. Among the remaining representatives of each label, a row is kept unless it is near an earlier
    kept row (``neighbours.greedy_keepers``), so the keeper is deterministic and every removed
    row has a kept twin above the threshold.
@@ -74,7 +75,7 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
     n = rows.num_rows
     texts = rows["text"].to_pylist()
     frame = pd.DataFrame(
-        {"language": rows["language"].to_pylist(), "norm": [normalise(t) for t in texts], "label": rows["label"].to_pylist()}
+        {"language": rows["language"].to_pylist(), "norm": [normalise(t) for t in texts], "label": rows[spec.label_column].to_pylist()}
     )
     group = frame.groupby(["language", "norm", "label"], sort=False).ngroup().to_numpy()
     first_row = np.full(group.max() + 1, n, np.int64)

@@ -16,8 +16,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import plan
-from anyclf_ray.config import CHARS_PER_TOKEN, JobSpec
+from anyclf_ray import label_sets, plan
+from anyclf_ray.config import CHARS_PER_TOKEN, JobSpec, MultiLabelSpec
 
 
 def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:
@@ -25,7 +25,7 @@ def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:
     with every item as long as an item may be: one prompt of each kind, standing for all of
     its kind (prompts of a kind differ only in their tree items, here all alike)."""
     one = spec.model_copy(update={"n_record_to_generate": None, "n_source_type": 1, "n_topic": 1, "n_subtopic": 1,
-                                  "sample_per_subtopic": 1})
+                                  "sample_per_subtopic": 1, "multi_label": MultiLabelSpec()})
     tree = plan.full_tree(one)
     filler = pa.array(["x" * spec.sampling.max_item_chars] * tree.num_rows)
     for level in plan.TREE_LEVELS:
@@ -57,9 +57,25 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         tokens_out += sum(r["max_tokens"] for r in level_requests) * nodes_per_node[level]
     tree = plan.full_tree(spec)
     counts = plan.samples_per_leaf(spec, tree)
-    by_label = np.bincount(plan.label_index(spec, tree), weights=counts.sum(axis=0), minlength=len(spec.labels))
-    generate = int(np.sum(-(-counts // spec.sampling.examples_per_request)))
-    sample = plan.generation_requests(one, one_tree).column("prompt").to_pylist()
+    sample_leaves = plan.leaf_table(one, one_tree)
+    label_rows = {}
+    if spec.multi_label.enabled:
+        sets = label_sets.LabelSets(spec)
+        _, _, set_index, leaf_samples = plan.multi_label_leaves(spec, tree)
+        set_rows = np.bincount(set_index, weights=leaf_samples, minlength=len(sets.sets))
+        by_label = set_rows @ sets.members
+        by_size = np.bincount(sets.sizes, weights=set_rows)
+        label_rows = {"label_sets": len(sets.sets),
+                      "by_set_size": {size: int(n) for size, n in enumerate(by_size) if size in sets.sizes}}
+        # The prompt of a largest set stands for all: every label is named in each, wanted or avoided.
+        largest = spec.labels[: spec.multi_label.max_labels]
+        for column, values in (("labels", [label.id for label in largest]), ("label_names", [label.desc for label in largest])):
+            sample_leaves = sample_leaves.append_column(column, pa.array([values] * sample_leaves.num_rows))
+    else:
+        by_label = np.bincount(plan.label_index(spec, tree), weights=counts.sum(axis=0), minlength=len(spec.labels))
+        leaf_samples = counts
+    generate = int(np.sum(-(-leaf_samples // spec.sampling.examples_per_request)))
+    sample = plan.render_requests(one, sample_leaves).column("prompt").to_pylist()
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
     tokens_out += generate * spec.sampling.max_tokens
@@ -70,6 +86,7 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         "rows": {
             "total": int(counts.sum()),
             "by_label": {label.id: int(n) for label, n in zip(spec.labels, by_label)},
+            **label_rows,
             "by_language": dict(zip(spec.languages, counts.sum(axis=1).tolist())),  # as plan.expected_rows
         },
         "requests": {**requests, "total": sum(requests.values())},

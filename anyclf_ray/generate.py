@@ -27,8 +27,8 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, estimate, manifest, plan, runtime, tree
-from anyclf_ray.config import ConfigError, JobSpec
+from anyclf_ray import engine, estimate, label_sets, manifest, plan, runtime, tree
+from anyclf_ray.config import LABEL_SET_SEPARATOR, ConfigError, JobSpec
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.progress import Progress
 from anyclf_ray.stage import Context, Stage
@@ -51,6 +51,13 @@ EXAMPLE_SCHEMA = pa.schema(
         ("model", pa.string()),
     ]
 )
+# A multi-label run's rows: the set as ``labels`` and ``label_names`` lists, and as one string
+# (``label_set``, ids joined by "|", "" for none) for grouping and filtering.
+MULTI_LABEL_EXAMPLE_SCHEMA = pa.schema(
+    [EXAMPLE_SCHEMA.field("id"), EXAMPLE_SCHEMA.field("text"), ("labels", pa.list_(pa.string())),
+     ("label_names", pa.list_(pa.string())), ("label_set", pa.string()),
+     *(field for field in EXAMPLE_SCHEMA if field.name not in ("id", "text", "label", "label_name"))]
+)
 PART_METADATA_KEY = "anyclf_ray.part"
 REQUEST_ID = "S16"  # request ids are 16 hex characters (plan.stable_id)
 # Requests per replica below which a part's time bound does not cut it: a smaller batch leaves
@@ -60,18 +67,22 @@ PART_FLOOR = 16
 TASK_CPUS = 0.25
 
 
-def examples_from(results: pa.Table, model_name: str) -> pa.Table:
+def examples_from(results: pa.Table, model_name: str, multi_label: bool) -> pa.Table:
     """One row per item of every successful result, with its stable id."""
     rows = []
     for result in results.filter(pc.field("ok")).to_pylist():
+        if multi_label:
+            labelled = {"labels": result["labels"], "label_names": result["label_names"],
+                        "label_set": LABEL_SET_SEPARATOR.join(result["labels"])}
+        else:
+            labelled = {"label": result["label"], "label_name": result["label_name"]}
         for offset, text in enumerate(result["items"]):
             sample_index = result["first_sample"] + offset
             rows.append(
                 {
                     "id": plan.example_id(result["leaf_id"], sample_index),
                     "text": text,
-                    "label": result["label"],
-                    "label_name": result["label_name"],
+                    **labelled,
                     "language": result["language"],
                     "source_type": result["source_type"],
                     "topic": result["topic"],
@@ -81,7 +92,7 @@ def examples_from(results: pa.Table, model_name: str) -> pa.Table:
                     "model": model_name,
                 }
             )
-    return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=MULTI_LABEL_EXAMPLE_SCHEMA if multi_label else EXAMPLE_SCHEMA)
 
 
 def failures_from(results: pa.Table) -> pa.Table:
@@ -92,9 +103,10 @@ def failures_from(results: pa.Table) -> pa.Table:
 class ShardSink(Datasink):
     """Writes LLM results as one committed part (data + failures) per write task."""
 
-    def __init__(self, location: RunLocation, model_name: str, requests_per_part: int):
+    def __init__(self, location: RunLocation, model_name: str, multi_label: bool, requests_per_part: int):
         self.location = location
         self.model_name = model_name
+        self.multi_label = multi_label
         self.requests_per_part = requests_per_part
         self.pass_id = uuid.uuid4().hex
 
@@ -115,7 +127,7 @@ class ShardSink(Datasink):
         failures = failures_from(results)
         if failures.num_rows:
             self.location.write_table(f"failures/{name}", failures)
-        examples = examples_from(results, self.model_name)
+        examples = examples_from(results, self.model_name, self.multi_label)
         part = {**engine.usage(results), "rows": examples.num_rows,
                 "request_ids": results["request_id"].to_pylist()}
         examples = examples.replace_schema_metadata({PART_METADATA_KEY: json.dumps(part)})
@@ -180,7 +192,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
         batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
     )
     answers = pool.answer(requests, "generate", batch_size=per_part, total=pending)
-    sink = ShardSink(location, spec.model.name, per_part)
+    sink = ShardSink(location, spec.model.name, spec.multi_label.enabled, per_part)
     progress = Progress(location, "generate", pending, int(pc.sum(leaves.column("n_samples")).as_py()),
                         sum(part["rows"] for part in parts))
     try:
@@ -240,8 +252,11 @@ class Generate(Stage):
         return any(row["stage"] == "generate" for row in manifest["failures"]["by_stage"])
 
     def check(self, location: RunLocation) -> None:
-        """The user's tree, and that the run id is free or holds this very spec."""
+        """The user's tree, that a multi-label run's rows hold its sets, and that the run id is
+        free or holds this very spec."""
         self.tree = user_tree(self.spec) if self.spec.tree_path else None
+        if self.spec.multi_label.enabled:
+            label_sets.check(self.spec)
         if location.exists("spec.json") and location.read_json("spec.json")["fingerprint"] != self.spec.fingerprint():
             raise ConfigError(
                 f"run_id: {location.run_id!r} already holds a run of a different spec; "

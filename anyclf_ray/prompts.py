@@ -8,6 +8,8 @@ what the model reads, the subtopic reaches the generation prompt, and the langua
 
 from __future__ import annotations
 
+import json
+
 SOURCE_TYPE = (
     "I am building a document classifier to {instruction} with labels {labels}. "
     "Suggest {n} source type of information for efficient data acquisition.{in_language}\n"
@@ -33,11 +35,8 @@ SUBTOPIC = (
     "</instruction>"
 )
 
-GENERATE = (
-    "I am building document classifier to {instruction} with labels {labels}. "
-    "I would like to collect samples for the label: {label}.\n\n"
-    "<instruction>\n"
-    "- Generate realistic examples for a classification model that will predict label {label}.\n"
+# What every generation prompt asks of its examples, after what it says of their labels.
+_EXAMPLE_RULES = (
     "- Characteristics:\n"
     "  Topic: {topic}.\n"
     "  Subtopic: {subtopic}.\n"
@@ -48,6 +47,33 @@ GENERATE = (
     '- Output JSON array. Each item contains key "text"\n'
     "</instruction>"
 )
+
+GENERATE = (
+    "I am building document classifier to {instruction} with labels {labels}. "
+    "I would like to collect samples for the label: {label}.\n\n"
+    "<instruction>\n"
+    "- Generate realistic examples for a classification model that will predict label {label}.\n"
+) + _EXAMPLE_RULES
+
+# A multi-label run's generation prompt: the set's labels to express, the others to avoid.
+GENERATE_MULTI = (
+    "I am building a multi-label document classifier to {instruction} with labels {labels}. "
+    "A text may carry several labels at once.\n\n"
+    "<instruction>\n"
+    "- Generate realistic examples for a classification model.\n"
+    "{label_rules}"
+) + _EXAMPLE_RULES
+
+
+def label_set_rules(wanted: list[str], others: list[str]) -> str:
+    """The multi-label prompt's lines on labels: express each of ``wanted``, none of ``others``."""
+    lines = ""
+    if wanted:
+        lines += f"- Each example must clearly express every one of these labels: {json.dumps(wanted, ensure_ascii=False)}.\n"
+    if others:
+        lines += f"- Each example must express none of these labels: {json.dumps(others, ensure_ascii=False)}.\n"
+    return lines
+
 
 # The key each kind of answer puts its items under, as in the seed prompts.
 ITEM_KEY = {"source_type": "source_type", "topic": "item", "subtopic": "item", "generate": "text"}

@@ -203,7 +203,10 @@ class FilterStage(Stage):
     """A stage that keeps or removes rows of its input; subclasses define ``decide`` and ``reasons``."""
 
     reasons: ClassVar[tuple[str, ...]]
-    required_columns: ClassVar[tuple[str, ...]] = ("id", "text", "label", "language")
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return "id", "text", self.spec.label_column, "language"
 
     def input_shards(self, location: RunLocation, upstream: dict) -> list[str]:
         """The input's data shards, checked from their footers."""
@@ -239,11 +242,11 @@ class FilterStage(Stage):
             "rows": {"input": rows.num_rows, "kept": kept.num_rows, "removed": removed.num_rows},
             "removed": {
                 "by_reason": {reason: reasons.get(reason, 0) for reason in self.reasons},
-                "by_label_reason": cards.counts(removed, ["label", "reason"]),
+                "by_label_reason": cards.counts(removed, [self.spec.label_column, "reason"]),
                 "by_language_reason": cards.counts(removed, ["language", "reason"]),
             },
             "languages": removal_by_language(rows, removed),
-            "kept_by_label": cards.counts(kept, ["label"]),
+            "kept_by_label": cards.counts(kept, [self.spec.label_column]),
             **decision.fields,
             "shards": {
                 "data": location.write_shards(self.data_path("data"), kept, per_shard),

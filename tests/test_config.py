@@ -137,7 +137,7 @@ def test_fingerprints_come_from_the_fields_marked_deciding(raw):
     spec = config.parse(raw)
     assert set(config.decisive(spec)) == {
         "instruction", "instruction_by_language", "labels", "n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic",
-        "n_record_to_generate", "languages", "tree_languages", "model", "sampling", "tree_path",
+        "n_record_to_generate", "languages", "tree_languages", "model", "sampling", "tree_path", "multi_label",
     }
     assert set(config.decisive(spec)["model"]) == {"name", "dtype", "max_model_len"}
     assert set(config.decisive(spec.dedup)) == {"model", "threshold", "conflicts", "partition_size", "probes", "seed"}

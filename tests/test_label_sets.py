@@ -1,0 +1,153 @@
+"""Multi-label planning: which label sets exist, exact rows per set, the leaves and requests
+they make, and the specs refused before any LLM time. Pure functions: no Ray, no model."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from anyclf_ray import cli, config, dedup, estimate, label_sets, plan
+from conftest import tiny_raw, write_spec
+
+LABELS = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(4)]
+
+
+def multi_raw(tmp_path, n_records: int = 301, labels=LABELS, **multi_label) -> dict:
+    raw = {k: v for k, v in tiny_raw(tmp_path, "multi").items() if k not in config.SIZE_FIELDS}
+    return {**raw, "labels": labels, "n_record_to_generate": n_records, "train": {"enabled": False},
+            "multi_label": {"enabled": True, **multi_label}}
+
+
+def filled_tree(spec: config.JobSpec) -> pa.Table:
+    tree = plan.full_tree(spec)
+    for level in plan.TREE_LEVELS:
+        texts = [f"{level} {i}" for i in range(tree.num_rows)]
+        tree = tree.set_column(tree.schema.get_field_index(level), level, pa.array(texts))
+    return tree
+
+
+def set_rows(spec: config.JobSpec) -> collections.Counter:
+    """Planned rows per label set (ids joined by '|'), all languages, from the leaf table."""
+    leaves = plan.leaf_table(spec, filled_tree(spec))
+    found = collections.Counter()
+    for labels, n in zip(leaves["labels"].to_pylist(), leaves["n_samples"].to_pylist()):
+        found["|".join(labels)] += n
+    return found
+
+
+def test_rows_per_set_are_exact_with_floors_weights_and_a_none_share(tmp_path):
+    spec = config.parse(multi_raw(tmp_path, min_labels=1, max_labels=2, none_share=0.1, min_rows=3,
+                                  pair_weights={"l0|l1": 0, "l2|l3": 4}))
+    found = set_rows(spec)
+    assert sum(found.values()) == 301
+    assert "l0|l1" not in found  # weight 0: a forbidden pair
+    singles = {f"l{i}" for i in range(4)}
+    pairs = {"l0|l2", "l0|l3", "l1|l2", "l1|l3", "l2|l3"}
+    assert set(found) == singles | pairs | {""}
+    # Per language (151 en, 150 fr): round(0.1 x n) rows of none.
+    assert found[""] == 15 + 15
+    # The rest split evenly between sizes, then by weight within a size: l2|l3 weighs 4 of 8.
+    assert sum(found[key] for key in singles) == pytest.approx(sum(found[key] for key in pairs), abs=2)
+    assert min(found[key] for key in singles | pairs) >= 2 * 3  # min_rows in each language
+    assert found["l2|l3"] - 2 * 3 == pytest.approx(4 * (found["l0|l2"] - 2 * 3), abs=4)
+
+
+def test_every_label_and_pair_gets_min_rows_even_when_rows_are_few(tmp_path):
+    labels = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(6)]
+    spec = config.parse({**multi_raw(tmp_path, n_records=120, labels=labels, min_labels=2, max_labels=3, min_rows=4),
+                         "languages": ["en"]})
+    found = set_rows(spec)
+    assert sum(found.values()) == 120
+    assert all(len(key.split("|")) in (2, 3) for key in found)
+    for a in range(6):
+        for b in range(a + 1, 6):
+            assert sum(n for key, n in found.items() if {f"l{a}", f"l{b}"} <= set(key.split("|"))) >= 4
+
+
+def test_leaves_and_requests_cover_every_sample_once_with_stable_ids(tmp_path):
+    spec = config.parse(multi_raw(tmp_path, max_labels=2, none_share=0.1))
+    requests = plan.generation_requests(spec, filled_tree(spec))
+    assert sum(requests["n_items"].to_pylist()) == 301
+    ids = {plan.example_id(r["leaf_id"], r["first_sample"] + k)
+           for r in requests.to_pylist() for k in range(r["n_items"])}
+    assert len(ids) == 301
+    assert requests["request_id"].to_pylist() == plan.generation_requests(spec, filled_tree(spec))["request_id"].to_pylist()
+    # A set's leaves are its members' (any label's for none), and its prompt names its labels.
+    for request in requests.to_pylist():
+        assert request["label"] in request["labels"] or not request["labels"]
+        assert [f"subject {label[1:]}" for label in request["labels"]] == request["label_names"]
+        wanted = ", ".join(f'"{name}"' for name in request["label_names"])
+        assert (f"every one of these labels: [{wanted}]" in request["prompt"]) == bool(request["labels"])
+    # Rows per language as planned, and the per-row counts agree with the leaves.
+    assert plan.expected_rows(spec, filled_tree(spec)) == {"en": 151, "fr": 150}
+
+
+def test_a_million_row_plan_counts_every_label_set(tmp_path):
+    labels = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(20)]
+    spec = config.parse({**multi_raw(tmp_path, n_records=1_000_000, labels=labels, min_labels=1, max_labels=3),
+                         "languages": ["en"]})
+    found = estimate.estimate(spec)
+    assert found["rows"]["total"] == 1_000_000
+    assert found["rows"]["label_sets"] == 20 + 190 + 1140
+    assert sum(found["rows"]["by_set_size"].values()) == 1_000_000
+    assert max(found["rows"]["by_set_size"].values()) - min(found["rows"]["by_set_size"].values()) <= 1
+    # Each label is in 1/20 of the singles, 2/20 of the pairs and 3/20 of the triples.
+    assert all(abs(n - 100_000) <= 200 for n in found["rows"]["by_label"].values())
+    assert found["requests"]["generate"] >= 1_000_000 // spec.sampling.examples_per_request
+
+
+def test_single_label_specs_keep_their_fingerprint(tmp_path):
+    """Adding the multi_label section must not move single-label runs' ids (resume would refuse them)."""
+    assert config.parse(tiny_raw("/tmp/x", "fp")).fingerprint() == "deb23f2875f2c4bb"
+    spec = config.parse(multi_raw(tmp_path))
+    other = config.parse(multi_raw(tmp_path, max_labels=3))
+    assert spec.fingerprint() != other.fingerprint()
+
+
+def test_near_duplicates_with_other_label_sets_are_conflicts(tmp_path):
+    """Dedup's conflict rule on label sets; exact copies pair at 1.0 whatever the embedder (the
+    real embedder's path is the slow multi-label run's)."""
+    spec = config.parse(multi_raw(tmp_path))
+    rows = pa.table({"id": ["a", "b", "c", "d", "e"], "language": ["en"] * 5,
+                     "text": ["Rain and taxes.", "Rain and taxes.", "Sun and sport.", "Sun and sport.", "Other."],
+                     "label_set": ["l0|l1", "l0|l1", "l2", "l2|l3", "l3"]})
+    found = dedup.decide(rows, lambda texts: np.eye(len(texts), 8, dtype=np.float32), spec)
+    removed = dict(zip(found["removed"]["id"].to_pylist(), found["removed"]["reason"].to_pylist()))
+    assert removed == {"b": "exact", "c": "conflict", "d": "conflict"}
+    assert found["kept"]["id"].to_pylist() == ["a", "e"]
+
+
+@pytest.mark.parametrize(
+    ("multi_label", "extra", "message"),
+    [
+        ({"max_labels": 5}, {}, "multi_label.max_labels: 5 labels per text, but the spec has 4 labels"),
+        ({"min_labels": 3, "max_labels": 2}, {}, "multi_label.min_labels: 3 is above max_labels 2"),
+        ({"pair_weights": {"l0|sport": 2}}, {}, "multi_label.pair_weights: 'l0|sport' names unknown label 'sport'"),
+        ({"pair_weights": {"l0": 2}}, {}, "multi_label.pair_weights: 'l0' is not a pair"),
+        ({"size_weights": [1]}, {}, "multi_label.size_weights: 1 weight(s) for 2 set size(s)"),
+        ({}, {"train": {"enabled": True}}, "train: multi-label runs are not trained yet; set train.enabled: false"),
+        ({}, {"labels": [{"id": "a|b", "desc": "x"}, {"id": "c", "desc": "y"}]}, "labels: id 'a|b' holds '|'"),
+        ({"min_rows": 100}, {}, "n_record_to_generate: 151 rows (in each language) cannot give each of the 4 labels "
+                                "and 6 allowed pairs multi_label.min_rows (100) rows, 1000 are needed"),
+    ],
+)
+def test_bad_multi_label_specs_fail_in_one_line_before_any_llm_time(tmp_path, capsys, multi_label, extra, message):
+    raw = {**multi_raw(tmp_path, **multi_label), **extra}
+    code = cli.main(["plan", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith(f"anyclf-ray: error: {message}") and "\n" not in error
+
+
+def test_explicit_sizes_are_refused_for_multi_label(tmp_path):
+    raw = {**tiny_raw(tmp_path, "multi"), "train": {"enabled": False}, "multi_label": {"enabled": True}}
+    with pytest.raises(config.ConfigError, match="multi_label: give n_record_to_generate"):
+        config.parse(raw)
+
+
+def test_label_sets_are_enumerated_in_size_then_label_order(tmp_path):
+    sets = label_sets.LabelSets(config.parse(multi_raw(tmp_path, max_labels=2, none_share=0.2)))
+    assert [sets.key(i) for i in range(len(sets.sets))] == [
+        "l0", "l1", "l2", "l3", "l0|l1", "l0|l2", "l0|l3", "l1|l2", "l1|l3", "l2|l3", ""]
