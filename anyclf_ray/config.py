@@ -310,6 +310,8 @@ class EvalSetSpec(_Strict):
     language_column: str | None = None
     # Its label values → the job's label ids; values not listed must already be label ids.
     label_map: dict[str, str] = {}
+    # Multi-label runs: the label column holds lists, or text with labels split by this.
+    label_separator: str | None = None
 
     @field_validator("label_map", mode="before")
     @classmethod
@@ -448,7 +450,7 @@ class OutputSpec(_Strict):
         return self.path.startswith("s3://")
 
 
-MULTI_LABEL_PENDING = {"label_check": "label-checked", "diversity": "reported on", "train": "trained"}
+MULTI_LABEL_PENDING = {"label_check": "label-checked", "diversity": "reported on"}
 SIZE_FIELDS = ("n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

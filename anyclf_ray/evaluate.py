@@ -1,9 +1,12 @@
 """Evaluation: the trained classifier on held-out synthetic rows and on an optional real set.
 
-In: confusion matrices of true and predicted label indices per split and language (tallied batch by
-batch as the rows stream past, ``train.py``); for the real set, its file and column settings
-(``train.eval_set``). Out: ``eval/metrics.json`` (accuracy, macro-F1, weighted-F1, per-class
-precision, recall, F1 and support, the confusion matrix) and ``eval/confusion-<split>.png``.
+In: tallies per split and language, added up batch by batch as the rows stream past
+(``train.py``): a confusion matrix of label indices, or for a multi-label model the true and
+false positives and false negatives per label with the rows whose whole set was right; for the
+real set, its file and column settings (``train.eval_set``). Out: ``eval/metrics.json``
+(accuracy, macro- and weighted-F1, per-class figures and the confusion matrix; multi-label:
+micro- and macro-F1, subset accuracy, Hamming loss and per-label figures, with each label's
+threshold, tuned for F1 on held-out rows) and a PNG per split.
 """
 
 from __future__ import annotations
@@ -54,9 +57,22 @@ def _read(path: str) -> pa.Table:
         raise ConfigError(f"train.eval_set.path: cannot read {path} ({str(error).splitlines()[0]})") from None
 
 
-def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str], list[str], list[str] | None]:
-    """Texts, job label ids and languages (None without ``language_column``) of the real set;
-    ConfigError naming the field to fix."""
+def label_lists(column: pa.ChunkedArray, settings: EvalSetSpec) -> list[list[str]]:
+    """A multi-label eval set's label column as lists of values: a list column as it is, a text
+    column split at ``label_separator``."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return [[str(v) for v in values or []] for values in column.to_pylist()]
+    if settings.label_separator is None:
+        raise ConfigError(f"train.eval_set.label_separator: {settings.label_column!r} holds text, not lists; "
+                          "give the separator between its labels, such as ','")
+    return [[part.strip() for part in str(v or "").split(settings.label_separator) if part.strip()]
+            for v in column.to_pylist()]
+
+
+def load_eval_set(settings: EvalSetSpec, label_ids: list[str],
+                  multi_label: bool = False) -> tuple[list[str], list, list[str] | None]:
+    """Texts, job label ids (lists of them for ``multi_label``) and languages (None without
+    ``language_column``) of the real set; ConfigError naming the field to fix."""
     table = _read(settings.path)
     columns = [("text_column", settings.text_column), ("label_column", settings.label_column)]
     if settings.language_column:
@@ -67,16 +83,20 @@ def load_eval_set(settings: EvalSetSpec, label_ids: list[str]) -> tuple[list[str
                 f"train.eval_set.{field}: {settings.path} has no column {column!r}; it has {table.column_names}"
             )
     texts = [str(t) for t in table[settings.text_column].to_pylist()]
-    raw_labels = [str(v) for v in table[settings.label_column].to_pylist()]
-    labels = [settings.label_map.get(v, v) for v in raw_labels]
-    unknown = sorted({raw for raw, label in zip(raw_labels, labels) if label not in label_ids})
+    if multi_label:
+        raw_labels = label_lists(table[settings.label_column], settings)
+    else:
+        raw_labels = [[str(v)] for v in table[settings.label_column].to_pylist()]
+    labels = [[settings.label_map.get(v, v) for v in values] for values in raw_labels]
+    unknown = sorted({raw for raws, mapped in zip(raw_labels, labels) for raw, label in zip(raws, mapped)
+                      if label not in label_ids})
     if unknown:
         raise ConfigError(
             f"train.eval_set.label_map: value {unknown[0]!r} of {settings.label_column!r} maps to no job label; "
             f"map it to one of {label_ids}"
         )
     languages = [str(v) for v in table[settings.language_column].to_pylist()] if settings.language_column else None
-    return texts, labels, languages
+    return texts, labels if multi_label else [values[0] for values in labels], languages
 
 
 def confusion(true: np.ndarray, predicted: np.ndarray, n_labels: int) -> np.ndarray:
@@ -108,21 +128,86 @@ def metrics(matrix: np.ndarray, label_ids: list[str]) -> dict:
     }
 
 
-def split_metrics(by_language: dict[str | None, np.ndarray], label_ids: list[str]) -> dict:
-    """A split's ``metrics`` from its confusion matrices by language (key None: rows without a
-    language), with ``by_language`` (no confusion matrix) when every row has one."""
-    found = metrics(sum(by_language.values()), label_ids)
+# The thresholds a multi-label model's per-label cut is chosen from.
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def multi_label_tally(true: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """A multi-label batch's counts, to add up across batches: true positives, false positives
+    and false negatives per label, then the rows whose whole set was right, then the rows."""
+    true, predicted = true.astype(bool), predicted.astype(bool)
+    return np.concatenate([(true & predicted).sum(0), (~true & predicted).sum(0), (true & ~predicted).sum(0),
+                           [(true == predicted).all(1).sum(), len(true)]]).astype(np.int64)
+
+
+def multi_label_metrics(tally: np.ndarray, label_ids: list[str]) -> dict:
+    """Micro- and macro-F1, subset accuracy, Hamming loss and per-label figures from a tally."""
+    n = len(label_ids)
+    tp, fp, fn = tally[:n], tally[n : 2 * n], tally[2 * n : 3 * n]
+    exact, rows = int(tally[3 * n]), int(tally[3 * n + 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / (tp + fp))
+        recall = np.nan_to_num(tp / (tp + fn))
+        f1 = np.nan_to_num(2 * tp / (2 * tp + fp + fn))
+    errors = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "rows": rows,
+        "micro_f1": float(2 * tp.sum() / errors) if errors else 0.0,
+        "macro_f1": float(f1.mean()),
+        "subset_accuracy": exact / rows if rows else 0.0,
+        "hamming_loss": float((fp.sum() + fn.sum()) / (rows * n)) if rows else 0.0,
+        "per_label": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(label_ids, precision, recall, f1, tp + fn)
+        },
+    }
+
+
+def threshold_counts(true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``[threshold, label, (tp, fp, fn)]`` of ``scores`` cut at each of ``THRESHOLDS``."""
+    predicted = scores[None] >= THRESHOLDS[:, None, None]
+    truth = true.astype(bool)[None]
+    return np.stack([(predicted & truth).sum(1), (predicted & ~truth).sum(1), (~predicted & truth).sum(1)], -1)
+
+
+def tuned_thresholds(counts: np.ndarray) -> np.ndarray:
+    """Each label's threshold of best F1 in ``threshold_counts`` (nearest 0.5 among equals, so
+    a label with no rows keeps 0.5)."""
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.nan_to_num(2 * tp / (2 * tp + fp + fn))
+    nearness = np.abs(THRESHOLDS - 0.5)
+    best = [np.flatnonzero(column == column.max()) for column in f1.T]
+    return np.array([THRESHOLDS[ties[np.argmin(nearness[ties])]] for ties in best])
+
+
+def split_metrics(by_language: dict[str | None, np.ndarray], label_ids: list[str], figures=metrics) -> dict:
+    """A split's ``figures`` (``metrics`` or ``multi_label_metrics``) from its tallies by language
+    (key None: rows without a language), with ``by_language`` (no confusion matrix) when every
+    row has one."""
+    found = figures(sum(by_language.values()), label_ids)
     if None not in by_language:
         found["by_language"] = {
-            language: {k: v for k, v in metrics(by_language[language], label_ids).items() if k != "confusion_matrix"}
+            language: {k: v for k, v in figures(by_language[language], label_ids).items() if k != "confusion_matrix"}
             for language in sorted(by_language)
         }
     return found
 
 
-def confusion_png(result: dict, title: str) -> bytes:
+def headline(result: dict) -> dict[str, float]:
+    """A split's figures for a card or a summary line."""
+    keys = ("micro_f1", "macro_f1", "subset_accuracy") if "micro_f1" in result else ("accuracy", "macro_f1", "weighted_f1")
+    return {key: result[key] for key in keys}
+
+
+def split_png(result: dict, title: str) -> bytes:
+    """The confusion matrix, or for a multi-label model each label's precision, recall and F1."""
+    subtitle = f"{title}\n" + ", ".join(f"{key} {value:.3f}" for key, value in headline(result).items())
+    if "per_label" in result:
+        labels = list(result["per_label"])
+        figures = np.round([[result["per_label"][label][key] for key in ("precision", "recall", "f1")]
+                            for label in labels], 2)
+        return plots.heatmap(figures, labels, ["precision", "recall", "F1"], "label", "", subtitle)
     labels = result["confusion_matrix"]["labels"]
-    return plots.heatmap(
-        np.asarray(result["confusion_matrix"]["rows_true_columns_predicted"]), labels, labels, "true", "predicted",
-        f"{title}\naccuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
-    )
+    return plots.heatmap(np.asarray(result["confusion_matrix"]["rows_true_columns_predicted"]), labels, labels,
+                         "true", "predicted", subtitle)

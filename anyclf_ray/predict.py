@@ -3,8 +3,9 @@
 In: a model folder (``<run>/model``, local or ``s3://``), an input Parquet/CSV/JSONL file or
 folder and its text column. Out: Parquet files under the output path with every input column
 plus ``prediction`` (a label id), ``score`` (its probability) and ``scores`` (one probability per
-label, in the order of the model's ``labels``), one output row per input row; then
-``_manifest.json`` (rows, model, input), written last, so its presence means the output is whole.
+label, in the order of the model's ``labels``), one output row per input row; a multi-label model
+gives ``labels`` (the label ids whose score reaches the label's threshold, from the model's
+``thresholds.json``) and ``scores`` instead. Then ``_manifest.json`` (rows, model, input), written last, so its presence means the output is whole.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ray
 
 from anyclf_ray import runtime, storage
 from anyclf_ray.config import ActorPlacement, ConfigError
+from anyclf_ray.train import THRESHOLDS_FILE
 
 READERS = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json,
            "json": ray.data.read_json}
@@ -38,22 +40,40 @@ def load_model(filesystem: pafs.FileSystem, root: str, device: str):
         return SetFitModel.from_pretrained(folder, device=device)
 
 
+def load_thresholds(filesystem: pafs.FileSystem, root: str, model) -> np.ndarray | None:
+    """A multi-label model's threshold per label (0.5 where its folder gives none); None for a
+    single-label model."""
+    if not getattr(model.model_head, "multilabel_", False):
+        return None
+    path = f"{root}/{THRESHOLDS_FILE}"
+    found = {}
+    if filesystem.get_file_info(path).type == pafs.FileType.File:
+        with filesystem.open_input_stream(path) as stream:
+            found = json.loads(stream.read())
+    return np.array([found.get(label, 0.5) for label in model.labels])
+
+
 class Predictor:
     """Ray Data callable class: a batch with ``text_column`` → the batch with predictions."""
 
     def __init__(self, model_location: tuple[pafs.FileSystem, str], text_column: str, device: str):
         self.model = load_model(*model_location, device=device)
         self.labels = self.model.labels
+        self.thresholds = load_thresholds(*model_location, self.model)
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = [str(t) for t in batch[self.text_column].to_pylist()]
         scores = np.asarray(self.model.predict_proba(texts, as_numpy=True), dtype=np.float32)
+        per_label = pa.FixedSizeListArray.from_arrays(scores.ravel(), scores.shape[1])
+        if self.thresholds is not None:
+            chosen = [[label for label, hit in zip(self.labels, row) if hit] for row in scores >= self.thresholds]
+            return batch.append_column("labels", pa.array(chosen, pa.list_(pa.string()))).append_column("scores", per_label)
         best = scores.argmax(axis=1)
         return (
             batch.append_column("prediction", pa.array([self.labels[i] for i in best], pa.string()))
             .append_column("score", pa.array(scores[np.arange(len(best)), best], pa.float32()))
-            .append_column("scores", pa.FixedSizeListArray.from_arrays(scores.ravel(), scores.shape[1]))
+            .append_column("scores", per_label)
         )
 
 

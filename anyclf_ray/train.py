@@ -2,8 +2,9 @@
 
 In: the rows the stage before it committed (``dedup/data`` after dedup, else the generated
 ``data``) and the spec's ``train`` section. Out: a ``SetFitModel`` (body fine-tuned,
-logistic-regression head) under ``<run>/model/`` in SetFit's format with a model card;
-``eval/metrics.json`` and confusion PNGs (``evaluate.py``); ``train/manifest.json``, last.
+logistic-regression head; one-vs-rest with per-label thresholds in ``thresholds.json`` for a
+multi-label run) under ``<run>/model/`` in SetFit's format with a model card;
+``eval/metrics.json`` and a PNG per split (``evaluate.py``); ``train/manifest.json``, last.
 
 The rows stream through Ray Data; the driver holds the training sample only, never the run.
 
@@ -12,20 +13,25 @@ The rows stream through Ray Data; the driver holds the training sample only, nev
    are trained on. Both are the same on every re-run and independent of shard order.
 2. **Contrastive fine-tuning** (skipped when ``num_iterations`` is 0): ``num_workers`` Ray Train
    workers run DDP (gloo on CPU, NCCL on GPU). Each samples its own pairs, half same-label and
-   half different-label, batch by batch from per-label row indices: memory is linear in rows,
+   half different-label (multi-label: half sharing a label of the anchor's, half lacking it),
+   batch by batch from per-label row indices: memory is linear in rows,
    never in pairs, and SetFit's up-front pair list (quadratic, out of memory at 40-50k rows) is
    never built. Pairs in total = min(``max_pairs``, ``num_iterations`` × rows). Loss: SetFit's
-   default, cosine similarity against 1 (same label) or 0. Rank 0 checkpoints the body to the
-   run's storage.
+   default, cosine similarity against 1 (same label; multi-label: any label shared) or 0. Rank 0
+   checkpoints the body to the run's storage.
 3. **Head.** The training rows are embedded with the fine-tuned body on replicated Ray actors
-   (``embed.embed``); a logistic regression is fitted on them on the driver.
+   (``embed.embed``); a logistic regression (one-vs-rest for label sets) is fitted on them on
+   the driver.
 4. **Evaluation.** The held-out rows and the real eval set stream through the same actors; the
-   driver predicts each batch with the head and keeps only confusion counts per language.
+   driver predicts each batch with the head and keeps only counts per language. A multi-label
+   model first streams the lower half of the held-out draws to tune each label's threshold for
+   F1, and is evaluated on the upper half.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import resource
 import tempfile
@@ -39,7 +45,7 @@ import pyarrow.compute as pc
 import ray
 
 from anyclf_ray import embed, evaluate, runtime
-from anyclf_ray.config import ActorPlacement, ConfigError, JobSpec, TrainSpec
+from anyclf_ray.config import LABEL_SET_SEPARATOR, ActorPlacement, ConfigError, JobSpec, TrainSpec
 from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
 
@@ -47,6 +53,8 @@ log = logging.getLogger(__name__)
 
 SPLIT_BUCKETS = 10_000
 MODEL_FOLDER = "model"
+THRESHOLDS_FILE = "thresholds.json"
+# The columns training reads; ``label`` holds a row's label id, or its label set joined by "|".
 ROW_COLUMNS = ["id", "text", "label", "language"]
 
 
@@ -65,7 +73,8 @@ def is_held_out(row_id: str, test_size: float) -> bool:
     return bool(draws([row_id])[0] < test_size)
 
 
-def with_draws(batch: pa.Table) -> pa.Table:
+def with_draws(batch: pa.Table, label_column: str) -> pa.Table:
+    batch = batch.select(["id", "text", label_column, "language"]).rename_columns(ROW_COLUMNS)
     return batch.append_column("draw", pa.array(draws(batch["id"].to_pylist())))
 
 
@@ -74,13 +83,16 @@ def drawn_between(batch: pa.Table, low: float, high: float) -> pa.Table:
     return batch.filter(pc.and_(pc.greater_equal(draw, low), pc.less(draw, high)))
 
 
-def input_rows(location: RunLocation, shards: list[str], blocks: int) -> tuple[ray.data.Dataset, int]:
-    """The committed rows as a Dataset (at least ``blocks`` blocks), each with its ``draw``, and
-    their number (from the Parquet footers)."""
+def input_rows(location: RunLocation, shards: list[str], label_column: str,
+               blocks: int) -> tuple[ray.data.Dataset, int]:
+    """The committed rows as a Dataset (at least ``blocks`` blocks) of ``ROW_COLUMNS``, each
+    with its ``draw``, and their number (from the Parquet footers)."""
     paths = [location.path(shard) for shard in shards]
-    dataset = ray.data.read_parquet(paths, filesystem=location.fs, columns=ROW_COLUMNS,
+    dataset = ray.data.read_parquet(paths, filesystem=location.fs, columns=["id", "text", label_column, "language"],
                                     override_num_blocks=max(blocks, len(paths)))
-    return dataset.map_batches(with_draws, batch_format="pyarrow", batch_size=None), dataset.count()
+    rows = dataset.map_batches(with_draws, fn_kwargs={"label_column": label_column}, batch_format="pyarrow",
+                               batch_size=None)
+    return rows, dataset.count()
 
 
 def training_sample(rows: ray.data.Dataset, settings: TrainSpec, total: int) -> pa.Table:
@@ -98,16 +110,31 @@ def training_sample(rows: ray.data.Dataset, settings: TrainSpec, total: int) -> 
     return gathered.sort_by("draw").slice(0, settings.max_rows).drop_columns(["draw"]).sort_by("id")
 
 
-def check_labels(train_rows: pa.Table, spec: JobSpec) -> None:
-    """Every label needs 2 training rows: one for a head class, two for a positive pair."""
-    counts = dict(zip(*np.unique(train_rows["label"].to_numpy(zero_copy_only=False), return_counts=True)))
-    for label in spec.labels:
-        have = int(counts.get(label.id, 0))
+def targets(labels: pa.ChunkedArray | pa.Array | np.ndarray, label_ids: list[str], multi_label: bool) -> np.ndarray:
+    """A ``label`` column as training targets: each label's position in ``label_ids``, or for
+    label sets a 0/1 matrix with a column per label."""
+    if not multi_label:
+        return pc.index_in(pa.array(labels, pa.string()), pa.array(label_ids)).to_numpy(zero_copy_only=False)
+    position = {label: i for i, label in enumerate(label_ids)}
+    found = np.zeros((len(labels), len(label_ids)), np.int8)
+    for row, key in enumerate(labels.tolist() if isinstance(labels, np.ndarray) else labels.to_pylist()):
+        found[row, [position[label] for label in key.split(LABEL_SET_SEPARATOR) if label]] = 1
+    return found
+
+
+def check_labels(y: np.ndarray, label_ids: list[str]) -> None:
+    """Every label needs 2 training rows, for a head class and a positive pair; in a multi-label
+    run also 1 row without it, for the label's negatives."""
+    with_label = y.sum(0) if y.ndim == 2 else np.bincount(y, minlength=len(label_ids))
+    for label, have in zip(label_ids, with_label):
         if have < 2:
             raise ConfigError(
-                f"train: label {label.id!r} has {have} training row(s), at least 2 are needed; generate more rows "
+                f"train: label {label!r} has {have} training row(s), at least 2 are needed; generate more rows "
                 "or lower train.test_size"
             )
+        if y.ndim == 2 and have == len(y):
+            raise ConfigError(f"train: every training row has label {label!r}, so it has no negatives; "
+                              "lower multi_label.max_labels or raise multi_label.none_share")
 
 
 def check_workers(settings: TrainSpec) -> None:
@@ -151,6 +178,34 @@ class PairSampler:
         return anchors, partners, positive.astype(np.float32)
 
 
+class MultiLabelPairSampler:
+    """Contrastive pairs for label sets, drawn on demand, as SetFit's multi-label sampler scores
+    them (1 when the two sets share a label, else 0). An anchor has at least one label, so rows
+    with none are never paired with themselves; half its partners share one of its labels (never
+    the anchor itself), half lack that label, so every label gets negatives."""
+
+    def __init__(self, labels: np.ndarray, seed: int):
+        self.labels = labels.astype(bool)
+        self.rng = np.random.default_rng(seed)
+        self.anchors = np.flatnonzero(self.labels.any(1))
+        self.with_label = [np.flatnonzero(column) for column in self.labels.T]
+        self.without_label = [np.flatnonzero(~column) for column in self.labels.T]
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        anchors = self.anchors[self.rng.integers(0, len(self.anchors), size)]
+        positive = self.rng.random(size) < 0.5
+        partners = np.empty(size, np.int64)
+        for i, (anchor, same) in enumerate(zip(anchors, positive)):
+            label = self.rng.choice(np.flatnonzero(self.labels[anchor]))
+            pool = (self.with_label if same else self.without_label)[label]
+            # check_labels leaves every label 2 rows, so another row with it exists
+            while (partner := pool[self.rng.integers(0, len(pool))]) == anchor:
+                pass
+            partners[i] = partner
+        shared = (self.labels[anchors] & self.labels[partners]).any(1)
+        return anchors, partners, shared.astype(np.float32)
+
+
 def average_gradients(parameters: list, world_size: int) -> None:
     """All-reduce every gradient as one flat buffer and divide by the number of workers."""
     import torch
@@ -171,9 +226,9 @@ def average_gradients(parameters: list, world_size: int) -> None:
 
 def contrastive_loop(config: dict) -> None:
     """Ray Train worker: DDP fine-tuning of the body on sampled pairs; rank 0 checkpoints it."""
-    import torch
     import ray.train
     import ray.train.torch
+    import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import batch_to_device
 
@@ -189,7 +244,7 @@ def contrastive_loop(config: dict) -> None:
     parameters = [p for p in body.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config["learning_rate"])
     texts, labels = ray.get(config["rows"])
-    sampler = PairSampler(labels, seed=config["seed"] * 1000 + rank)
+    sampler = (MultiLabelPairSampler if labels.ndim == 2 else PairSampler)(labels, seed=config["seed"] * 1000 + rank)
     losses = []
     body.train()
     for _ in range(config["steps_per_worker"]):
@@ -254,21 +309,19 @@ def reusable_embeddings(location: RunLocation, finished: list[dict], settings: T
     return None if settings.num_iterations else embed.kept_embeddings(location, finished, settings.base_model, ids)
 
 
-def label_positions(labels: pa.ChunkedArray | pa.Array, label_ids: list[str]) -> np.ndarray:
-    """Label ids as their positions in ``label_ids``."""
-    return pc.index_in(labels, pa.array(label_ids)).to_numpy(zero_copy_only=False)
-
-
 def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: str, finished: list[dict] = ()) -> dict:
-    """Fine-tune, embed and fit the head. Returns the SetFit model, its body's reference (a
-    checkpoint once fine-tuned) and training figures."""
+    """Fine-tune, embed and fit the head (ConfigError first if a label is short of rows).
+    Returns the SetFit model, its body's reference (a checkpoint once fine-tuned) and training
+    figures."""
     from setfit import SetFitModel
     from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
 
     settings = spec.train
     label_ids = [label.id for label in spec.labels]
     texts = train_rows["text"].to_pylist()
-    y = label_positions(train_rows["label"], label_ids)
+    y = targets(train_rows["label"], label_ids, spec.multi_label.enabled)
+    check_labels(y, label_ids)
     timings, figures = {}, {"train_rows": len(texts), "pairs": 0}
     started = time.perf_counter()
     body_reference = _loadable(settings.base_model)
@@ -287,20 +340,35 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: st
 
     started = time.perf_counter()
     head = LogisticRegression(max_iter=settings.head_max_iter, random_state=settings.seed)
+    if y.ndim == 2:  # SetFit's "one-vs-rest" strategy: a logistic regression per label
+        head = OneVsRestClassifier(head)
     head.fit(vectors, y)
     timings["head"] = time.perf_counter() - started
     model = SetFitModel(
-        model_body=embed.load(body_reference, device="cpu"), model_head=head,
-        normalize_embeddings=True, labels=label_ids,
+        model_body=embed.load(body_reference, device="cpu"), model_head=head, normalize_embeddings=True,
+        labels=label_ids, multi_target_strategy="one-vs-rest" if y.ndim == 2 else None,
     )
     return {"model": model, "body": body_reference, "figures": figures, "timings": timings}
 
 
-def evaluation_rows(held_out: ray.data.Dataset, real: tuple | None, replicas: int) -> ray.data.Dataset:
-    """The held-out rows and the real eval set as one Dataset of ``split``, ``text``, ``label``
-    and ``language`` (null where the eval set has none)."""
+def held_out_splits(rows: ray.data.Dataset, settings: TrainSpec, multi_label: bool) -> dict[str, ray.data.Dataset]:
+    """The held-out rows by use: all of them for evaluation, or for a multi-label model the
+    lower half of their draws to tune thresholds on and the upper half for evaluation."""
+    def between(low: float, high: float) -> ray.data.Dataset:
+        return rows.map_batches(drawn_between, fn_kwargs={"low": low, "high": high}, batch_format="pyarrow",
+                                batch_size=None)
+
+    if not multi_label:
+        return {"held_out": between(0.0, settings.test_size)}
+    return {"tuning": between(0.0, settings.test_size / 2), "held_out": between(settings.test_size / 2, settings.test_size)}
+
+
+def evaluation_rows(held_out: ray.data.Dataset, split: str, real: tuple | None = None,
+                    replicas: int = 1) -> ray.data.Dataset:
+    """Held-out rows tagged ``split``, and the real eval set (tagged ``eval_set``), as one
+    Dataset of ``split``, ``text``, ``label`` and ``language`` (null where the eval set has none)."""
     def tagged(batch: pa.Table) -> pa.Table:
-        return batch.select(["text", "label", "language"]).add_column(0, "split", pa.array(["held_out"] * batch.num_rows))
+        return batch.select(["text", "label", "language"]).add_column(0, "split", pa.array([split] * batch.num_rows))
 
     # Materialized (into the object store, not the driver) before the actors start: a fixed
     # pool of embedding actors may hold every CPU, and the read tasks feeding it would wait forever.
@@ -313,31 +381,64 @@ def evaluation_rows(held_out: ray.data.Dataset, real: tuple | None, replicas: in
     return tagged_held_out.union(runtime.blocks_dataset(table, 256, replicas))
 
 
-def evaluate_streamed(rows: ray.data.Dataset, body, head, settings: TrainSpec, label_ids: list[str]) -> dict:
-    """Each split's metrics: the rows embedded on actors, predicted batch by batch on the driver,
-    tallied into confusion matrices by language (all the driver keeps)."""
-    tallies: dict[str, dict] = {"held_out": {}, "eval_set": {}}
+def streamed_tallies(rows: ray.data.Dataset, body, settings: TrainSpec, tally) -> dict[str, dict]:
+    """Each split's tallies by language: the rows embedded on actors, then ``tally(labels,
+    embeddings)`` of each batch added up on the driver (all it keeps)."""
+    tallies: dict[str, dict] = defaultdict(dict)
     embedded = embed.embedded(rows, body, embedding_placement(settings), batch_size=64)
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        true = label_positions(pa.array(batch["label"], pa.string()), label_ids)
-        predicted = head.predict(batch["embedding"]) if len(true) else true
         groups = defaultdict(list)
         for i, key in enumerate(zip(batch["split"].tolist(), batch["language"].tolist())):
             groups[key].append(i)
         for (split, language), chosen in groups.items():
-            matrix = evaluate.confusion(true[chosen], predicted[chosen], len(label_ids))
-            tallies[split][language] = tallies[split].get(language, 0) + matrix
-    return {split: evaluate.split_metrics(found, label_ids) for split, found in tallies.items() if found}
+            found = tally(batch["label"][chosen], batch["embedding"][chosen])
+            tallies[split][language] = tallies[split].get(language, 0) + found
+    return tallies
+
+
+def evaluate_model(held_out: dict[str, ray.data.Dataset], real: tuple | None, body, head, settings: TrainSpec,
+                   label_ids: list[str]) -> tuple[dict, np.ndarray | None]:
+    """Each split's metrics, and a multi-label model's tuned per-label thresholds (else None)."""
+    multi_label = "tuning" in held_out
+    rows = evaluation_rows(held_out["held_out"], "held_out", real, settings.num_workers)
+    if not multi_label:
+        def tally(labels, vectors):
+            return evaluate.confusion(targets(labels, label_ids, False), head.predict(vectors), len(label_ids))
+
+        found = streamed_tallies(rows, body, settings, tally)
+        return {split: evaluate.split_metrics(found[split], label_ids) for split in found}, None
+
+    def tuning_tally(labels, vectors):
+        return evaluate.threshold_counts(targets(labels, label_ids, True), head.predict_proba(vectors))
+
+    tuning = streamed_tallies(evaluation_rows(held_out["tuning"], "tuning"), body, settings, tuning_tally)
+    counts = sum(tuning["tuning"].values()) if tuning else np.zeros((len(evaluate.THRESHOLDS), len(label_ids), 3))
+    thresholds = evaluate.tuned_thresholds(counts)
+
+    def tally(labels, vectors):
+        return evaluate.multi_label_tally(targets(labels, label_ids, True), head.predict_proba(vectors) >= thresholds)
+
+    found = streamed_tallies(rows, body, settings, tally)
+    evaluation = {split: evaluate.split_metrics(found[split], label_ids, evaluate.multi_label_metrics)
+                  for split in found}
+    for figures in evaluation.values():
+        for label, threshold in zip(label_ids, thresholds):
+            figures["per_label"][label]["threshold"] = float(threshold)
+    return evaluation, thresholds
 
 
 def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluation: dict) -> str:
     """A Hugging Face model card: base model, data, labels and the evaluation figures."""
     label_rows = "\n".join(f"| `{label.id}` | {label.desc} |" for label in spec.labels)
-    metric_rows = "\n".join(
-        f"| {split} | {m['rows']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['weighted_f1']:.4f} |"
-        for split, m in evaluation.items()
-    )
+    names = list(evaluate.headline(next(iter(evaluation.values())))) if evaluation else ["accuracy"]
+    metric_rows = "\n".join(f"| {split} | {m['rows']} | " + " | ".join(f"{m[key]:.4f}" for key in names) + " |"
+                             for split, m in evaluation.items())
     settings = spec.train
+    multi_label = spec.multi_label.enabled
+    head = ("one-vs-rest logistic regression, each label's threshold tuned for F1 on held-out rows "
+            f"(`{THRESHOLDS_FILE}`)") if multi_label else "logistic regression"
+    usage = (f"model.predict_proba([\"some text\"])  # a score per label; cut at {THRESHOLDS_FILE}" if multi_label
+             else 'model.predict(["some text"])')
     return f"""---
 library_name: setfit
 base_model: {settings.base_model}
@@ -354,20 +455,20 @@ A SetFit classifier for: {spec.instruction}
 It was trained by anyclf-ray on synthetic data written by `{spec.model.name}` (run `{run_id}`,
 the rows its `{source}` stage committed; {figures["train_rows"]} training rows,
 held-out share {settings.test_size}). Body: `{settings.base_model}`, fine-tuned contrastively on
-{figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: logistic regression.
+{figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: {head}.
 
 ```python
 from setfit import SetFitModel
 model = SetFitModel.from_pretrained("<this folder>")
-model.predict(["some text"])
+{usage}
 ```
 
 | label | description |
 |---|---|
 {label_rows}
 
-| evaluation | rows | accuracy | macro-F1 | weighted-F1 |
-|---|---|---|---|---|
+| evaluation | rows | {" | ".join(name.replace("_", " ") for name in names)} |
+|---|---|{"---|" * len(names)}
 {metric_rows}
 
 The training data is synthetic: check the held-out figures against a real labelled set
@@ -375,11 +476,14 @@ The training data is synthetic: check the held-out figures against a real labell
 """
 
 
-def save(location: RunLocation, model, card: str) -> list[str]:
-    """Write the model in SetFit's format to ``model/`` (local or S3); return the files."""
+def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None) -> list[str]:
+    """Write the model in SetFit's format to ``model/`` (local or S3), with a multi-label
+    model's thresholds by label; return the files."""
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         (Path(folder) / "README.md").write_text(card)
+        if thresholds is not None:
+            (Path(folder) / THRESHOLDS_FILE).write_text(json.dumps(dict(zip(model.labels, thresholds.tolist())), indent=2))
         files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
         for path in files:
             location.write_bytes(f"{MODEL_FOLDER}/{path.relative_to(folder)}", path.read_bytes())
@@ -403,24 +507,28 @@ class Train(Stage):
         embed.check_model(self.settings.base_model, "train.base_model")
         label_ids = [label.id for label in self.spec.labels]
         eval_set = self.settings.eval_set
-        self.real = evaluate.load_eval_set(eval_set, label_ids) if eval_set else None
+        multi_label = self.spec.multi_label.enabled
+        self.real = evaluate.load_eval_set(eval_set, label_ids, multi_label) if eval_set else None
+        if self.real and multi_label:  # carried as the rows carry them: label sets joined by "|"
+            texts, sets, languages = self.real
+            self.real = texts, [LABEL_SET_SEPARATOR.join(labels) for labels in sets], languages
 
     def execute(self, ctx: Context, upstream: dict) -> dict:
         spec, settings, location = self.spec, self.settings, ctx.location
         label_ids = [label.id for label in spec.labels]
+        multi_label = spec.multi_label.enabled
         check_workers(settings)
-        rows, total = input_rows(location, upstream["shards"]["data"], blocks=4 * settings.num_workers)
+        rows, total = input_rows(location, upstream["shards"]["data"], spec.label_column,
+                                 blocks=4 * settings.num_workers)
         train_rows = training_sample(rows, settings, total)
-        check_labels(train_rows, spec)
         finished = [found for _, found in ctx.finished]
         fingerprint = self.fingerprint(upstream["fingerprint"])
         result = fit(location, spec, train_rows, run_name=f"train-{fingerprint}", finished=finished)
-        held_out = rows.map_batches(drawn_between, fn_kwargs={"low": 0.0, "high": settings.test_size},
-                                    batch_format="pyarrow", batch_size=None)
-        evaluation = evaluate_streamed(evaluation_rows(held_out, self.real, settings.num_workers), result["body"],
-                                       result["model"].model_head, settings, label_ids)
+        evaluation, thresholds = evaluate_model(held_out_splits(rows, settings, multi_label), self.real,
+                                                result["body"], result["model"].model_head, settings, label_ids)
+        figure = "per-label" if multi_label else "confusion"
         for name, figures in evaluation.items():
-            location.write_bytes(f"eval/confusion-{name}.png", evaluate.confusion_png(figures, name))
+            location.write_bytes(f"eval/{figure}-{name}.png", evaluate.split_png(figures, name))
         location.write_json("eval/metrics.json", evaluation)
         card = model_card(spec, location.run_id, upstream["stage"], result["figures"], evaluation)
         return {
@@ -428,13 +536,13 @@ class Train(Stage):
                      "held_out_rows": evaluation.get("held_out", {}).get("rows", 0),
                      "eval_set_rows": len(self.real[0]) if self.real else 0},
             "model": location.uri(MODEL_FOLDER),
-            "files": save(location, result["model"], card),
+            "files": save(location, result["model"], card, thresholds),
             "figures": result["figures"],
             "metrics": evaluation,
             "timings_s": result["timings"],
         }
 
     def describe(self, found: dict) -> str:
-        scores = ", ".join(f"{split} accuracy {m['accuracy']:.3f} macro-F1 {m['macro_f1']:.3f}"
+        scores = ", ".join(f"{split} " + " ".join(f"{key} {value:.3f}" for key, value in evaluate.headline(m).items())
                            for split, m in found["metrics"].items())
         return f"trained on {found['data']['train_rows']} rows: {found['model']} ({scores or 'no evaluation rows'})"

@@ -213,17 +213,23 @@ def measure(name: str, args) -> dict:
             "evaluated_rows": len(evaluated), "results": results}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
-    parser.add_argument("--rows", type=int, default=300, help="synthetic rows per set (n_record_to_generate)")
+def parse_arguments(parser: argparse.ArgumentParser, eval_rows: int, eval_help: str) -> argparse.Namespace:
+    """The arguments every real-set bench takes, parsed, with Ray and the hub kept offline."""
+    parser.add_argument("--rows", type=int, default=300, help="synthetic rows per run (n_record_to_generate)")
     parser.add_argument("--model", default="qwen", help="'qwen' (built once) or any model reference")
-    parser.add_argument("--eval-rows", type=int, default=3000, help="real rows evaluated per set, at most")
+    parser.add_argument("--eval-rows", type=int, default=eval_rows, help=eval_help)
     parser.add_argument("--output", default="bench-runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    args = parse_arguments(parser, 3000, "real rows evaluated per set, at most")
     for name in args.sets:
         found = measure(name, args)
         Path(args.output).mkdir(parents=True, exist_ok=True)

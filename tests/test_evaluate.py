@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
@@ -82,4 +83,45 @@ def test_metrics_of_a_known_confusion():
     assert result["macro_f1"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)
     assert result["weighted_f1"] == pytest.approx((2 * 0.5 + 1 + 3 * 2 / 3) / 6)
     assert result["confusion_matrix"]["rows_true_columns_predicted"] == [[1, 0, 1], [0, 1, 0], [1, 0, 2]]
-    assert evaluate.confusion_png(result, "check")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert evaluate.split_png(result, "check")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multi_label_eval_sets_give_lists_or_delimited_text(tmp_path):
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"text": ["rain vote", "goal", "nothing"], "tags": [["w", "p"], ["s"], []]}), lists)
+    delimited = tmp_path / "delimited.csv"
+    delimited.write_text('text,tags\n"rain vote","w, p"\ngoal,s\nnothing,\n')
+    label_map = {"w": "rain", "p": "vote", "s": "goal"}
+    for path, separator in ((lists, None), (delimited, ",")):
+        settings = EvalSetSpec(path=str(path), text_column="text", label_column="tags", label_map=label_map,
+                               label_separator=separator)
+        texts, labels, _ = evaluate.load_eval_set(settings, ["rain", "vote", "goal"], multi_label=True)
+        assert texts == ["rain vote", "goal", "nothing"] and labels == [["rain", "vote"], ["goal"], []]
+    without_separator = EvalSetSpec(path=str(delimited), text_column="text", label_column="tags", label_map=label_map)
+    with pytest.raises(ConfigError, match=r"^train.eval_set.label_separator: 'tags' holds text, not lists"):
+        evaluate.load_eval_set(without_separator, ["rain", "vote", "goal"], multi_label=True)
+
+
+def test_multi_label_metrics_of_known_sets():
+    true = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 0]])
+    predicted = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+    # Added up batch by batch, as training streams them.
+    tally = evaluate.multi_label_tally(true[:2], predicted[:2]) + evaluate.multi_label_tally(true[2:], predicted[2:])
+    result = evaluate.multi_label_metrics(tally, ["a", "b", "c"])
+    # tp (2, 2, 0), fp (0, 0, 1), fn (0, 0, 1): micro-F1 8 / 10; c's F1 is 0
+    assert result["micro_f1"] == pytest.approx(0.8) and result["macro_f1"] == pytest.approx(2 / 3)
+    assert result["subset_accuracy"] == 0.5 and result["hamming_loss"] == pytest.approx(2 / 12)
+    assert result["per_label"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert result["per_label"]["a"]["support"] == 2 and result["rows"] == 4
+    assert evaluate.split_png(result, "check")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_thresholds_are_tuned_per_label_for_f1():
+    true = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0]])
+    # a: its rows score 0.3 and 0.35, the others at most 0.2, so the cut is 0.3 (nearest 0.5 of
+    # the perfect ones); b: its row and one other score 0.1, so 0.1 (F1 2/3); c has no rows
+    # (F1 0 everywhere), so 0.5 stays.
+    scores = np.array([[0.3, 0.1, 0.0], [0.35, 0.0, 0.2], [0.2, 0.05, 0.0], [0.1, 0.1, 0.0]])
+    counts = evaluate.threshold_counts(true[:2], scores[:2]) + evaluate.threshold_counts(true[2:], scores[2:])
+    assert counts.shape == (len(evaluate.THRESHOLDS), 3, 3)
+    assert evaluate.tuned_thresholds(counts).tolist() == [0.3, 0.1, 0.5]

@@ -128,7 +128,8 @@ def test_near_duplicates_with_other_label_sets_are_conflicts(tmp_path):
         ({"pair_weights": {"l0|sport": 2}}, {}, "multi_label.pair_weights: 'l0|sport' names unknown label 'sport'"),
         ({"pair_weights": {"l0": 2}}, {}, "multi_label.pair_weights: 'l0' is not a pair"),
         ({"size_weights": [1]}, {}, "multi_label.size_weights: 1 weight(s) for 2 set size(s)"),
-        ({}, {"train": {"enabled": True}}, "train: multi-label runs are not trained yet; set train.enabled: false"),
+        ({}, {"diversity": {"enabled": True}}, "diversity: multi-label runs are not reported on yet; "
+                                               "set diversity.enabled: false"),
         ({}, {"labels": [{"id": "a|b", "desc": "x"}, {"id": "c", "desc": "y"}]}, "labels: id 'a|b' holds '|'"),
         ({"min_rows": 100}, {}, "n_record_to_generate: 151 rows (in each language) cannot give each of the 4 labels "
                                 "and 6 allowed pairs multi_label.min_rows (100) rows, 1000 are needed"),

@@ -1,5 +1,6 @@
 """A multi-label run end to end on real parts: the tiny model on vLLM (CPU build) writes the
-rows, the real MiniLM deduplicates them on embedded Ray actors, ``datasets`` reads them."""
+rows, the real MiniLM deduplicates them on embedded Ray actors and is trained on them (Ray
+Train, one-vs-rest head, tuned thresholds), ``datasets`` reads them, ``predict`` gives label sets."""
 
 from __future__ import annotations
 
@@ -7,22 +8,37 @@ import collections
 import json
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
 import pytest
-
-from anyclf_ray import config, generate, pipeline, plan
-from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw
+from setfit import SetFitModel
+
+from anyclf_ray import cli, config, evaluate, generate, pipeline, plan, train
+from anyclf_ray.storage import RunLocation
 
 pytestmark = pytest.mark.slow
 
 ROWS = 40
+EVAL_SET = {"Storms delayed the election count.": "weather;politics", "A late goal won the derby.": "sport",
+            "The senate passed the budget.": "politics", "Heavy rain stopped the match.": "weather;sport",
+            "The shop opens at nine.": ""}
 
 
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory, local_ray, tiny_model):
-    raw = {k: v for k, v in tiny_raw(tmp_path_factory.mktemp("runs"), "multi").items() if k not in config.SIZE_FIELDS}
+    folder = tmp_path_factory.mktemp("runs")
+    raw = {k: v for k, v in tiny_raw(folder, "multi").items() if k not in config.SIZE_FIELDS}
+    # A real set with its own label names, in a delimited column.
+    pyarrow.csv.write_csv(pa.table({"text": list(EVAL_SET), "tags": list(EVAL_SET.values())}), folder / "real.csv")
+    eval_set = {"path": str(folder / "real.csv"), "text_column": "text", "label_column": "tags",
+                "label_separator": ";", "label_map": {"weather": "rain", "politics": "vote", "sport": "goal"}}
     spec = config.parse({
-        **raw, "languages": ["en"], "n_record_to_generate": ROWS, "train": {"enabled": False},
+        **raw, "languages": ["en"], "n_record_to_generate": ROWS,
+        "train": {"base_model": "builtin:all-minilm-l6-v2", "num_iterations": 1, "batch_size": 8, "test_size": 0.3,
+                  "eval_set": eval_set},
         "labels": [{"id": "rain", "desc": "weather"}, {"id": "vote", "desc": "politics"},
                    {"id": "goal", "desc": "sport"}],
         "multi_label": {"enabled": True, "min_labels": 1, "max_labels": 2, "none_share": 0.1, "min_rows": 2},
@@ -65,3 +81,44 @@ def test_dedup_runs_on_label_sets_and_datasets_reads_both_configs(multi_run):
     loaded = datasets.load_dataset(location.path(""), split="train")
     assert loaded.num_rows == ROWS and loaded.features["labels"].feature.dtype == "string"
     assert datasets.load_dataset(location.path(""), "deduplicated", split="train").num_rows == kept.num_rows
+
+
+def test_training_tunes_thresholds_and_evaluates_label_sets(multi_run):
+    spec, location, found = multi_run
+    trained = found["train"]
+    kept = read_parts(location, "dedup/data")
+    held_out = [d for d in train.draws(kept["id"].to_pylist()) if d < spec.train.test_size]
+    upper = sum(d >= spec.train.test_size / 2 for d in held_out)
+    assert trained["data"]["train_rows"] == kept.num_rows - len(held_out) and trained["figures"]["pairs"] > 0
+    metrics = location.read_json("eval/metrics.json")
+    assert set(metrics) == {"held_out", "eval_set"}
+    assert metrics["held_out"]["rows"] == upper and metrics["eval_set"]["rows"] == len(EVAL_SET)
+    for figures in metrics.values():
+        assert {"micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"} <= set(figures)
+        assert set(figures["per_label"]) == {"rain", "vote", "goal"}
+        assert 0 <= figures["hamming_loss"] <= 1
+    assert list(metrics["held_out"]["by_language"]) == ["en"] and "by_language" not in metrics["eval_set"]
+    assert sum(figures["support"] for figures in metrics["eval_set"]["per_label"].values()) == 6
+    thresholds = location.read_json("model/thresholds.json")
+    assert list(thresholds) == ["rain", "vote", "goal"] and set(thresholds.values()) <= set(evaluate.THRESHOLDS.tolist())
+    assert {label: figures["threshold"] for label, figures in metrics["held_out"]["per_label"].items()} == thresholds
+    assert location.exists("eval/per-label-held_out.png") and location.exists("eval/per-label-eval_set.png")
+    model = SetFitModel.from_pretrained(location.path("model"))
+    assert model.labels == ["rain", "vote", "goal"] and model.predict_proba(["a text"], as_numpy=True).shape == (1, 3)
+    card = location.read_bytes("model/README.md").decode()
+    assert "| evaluation | rows | micro f1 | macro f1 | subset accuracy |" in card and "one-vs-rest" in card
+
+
+def test_predict_gives_label_sets_with_a_score_per_label(multi_run, tmp_path, capsys):
+    _, location, _ = multi_run
+    source = tmp_path / "input.parquet"
+    pq.write_table(pa.table({"text": list(EVAL_SET)}), source)
+    output = tmp_path / "predictions"
+    code = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output", str(output)])
+    assert code == 0 and f"wrote {len(EVAL_SET)} prediction(s)" in capsys.readouterr().out
+    predicted = pq.read_table(output)
+    assert predicted.column_names == ["text", "labels", "scores"]
+    thresholds = location.read_json("model/thresholds.json")
+    cut = np.array(list(thresholds.values()))
+    for labels, scores in zip(predicted["labels"].to_pylist(), predicted["scores"].to_pylist()):
+        assert labels == [label for label, hit in zip(thresholds, np.array(scores) >= cut) if hit]

@@ -10,18 +10,20 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 import ray.train
+from conftest import tiny_raw, write_generated, write_spec
 from setfit import SetFitModel
 
 from anyclf_ray import cli, config, embed, pipeline, stage, train
 from anyclf_ray.storage import RunLocation
-from conftest import tiny_raw, write_generated, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +101,7 @@ def test_past_max_rows_the_lowest_draws_are_trained_on(tmp_path, local_ray):
     spec = config.parse(train_raw(tmp_path / "runs", "sampled", max_rows=20))
     rows = reviews(80, seed=3)
     location = write_generated(spec, rows)
-    dataset, total = train.input_rows(location, location.read_json("manifest.json")["shards"]["data"], blocks=4)
+    dataset, total = train.input_rows(location, location.read_json("manifest.json")["shards"]["data"], "label", blocks=4)
     sample = train.training_sample(dataset, spec.train, total)
     ids = [row[0] for row in rows]
     past_held_out = sorted((draw, row_id) for draw, row_id in zip(train.draws(ids), ids) if draw >= 0.2)
@@ -274,3 +276,34 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
     assert real["rows"] == 2000
     # Chance (always "spam" at its 13% base rate) scores spam F1 about 0.23.
     assert real["per_class"]["spam"]["f1"] >= 0.8
+
+
+def test_label_sets_become_a_target_matrix():
+    y = train.targets(pa.array(["a|c", "", "b"]), ["a", "b", "c"], multi_label=True)
+    assert y.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
+    assert train.targets(pa.array(["b", "a"]), ["a", "b"], multi_label=False).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["a", "a|b", "b", ""], None),
+    (["a", "b", "b", ""], "train: label 'a' has 1 training row(s), at least 2 are needed"),
+    (["a|b", "a|b", "a", "a|b"], "train: every training row has label 'a', so it has no negatives"),
+])
+def test_each_label_needs_two_rows_with_it_and_one_without(sets, message):
+    y = train.targets(pa.array(sets), ["a", "b"], multi_label=True)
+    if message is None:
+        train.check_labels(y, ["a", "b"])
+    else:
+        with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}"):
+            train.check_labels(y, ["a", "b"])
+
+
+def test_multi_label_pairs_score_shared_labels_and_never_pair_a_row_with_itself():
+    sets = ["a", "a|b", "b", "c", "c|a", "", ""]
+    y = train.targets(pa.array(sets), ["a", "b", "c"], multi_label=True)
+    anchors, partners, target = train.MultiLabelPairSampler(y, seed=0).batch(2000)
+    assert not (anchors == partners).any() and not np.isin(anchors, [5, 6]).any()
+    shared = [bool(set(sets[i].split("|")) & set(sets[j].split("|")) - {""}) for i, j in zip(anchors, partners)]
+    assert target.tolist() == [float(s) for s in shared]
+    assert 0.4 < target.mean() < 0.8  # half the pairs share the drawn label; some others share another
+    assert np.isin(partners, [5, 6]).any()  # rows with no label are negatives
