@@ -2,9 +2,10 @@
 
 In: a ``JobSpec`` and the run's engine pool. Out, at the run's root: ``spec.json`` (what the run
 id means), ``tree.parquet`` (``tree.py``), Parquet parts ``data/part-*.parquet``
-(``EXAMPLE_SCHEMA``) and, for requests that failed after their retries,
-``failures/part-*.parquet`` (``plan.FAILURE_SCHEMA``), written by Ray Data write tasks while the
-answers stream out of the engine pool; then the dataset card and ``manifest.json``, last.
+(``EXAMPLE_SCHEMA``, or ``MULTI_LABEL_EXAMPLE_SCHEMA`` for label sets) and, for requests that
+failed after their retries, ``failures/part-*.parquet`` (``plan.FAILURE_SCHEMA``), written by Ray
+Data write tasks while the answers stream out of the engine pool; then, for label sets,
+``co_occurrence.png``; the dataset card and ``manifest.json``, last.
 While the pass runs, ``status.json`` says how far it is (``progress.py``).
 
 A part is committed when its data file lands (atomically, after its failures file). Its footer
@@ -27,7 +28,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, estimate, label_sets, manifest, plan, runtime, tree
+from anyclf_ray import engine, estimate, label_sets, manifest, plan, plots, runtime, tree
 from anyclf_ray.config import LABEL_SET_SEPARATOR, ConfigError, JobSpec
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.progress import Progress
@@ -65,6 +66,7 @@ REQUEST_ID = "S16"  # request ids are 16 hex characters (plan.stable_id)
 PART_FLOOR = 16
 # Render and write tasks only move bytes; a small CPU share keeps them schedulable next to busy engines.
 TASK_CPUS = 0.25
+CO_OCCURRENCE_PNG = "co_occurrence.png"
 
 
 def examples_from(results: pa.Table, model_name: str, multi_label: bool) -> pa.Table:
@@ -299,6 +301,11 @@ class Generate(Stage):
         run(spec, tree_table, location, ctx.engines(), tokens_per_second, ctx.retry_failures)
         timings["generate"] = time.perf_counter() - started
         summary = manifest.summarise(location, spec, tree_table, committed_parts(location))
+        if "co_occurrence" in summary:
+            labels = summary["co_occurrence"]["labels"]
+            location.write_bytes(CO_OCCURRENCE_PNG, plots.heatmap(
+                summary["co_occurrence"]["rows"], labels, labels, "label", "label",
+                "rows holding both labels (diagonal: rows holding the label)"))
         return {
             "status": "complete" if summary["rows"]["missing"] == 0 else "incomplete",
             "output": location.uri(),
@@ -311,12 +318,18 @@ class Generate(Stage):
         }
 
     def card_section(self, found: dict) -> str:
-        """Rows per language, when there are several: a language that fails shows apart."""
-        if len(found["languages"]) < 2:
-            return ""
-        lines = "".join(f"| {row['language']} | {row['expected']} | {row['written']} | {row['failed_requests']} |\n"
-                        for row in found["languages"])
-        return f"| language | planned | written | failed requests |\n|---|---|---|---|\n{lines}"
+        """Rows per language, when there are several: a language that fails shows apart. For
+        label sets, rows per set size and the co-occurrence figure."""
+        section = ""
+        if len(found["languages"]) > 1:
+            lines = "".join(f"| {row['language']} | {row['expected']} | {row['written']} | {row['failed_requests']} |\n"
+                            for row in found["languages"])
+            section = f"| language | planned | written | failed requests |\n|---|---|---|---|\n{lines}"
+        if "co_occurrence" in found:
+            sizes = ", ".join(f"{row['rows']} with {row['size']}" for row in found["counts"]["by_set_size"])
+            section += (f"\nRows by number of labels: {sizes}. Labels written together "
+                        f"(`manifest.json` holds the counts):\n\n![co-occurrence]({CO_OCCURRENCE_PNG})\n")
+        return section
 
     def describe(self, found: dict) -> str:
         rows, failures = found["rows"], found["failures"]

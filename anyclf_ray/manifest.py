@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -74,6 +75,17 @@ def label_counts(written: pa.Table, label_column: str) -> dict:
             "by_set_size": [{"size": size, "rows": n} for size, n in sorted(by_size.items())]}
 
 
+def co_occurrence(by_label_set: list[dict], label_ids: list[str]) -> np.ndarray:
+    """Rows holding both label i and label j, from the rows per label set (the diagonal: rows
+    holding label i)."""
+    position = {label: i for i, label in enumerate(label_ids)}
+    found = np.zeros((len(label_ids), len(label_ids)), np.int64)
+    for row in by_label_set:
+        members = [position[label] for label in row["label_set"].split(LABEL_SET_SEPARATOR) if label]
+        found[np.ix_(members, members)] += row["rows"]
+    return found
+
+
 def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[pa.Table, list[str]]:
     """The failed generation requests of the committed ``parts`` that no part has answered since,
     and the failures files read. (``--retry-failures`` commits retried requests in new parts:
@@ -97,8 +109,9 @@ def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[
 def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[str, dict]) -> dict:
     """Counts, failures and usage of the generation as committed at ``location`` (``parts``:
     the committed data parts with their footer metadata)."""
-    label_column = "label_set" if spec.multi_label.enabled else "label"
+    label_column, label_ids = spec.label_column, [label.id for label in spec.labels]
     written = written_counts(location, parts, label_column)
+    by_label = label_counts(written, label_column)
     total_written = int(pc.sum(written["rows"]).as_py() or 0)
     generation, files = generation_failures(location, parts)
     tree_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
@@ -119,7 +132,9 @@ def summarise(location: RunLocation, spec: JobSpec, tree: pa.Table, parts: dict[
              "failed_requests": failed_by_language.get(language, 0)}
             for language, n in expected.items()
         ],
-        "counts": label_counts(written, label_column),
+        "counts": by_label,
+        **({"co_occurrence": {"labels": label_ids, "rows": co_occurrence(by_label["by_label_set"], label_ids).tolist()}}
+           if spec.multi_label.enabled else {}),
         "failures": {
             "requests": failures.num_rows,
             "rows_lost": sum(failures["rows_lost"].to_pylist()),

@@ -71,6 +71,12 @@ def test_rows_carry_label_sets_with_exact_counts_and_planned_ids(multi_run):
     assert sum(row["rows"] for row in counts["by_set_size"]) == ROWS
     assert {row["label"]: row["rows"] for row in counts["by_label"]} == {
         label: sum(n for key, n in written.items() if label in key.split("|")) for label in names}
+    together = found["generate"]["co_occurrence"]
+    assert together["labels"] == ["rain", "vote", "goal"]
+    assert together["rows"] == [[sum(n for key, n in written.items() if {a, b} <= set(key.split("|")))
+                                 for b in names] for a in names]
+    assert location.read_bytes("co_occurrence.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![co-occurrence](co_occurrence.png)" in location.read_bytes("README.md").decode()
 
 
 def test_dedup_runs_on_label_sets_and_datasets_reads_both_configs(multi_run):
