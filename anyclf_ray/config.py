@@ -252,8 +252,10 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
     """
 
     methods: Annotated[list[Literal["llm", "crossfit", "similarity"]], DECIDES] = ["crossfit"]
-    # remove: failing rows go to removed/; flag: they stay, marked in ``label_check_failed``.
-    action: Annotated[Literal["remove", "flag"], DECIDES] = "remove"
+    # remove: failing rows go to removed/; flag: they stay, marked in ``label_check_failed``;
+    # relabel: they take the llm judge's labels when those make a set the run allows, and are
+    # removed otherwise.
+    action: Annotated[Literal["remove", "flag", "relabel"], DECIDES] = "remove"
     # The embedder of crossfit and similarity; None: the training body (train.base_model).
     model: Annotated[str | None, DECIDES] = None
     folds: Annotated[int, DECIDES, Field(ge=2)] = 5
@@ -357,8 +359,8 @@ class MultiLabelSpec(_Strict):
     every label set gets an exact number of rows.
 
     Rows are split evenly across the set sizes (or by ``size_weights``), then within a size by
-    each set's weight: the product of its pairs' ``pair_weights`` (1 unless listed; 0 forbids
-    the pair). Every label and every allowed pair first gets ``min_rows`` rows, in the smallest
+    each set's weight: the product of its pairs' weights: ``pair_weights`` where listed (0 forbids
+    the pair), else the LLM's prior (``pair_prior: llm``, ``pair_prior.py``), else 1. Every label and every allowed pair first gets ``min_rows`` rows, in the smallest
     set that holds it, so rare ones are never left out.
     """
 
@@ -369,6 +371,9 @@ class MultiLabelSpec(_Strict):
     size_weights: Annotated[list[float] | None, DECIDES] = None
     # Weights of label pairs written "a|b"; 0 forbids the pair in any set.
     pair_weights: Annotated[dict[str, float], DECIDES] = {}
+    # llm: the run's LLM says once, before generation, how often real texts carry each pair not
+    # in pair_weights; its answers weigh the sets (kept in label_prior.json). none: weight 1.
+    pair_prior: Annotated[Literal["none", "llm"], DECIDES] = "none"
     # Share of the texts that express none of the labels.
     none_share: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.0
     # Rows each label and each allowed pair gets before the weights share out the rest.
@@ -450,7 +455,6 @@ class OutputSpec(_Strict):
         return self.path.startswith("s3://")
 
 
-MULTI_LABEL_PENDING = {"label_check": "label-checked", "diversity": "reported on"}
 SIZE_FIELDS = ("n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -553,12 +557,13 @@ class JobSpec(_Strict):
                 raise ValueError(f"{field}: {unknown[0]!r} is not in languages {self.languages}; add it there or drop it")
         self.sampling.check_budget(self.languages)
         self.multi_label.check([label.id for label in self.labels], self.n_record_to_generate)
-        if self.multi_label.enabled:
-            for section in MULTI_LABEL_PENDING:  # they read one label a row, for now
-                if getattr(self, section).enabled:
-                    raise ValueError(f"{section}: multi-label runs are not {MULTI_LABEL_PENDING[section]} yet; "
-                                     f"set {section}.enabled: false")
-        if self.label_check.enabled and "llm" in self.label_check.methods and "none" in {l.desc for l in self.labels}:
+        if self.label_check.enabled and self.label_check.action == "relabel" and self.label_check.methods != ["llm"]:
+            raise ValueError("label_check.action: relabel takes the llm judge's labels; set methods: [llm]")
+        if self.multi_label.enabled and self.label_check.enabled and self.label_check.methods != ["llm"]:
+            raise ValueError("label_check.methods: a multi-label run is checked by the llm judge only (crossfit and "
+                             "similarity read one label a row); set methods: [llm]")
+        single_judge = self.label_check.enabled and "llm" in self.label_check.methods and not self.multi_label.enabled
+        if single_judge and "none" in {label.desc for label in self.labels}:
             raise ValueError("label_check.methods: the llm check answers 'none' for no label; reword the label desc 'none'")
         if self.sampling.max_tokens >= self.model.max_model_len:
             raise ValueError(

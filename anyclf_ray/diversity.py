@@ -1,5 +1,8 @@
 """Diversity report: how varied the rows a run keeps are, per label, with plots.
 
+A multi-label run's figures are per label too, each over the rows holding it (a row of two
+labels counts in both).
+
 A report stage (``Stage.report_only``): it reads the rows of the last data stage before it and
 writes figures only, so the stage after it reads the same rows. Out, under ``<run>/diversity/``:
 
@@ -62,6 +65,15 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return centred @ components[:2].T
 
 
+def by_each_label(rows: pa.Table) -> pa.Table:
+    """A multi-label run's rows once for each label they hold, under ``label`` (a row of no
+    label is in no label's figures)."""
+    lists = rows["labels"].to_pylist()
+    repeat = np.repeat(np.arange(rows.num_rows), [len(labels) for labels in lists])
+    return rows.drop_columns(["labels"]).take(repeat).append_column(
+        "label", pa.array([label for labels in lists for label in labels], pa.string()))
+
+
 def sample_ids(rows: pa.Table, per_label: int, seed: int) -> np.ndarray:
     """Row positions: up to ``per_label`` of each label, drawn reproducibly."""
     generator = np.random.default_rng(seed)
@@ -89,7 +101,12 @@ class Diversity(Stage):
 
     def execute(self, ctx: Context, upstream: dict) -> dict:
         settings, location = self.settings, ctx.location
-        rows = read_rows(location, upstream["shards"]["data"], columns=COLUMNS)
+        multi_label = self.spec.multi_label.enabled
+        rows = read_rows(location, upstream["shards"]["data"],
+                         columns=[("labels" if multi_label and c == "label" else c) for c in COLUMNS])
+        n_rows = rows.num_rows
+        if multi_label:  # each label's figures read the rows holding it
+            rows = by_each_label(rows)
         started = time.perf_counter()
         sampled = rows.take(sample_ids(rows, settings.sample_rows, settings.seed))
         ids = sampled["id"].to_pylist()
@@ -139,7 +156,7 @@ class Diversity(Stage):
         for name, png in figures.items():
             location.write_bytes(self.data_path(f"{name}.png"), png)
         return {
-            "data": {"stage": upstream["stage"], "rows": rows.num_rows},
+            "data": {"stage": upstream["stage"], "rows": n_rows},
             "embeddings": {"model": self.embedder, "rows": len(vectors), "reused": reused},
             "by_label": per_label,
             "figures": {name: self.data_path(f"{name}.png") for name in figures},

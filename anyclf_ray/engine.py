@@ -1,13 +1,15 @@
 """The engine seam: an LLM that answers prompts under a JSON schema, and the retries over it.
 
 In: a table of requests (``REQUEST_FIELDS``: the prompt, the items wanted and the rules they
-must meet). Out: the same rows plus ``RESULT_FIELDS``: ``items`` (exactly ``n_items`` valid
-strings when ``ok``), ``ok``, ``attempts``, ``error``, ``last_output``, ``rejected`` (the
+must meet, or the flags of a yes/no answer). Out: the same rows plus ``RESULT_FIELDS``:
+``items`` (exactly ``n_items`` valid strings when ``ok``; ``"true"`` or ``"false"`` per flag
+for a yes/no answer), ``ok``, ``attempts``, ``error``, ``last_output``, ``rejected`` (the
 reasons items were refused) and the tokens spent.
 
 ``Engine`` is the whole interface an LLM must offer: ``complete(prompts) -> completions``.
 ``VLLMEngine`` is the real one; tests put a fake behind the same seam. ``answer`` is the logic
-above it: each request's answer must parse as ``n_items`` items that pass ``items.py``'s rules;
+above it: each request's answer must parse as ``n_items`` items that pass ``items.py``'s rules
+(or as a JSON object with a boolean under each flag);
 what is missing (cut off at its token budget, refused items) is asked again with a new seed, up
 to ``max_retries`` times, then reported as failed, never dropped. Where engines run and how many is ``pool.py``'s business.
 """
@@ -41,6 +43,9 @@ REQUEST_FIELDS = {
     "choices": pa.list_(pa.string()),
     # Overrides sampling.temperature (0 for a judge's answer); null keeps it.
     "temperature": pa.float32(),
+    # A yes/no answer instead of items: a JSON object with a boolean under each of these keys
+    # (``n_items`` of them); null for items.
+    "flags": pa.list_(pa.string()),
 }
 REQUEST_COLUMNS = list(REQUEST_FIELDS)
 RESULT_FIELDS = {
@@ -96,7 +101,7 @@ def requests_table(requests: list[dict], fields: dict[str, pa.DataType] | None =
     ``fields``: what a pass keeps beside each request (its place in the tree...), typed; given,
     the table has exactly these columns, even with no requests.
     """
-    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None}
+    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None, "flags": None}
     if fields is not None:
         schema = pa.schema({**REQUEST_FIELDS, **fields})
         return pa.Table.from_pylist([{**defaults, **r} for r in requests], schema=schema)
@@ -109,12 +114,16 @@ def requests_table(requests: list[dict], fields: dict[str, pa.DataType] | None =
     return table
 
 
-def parse_items(text: str, key: str, n_items: int) -> list[str]:
-    """The ``n_items`` strings of a JSON answer, or ValueError saying what is wrong with it."""
+def _json(text: str) -> object:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at char {error.pos})") from None
+
+
+def parse_items(text: str, key: str, n_items: int) -> list[str]:
+    """The ``n_items`` strings of a JSON answer, or ValueError saying what is wrong with it."""
+    value = _json(text)
     if not isinstance(value, list):
         raise ValueError("not a JSON array")
     if len(value) != n_items:
@@ -128,7 +137,20 @@ def parse_items(text: str, key: str, n_items: int) -> list[str]:
     return found
 
 
+def parse_flags(text: str, flags: list[str]) -> list[str]:
+    """A yes/no answer's ``"true"`` or ``"false"`` per flag, in order, or ValueError."""
+    value = _json(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    for flag in flags:
+        if not isinstance(value.get(flag), bool):
+            raise ValueError(f"no true or false under {flag!r}")
+    return ["true" if value[flag] else "false" for flag in flags]
+
+
 def _schema(request: dict, sampling: SamplingSpec) -> dict:
+    if request["flags"]:
+        return prompts.flags_schema(request["flags"])
     pattern = valid.text_pattern() if sampling.valid_items else None
     return prompts.items_schema(request["item_key"], request["n_items"], request["max_chars"], pattern, request["choices"])
 
@@ -140,7 +162,9 @@ def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSp
     for item in found:
         if len(kept) == request["n_items"]:
             break
-        if request["choices"]:
+        if request["flags"]:
+            reason = None  # parse_flags took booleans only
+        elif request["choices"]:
             reason = None if item in request["choices"] else "not_a_choice"
         elif sampling.valid_items:
             reason = valid.problem(item, request["min_words"], request["echoes"], request["prompt"])
@@ -188,7 +212,10 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
             result["tokens_in"] += completion.tokens_in
             result["tokens_out"] += completion.tokens_out
             try:
-                found = parse_items(completion.text, request["item_key"], request["n_items"])
+                if request["flags"]:
+                    found = parse_flags(completion.text, request["flags"])
+                else:
+                    found = parse_items(completion.text, request["item_key"], request["n_items"])
             except ValueError as error:
                 cut = " (cut off at max_tokens)" if completion.finish_reason == "length" else ""
                 result.update(error=f"{error}{cut}", last_output=completion.text[:KEPT_OUTPUT_CHARS])

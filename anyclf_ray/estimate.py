@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import label_sets, plan
+from anyclf_ray import label_sets, pair_prior, plan
 from anyclf_ray.config import CHARS_PER_TOKEN, JobSpec, MultiLabelSpec
 
 
@@ -49,6 +49,11 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
     nodes_per_node = {"source_type": 1, "topic": sizes["n_source_type"],
                       "subtopic": sizes["n_source_type"] * sizes["n_topic"]}
     requests, tokens_in, tokens_out = {}, 0, 0
+    if spec.multi_label.pair_prior == "llm":  # planned with weight 1 per pair: the answers are not known yet
+        asked = pair_prior.requests(spec)
+        requests["pair_prior"] = asked.num_rows
+        tokens_in += prompt_tokens(asked["prompt"].to_pylist())
+        tokens_out += sum(asked["max_tokens"].to_pylist())
     one_nodes = one_tree.to_pylist()
     for level in plan.TREE_LEVELS:
         level_requests = [] if spec.tree_path else plan.tree_requests(level, spec, one_nodes)  # a given tree costs none

@@ -28,7 +28,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, estimate, label_sets, manifest, plan, plots, runtime, tree
+from anyclf_ray import engine, estimate, label_sets, manifest, pair_prior, plan, plots, runtime, tree
 from anyclf_ray.config import LABEL_SET_SEPARATOR, ConfigError, JobSpec
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.progress import Progress
@@ -270,19 +270,24 @@ class Generate(Stage):
         if location.exists(manifest.TREE_FILE):
             log.info("tree: reusing the committed tree of this run")
             return location.read_table(manifest.TREE_FILE)
+        prior = {}
+        if self.spec.multi_label.pair_prior == "llm":  # asked first: it decides what a failed node costs
+            record = pair_prior.ask(self.spec, ctx.engines())
+            location.write_json(pair_prior.FILE, record)
+            prior = record["weights"]
         if self.tree is not None:
             table, failures, usage = self.tree, [], dict.fromkeys(engine.USAGE_KEYS, 0)
             seconds = 0.0
         else:
             pool = ctx.engines()
             started = time.perf_counter()
-            table, failures, usage = tree.expand(self.spec, pool)
+            table, failures, usage = tree.expand(self.spec, pool, prior)
             seconds = time.perf_counter() - started
         if failures:
             location.write_table(manifest.TREE_FAILURES_FILE, pa.Table.from_pylist(failures, schema=plan.FAILURE_SCHEMA))
         # The tree passes' seconds give the decode rate that sizes generation's parts, on resumes too.
         usage = {**usage, "seconds": round(seconds, 3)}
-        table = table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps(usage)})
+        table = label_sets.with_prior(table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps(usage)}), prior)
         location.write_table(manifest.TREE_FILE, table)
         return table
 
@@ -306,6 +311,10 @@ class Generate(Stage):
             location.write_bytes(CO_OCCURRENCE_PNG, plots.heatmap(
                 summary["co_occurrence"]["rows"], labels, labels, "label", "label",
                 "rows holding both labels (diagonal: rows holding the label)"))
+        if location.exists(pair_prior.FILE):
+            record = location.read_json(pair_prior.FILE)
+            summary["pair_prior"] = {"file": pair_prior.FILE, "weights": record["weights"],
+                                     "unanswered": record["unanswered"], "usage": record["usage"]}
         return {
             "status": "complete" if summary["rows"]["missing"] == 0 else "incomplete",
             "output": location.uri(),
@@ -329,6 +338,10 @@ class Generate(Stage):
             sizes = ", ".join(f"{row['rows']} with {row['size']}" for row in found["counts"]["by_set_size"])
             section += (f"\nRows by number of labels: {sizes}. Labels written together "
                         f"(`manifest.json` holds the counts):\n\n![co-occurrence]({CO_OCCURRENCE_PNG})\n")
+        if "pair_prior" in found:
+            weights = ", ".join(f"`{pair}` {weight}" for pair, weight in found["pair_prior"]["weights"].items())
+            section += (f"\nSets weighed by the LLM's prior of how often real texts carry each pair "
+                        f"(`{pair_prior.FILE}`): {weights}.\n")
         return section
 
     def describe(self, found: dict) -> str:

@@ -14,18 +14,24 @@ topics reach the set's texts.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
+import pyarrow as pa
 
 from anyclf_ray.config import LABEL_SET_SEPARATOR, MAX_LABEL_SETS, ConfigError, JobSpec
+
+# The tree's footer key holding the LLM's pair weights (``pair_prior.py``), when asked for.
+PRIOR_KEY = "anyclf_ray.pair_prior"
 
 
 class LabelSets:
     """The allowed label sets (tuples of label positions, the empty set last when some rows
-    carry no label), their weights and membership matrix."""
+    carry no label), their weights and membership matrix. ``prior``: the LLM's pair weights
+    (``pair_prior.py``), under the user's ``pair_weights``; they weigh sets, never forbid one."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, prior: dict[str, float] | None = None):
         settings, n_labels = spec.multi_label, len(spec.labels)
         possible = sum(math.comb(n_labels, k) for k in range(settings.min_labels, settings.max_labels + 1))
         if possible > MAX_LABEL_SETS:
@@ -33,7 +39,7 @@ class LabelSets:
                               f"{MAX_LABEL_SETS}; lower max_labels")
         ids = [label.id for label in spec.labels]
         pair_weight = np.ones((n_labels, n_labels))
-        for pair, weight in settings.pair_weights.items():
+        for pair, weight in {**(prior or {}), **settings.pair_weights}.items():
             a, b = (ids.index(part) for part in pair.split(LABEL_SET_SEPARATOR))
             pair_weight[a, b] = pair_weight[b, a] = weight
         self.sets, weights = [], []
@@ -95,6 +101,19 @@ class LabelSets:
             mine = np.flatnonzero(self.sizes == size)
             counts[mine] += apportion(int(n_size), self.weights[mine])
         return counts
+
+
+def prior(tree: pa.Table) -> dict[str, float]:
+    """The LLM's pair weights stored in a tree's footer; none when the run asked for none."""
+    found = (tree.schema.metadata or {}).get(PRIOR_KEY.encode())
+    return json.loads(found) if found else {}
+
+
+def with_prior(tree: pa.Table, weights: dict[str, float]) -> pa.Table:
+    """``tree`` with the LLM's pair weights in its footer (kept as they are when none)."""
+    if not weights:
+        return tree
+    return tree.replace_schema_metadata({**(tree.schema.metadata or {}), PRIOR_KEY: json.dumps(weights)})
 
 
 def apportion(total: int, weights: np.ndarray) -> np.ndarray:

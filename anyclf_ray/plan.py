@@ -230,8 +230,10 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
 
 
 def multi_label_leaves(spec: JobSpec, tree: pa.Table) -> tuple[np.ndarray, ...]:
-    """A multi-label run's (language, tree row, set, samples) leaves (``label_sets.leaf_samples``)."""
-    return label_sets.leaf_samples(spec, label_sets.LabelSets(spec), on_leaf(spec, tree), label_index(spec, tree))
+    """A multi-label run's (language, tree row, set, samples) leaves (``label_sets.leaf_samples``),
+    its sets weighed by the LLM's prior when the tree holds one."""
+    sets = label_sets.LabelSets(spec, label_sets.prior(tree))
+    return label_sets.leaf_samples(spec, sets, on_leaf(spec, tree), label_index(spec, tree))
 
 
 def leaf_table(spec: JobSpec, tree: pa.Table) -> pa.Table:

@@ -120,6 +120,16 @@ def items_schema(key: str, n: int, max_chars: int, pattern: str | None = None,
     }
 
 
+def flags_schema(flags: list[str]) -> dict:
+    """A JSON object with exactly one boolean under each of ``flags``, in that order."""
+    return {
+        "type": "object",
+        "properties": {flag: {"type": "boolean"} for flag in flags},
+        "required": list(flags),
+        "additionalProperties": False,
+    }
+
+
 # The label check's question (``label_check.py``); the answer is constrained to the labels
 # as written in {labels} and "none", so it is one short JSON item.
 JUDGE = (
@@ -129,5 +139,28 @@ JUDGE = (
     "- Which label does the text above express? Answer with one of the labels, "
     'or "none" if it expresses none of them.\n'
     '- Output JSON array with one item. The item contains key "label".\n'
+    "</instruction>"
+)
+
+# A multi-label run's question: each label, expressed or not, as one boolean per label
+# (keyed by the labels as written in {labels}).
+JUDGE_SET = (
+    "I am building a multi-label document classifier to {instruction} with labels {labels}. "
+    "A text may express several labels at once, or none of them.\n\n"
+    "<text>\n{text}\n</text>\n\n"
+    "<instruction>\n"
+    "- For each label, does the text above clearly express it? Answer true or false for every label.\n"
+    "- Output a JSON object with one key per label, written exactly as above, and true or false as its value.\n"
+    "</instruction>"
+)
+
+# A multi-label run's prior (``pair_prior.py``): how often real texts carry two labels at once.
+PAIR_PRIOR = (
+    "I am building a multi-label document classifier to {instruction} with labels {labels}. "
+    "A text may carry several labels at once.\n\n"
+    "<instruction>\n"
+    "- How often does a real text express both {first} and {second}? "
+    "Answer with one of: {choices}.\n"
+    '- Output JSON array with one item. The item contains key "frequency".\n'
     "</instruction>"
 )

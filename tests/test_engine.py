@@ -164,6 +164,41 @@ def test_choice_answers_must_be_one_of_the_choices():
     assert fake.schemas[0]["items"]["properties"]["text"] == {"type": "string", "enum": ["pos", "neg", "none"]}
 
 
+class RawEngine:
+    """An ``engine.Engine`` whose n-th answer to every prompt is the n-th of ``outputs``, verbatim."""
+
+    def __init__(self, *outputs: str):
+        self.outputs, self.schemas, self.calls = outputs, [], 0
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        self.schemas += [prompt.schema for prompt in prompts]
+        self.calls += 1
+        return [engine.Completion(self.outputs[self.calls - 1], "stop", 5, 5) for _ in prompts]
+
+
+FLAGS_REQUEST = {"request_id": "f", "prompt": "Which of these?", "item_key": "label", "n_items": 2, "max_chars": 20,
+                 "max_tokens": 32, "flags": ["rain", "sport"], "temperature": 0.0}
+
+
+def test_flag_answers_are_one_boolean_per_flag_in_order():
+    fake = RawEngine('{"sport": true, "rain": false}')
+    answered = engine.answer(fake, engine.requests_table([FLAGS_REQUEST]), SAMPLING).to_pylist()[0]
+    assert answered["ok"] and answered["items"] == ["false", "true"] and answered["attempts"] == 1
+    assert fake.schemas[0] == {"type": "object", "properties": {"rain": {"type": "boolean"}, "sport": {"type": "boolean"}},
+                               "required": ["rain", "sport"], "additionalProperties": False}
+
+
+def test_flag_answers_that_miss_a_flag_are_retried_then_reported():
+    fake = RawEngine('[{"label": "rain"}]', '{"rain": "yes", "sport": false}', '{"rain": true}')
+    answered = engine.answer(fake, engine.requests_table([FLAGS_REQUEST]), SAMPLING).to_pylist()[0]
+    assert not answered["ok"] and answered["items"] is None and answered["attempts"] == 3
+    assert answered["error"] == "no true or false under 'sport'" and answered["last_output"] == '{"rain": true}'
+    with pytest.raises(ValueError, match="not a JSON object"):
+        engine.parse_flags('[{"label": "rain"}]', ["rain"])
+    with pytest.raises(ValueError, match="no true or false under 'rain'"):
+        engine.parse_flags('{"rain": "yes"}', ["rain"])
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [("Great movie, loved it!", 4), ("这部电影很好看", 7), ("この映画は最高でした", 10),

@@ -155,6 +155,91 @@ def test_flag_keeps_every_row_and_marks_the_failures(tmp_path, local_ray):
 
 
 @pytest.mark.slow
+def test_relabel_gives_the_judged_label_and_removes_rows_judged_none(tmp_path, local_ray):
+    spec = check_spec(tmp_path, "relabelled", methods=["llm"], action="relabel")
+    location = write_generated(spec, CLEAN + FLIPPED)
+    found = pipeline.run(spec, only="label_check", engine_factory=CueJudge)["label_check"]
+    assert found["rows"] == {"input": 52, "kept": 52, "removed": 0}
+    assert found["relabelled"] == {"rows": 4, "by_reason": {"label_mismatch": 4}}
+    kept = {row["id"]: row for row in read_parts(location, "label_check/data").to_pylist()}
+    for row_id, label, *_ in FLIPPED:
+        other = {"neg": "pos", "pos": "neg"}[label]
+        assert (kept[row_id]["label"], kept[row_id]["label_name"], kept[row_id]["relabelled_from"]) == (
+            other, f"{'positive' if other == 'pos' else 'negative'} sentiment", label)
+    assert not any(row["relabelled_from"] for row_id, row in kept.items() if row_id not in FLIPPED_IDS)
+    assert {row["label"]: row["rows"] for row in found["kept_by_label"]} == {"neg": 26, "pos": 26}
+
+
+# -- multi-label rows: one boolean per label -------------------------------------------------------
+
+SET_LABELS = [{"id": "rain", "desc": "weather"}, {"id": "vote", "desc": "politics"}, {"id": "goal", "desc": "sport"}]
+SET_CUES = {"weather": re.compile(r"rain|storm", re.I), "politics": re.compile(r"vote|senate|election", re.I),
+            "sport": re.compile(r"goal|match", re.I)}
+SET_ROWS = [
+    ("m1", ["rain"], "en", "Heavy rain fell all day on the coast."),
+    ("m2", ["vote"], "en", "The senate passed the budget."),
+    ("m3", ["goal"], "en", "A late goal won the derby."),
+    ("m4", ["rain", "goal"], "en", "Heavy rain stopped the game before half time, with no goal."),
+    ("m5", ["rain", "vote"], "en", "Storms delayed the election count."),
+    ("x1", ["rain", "vote"], "en", "Heavy rain flooded the streets."),  # politics missing: relabel to rain
+    ("x2", ["goal"], "en", "The senate watched the match."),  # politics extra: relabel to vote|goal
+    ("x3", ["vote"], "en", "Rain hit the match and the election."),  # all three: no such set, removed
+    ("x4", ["rain"], "en", "The shop opens at nine."),  # none: not allowed here, removed
+]
+
+
+class FlagJudge:
+    """A multi-label judge behind the engine seam: each label true when its cue words appear."""
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        out = []
+        for prompt in prompts:
+            text = prompt.text.split("<text>")[1].split("</text>")[0]
+            assert prompt.schema["required"] == ["weather", "politics", "sport"]
+            answer = {flag: bool(SET_CUES[flag].search(text)) for flag in prompt.schema["required"]}
+            out.append(engine.Completion(json.dumps(answer), "stop", len(prompt.text) // 4, 12))
+        return out
+
+
+def set_check_spec(output, run_id: str, **fields) -> config.JobSpec:
+    raw = {k: v for k, v in tiny_raw(output, run_id).items() if k not in config.SIZE_FIELDS}
+    return config.parse({**raw, "labels": SET_LABELS, "n_record_to_generate": 20, "train": {"enabled": False},
+                         "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1},
+                         "label_check": {"enabled": True, "methods": ["llm"], **fields}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["remove", "relabel"])
+def test_label_sets_are_judged_label_by_label(tmp_path, local_ray, action):
+    spec = set_check_spec(tmp_path, f"sets-{action}", action=action)
+    location = write_generated(spec, SET_ROWS)
+    found = pipeline.run(spec, only="label_check", engine_factory=FlagJudge)["label_check"]
+    llm = found["methods"]["llm"]
+    assert llm["failed"] == 4 and llm["unanswered"] == 0 and llm["usage"]["requests"] == 9
+    assert llm["missing_by_label"] == {"rain": 1, "vote": 1}
+    assert llm["extra_by_label"] == {"rain": 1, "vote": 1, "goal": 1}
+    kept = {row["id"]: row for row in read_parts(location, "label_check/data").to_pylist()}
+    removed = {row["id"]: row["reason"] for row in read_parts(location, "label_check/removed").to_pylist()}
+    assert kept["m4"]["judged_labels"] == ["rain", "goal"] and not kept["m4"]["label_check_failed"]
+    card = location.read_bytes("README.md").decode()
+    assert "| `vote` | 1 | 1 |" in card
+    if action == "remove":
+        assert removed == {"x1": "label_missing", "x2": "label_extra", "x3": "label_extra", "x4": "label_missing"}
+        assert found["removed"]["by_reason"] == {"label_missing": 2, "label_extra": 2}
+        assert sorted(kept) == ["m1", "m2", "m3", "m4", "m5"]
+        return
+    assert removed == {"x3": "label_extra", "x4": "label_missing"}
+    assert found["relabelled"] == {"rows": 2, "by_reason": {"label_missing": 1, "label_extra": 1}}
+    relabelled = {row_id: (row["labels"], row["label_names"], row["label_set"], row["relabelled_from"])
+                  for row_id, row in kept.items() if row["relabelled_from"] is not None}
+    assert relabelled == {"x1": (["rain"], ["weather"], "rain", "rain|vote"),
+                          "x2": (["vote", "goal"], ["politics", "sport"], "vote|goal", "goal")}
+    assert {row["label_set"]: row["rows"] for row in found["kept_by_label"]} == {
+        "rain": 2, "vote": 1, "goal": 1, "rain|goal": 1, "rain|vote": 1, "vote|goal": 1}
+    assert label_check.LabelCheck(spec).describe(found).endswith("relabelled 2")
+
+
+@pytest.mark.slow
 def test_a_check_that_removes_nothing_says_so(tmp_path, local_ray, capsys):
     spec = check_spec(tmp_path, "clean", methods=["llm"])
     write_generated(spec, CLEAN)
@@ -171,11 +256,19 @@ def test_a_check_that_removes_nothing_says_so(tmp_path, local_ray, capsys):
      ({"methods": ["llm", "llm"]}, "label_check.methods: list each method once"),
      ({"methods": ["vibes"]}, "label_check.methods[0]: Input should be 'llm', 'crossfit' or 'similarity'"),
      ({"threshold": 1.5}, "label_check.threshold: Input should be less than 1"),
-     ({"model": "not a model!"}, "label_check.model: 'not a model!' is neither a local folder nor a hub id")],
+     ({"model": "not a model!"}, "label_check.model: 'not a model!' is neither a local folder nor a hub id"),
+     ({"action": "relabel"}, "label_check.action: relabel takes the llm judge's labels; set methods: [llm]")],
 )
 def test_bad_label_check_settings_fail_in_config(tmp_path, fields, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         check_spec(tmp_path, "bad", **fields)
+
+
+def test_label_sets_are_checked_by_the_llm_judge_only(tmp_path):
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "label_check.methods: a multi-label run is checked by the llm judge only (crossfit and similarity read "
+            "one label a row); set methods: [llm]")):
+        set_check_spec(tmp_path, "bad", methods=["llm", "crossfit"])
 
 
 def test_a_label_described_as_none_is_refused_for_the_llm_check(tmp_path):

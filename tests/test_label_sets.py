@@ -4,12 +4,14 @@ they make, and the specs refused before any LLM time. Pure functions: no Ray, no
 from __future__ import annotations
 
 import collections
+import json
+import re
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from anyclf_ray import cli, config, dedup, estimate, label_sets, plan
+from anyclf_ray import cli, config, dedup, engine, estimate, label_sets, pair_prior, plan
 from conftest import tiny_raw, write_spec
 
 LABELS = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(4)]
@@ -128,8 +130,6 @@ def test_near_duplicates_with_other_label_sets_are_conflicts(tmp_path):
         ({"pair_weights": {"l0|sport": 2}}, {}, "multi_label.pair_weights: 'l0|sport' names unknown label 'sport'"),
         ({"pair_weights": {"l0": 2}}, {}, "multi_label.pair_weights: 'l0' is not a pair"),
         ({"size_weights": [1]}, {}, "multi_label.size_weights: 1 weight(s) for 2 set size(s)"),
-        ({}, {"diversity": {"enabled": True}}, "diversity: multi-label runs are not reported on yet; "
-                                               "set diversity.enabled: false"),
         ({}, {"labels": [{"id": "a|b", "desc": "x"}, {"id": "c", "desc": "y"}]}, "labels: id 'a|b' holds '|'"),
         ({"min_rows": 100}, {}, "n_record_to_generate: 151 rows (in each language) cannot give each of the 4 labels "
                                 "and 6 allowed pairs multi_label.min_rows (100) rows, 1000 are needed"),
@@ -152,3 +152,62 @@ def test_label_sets_are_enumerated_in_size_then_label_order(tmp_path):
     sets = label_sets.LabelSets(config.parse(multi_raw(tmp_path, max_labels=2, none_share=0.2)))
     assert [sets.key(i) for i in range(len(sets.sets))] == [
         "l0", "l1", "l2", "l3", "l0|l1", "l0|l2", "l0|l3", "l1|l2", "l1|l3", "l2|l3", ""]
+
+
+# -- the LLM's co-occurrence prior ---------------------------------------------------------------
+
+
+class PriorJudge:
+    """An ``engine.Engine`` answering the prior's question by the pair it names; ``subject 3``
+    pairs come back cut off, every time."""
+
+    ANSWERS = {("subject 0", "subject 1"): "often", ("subject 0", "subject 2"): "never"}
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        out = []
+        for prompt in prompts:
+            first, second = re.search(r'both "(.+?)" and "(.+?)"\?', prompt.text).groups()
+            assert prompt.schema["items"]["properties"]["frequency"]["enum"] == list(pair_prior.WEIGHTS)
+            if "subject 3" in (first, second):
+                out.append(engine.Completion('[{"frequency": "so', "length", 9, prompt.max_tokens))
+            else:
+                answer = self.ANSWERS.get((first, second), "sometimes")
+                out.append(engine.Completion(json.dumps([{"frequency": answer}]), "stop", 9, 4))
+        return out
+
+
+class InProcessPool:
+    """The pool seam in this process (the real pool's path is the slow multi-label run's)."""
+
+    def __init__(self, spec: config.JobSpec):
+        self.spec, self.passes = spec, []
+
+    def answer_table(self, requests: pa.Table, name: str) -> pa.Table:
+        self.passes.append((name, requests.num_rows))
+        return engine.answer(PriorJudge(), requests, self.spec.sampling)
+
+
+def test_the_llm_prior_weighs_pairs_it_was_asked_and_never_forbids_one(tmp_path):
+    spec = config.parse(multi_raw(tmp_path, pair_prior="llm", pair_weights={"l1|l2": 3}))
+    pool = InProcessPool(spec)
+    record = pair_prior.ask(spec, pool)
+    assert pool.passes == [("pair_prior", 5)]  # 6 pairs, less the one the user weighed
+    assert record["weights"] == {"l0|l1": 2.0, "l0|l2": 0.1, "l0|l3": 1.0, "l1|l3": 1.0, "l2|l3": 1.0}
+    assert [row["answer"] for row in record["pairs"]] == ["often", "never", None, None, None]
+    assert record["unanswered"] == 3 and record["usage"]["failed"] == 3
+    tree = label_sets.with_prior(plan.full_tree(spec), record["weights"])
+    assert label_sets.prior(tree) == record["weights"]
+    weighed, plain = label_sets.LabelSets(spec, label_sets.prior(tree)), label_sets.LabelSets(spec)
+    assert weighed.sets == plain.sets  # the same sets: the prior only weighs them
+    weights = dict(zip((weighed.key(i) for i in range(len(weighed.sets))), weighed.weights))
+    assert (weights["l0|l1"], weights["l0|l2"], weights["l1|l2"], weights["l2|l3"]) == (2.0, 0.1, 3.0, 1.0)
+    rows = dict(zip((weighed.key(i) for i in range(len(weighed.sets))), weighed.rows(spec, 151)))
+    assert rows["l0|l1"] > rows["l0|l3"] > rows["l0|l2"] >= spec.multi_label.min_rows
+    assert sum(rows.values()) == 151
+    planned = set_rows(spec)
+    with_prior = collections.Counter()
+    leaves = plan.leaf_table(spec, label_sets.with_prior(filled_tree(spec), record["weights"]))
+    for labels, n in zip(leaves["labels"].to_pylist(), leaves["n_samples"].to_pylist()):
+        with_prior["|".join(labels)] += n
+    assert sum(with_prior.values()) == sum(planned.values()) == 301 and with_prior != planned
+    assert estimate.estimate(spec)["requests"]["pair_prior"] == 5

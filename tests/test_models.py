@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+import yaml
 
-from anyclf_ray import config, items, models, pipeline
+from anyclf_ray import config, items, models, pair_prior, pipeline
 from anyclf_ray.storage import RunLocation
 from conftest import REPO, read_parts
 
@@ -67,3 +68,40 @@ def test_demo_model_in_english_french_and_chinese(local_ray, tmp_path):
 
     judged = manifests["label_check"]["methods"]["llm"]
     assert judged["engine"]["starts"] == 1 and judged["usage"]["requests"] == kept.num_rows and judged["unanswered"] == 0
+
+
+def test_demo_model_writes_and_judges_label_sets(local_ray, tmp_path):
+    """A multi-label run on the demo model (SmolLM2-135M): its prior weighs the pairs, its judge
+    answers one boolean per label for every row, and relabelled rows carry coherent label columns."""
+    raw = yaml.safe_load((REPO / "examples" / "sentiment.yaml").read_text())
+    raw = {key: value for key, value in raw.items() if key not in config.SIZE_FIELDS}
+    spec = config.parse({
+        **raw, "output": {"path": str(tmp_path)}, "run_id": "smollm2-label-sets", "n_record_to_generate": 8,
+        "labels": [{"id": "food", "desc": "food"}, {"id": "price", "desc": "price"}],
+        "instruction": "classify the subjects of a customer review",
+        "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1, "pair_prior": "llm"},
+        "label_check": {"enabled": True, "methods": ["llm"], "action": "relabel"},
+        "dedup": {"enabled": False}, "diversity": {"enabled": False}, "train": {"enabled": False},
+    })
+    manifests = pipeline.run(spec)
+    location = RunLocation(spec.output, spec.run_id)
+    prior = location.read_json(pair_prior.FILE)
+    assert [row["pair"] for row in prior["pairs"]] == ["food|price"]
+    assert prior["unanswered"] == 0 and all(row["answer"] in pair_prior.WEIGHTS for row in prior["pairs"])
+    generated, checked = manifests["generate"], manifests["label_check"]
+    assert generated["rows"]["written"] + generated["failures"]["rows_lost"] == 8
+    judged = checked["methods"]["llm"]
+    assert judged["unanswered"] == 0 and judged["usage"]["requests"] == generated["rows"]["written"]
+    assert judged["engine"]["starts"] == 1 and checked["rows"]["input"] == generated["rows"]["written"]
+    kept = read_parts(location, "label_check/data").to_pylist()
+    removed = read_parts(location, "label_check/removed").to_pylist() if checked["rows"]["removed"] else []
+    assert len(kept) + len(removed) == generated["rows"]["written"]
+    assert checked["relabelled"]["rows"] == sum(row["relabelled_from"] is not None for row in kept)
+    names = {label.id: label.desc for label in spec.labels}
+    for row in kept:
+        assert row["labels"] == row["judged_labels"]  # agreed with, or relabelled to, the judge
+        assert row["relabelled_from"] != row["label_set"]
+        assert row["label_set"] == "|".join(row["labels"]) and row["label_names"] == [names[i] for i in row["labels"]]
+        assert 1 <= len(row["labels"]) <= 2
+    for row in removed:
+        assert row["reason"] in ("label_missing", "label_extra") and not 1 <= len(row["judged_labels"]) <= 2

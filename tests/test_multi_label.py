@@ -16,7 +16,7 @@ import pytest
 from conftest import read_parts, tiny_raw
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, evaluate, generate, pipeline, plan, train
+from anyclf_ray import cli, config, evaluate, generate, label_sets, pair_prior, pipeline, plan, train
 from anyclf_ray.storage import RunLocation
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,11 @@ def multi_run(tmp_path_factory, local_ray, tiny_model):
                   "eval_set": eval_set},
         "labels": [{"id": "rain", "desc": "weather"}, {"id": "vote", "desc": "politics"},
                    {"id": "goal", "desc": "sport"}],
-        "multi_label": {"enabled": True, "min_labels": 1, "max_labels": 2, "none_share": 0.1, "min_rows": 2},
+        "multi_label": {"enabled": True, "min_labels": 1, "max_labels": 2, "none_share": 0.1, "min_rows": 2,
+                        "pair_prior": "llm"},
+        # The tiny model's verdicts are noise: flagged, not removed, so the rows downstream stay known.
+        "label_check": {"enabled": True, "methods": ["llm"], "action": "flag"},
+        "diversity": {"enabled": True},
     })
     return spec, RunLocation(spec.output, "multi"), pipeline.run(spec)
 
@@ -63,6 +67,15 @@ def test_rows_carry_label_sets_with_exact_counts_and_planned_ids(multi_run):
     written = collections.Counter(rows["label_set"].to_pylist())
     assert written == planned and written[""] == 4  # 10% with none of the labels
     assert set(written) == {"", "rain", "vote", "goal", "rain|vote", "rain|goal", "vote|goal"}
+    # The LLM's prior, asked once on the same engine, weighs the sets the rows were planned by.
+    prior = location.read_json(pair_prior.FILE)
+    assert [row["pair"] for row in prior["pairs"]] == ["rain|vote", "rain|goal", "vote|goal"]
+    assert all(row["weight"] == pair_prior.WEIGHTS.get(row["answer"], 1.0) for row in prior["pairs"])
+    assert prior["unanswered"] == prior["usage"]["failed"] and prior["usage"]["requests"] == 3
+    assert found["generate"]["pair_prior"]["weights"] == prior["weights"] == label_sets.prior(location.read_table("tree.parquet"))
+    sets = label_sets.LabelSets(spec, prior["weights"])
+    assert dict(zip((sets.key(i) for i in range(len(sets.sets))), sets.rows(spec, ROWS).tolist())) == dict(written)
+    assert "pair_prior" in found["generate"]["engine"]["passes"] and found["generate"]["engine"]["starts"] == 1
     names = {label.id: label.desc for label in spec.labels}
     for row in rows.select(["labels", "label_names", "label_set"]).to_pylist():
         assert row["label_names"] == [names[label] for label in row["labels"]] and row["label_set"] == "|".join(row["labels"])
@@ -79,14 +92,41 @@ def test_rows_carry_label_sets_with_exact_counts_and_planned_ids(multi_run):
     assert "![co-occurrence](co_occurrence.png)" in location.read_bytes("README.md").decode()
 
 
+def test_the_llm_judge_answers_one_boolean_per_label_on_the_same_engine(multi_run):
+    _, location, found = multi_run
+    checked = found["label_check"]
+    llm = checked["methods"]["llm"]
+    assert checked["rows"] == {"input": ROWS, "kept": ROWS, "removed": 0} and llm["usage"]["requests"] == ROWS
+    assert llm["engine"]["starts"] == 1 and "label_check/llm" in llm["engine"]["passes"]
+    rows = read_parts(location, "label_check/data").to_pylist()
+    answered = [row for row in rows if row["judged_labels"] is not None]
+    assert len(answered) == ROWS - llm["unanswered"] and len(answered) >= ROWS // 2
+    for row in answered:
+        assert set(row["judged_labels"]) <= {"rain", "vote", "goal"}
+        assert bool(row["label_check_failed"]) == (row["judged_labels"] != row["labels"])
+    assert checked["flagged"] == llm["failed"] == sum(bool(row["label_check_failed"]) for row in rows)
+
+
 def test_dedup_runs_on_label_sets_and_datasets_reads_both_configs(multi_run):
     _, location, found = multi_run
     kept = read_parts(location, "dedup/data")
+    assert found["dedup"]["input"]["stage"] == "label_check"
     assert found["dedup"]["rows"]["kept"] == kept.num_rows and found["dedup"]["rows"]["input"] == ROWS
     assert {row["label_set"] for row in found["dedup"]["kept_by_label"]} <= set(read_parts(location)["label_set"].to_pylist())
     loaded = datasets.load_dataset(location.path(""), split="train")
     assert loaded.num_rows == ROWS and loaded.features["labels"].feature.dtype == "string"
     assert datasets.load_dataset(location.path(""), "deduplicated", split="train").num_rows == kept.num_rows
+
+
+def test_the_diversity_report_counts_a_row_under_each_of_its_labels(multi_run):
+    _, location, found = multi_run
+    kept = read_parts(location, "dedup/data")
+    report = found["diversity"]
+    assert report["data"] == {"stage": "dedup", "rows": kept.num_rows} and report["embeddings"]["reused"]
+    holding = collections.Counter(label for labels in kept["labels"].to_pylist() for label in labels)
+    assert {label: figures["rows"] for label, figures in report["by_label"].items()} == {
+        label: holding[label] for label in ("rain", "vote", "goal")}
+    assert location.read_bytes(report["figures"]["embeddings"])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_tunes_thresholds_and_evaluates_label_sets(multi_run):

@@ -61,6 +61,24 @@ def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model,
     assert sorted(loaded["id"]) == sorted(rows["id"].to_pylist())
 
 
+def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
+    raw = {key: value for key, value in s3_raw(s3_server, "s3-label-sets").items() if key not in config.SIZE_FIELDS}
+    spec = config.parse({**raw, "n_record_to_generate": 12,
+                         "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1, "pair_prior": "llm"}})
+    manifest = pipeline.run(spec, only="generate")["generate"]
+    assert manifest["rows"]["written"] + manifest["failures"]["rows_lost"] == 12
+    stored = set(keys(s3_server, "runs/s3-label-sets/"))
+    assert {"runs/s3-label-sets/label_prior.json", "runs/s3-label-sets/co_occurrence.png"} <= stored
+    location = RunLocation(spec.output, "s3-label-sets")
+    rows = read_parts(location)
+    assert rows.num_rows == manifest["rows"]["written"] and set(rows["label_set"].to_pylist()) <= {"neg", "pos", "neg|pos"}
+    assert location.read_json("label_prior.json")["weights"] == manifest["pair_prior"]["weights"]
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    loaded = datasets.load_dataset(
+        "parquet", data_files=location.uri("data/*.parquet"), storage_options=location.storage_options(), split="train")
+    assert sorted(zip(loaded["id"], loaded["labels"])) == sorted(zip(rows["id"].to_pylist(), rows["labels"].to_pylist()))
+
+
 def test_an_s3_outage_mid_generation_is_ridden_out(s3_server, s3_credentials, local_ray):
     """The S3 server killed once the first part is committed and back 5 s later: the writes that
     met the outage are retried with backoff, every row lands once, and every part listed is whole."""
