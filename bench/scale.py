@@ -1,7 +1,7 @@
 """Scale benchmark: a whole run at growing row counts, with the tiny model.
 
     python bench/scale.py                          # 2,000 and 10,000 rows
-    python bench/scale.py --rows 10000 100000      # the scaling line to 100k (about an hour on 2 cores)
+    python bench/scale.py --rows 10000 100000      # the scaling line to 100k (about 40 minutes on 2 cores)
     python bench/scale.py --rows 100000 --keep runs/scale   # keep the runs; run again to resume
 
 Each size is a fresh process running ``pipeline.run`` (tree, generation, dedup, then training on

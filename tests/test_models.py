@@ -70,6 +70,7 @@ def test_demo_model_in_english_french_and_chinese(local_ray, tmp_path):
     assert judged["engine"]["starts"] == 1 and judged["usage"]["requests"] == kept.num_rows and judged["unanswered"] == 0
 
 
+@pytest.mark.slow
 def test_demo_model_writes_and_judges_label_sets(local_ray, tmp_path):
     """A multi-label run on the demo model (SmolLM2-135M): its prior weighs the pairs, its judge
     answers one boolean per label for every row, and relabelled rows carry coherent label columns."""
