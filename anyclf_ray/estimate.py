@@ -61,13 +61,16 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         tokens_in += prompt_tokens([r["prompt"] for r in level_requests]) * nodes_per_node[level]
         tokens_out += sum(r["max_tokens"] for r in level_requests) * nodes_per_node[level]
     tree = plan.full_tree(spec)
-    counts = plan.samples_per_leaf(spec, tree)
     sample_leaves = plan.leaf_table(one, one_tree)
     label_rows = {}
     if spec.multi_label.enabled:
         sets = label_sets.LabelSets(spec)
-        _, _, set_index, leaf_samples = plan.multi_label_leaves(spec, tree)
-        set_rows = np.bincount(set_index, weights=leaf_samples, minlength=len(sets.sets))
+        # Added up group by group: the plan never holds a 10M-row run's leaves at once.
+        set_rows, by_language, generate = np.zeros(len(sets.sets)), np.zeros(len(spec.languages)), 0
+        for language, _, set_index, n_samples in plan.multi_label_leaves(spec, tree):
+            set_rows += np.bincount(set_index, weights=n_samples, minlength=len(sets.sets))
+            by_language += np.bincount(language, weights=n_samples, minlength=len(spec.languages))
+            generate += int(np.sum(-(-n_samples // spec.sampling.examples_per_request)))
         by_label = set_rows @ sets.members
         by_size = np.bincount(sets.sizes, weights=set_rows)
         label_rows = {"label_sets": len(sets.sets),
@@ -77,9 +80,10 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         for column, values in (("labels", [label.id for label in largest]), ("label_names", [label.desc for label in largest])):
             sample_leaves = sample_leaves.append_column(column, pa.array([values] * sample_leaves.num_rows))
     else:
+        counts = plan.samples_per_leaf(spec, tree)
         by_label = np.bincount(plan.label_index(spec, tree), weights=counts.sum(axis=0), minlength=len(spec.labels))
-        leaf_samples = counts
-    generate = int(np.sum(-(-leaf_samples // spec.sampling.examples_per_request)))
+        by_language = counts.sum(axis=1)
+        generate = int(np.sum(-(-counts // spec.sampling.examples_per_request)))
     sample = plan.render_requests(one, sample_leaves).column("prompt").to_pylist()
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
@@ -89,10 +93,10 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         "tree_languages": spec.tree_languages,
         "leaves": int(plan.on_leaf(spec, tree).sum()),
         "rows": {
-            "total": int(counts.sum()),
+            "total": int(by_language.sum()),
             "by_label": {label.id: int(n) for label, n in zip(spec.labels, by_label)},
             **label_rows,
-            "by_language": dict(zip(spec.languages, counts.sum(axis=1).tolist())),  # as plan.expected_rows
+            "by_language": dict(zip(spec.languages, by_language.astype(int).tolist())),  # as plan.expected_rows
         },
         "requests": {**requests, "total": sum(requests.values())},
         "tokens": {"in": tokens_in, "out_budget": tokens_out},

@@ -2,8 +2,8 @@
 
 In: a ``JobSpec`` with ``multi_label.enabled`` and its tree (one subtree per label, as in a
 single-label run). Out: the allowed sets with their weights, exact rows per (language, set),
-and every (language, set, tree row) leaf with its sample count, the multi-label counterpart
-of ``plan.samples_per_leaf``. Pure numpy, no Ray and no model.
+and every (language, set, tree row) leaf with its sample count, in groups a plan adds up without
+holding them all: the multi-label counterpart of ``plan.samples_per_leaf``. Pure numpy, no Ray and no model.
 
 The tree stays per label: a set's rows take leaves from its members' subtrees in turn (a
 none-of-the-labels row from every label's), so the tree passes cost what a single-label run's
@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -141,35 +142,46 @@ def per_language(spec: JobSpec) -> list[int]:
     return apportion(spec.n_record_to_generate, np.ones(len(spec.languages))).tolist()
 
 
+# Requests placed at once: the leaves come in groups of about this many requests, so a caller
+# that only adds them up (the plan) holds one group at a time whatever the row count.
+REQUESTS_AT_ONCE = 1 << 16
+
+
 def leaf_samples(spec: JobSpec, label_sets: LabelSets, on_leaf: np.ndarray,
-                 row_label: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Every (language, tree row, set) leaf and its samples, as four arrays.
+                 row_label: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Every (language, tree row, set) leaf and its samples, as groups of four int32 arrays
+    (consecutive sets of one language; concatenated, they are sorted by language, set, row).
 
     A set's rows are cut in requests of ``examples_per_request``; its j-th request goes to member
     ``j mod k`` (of its k labels; every label for the empty set), on that label's leaf
     ``offset + j div k`` in tree order (wrapping), ``offset`` being the set's position, so sets
     start on different leaves. Requests that meet on one leaf are merged.
     """
-    per_request = spec.sampling.examples_per_request
-    n_rows = on_leaf.shape[1]
-    all_labels = np.arange(len(spec.labels))
-    found = []
+    # Each set's members in turn, padded: the empty set's turns go to every label.
+    turns = [members or range(len(spec.labels)) for members in label_sets.sets]
+    turn_label = np.zeros((len(turns), max(map(len, turns))), np.int32)
+    for index, members in enumerate(turns):
+        turn_label[index, : len(members)] = members
+    turn_count = np.array([len(members) for members in turns], np.int32)
+    per_request, n_rows = spec.sampling.examples_per_request, on_leaf.shape[1]
     for language, n_language in enumerate(per_language(spec)):
+        label_leaves = [np.flatnonzero(on_leaf[language] & (row_label == label))
+                        for label in range(len(spec.labels))]
         counts = label_sets.rows(spec, n_language)
         chunks = -(-counts // per_request)
-        chunk_set = np.repeat(np.arange(len(counts)), chunks)
-        j = np.arange(len(chunk_set)) - np.repeat(np.cumsum(chunks) - chunks, chunks)
-        size = np.repeat(np.where(label_sets.sizes == 0, len(all_labels), label_sets.sizes), chunks)
-        samples = np.minimum(per_request, counts[chunk_set] - j * per_request)
-        member_lists = [np.array(members) if members else all_labels for members in label_sets.sets]
-        member = np.array([member_lists[s][k] for s, k in zip(chunk_set.tolist(), (j % size).tolist())], np.int64)
-        position = chunk_set + j // size
-        row = np.empty(len(chunk_set), np.int64)
-        for label in all_labels:
-            leaves = np.flatnonzero(on_leaf[language] & (row_label == label))
-            chosen = member == label
-            row[chosen] = leaves[position[chosen] % len(leaves)]
-        merged, inverse = np.unique(chunk_set * n_rows + row, return_inverse=True)
-        found.append((np.full(len(merged), language), merged % n_rows, merged // n_rows,
-                      np.bincount(inverse, weights=samples).astype(np.int32)))
-    return tuple(np.concatenate(column) for column in zip(*found))
+        cuts = np.flatnonzero(np.diff(np.cumsum(chunks) // REQUESTS_AT_ONCE)) + 1
+        for sets in np.split(np.arange(len(counts)), cuts):
+            chunk_set = np.repeat(sets, chunks[sets]).astype(np.int32)
+            first = np.repeat(np.cumsum(chunks[sets]) - chunks[sets], chunks[sets])
+            j = (np.arange(len(chunk_set)) - first).astype(np.int32)
+            size = turn_count[chunk_set]
+            member, position = turn_label[chunk_set, j % size], chunk_set + j // size
+            samples = np.minimum(per_request, counts[chunk_set] - j * per_request)
+            row = np.empty(len(chunk_set), np.int64)
+            for label, leaves in enumerate(label_leaves):
+                chosen = member == label
+                row[chosen] = leaves[position[chosen] % len(leaves)]
+            merged, inverse = np.unique(chunk_set * np.int64(n_rows) + row, return_inverse=True)
+            n_samples = np.bincount(inverse, weights=samples)
+            yield tuple(column.astype(np.int32) for column in (
+                np.full(len(merged), language), merged % n_rows, merged // n_rows, n_samples))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -210,8 +211,8 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     mask = on_leaf(spec, tree)
     counts = np.zeros(mask.shape, np.int32)
     if spec.multi_label.enabled:
-        language, row, _, n_samples = multi_label_leaves(spec, tree)
-        np.add.at(counts, (language, row), n_samples)
+        for language, row, _, n_samples in multi_label_leaves(spec, tree):
+            np.add.at(counts, (language, row), n_samples)
         return counts
     if spec.n_record_to_generate is None:
         counts[mask] = spec.sample_per_subtopic
@@ -229,9 +230,9 @@ def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     return counts
 
 
-def multi_label_leaves(spec: JobSpec, tree: pa.Table) -> tuple[np.ndarray, ...]:
-    """A multi-label run's (language, tree row, set, samples) leaves (``label_sets.leaf_samples``),
-    its sets weighed by the LLM's prior when the tree holds one."""
+def multi_label_leaves(spec: JobSpec, tree: pa.Table) -> Iterator[tuple[np.ndarray, ...]]:
+    """A multi-label run's (language, tree row, set, samples) leaves, in groups
+    (``label_sets.leaf_samples``), its sets weighed by the LLM's prior when the tree holds one."""
     sets = label_sets.LabelSets(spec, label_sets.prior(tree))
     return label_sets.leaf_samples(spec, sets, on_leaf(spec, tree), label_index(spec, tree))
 
@@ -245,7 +246,8 @@ def leaf_table(spec: JobSpec, tree: pa.Table) -> pa.Table:
     not one language's, and a run cut short holds some of every language.
     """
     if spec.multi_label.enabled:
-        lang, row, set_index, n_samples = multi_label_leaves(spec, tree)
+        groups = multi_label_leaves(spec, tree)
+        lang, row, set_index, n_samples = (np.concatenate(column) for column in zip(*groups))
     else:
         counts = samples_per_leaf(spec, tree)
         lang, row = np.nonzero(counts > 0)

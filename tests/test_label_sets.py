@@ -87,6 +87,18 @@ def test_leaves_and_requests_cover_every_sample_once_with_stable_ids(tmp_path):
     assert plan.expected_rows(spec, filled_tree(spec)) == {"en": 151, "fr": 150}
 
 
+def test_leaves_are_the_same_whatever_the_group_size(tmp_path, monkeypatch):
+    spec = config.parse(multi_raw(tmp_path, n_records=5_000, max_labels=3, none_share=0.1))
+    tree = filled_tree(spec)
+    whole = plan.leaf_table(spec, tree)
+    monkeypatch.setattr(label_sets, "REQUESTS_AT_ONCE", 7)
+    groups = list(plan.multi_label_leaves(spec, tree))
+    assert len(groups) > 2 * len(spec.languages)
+    assert all(column.dtype == np.int32 for group in groups for column in group)
+    assert plan.leaf_table(spec, tree).equals(whole)
+    assert sum(int(group[3].sum()) for group in groups) == 5_000
+
+
 def test_a_million_row_plan_counts_every_label_set(tmp_path):
     labels = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(20)]
     spec = config.parse({**multi_raw(tmp_path, n_records=1_000_000, labels=labels, min_labels=1, max_labels=3),
