@@ -86,11 +86,15 @@ def co_occurrence(by_label_set: list[dict], label_ids: list[str]) -> np.ndarray:
     return found
 
 
+def request_id_array(table: pa.Table) -> np.ndarray:
+    return np.array(table["request_id"].to_pylist(), plan.STABLE_ID)
+
+
 def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[pa.Table, list[str]]:
     """The failed generation requests of the committed ``parts`` that no part has answered since,
     and the failures files read. (``--retry-failures`` commits retried requests in new parts:
     answered, a request is no longer a failure; failed again, it counts once.)"""
-    tables, files, answered = [plan.FAILURE_SCHEMA.empty_table()], [], set()
+    tables, files, answered = [plan.FAILURE_SCHEMA.empty_table()], [], [np.empty(0, plan.STABLE_ID)]
     for path, part in parts.items():
         # A failures file counts only with its committed data part (a crash can leave it alone).
         failed = plan.FAILURE_SCHEMA.empty_table()
@@ -98,10 +102,9 @@ def generation_failures(location: RunLocation, parts: dict[str, dict]) -> tuple[
             failed = location.read_table(paired)
             tables.append(failed)
             files.append(paired)
-        answered.update(set(part["request_ids"]) - set(failed["request_id"].to_pylist()))
+        answered.append(np.setdiff1d(part["request_ids"], request_id_array(failed)))
     failures = pa.concat_tables(tables)
-    still_failed = [rid not in answered for rid in failures["request_id"].to_pylist()]
-    failures = failures.filter(pa.array(still_failed, pa.bool_()))
+    failures = failures.filter(pa.array(~np.isin(request_id_array(failures), np.concatenate(answered))))
     once = {rid: row for row, rid in enumerate(failures["request_id"].to_pylist())}
     return failures.take(pa.array(sorted(once.values()), pa.int64())), files
 

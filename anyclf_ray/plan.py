@@ -64,6 +64,10 @@ FAILURE_SCHEMA = pa.schema(
 )
 
 
+# A stable id as numpy holds many of them: 16 bytes each, no Python object per id.
+STABLE_ID = "S16"
+
+
 def stable_id(*parts: object) -> str:
     """16 hex characters, the same for the same parts on any machine."""
     return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).hexdigest()

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import ray
 
-from anyclf_ray import config, engine, items, pipeline, plan, pool
+from anyclf_ray import config, engine, generate, items, pipeline, plan, pool
 from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw
 
@@ -238,6 +238,26 @@ def test_engine_threads_reach_the_cpu_build():
     assert engine.engine_env(placed)["OMP_NUM_THREADS"] == "2"
     assert engine.engine_env(placed.model_copy(update={"threads": None}))["OMP_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in engine.engine_env(config.EngineSpec(device="cuda"))
+
+
+def test_a_part_skips_the_empty_schemaless_blocks_ray_data_hands_over(tmp_path):
+    # On a resume, a block of leaves whose requests were all committed reaches the sink empty.
+    spec = config.parse(tiny_raw(tmp_path, "sink"))
+    tree = plan.full_tree(spec)
+    for level in plan.TREE_LEVELS:
+        tree = tree.set_column(tree.schema.get_field_index(level), level, pa.array([level] * tree.num_rows))
+    answered = engine.answer(FakeEngine(), plan.generation_requests(spec, tree).slice(0, 5), spec.sampling)
+    location = RunLocation(spec.output, "sink")
+    sink = generate.ShardSink(location, spec.model.name, multi_label=False, requests_per_part=3)
+    sink.write([pa.table({})], ctx=None)
+    assert location.list("data") == []
+    sink.write([pa.table({}), answered.slice(0, 2), pa.table({}), answered.slice(2)], ctx=None)
+    # Parts of 3 and 2 requests, every example once.
+    parts = [generate.committed_parts(location)[path]["request_ids"].tolist() for path in location.list("data")]
+    assert sorted(map(len, parts)) == [2, 3]
+    assert sorted(rid.decode() for part in parts for rid in part) == sorted(answered["request_id"].to_pylist())
+    ids = read_parts(location)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == sum(answered["n_items"].to_pylist())
 
 
 # -- the pool, on an embedded Ray ----------------------------------------------------------------
