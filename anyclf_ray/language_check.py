@@ -82,12 +82,13 @@ def detect(texts: list[str], requested: list[str], also: tuple[str, ...] = ("en"
 
 
 class LanguageCheck(FilterStage):
-    """The language check on the stage contract."""
+    """The language check on the stage contract, shard by shard: a row's language is its own."""
 
     name = "language_check"
     section = "language_check"
     card_config = "language_checked"
     reasons = REASONS
+    row_by_row = True
 
     def check(self, location: RunLocation) -> None:
         for field, codes in (("languages", self.spec.languages), ("language_check.also_detect", self.settings.also_detect)):
@@ -98,7 +99,9 @@ class LanguageCheck(FilterStage):
                     raise ConfigError(f"{field}: {error}; remove it or set language_check.enabled: false") from None
 
     def decide(self, ctx: Context, rows: pa.Table) -> Decision:
-        requested, also = rows["language"].to_pylist(), ("en", *self.settings.also_detect)
+        # The run's languages, not this shard's: every shard is read by the same detector.
+        requested = rows["language"].to_pylist()
+        also = ("en", *self.settings.also_detect, *self.spec.languages)
         detector(weighed(requested, also))  # built, its models loaded, before the clock starts
         started = time.perf_counter()
         detected, confidence = detect(rows["text"].to_pylist(), requested, also)
@@ -109,18 +112,22 @@ class LanguageCheck(FilterStage):
         out = out.append_column("language_confidence", pa.array(confidence, pa.float32()))
         removing = wrong | low
         reason = np.where(wrong, "wrong_language", "low_confidence")[removing]
-        matrix = counts(out, ["language", "detected_language"])
+        return Decision(
+            kept=out.filter(pa.array(~removing)),
+            removed=out.filter(pa.array(removing)).append_column("reason", pa.array(reason.tolist(), pa.string())),
+            counts={"requested_by_detected": counts(out, ["language", "detected_language"])},
+            timings={"detect": seconds},
+        )
+
+    def summarise(self, ctx: Context, totals: dict[str, list[dict]], rows: int, timings: dict) -> dict:
+        matrix = totals["requested_by_detected"]
         columns = sorted({row["detected_language"] for row in matrix})
         by_pair = {(row["language"], row["detected_language"]): row["rows"] for row in matrix}
         png = plots.heatmap(
             np.asarray([[by_pair.get((r, d), 0) for d in columns] for r in self.spec.languages]),
             self.spec.languages, columns, "requested", "detected", "rows by requested and detected language")
         ctx.location.write_bytes(self.data_path("languages.png"), png)
-        log.info("language_check: %d rows in %.1f s", rows.num_rows, seconds)
-        return Decision(
-            kept=out.filter(pa.array(~removing)),
-            removed=out.filter(pa.array(removing)).append_column("reason", pa.array(reason.tolist(), pa.string())),
-            fields={"requested_by_detected": matrix, "figure": self.data_path("languages.png"),
-                    "rows_per_second": round(rows.num_rows / seconds, 1) if seconds else None},
-            timings={"detect": seconds},
-        )
+        seconds = timings["detect"]
+        log.info("language_check: %d rows in %.1f s", rows, seconds)
+        return {"requested_by_detected": matrix, "figure": self.data_path("languages.png"),
+                "rows_per_second": round(rows / seconds, 1) if seconds else None}

@@ -9,7 +9,8 @@ settings is already committed, and redone (after clearing a stale attempt) other
 ``Stage`` does the chain, skip-when-done, clearing, timings and the manifest; a subclass says
 what it checks before any cluster time (``check``) and what it does (``execute``).
 ``FilterStage`` is a stage that keeps or removes rows, each removed row with its ``reason``:
-the base reads the input shards, writes ``data/`` and ``removed/``, counts kept and removed rows
+the base reads the input shards (one at a time for a ``row_by_row`` filter, so the driver
+never holds the run's rows), writes ``data/`` and ``removed/``, counts kept and removed rows
 per label, language and reason, and adds the stage's config to the dataset card. A new filter is one
 module with a ``decide`` method, one spec section and one line in ``pipeline.STAGES``.
 """
@@ -19,14 +20,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import itertools
 import logging
 import time
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import pyarrow as pa
 
 from anyclf_ray import manifest as cards
 from anyclf_ray.config import ConfigError, JobSpec, StageSpec, decisive, digest
+from anyclf_ray.manifest import counts
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.storage import RunLocation
 
@@ -177,32 +181,39 @@ def read_rows(location: RunLocation, shards: list[str], columns: list[str] | Non
     return pa.concat_tables(tables).sort_by("id")
 
 
-def removal_by_language(rows: pa.Table, removed: pa.Table) -> list[dict]:
-    """Input rows, removed rows and the removed share of each language."""
-    removed_by = {row["language"]: row["rows"] for row in cards.counts(removed, ["language"])}
-    return [
-        {"language": row["language"], "input": row["rows"], "removed": removed_by.get(row["language"], 0),
-         "removed_share": round(removed_by.get(row["language"], 0) / row["rows"], 4)}
-        for row in cards.counts(rows, ["language"])
-    ]
-
-
 @dataclasses.dataclass
 class Decision:
     """What a filter decided: the rows kept, the rows removed with a ``reason`` column (and any
-    audit columns), the manifest fields the filter adds, other shards it wrote, its step timings."""
+    audit columns), the manifest fields the filter adds, other shards it wrote, its step timings,
+    and ``counts`` (tables of ``manifest.counts``) that the base adds up over the input shards
+    of a ``row_by_row`` filter and hands to its ``summarise``."""
 
     kept: pa.Table
     removed: pa.Table
     fields: dict = dataclasses.field(default_factory=dict)
     shards: dict = dataclasses.field(default_factory=dict)
     timings: dict = dataclasses.field(default_factory=dict)
+    counts: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+
+
+def added(*tables: list[dict]) -> list[dict]:
+    """Tables of ``manifest.counts`` added up, in its order."""
+    total: collections.Counter = collections.Counter()
+    for row in itertools.chain(*tables):
+        total[tuple((key, value) for key, value in row.items() if key != "rows")] += row["rows"]
+    return sorted(({**dict(key), "rows": n} for key, n in total.items()),
+                  key=lambda row: [value for key, value in row.items() if key != "rows"])
 
 
 class FilterStage(Stage):
     """A stage that keeps or removes rows of its input; subclasses define ``decide`` and ``reasons``."""
 
     reasons: ClassVar[tuple[str, ...]]
+    # A filter whose verdict on a row depends on that row alone: the base hands ``decide`` one
+    # input shard at a time, so the driver holds a shard, never the run's rows. Such a filter
+    # reports through ``Decision.counts`` and ``summarise``; its ``fields`` and ``shards`` are
+    # its last shard's.
+    row_by_row: ClassVar[bool] = False
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -228,32 +239,62 @@ class FilterStage(Stage):
     def decide(self, ctx: Context, rows: pa.Table) -> Decision:
         raise NotImplementedError
 
+    def summarise(self, ctx: Context, totals: dict[str, list[dict]], rows: int, timings: dict) -> dict:
+        """Manifest fields from every shard's ``Decision.counts`` added up (``totals``), the
+        ``rows`` read in all and the summed ``timings``: by default the totals themselves."""
+        return totals
+
     def execute(self, ctx: Context, upstream: dict) -> dict:
-        location = ctx.location
-        rows = read_rows(location, self.input_shards(location, upstream))
-        decision = self.decide(ctx, rows)
-        kept, removed = decision.kept, decision.removed
-        if kept.num_rows + removed.num_rows != rows.num_rows:
-            raise AssertionError(f"{self.name}: kept + removed ({kept.num_rows} + {removed.num_rows}) != input {rows.num_rows}")
-        per_shard = self.spec.output.rows_per_shard
-        reasons = collections.Counter(removed["reason"].to_pylist())
+        location, label = ctx.location, self.spec.label_column
+        shards = self.input_shards(location, upstream)
+        groups = [[shard] for shard in shards] if self.row_by_row else [shards]
+        written: dict[str, list[str]] = {"data": [], "removed": []}
+        total: dict[str, list[dict]] = {}
+        timings: collections.Counter = collections.Counter()
+        for group in groups:
+            rows = read_rows(location, group)
+            decision = self.decide(ctx, rows)
+            kept, removed = decision.kept, decision.removed
+            if kept.num_rows + removed.num_rows != rows.num_rows:
+                raise AssertionError(f"{self.name}: kept + removed ({kept.num_rows} + {removed.num_rows}) "
+                                     f"!= input {rows.num_rows}")
+            for folder, table in (("data", kept), ("removed", removed)):
+                # A shard's empty side is left out, but every folder gets a shard (its schema).
+                if table.num_rows or (group is groups[-1] and not written[folder]):
+                    paths = location.write_shards(self.data_path(folder), table, self.spec.output.rows_per_shard,
+                                                  first=len(written[folder]))
+                    written[folder] += paths
+            tally = {"input_language": counts(rows, ["language"]),
+                     "removed_language": counts(removed, ["language"]),
+                     "removed_reason": counts(removed, ["reason"]),
+                     "by_label_reason": counts(removed, [label, "reason"]),
+                     "by_language_reason": counts(removed, ["language", "reason"]),
+                     "kept_by_label": counts(kept, [label]),
+                     **decision.counts}
+            total = {name: added(total.get(name, []), table) for name, table in tally.items()}
+            timings.update(decision.timings)
+        reasons = {row["reason"]: row["rows"] for row in total.pop("removed_reason")}
+        removed_by = {row["language"]: row["rows"] for row in total.pop("removed_language")}
+        by_language = total.pop("input_language")
+        n_input, n_removed = sum(row["rows"] for row in by_language), sum(reasons.values())
         return {
             "output": location.uri(self.folder),
-            "rows": {"input": rows.num_rows, "kept": kept.num_rows, "removed": removed.num_rows},
+            "rows": {"input": n_input, "kept": n_input - n_removed, "removed": n_removed},
             "removed": {
                 "by_reason": {reason: reasons.get(reason, 0) for reason in self.reasons},
-                "by_label_reason": cards.counts(removed, [self.spec.label_column, "reason"]),
-                "by_language_reason": cards.counts(removed, ["language", "reason"]),
+                "by_label_reason": total.pop("by_label_reason"),
+                "by_language_reason": total.pop("by_language_reason"),
             },
-            "languages": removal_by_language(rows, removed),
-            "kept_by_label": cards.counts(kept, [self.spec.label_column]),
+            "languages": [
+                {"language": row["language"], "input": row["rows"], "removed": removed_by.get(row["language"], 0),
+                 "removed_share": round(removed_by.get(row["language"], 0) / row["rows"], 4)}
+                for row in by_language
+            ],
+            "kept_by_label": total.pop("kept_by_label"),
             **decision.fields,
-            "shards": {
-                "data": location.write_shards(self.data_path("data"), kept, per_shard),
-                "removed": location.write_shards(self.data_path("removed"), removed, per_shard),
-                **decision.shards,
-            },
-            "timings_s": decision.timings,
+            **self.summarise(ctx, total, n_input, dict(timings)),
+            "shards": {**written, **decision.shards},
+            "timings_s": dict(timings),
         }
 
     def describe(self, manifest: dict) -> str:

@@ -223,10 +223,11 @@ class RunLocation:
     def write_table(self, relative: str, table: pa.Table) -> None:
         self._atomic(relative, lambda path: pq.write_table(table, path, filesystem=self.fs))
 
-    def write_shards(self, folder: str, table: pa.Table, rows_per_shard: int) -> list[str]:
-        """``table`` as ``folder/part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows."""
+    def write_shards(self, folder: str, table: pa.Table, rows_per_shard: int, first: int = 0) -> list[str]:
+        """``table`` as ``folder/part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows,
+        numbered from ``first``."""
         paths = []
-        for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+        for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard), start=first):
             paths.append(f"{folder}/part-{index:05d}.parquet")
             self.write_table(paths[-1], table.slice(start, rows_per_shard))
         return paths

@@ -46,6 +46,15 @@ def test_texts_in_other_languages_are_removed_with_what_was_detected(tmp_path, l
     assert found["removed"]["by_reason"] == {"wrong_language": 3, "low_confidence": 0}
     assert {"language": "fr", "detected_language": "en", "rows": 1} in found["requested_by_detected"]
     assert location.read_bytes(found["figure"])[:4] == b"\x89PNG"
+    # Read shard by shard: the driver never holds the run. Part 0 holds the x rows, so part 1's
+    # removed side is empty and left out; every output shard holds rows of one input shard.
+    assert len(found["shards"]["data"]) == 2 and len(found["shards"]["removed"]) == 1
+    assert found["rows"] == {"input": 12, "kept": 9, "removed": 3}  # added up over the parts
+    assert {row["language"]: row["input"] for row in found["languages"]} == {
+        "ar": 1, "en": 2, "fr": 3, "ja": 2, "ru": 1, "zh": 3}
+    inputs = [set(location.read_table(f"data/part-{p}.parquet")["id"].to_pylist()) for p in range(2)]
+    for shard in found["shards"]["data"] + found["shards"]["removed"]:
+        assert any(set(location.read_table(shard)["id"].to_pylist()) <= ids for ids in inputs)
 
 
 def test_a_high_confidence_bar_removes_uncertain_rows(tmp_path, local_ray):
