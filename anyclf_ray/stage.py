@@ -220,10 +220,10 @@ class FilterStage(Stage):
         return "id", "text", self.spec.label_column, "language"
 
     def input_shards(self, location: RunLocation, upstream: dict) -> list[str]:
-        """The input's data shards, checked from their footers."""
-        shards = upstream["shards"]["data"]
-        total = 0
-        for shard in shards:
+        """The input's data shards that hold rows (a generation part whose requests all failed
+        holds none), checked from their footers."""
+        holding = []
+        for shard in upstream["shards"]["data"]:
             footer = location.read_footer(shard)
             missing = [c for c in self.required_columns if c not in footer.schema.names]
             if missing:
@@ -231,10 +231,11 @@ class FilterStage(Stage):
                     f"run_id: shard {shard} has no {missing[0]!r} column; {self.name} reads rows "
                     f"with columns {list(self.required_columns)}"
                 )
-            total += footer.num_rows
-        if total == 0:
+            if footer.num_rows:
+                holding.append(shard)
+        if not holding:
             raise ConfigError(f"run_id: the run at {location.uri()} has no rows for {self.name}; nothing to do")
-        return shards
+        return holding
 
     def decide(self, ctx: Context, rows: pa.Table) -> Decision:
         raise NotImplementedError

@@ -57,6 +57,16 @@ def test_texts_in_other_languages_are_removed_with_what_was_detected(tmp_path, l
         assert any(set(location.read_table(shard)["id"].to_pylist()) <= ids for ids in inputs)
 
 
+def test_parts_without_rows_are_passed_over(tmp_path, local_ray):
+    """A generation part whose requests all failed holds no rows: 13 parts for 12 rows."""
+    spec = spec_for(tmp_path, "empty-part")
+    location = write_generated(spec, ROWS, parts=13)
+    assert location.read_table("data/part-0.parquet").num_rows == 0
+    found = pipeline.run(spec, only="language_check")["language_check"]
+    assert found["rows"] == {"input": 12, "kept": 9, "removed": 3}
+    assert len(found["shards"]["data"]) == 9 and len(found["shards"]["removed"]) == 3
+
+
 def test_a_high_confidence_bar_removes_uncertain_rows(tmp_path, local_ray):
     spec = spec_for(tmp_path, "strict", min_confidence=0.99)
     write_generated(spec, ROWS)
