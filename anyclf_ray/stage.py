@@ -30,7 +30,6 @@ import pyarrow as pa
 
 from anyclf_ray import manifest as cards
 from anyclf_ray.config import ConfigError, JobSpec, StageSpec, decisive, digest
-from anyclf_ray.manifest import counts
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.storage import RunLocation
 
@@ -246,7 +245,7 @@ class FilterStage(Stage):
         return totals
 
     def execute(self, ctx: Context, upstream: dict) -> dict:
-        location, label = ctx.location, self.spec.label_column
+        location, label, per_shard = ctx.location, self.spec.label_column, self.spec.output.rows_per_shard
         shards = self.input_shards(location, upstream)
         groups = [[shard] for shard in shards] if self.row_by_row else [shards]
         written: dict[str, list[str]] = {"data": [], "removed": []}
@@ -262,15 +261,14 @@ class FilterStage(Stage):
             for folder, table in (("data", kept), ("removed", removed)):
                 # A shard's empty side is left out, but every folder gets a shard (its schema).
                 if table.num_rows or (group is groups[-1] and not written[folder]):
-                    paths = location.write_shards(self.data_path(folder), table, self.spec.output.rows_per_shard,
-                                                  first=len(written[folder]))
-                    written[folder] += paths
-            tally = {"input_language": counts(rows, ["language"]),
-                     "removed_language": counts(removed, ["language"]),
-                     "removed_reason": counts(removed, ["reason"]),
-                     "by_label_reason": counts(removed, [label, "reason"]),
-                     "by_language_reason": counts(removed, ["language", "reason"]),
-                     "kept_by_label": counts(kept, [label]),
+                    written[folder] += location.write_shards(self.data_path(folder), table, per_shard,
+                                                             first=len(written[folder]))
+            tally = {"input_language": cards.counts(rows, ["language"]),
+                     "removed_language": cards.counts(removed, ["language"]),
+                     "removed_reason": cards.counts(removed, ["reason"]),
+                     "by_label_reason": cards.counts(removed, [label, "reason"]),
+                     "by_language_reason": cards.counts(removed, ["language", "reason"]),
+                     "kept_by_label": cards.counts(kept, [label]),
                      **decision.counts}
             total = {name: added(total.get(name, []), table) for name, table in tally.items()}
             timings.update(decision.timings)
