@@ -264,29 +264,30 @@ class FilterStage(Stage):
                     written[folder] += location.write_shards(self.data_path(folder), table, per_shard,
                                                              first=len(written[folder]))
             tally = {"input_language": cards.counts(rows, ["language"]),
-                     "removed_language": cards.counts(removed, ["language"]),
-                     "removed_reason": cards.counts(removed, ["reason"]),
                      "by_label_reason": cards.counts(removed, [label, "reason"]),
                      "by_language_reason": cards.counts(removed, ["language", "reason"]),
                      "kept_by_label": cards.counts(kept, [label]),
                      **decision.counts}
             total = {name: added(total.get(name, []), table) for name, table in tally.items()}
             timings.update(decision.timings)
-        reasons = {row["reason"]: row["rows"] for row in total.pop("removed_reason")}
-        removed_by = {row["language"]: row["rows"] for row in total.pop("removed_language")}
+        # Removed rows by reason and by language, from the (language, reason) counts.
+        reasons, removed_by = collections.Counter(), collections.Counter()
+        for row in total["by_language_reason"]:
+            reasons[row["reason"]] += row["rows"]
+            removed_by[row["language"]] += row["rows"]
         by_language = total.pop("input_language")
         n_input, n_removed = sum(row["rows"] for row in by_language), sum(reasons.values())
         return {
             "output": location.uri(self.folder),
             "rows": {"input": n_input, "kept": n_input - n_removed, "removed": n_removed},
             "removed": {
-                "by_reason": {reason: reasons.get(reason, 0) for reason in self.reasons},
+                "by_reason": {reason: reasons[reason] for reason in self.reasons},
                 "by_label_reason": total.pop("by_label_reason"),
                 "by_language_reason": total.pop("by_language_reason"),
             },
             "languages": [
-                {"language": row["language"], "input": row["rows"], "removed": removed_by.get(row["language"], 0),
-                 "removed_share": round(removed_by.get(row["language"], 0) / row["rows"], 4)}
+                {"language": row["language"], "input": row["rows"], "removed": removed_by[row["language"]],
+                 "removed_share": round(removed_by[row["language"]] / row["rows"], 4)}
                 for row in by_language
             ],
             "kept_by_label": total.pop("kept_by_label"),

@@ -13,6 +13,7 @@ rows kept. The imports and the detector's models are loaded before the baseline 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from language_check import english_texts
 
 from anyclf_ray import config, generate
+from anyclf_ray.storage import RunLocation
 
 CHILD = """
 import json, resource, sys, time
@@ -51,8 +53,6 @@ def raw_spec(folder: str) -> dict:
 
 
 def write_generation(spec: config.JobSpec, rows: int, per_part: int) -> list[str]:
-    from anyclf_ray.storage import RunLocation
-
     location, english = RunLocation(spec.output, spec.resolved_run_id()), english_texts()
     shards = []
     for first in range(0, rows, per_part):
@@ -68,8 +68,6 @@ def write_generation(spec: config.JobSpec, rows: int, per_part: int) -> list[str
 
 
 def main() -> None:
-    import json
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--per-part", type=int, default=2_000)
