@@ -86,10 +86,12 @@ def _run(args) -> int:
 
 
 def _plan(args) -> int:
-    from anyclf_ray import estimate
+    from anyclf_ray import budgets, estimate
 
     spec = config.load(args.config, args.overrides)
-    print(json.dumps(estimate.estimate(spec, args.tokens_per_second), indent=2))
+    found = estimate.estimate(spec, args.tokens_per_second)
+    found["longest_prompt_tokens"] = budgets.check(spec)
+    print(json.dumps(found, indent=2))
     return 0
 
 
@@ -97,13 +99,14 @@ def _predict(args) -> int:
     from anyclf_ray import predict, runtime
     from anyclf_ray.config import ActorPlacement
 
-    paths = predict.check(args.model, args.input, args.output)
+    paths = predict.check(args.model, args.input, args.output, args.text_column)
     runtime.connect(args.address)
     placement = runtime.resolve_placement(
         ActorPlacement(device=args.device, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica), "predict"
     )
-    rows = predict.predict(paths, args.text_column, placement)
-    print(f"anyclf-ray: wrote {rows} prediction(s) to {args.output}")
+    counts = predict.predict(paths, args.text_column, placement)
+    missing = f" ({counts['null_text']} row(s) without a text, predicted null)" if counts["null_text"] else ""
+    print(f"anyclf-ray: wrote {counts['rows']} prediction(s) to {args.output}{missing}")
     return 0
 
 

@@ -17,9 +17,10 @@ from typing import Annotated, Any, Literal
 
 import pycountry
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from anyclf_ray import models
+from anyclf_ray.items import normalise
 
 
 class ConfigError(ValueError):
@@ -241,6 +242,8 @@ class DedupSpec(ActorPlacement, StageSpec):
 
 
 LABEL_CHECK_METHODS = ("llm", "crossfit", "similarity")
+# The llm judge's answer for a text that expresses none of the labels.
+NO_LABEL = "none"
 
 
 class LabelCheckSpec(ActorPlacement, StageSpec):
@@ -251,6 +254,8 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
     each row with every label's description. The placement is the embedding actors'.
     """
 
+    # Unset: the run kind's default (``default_methods``): crossfit for a single-label run, the
+    # llm judge for a multi-label one (crossfit and similarity read one label a row).
     methods: Annotated[list[Literal["llm", "crossfit", "similarity"]], DECIDES] = ["crossfit"]
     # remove: failing rows go to removed/; flag: they stay, marked in ``label_check_failed``;
     # relabel: they take the llm judge's labels when those make a set the run allows, and are
@@ -276,6 +281,10 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
 
     _loadable = field_validator("model")(_optional_embedder)
 
+    @staticmethod
+    def default_methods(multi_label: bool) -> list[str]:
+        return ["llm"] if multi_label else ["crossfit"]
+
 
 class LanguageCheckSpec(StageSpec):
     """Rows not written in the language they were asked in (``language_check.py``)."""
@@ -284,6 +293,13 @@ class LanguageCheckSpec(StageSpec):
     # others a model may write instead (es for a pt run). Each one added costs accuracy on
     # short texts, so the detector does not weigh every language it knows.
     also_detect: Annotated[list[str], DECIDES] = []
+
+    @field_validator("also_detect")
+    @classmethod
+    def _known_codes(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            language_name(code)
+        return codes
     # A row is kept only if its requested language is the one detected, with at least this
     # confidence (lingua's confidence among the weighed languages, 0-1).
     min_confidence: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.2
@@ -456,6 +472,10 @@ class OutputSpec(_Strict):
 
 
 SIZE_FIELDS = ("n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic")
+# What one run plans at most: its rows, and its tree's leaf positions (every one of them is held
+# by the driver while the tree passes fill it in).
+MAX_ROWS = 1_000_000_000
+MAX_TREE_LEAVES = 2_000_000
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -524,6 +544,23 @@ class JobSpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _label_check_default(cls, raw: Any) -> Any:
+        """The label check's methods, when not given, are the run kind's (``default_methods``)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("label_check", {}), dict):
+            return raw
+        given = raw.get("label_check") or {}
+        if "methods" in given:
+            return raw
+        multi = raw.get("multi_label")
+        enabled = multi.get("enabled", False) if isinstance(multi, dict) else getattr(multi, "enabled", False)
+        try:
+            multi_label = TypeAdapter(bool).validate_python(enabled)
+        except ValidationError:  # reported by the field's own validation
+            multi_label = False
+        return {**raw, "label_check": {**given, "methods": LabelCheckSpec.default_methods(multi_label)}}
+
+    @model_validator(mode="before")
+    @classmethod
     def _multilingual_defaults(cls, raw: Any) -> Any:
         """Runs in other languages than English default to a multilingual embedder for dedup
         and training (the built-in MiniLM and the seed's mpnet read English only)."""
@@ -549,6 +586,7 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"{missing[0]} is missing; give n_record_to_generate or all of " + ", ".join(SIZE_FIELDS)
             )
+        self._plannable()
         translated = [("instruction_by_language", self.instruction_by_language)] + [
             (f"labels[{i}].desc_by_language", label.desc_by_language) for i, label in enumerate(self.labels)]
         for field, by_language in translated:
@@ -563,14 +601,40 @@ class JobSpec(_Strict):
             raise ValueError("label_check.methods: a multi-label run is checked by the llm judge only (crossfit and "
                              "similarity read one label a row); set methods: [llm]")
         single_judge = self.label_check.enabled and "llm" in self.label_check.methods and not self.multi_label.enabled
-        if single_judge and "none" in {label.desc for label in self.labels}:
-            raise ValueError("label_check.methods: the llm check answers 'none' for no label; reword the label desc 'none'")
+        reserved = [label.desc for label in self.labels if normalise(label.desc) == NO_LABEL]
+        if single_judge and reserved:
+            raise ValueError(f"label_check.methods: the llm check answers {NO_LABEL!r} for no label; reword the "
+                             f"label desc {reserved[0]!r}")
         if self.sampling.max_tokens >= self.model.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens: {self.sampling.max_tokens} leaves no room for the prompt in "
                 f"model.max_model_len {self.model.max_model_len}; lower it or raise max_model_len"
             )
         return self
+
+    def _plannable(self) -> None:
+        """ValueError unless the plan fits a driver: at most ``MAX_ROWS`` rows and a tree of at
+        most ``MAX_TREE_LEAVES`` leaf positions (the tree passes hold every one)."""
+        sizes, trees = self.sizes(), len(self.languages) if self.tree_languages == "per_language" else 1
+        leaves = trees * len(self.labels) * sizes["n_source_type"] * sizes["n_topic"] * sizes["n_subtopic"]
+        rows = self.n_record_to_generate or leaves // trees * len(self.languages) * sizes["sample_per_subtopic"]
+        if rows > MAX_ROWS:
+            field = "n_record_to_generate" if self.n_record_to_generate else "sample_per_subtopic"
+            raise ValueError(f"{field}: {rows:,} rows is more than the {MAX_ROWS:,} one run plans; split the job "
+                             "into several runs (each with its own run_id and sampling.seed)")
+        if leaves <= MAX_TREE_LEAVES:
+            return
+        if self.n_record_to_generate is None:
+            raise ValueError(f"n_subtopic: the tree would hold {leaves:,} leaves, more than the {MAX_TREE_LEAVES:,} "
+                             "one run expands; lower n_source_type, n_topic or n_subtopic")
+        low, high = 1, self.n_record_to_generate  # the most rows whose derived tree still fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            derived = sizes_for_records(middle, len(self.labels) * len(self.languages))
+            fits = trees * len(self.labels) * math.prod(derived[f] for f in SIZE_FIELDS[:3]) <= MAX_TREE_LEAVES
+            low, high = (middle, high) if fits else (low, middle - 1)
+        raise ValueError(f"n_record_to_generate: {rows:,} rows need a tree of {leaves:,} leaves, more than the "
+                         f"{MAX_TREE_LEAVES:,} one run expands; split the job into runs of at most {low:,} rows")
 
     # -- derived values -------------------------------------------------------------------
 
@@ -678,13 +742,38 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class AsWritten(yaml.SafeLoader):
+    """YAML whose plain scalars stay the text the user wrote; only ``null``, ``~`` and empty
+    values are read as null.
+
+    YAML 1.1, which PyYAML follows, reads ``no`` as false, ``010`` as 8 and ``0x1F`` as 31, so a
+    label id or a ``label_map`` key written that way would no longer match the labels in the
+    user's files. Numbers and booleans of typed fields are read from that text by the spec's
+    models (``"2"`` as 2, ``"true"`` or ``"yes"`` as true), so they lose nothing.
+    """
+
+
+AsWritten.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag == "tag:yaml.org,2002:null"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=AsWritten)  # noqa: S506 (a SafeLoader)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` strings; values are read as YAML (numbers, lists, booleans)."""
+    """Apply ``key.sub=value`` strings; values are read as YAML (lists, mappings), as written."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: write it as key=value, e.g. engine.replicas=2")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+        try:
+            value = read_yaml(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: not valid YAML ({error.problem})") from None
+        _set_dotted(raw, key.strip(), value)
     return raw
 
 
@@ -715,8 +804,19 @@ def _one_line(error: ValidationError) -> str:
         return f"{_location(loc)}: unknown key; {fix}"
     if first["type"] == "missing":
         return f"{_location(loc)}: is required"
+    if first["type"] == "int_parsing" and isinstance(first["input"], str):
+        return f"{_location(loc)}: {first['input']!r} is not a whole number; write it in digits{_in_digits(first['input'])}"
     # Whole-spec checks have no location; their messages start with the field they blame.
     return f"{_location(loc)}: {message}" if loc else message
+
+
+def _in_digits(text: str) -> str:
+    """``text`` (such as ``1e6``) as digits, for the fix: ", such as 1000000", or nothing."""
+    try:
+        value = float(text)
+    except ValueError:
+        return ""
+    return f", such as {int(value)}" if value.is_integer() and abs(value) < 1e30 else ""
 
 
 def parse(raw: dict) -> JobSpec:
@@ -732,9 +832,11 @@ def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path}: not valid YAML ({error.problem})") from None
+        raise ConfigError(f"--config {path}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text; save the spec as UTF-8 YAML") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: must be a mapping of fields, such as instruction: ...")
     return parse(apply_overrides(raw, list(overrides)))

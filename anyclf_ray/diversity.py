@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from anyclf_ray import embed, items, plots, runtime
-from anyclf_ray.manifest import counts
+from anyclf_ray.manifest import code, counts
 from anyclf_ray.stage import Context, Stage, read_rows
 from anyclf_ray.storage import RunLocation
 
@@ -168,7 +168,7 @@ class Diversity(Stage):
 
     def card_section(self, manifest: dict) -> str:
         lines = "".join(
-            f"| `{label}` | {f['rows']} | {f['distinct_1']:.3f} | {f['distinct_2']:.3f} | {f['compression_ratio']:.2f} | "
+            f"| {code(label)} | {f['rows']} | {f['distinct_1']:.3f} | {f['distinct_2']:.3f} | {f['compression_ratio']:.2f} | "
             f"{'-' if f['mean_pairwise_cosine'] is None else format(f['mean_pairwise_cosine'], '.3f')} | "
             f"{f['topics']} | {f['subtopics']} |\n"
             for label, f in manifest["by_label"].items()

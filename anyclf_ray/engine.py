@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Protocol
 
 import pyarrow as pa
@@ -46,6 +47,8 @@ REQUEST_FIELDS = {
     # A yes/no answer instead of items: a JSON object with a boolean under each of these keys
     # (``n_items`` of them); null for items.
     "flags": pa.list_(pa.string()),
+    # The items name tree nodes: placeholders, identifiers, paths and URLs are refused.
+    "names": pa.bool_(),
 }
 REQUEST_COLUMNS = list(REQUEST_FIELDS)
 RESULT_FIELDS = {
@@ -76,10 +79,15 @@ class Prompt:
     temperature: float | None = None  # None: the engine's sampling.temperature
 
 
+# A completion's finish reason when its prompt and answer budget do not fit the model's context:
+# nothing was asked, and asking again cannot help.
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
 @dataclasses.dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # "stop", or "length" when cut off at max_tokens
+    finish_reason: str  # "stop"; "length" when cut off at max_tokens; PROMPT_TOO_LONG (tokens_in: the prompt's)
     tokens_in: int
     tokens_out: int
 
@@ -101,7 +109,7 @@ def requests_table(requests: list[dict], fields: dict[str, pa.DataType] | None =
     ``fields``: what a pass keeps beside each request (its place in the tree...), typed; given,
     the table has exactly these columns, even with no requests.
     """
-    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None, "flags": None}
+    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None, "flags": None, "names": False}
     if fields is not None:
         schema = pa.schema({**REQUEST_FIELDS, **fields})
         return pa.Table.from_pylist([{**defaults, **r} for r in requests], schema=schema)
@@ -167,7 +175,7 @@ def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSp
         elif request["choices"]:
             reason = None if item in request["choices"] else "not_a_choice"
         elif sampling.valid_items:
-            reason = valid.problem(item, request["min_words"], request["echoes"], request["prompt"])
+            reason = valid.problem(item, request["min_words"], request["echoes"], request["prompt"], request["names"])
             reason = reason or ("repeated" if valid.normalise(item) in seen else None)
         else:
             reason = None
@@ -209,6 +217,10 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
         for i, completion in zip(pending, engine.complete(asked)):
             request, result = rows[i], results[i]
             result["attempts"] = attempt + 1
+            if completion.finish_reason == PROMPT_TOO_LONG:  # never asked, and final: it never fits
+                result.update(error=f"the prompt's {completion.tokens_in} tokens and its answer budget of "
+                                    f"{request['max_tokens']} do not fit the model's context (model.max_model_len)")
+                continue
             result["tokens_in"] += completion.tokens_in
             result["tokens_out"] += completion.tokens_out
             try:
@@ -251,6 +263,12 @@ def usage(results: pa.Table) -> dict[str, int]:
     }
 
 
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as one user message in ``tokenizer``'s chat template, ready to answer."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
 def engine_env(engine: EngineSpec) -> dict[str, str]:
     """Environment for an engine's process: the CPU build's settings when on CPU, plus the user's."""
     env = {}
@@ -280,6 +298,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.sampling = sampling
+        self.max_model_len = model.max_model_len
         self.llm = LLM(
             model=models.resolve(model.name),
             dtype=model.dtype,
@@ -301,24 +320,32 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        from vllm.inputs import TokensPrompt
+
+        # Tokenised here, in the chat template vLLM would apply, so that a prompt too long for the
+        # context fails alone (vLLM refuses the whole call) and is not tokenised twice.
+        tokenizer = self.llm.get_tokenizer()
+        ids = [chat_ids(tokenizer, prompt.text) for prompt in prompts]
+        fits = [len(found) + prompt.max_tokens <= self.max_model_len for found, prompt in zip(ids, prompts)]
+        asked = [i for i, ok in enumerate(fits) if ok]
         params = [
             SamplingParams(
-                max_tokens=prompt.max_tokens,
-                temperature=self.sampling.temperature if prompt.temperature is None else prompt.temperature,
+                max_tokens=prompts[i].max_tokens,
+                temperature=self.sampling.temperature if prompts[i].temperature is None else prompts[i].temperature,
                 top_p=self.sampling.top_p,
                 repetition_penalty=self.sampling.repetition_penalty,
-                seed=prompt.seed,
-                structured_outputs=StructuredOutputsParams(json=prompt.schema),
+                seed=prompts[i].seed,
+                structured_outputs=StructuredOutputsParams(json=prompts[i].schema),
             )
-            for prompt in prompts
+            for i in asked
         ]
-        outputs = self.llm.chat([[{"role": "user", "content": p.text}] for p in prompts], params, use_tqdm=False)
-        return [
-            Completion(
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in asked], params, use_tqdm=False)
+        found = [Completion("", PROMPT_TOO_LONG, len(prompt_ids), 0) for prompt_ids in ids]
+        for i, output in zip(asked, outputs):
+            found[i] = Completion(
                 text=output.outputs[0].text,
                 finish_reason=output.outputs[0].finish_reason or "stop",
                 tokens_in=len(output.prompt_token_ids),
                 tokens_out=len(output.outputs[0].token_ids),
             )
-            for output in outputs
-        ]
+        return found

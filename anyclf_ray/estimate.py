@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from anyclf_ray import label_sets, pair_prior, plan
-from anyclf_ray.config import CHARS_PER_TOKEN, JobSpec, MultiLabelSpec
+from anyclf_ray.config import CHARS_PER_TOKEN, ConfigError, JobSpec, MultiLabelSpec
 
 
 def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:
@@ -33,8 +33,46 @@ def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:
     return one, tree
 
 
+# The settings of each filter that the plan shows.
+CHECKS = {"language_check": ("min_confidence",), "label_check": ("methods", "action"), "dedup": ("threshold",)}
+
+
+def sample_leaves(spec: JobSpec, one: JobSpec, tree: pa.Table) -> pa.Table:
+    """The leaves of ``one_leaf_each``'s spec and tree; in a multi-label run each carries a
+    largest set, whose prompt stands for all (every label is named in each, wanted or avoided)."""
+    leaves = plan.leaf_table(one, tree)
+    if spec.multi_label.enabled:
+        largest = spec.labels[: spec.multi_label.max_labels]
+        for column, values in (("labels", [label.id for label in largest]), ("label_names", [label.desc for label in largest])):
+            leaves = leaves.append_column(column, pa.array([values] * leaves.num_rows))
+    return leaves
+
+
 def prompt_tokens(prompts: list[str]) -> int:
     return math.ceil(sum(map(len, prompts)) / CHARS_PER_TOKEN)
+
+
+def check_rows(spec: JobSpec, by_label: np.ndarray) -> None:
+    """ConfigError naming the fix when a label gets no planned row, or, with training on, fewer
+    than training needs: 2 rows with the label once ``train.test_size`` is held out (in a
+    multi-label run also rows without it, for the label's negatives)."""
+    fix = "raise n_record_to_generate" if spec.n_record_to_generate else "raise sample_per_subtopic"
+    planned = dict(zip((label.id for label in spec.labels), by_label.astype(int).tolist()))
+    empty = [label for label, n in planned.items() if not n]
+    if empty:
+        raise ConfigError(f"labels: label {empty[0]!r} gets no row of the plan; {fix}")
+    if not spec.train.enabled:
+        return
+    for label, n in planned.items():
+        trained = math.floor(n * (1 - spec.train.test_size))
+        if trained < 2:
+            raise ConfigError(
+                f"labels: label {label!r} gets {n} planned row(s), {trained} left to train on after "
+                f"train.test_size {spec.train.test_size}, and training needs 2; {fix} or lower train.test_size")
+    settings = spec.multi_label
+    if settings.enabled and not settings.none_share and settings.min_labels == len(spec.labels):
+        raise ConfigError("multi_label.min_labels: every row would carry every label, so no label has negatives "
+                          "to train on; lower min_labels or raise multi_label.none_share")
 
 
 def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
@@ -61,7 +99,6 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         tokens_in += prompt_tokens([r["prompt"] for r in level_requests]) * nodes_per_node[level]
         tokens_out += sum(r["max_tokens"] for r in level_requests) * nodes_per_node[level]
     tree = plan.full_tree(spec)
-    sample_leaves = plan.leaf_table(one, one_tree)
     label_rows = {}
     if spec.multi_label.enabled:
         sets = label_sets.LabelSets(spec)
@@ -75,16 +112,13 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         by_size = np.bincount(sets.sizes, weights=set_rows)
         label_rows = {"label_sets": len(sets.sets),
                       "by_set_size": {size: int(n) for size, n in enumerate(by_size) if size in sets.sizes}}
-        # The prompt of a largest set stands for all: every label is named in each, wanted or avoided.
-        largest = spec.labels[: spec.multi_label.max_labels]
-        for column, values in (("labels", [label.id for label in largest]), ("label_names", [label.desc for label in largest])):
-            sample_leaves = sample_leaves.append_column(column, pa.array([values] * sample_leaves.num_rows))
     else:
         counts = plan.samples_per_leaf(spec, tree)
         by_label = np.bincount(plan.label_index(spec, tree), weights=counts.sum(axis=0), minlength=len(spec.labels))
         by_language = counts.sum(axis=1)
         generate = int(np.sum(-(-counts // spec.sampling.examples_per_request)))
-    sample = plan.render_requests(one, sample_leaves).column("prompt").to_pylist()
+    check_rows(spec, by_label)
+    sample = plan.render_requests(one, sample_leaves(spec, one, one_tree)).column("prompt").to_pylist()
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
     tokens_out += generate * spec.sampling.max_tokens
@@ -99,6 +133,9 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
             "by_language": dict(zip(spec.languages, by_language.astype(int).tolist())),  # as plan.expected_rows
         },
         "requests": {**requests, "total": sum(requests.values())},
+        # What checks the rows, as the run kind resolved it (a multi-label run's judge by default).
+        "checks": {section: {key: getattr(getattr(spec, section), key) for key in keys}
+                   for section, keys in CHECKS.items() if getattr(spec, section).enabled},
         "tokens": {"in": tokens_in, "out_budget": tokens_out},
     }
     if tokens_per_second:

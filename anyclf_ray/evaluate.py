@@ -11,92 +11,76 @@ threshold, tuned for F1 on held-out rows) and a PNG per split.
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv
-import pyarrow.fs as pafs
-import pyarrow.json
-import pyarrow.parquet as pq
 
-from anyclf_ray import plots, storage
+from anyclf_ray import plots, tables
 from anyclf_ray.config import ConfigError, EvalSetSpec
 
-# Each reader takes a file opened on its filesystem, local or S3.
-READERS = {"parquet": pq.read_table, "csv": pyarrow.csv.read_csv, "jsonl": pyarrow.json.read_json,
-           "json": pyarrow.json.read_json}
-
-
-def _read_datasets_folder(path: str) -> pa.Table:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(path)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"train.eval_set.path: {path} is not a `datasets` folder ({error})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded["test"] if "test" in loaded else next(iter(loaded.values()))
-    return loaded.data.table
-
-
-def _read(path: str) -> pa.Table:
-    """The eval set at ``path``: a local or ``s3://`` file, or a local ``datasets`` folder."""
-    filesystem, resolved = storage.resolve(path)
-    kind = filesystem.get_file_info(resolved).type
-    if kind == pafs.FileType.Directory and isinstance(filesystem, pafs.LocalFileSystem):
-        return _read_datasets_folder(resolved)
-    reader = READERS.get(storage.extension(resolved))
-    if reader is None:
-        raise ConfigError(f"train.eval_set.path: {path}: use a .parquet, .csv or .jsonl file or a local `datasets` folder")
-    if kind != pafs.FileType.File:
-        raise ConfigError(f"train.eval_set.path: {path}: no such file")
-    try:
-        with filesystem.open_input_file(resolved) as stream:
-            return reader(stream)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise ConfigError(f"train.eval_set.path: cannot read {path} ({str(error).splitlines()[0]})") from None
-
-
-def label_lists(column: pa.ChunkedArray, settings: EvalSetSpec) -> list[list[str]]:
-    """A multi-label eval set's label column as lists of values: a list column as it is, a text
-    column split at ``label_separator``."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        return [[str(v) for v in values or []] for values in column.to_pylist()]
+def label_lists(values: list, settings: EvalSetSpec) -> list[list[str] | None]:
+    """A multi-label eval set's label values as lists: a list as it is, text split at
+    ``label_separator`` (null stays null: the row has no labels given)."""
+    if any(isinstance(value, list) for value in values):
+        return [None if value is None else [v for v in value if v is not None] for value in values]
     if settings.label_separator is None:
         raise ConfigError(f"train.eval_set.label_separator: {settings.label_column!r} holds text, not lists; "
                           "give the separator between its labels, such as ','")
-    return [[part.strip() for part in str(v or "").split(settings.label_separator) if part.strip()]
-            for v in column.to_pylist()]
+    return [None if value is None else [part.strip() for part in value.split(settings.label_separator) if part.strip()]
+            for value in values]
 
 
-def load_eval_set(settings: EvalSetSpec, label_ids: list[str],
-                  multi_label: bool = False) -> tuple[list[str], list, list[str] | None]:
-    """Texts, job label ids (lists of them for ``multi_label``) and languages (None without
-    ``language_column``) of the real set; ConfigError naming the field to fix."""
-    table = _read(settings.path)
-    columns = [("text_column", settings.text_column), ("label_column", settings.label_column)]
+@dataclasses.dataclass
+class EvalSet:
+    """A real labelled set, as the job's label ids: ``labels`` holds one id a row (a list of
+    ids in a multi-label run); ``languages`` is None without ``language_column``; ``skipped``
+    counts the rows left out for a missing text or label (``null_text``, ``null_label``)."""
+
+    texts: list[str]
+    labels: list
+    languages: list[str | None] | None
+    skipped: dict[str, int]
+
+
+def load_eval_set(settings: EvalSetSpec, label_ids: list[str], multi_label: bool = False) -> EvalSet:
+    """The real set at ``settings.path`` (``tables.read``), its labels as job label ids through
+    ``label_map``; rows without a text or a label are skipped and counted. ConfigError naming
+    the field to fix."""
+    wanted = [("text_column", settings.text_column), ("label_column", settings.label_column)]
     if settings.language_column:
-        columns.append(("language_column", settings.language_column))
-    for field, column in columns:
+        wanted.append(("language_column", settings.language_column))
+    table, features = tables.read(settings.path, "train.eval_set.path", [settings.text_column],
+                                  [settings.label_column, *([settings.language_column] if settings.language_column else [])])
+    for field, column in wanted:
         if column not in table.column_names:
             raise ConfigError(
                 f"train.eval_set.{field}: {settings.path} has no column {column!r}; it has {table.column_names}"
             )
-    texts = [str(t) for t in table[settings.text_column].to_pylist()]
-    if multi_label:
-        raw_labels = label_lists(table[settings.label_column], settings)
-    else:
-        raw_labels = [[str(v)] for v in table[settings.label_column].to_pylist()]
-    labels = [[settings.label_map.get(v, v) for v in values] for values in raw_labels]
-    unknown = sorted({raw for raws, mapped in zip(raw_labels, labels) for raw, label in zip(raws, mapped)
-                      if label not in label_ids})
+    texts = tables.text_values(table, settings.text_column)
+    raw = tables.label_values(table, settings.label_column, features)
+    # A single label left blank is missing; a multi-label row's blank cell is the empty set.
+    raw_labels = label_lists(raw, settings) if multi_label else [[v] if v else None for v in raw]
+    languages = tables.text_values(table, settings.language_column) if settings.language_column else None
+    keep = [text is not None and labels is not None for text, labels in zip(texts, raw_labels)]
+    skipped = {"null_text": sum(text is None for text in texts),
+               "null_label": sum(text is not None and labels is None for text, labels in zip(texts, raw_labels))}
+    labels = [[settings.label_map.get(v, v) for v in values] for values, kept in zip(raw_labels, keep) if kept]
+    unknown = sorted({raw for raws, mapped in zip([r for r, k in zip(raw_labels, keep) if k], labels)
+                      for raw, label in zip(raws, mapped) if label not in label_ids})
     if unknown:
         raise ConfigError(
             f"train.eval_set.label_map: value {unknown[0]!r} of {settings.label_column!r} maps to no job label; "
             f"map it to one of {label_ids}"
         )
-    languages = [str(v) for v in table[settings.language_column].to_pylist()] if settings.language_column else None
-    return texts, labels if multi_label else [values[0] for values in labels], languages
+    if not any(keep):
+        raise ConfigError(f"train.eval_set.path: {settings.path} has no row with both a text and a label")
+    return EvalSet(
+        texts=[text for text, kept in zip(texts, keep) if kept],
+        labels=labels if multi_label else [values[0] for values in labels],
+        languages=[language for language, kept in zip(languages, keep) if kept] if languages else None,
+        skipped=skipped,
+    )
 
 
 def confusion(true: np.ndarray, predicted: np.ndarray, n_labels: int) -> np.ndarray:

@@ -353,8 +353,11 @@ class Generate(Stage):
 
     def describe(self, found: dict) -> str:
         rows, failures = found["rows"], found["failures"]
+        prior = found.get("pair_prior", {})
+        unanswered = (f"; the LLM's prior left {prior['unanswered']} label pair(s) unanswered, weighed 1"
+                      if prior.get("unanswered") else "")
         return (
             f"generate {found['status']}: {rows['written']} of {rows['expected']} rows at {found['output']} "
             f"({failures['requests']} failed request(s), {failures['rows_lost']} rows lost; "
-            f"{found['engine']['starts']} engine start(s))"
+            f"{found['engine']['starts']} engine start(s)){unanswered}"
         )

@@ -13,7 +13,7 @@ import math
 import re
 import unicodedata
 
-REASONS = ("json_syntax", "too_short", "echo", "repeated", "not_a_choice")
+REASONS = ("json_syntax", "too_short", "echo", "repeated", "not_a_choice", "placeholder")
 
 # JSON's structural characters and escapes, and control characters other than line breaks and
 # tabs. Inside a string they mean the model lost track of the JSON around it
@@ -30,6 +30,17 @@ SYLLABIC_RUNS = re.compile(f"[{SYLLABIC_SCRIPTS}]")
 UNSPACED_GAP = re.compile(f"(?<=[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}]) +| +(?=[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}])")
 CHARS_PER_SYLLABIC_WORD = 3
 WORD = re.compile(r"\w+")
+# A tree item that names no topic: a URL, a file path, an identifier (``source_type1``,
+# ``text_2``), or a placeholder word with a number (``item 3``, ``Topic2``): what a model
+# writes when it fills the schema instead of answering.
+URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)", re.IGNORECASE)
+PATH = re.compile(r"^(?:~|\.{0,2})/|^\w:\\|^[^\s/]+(?:/[^\s/]+){2,}$|^\S+\.(?:json|txt|csv|md|html?|xml|py|pdf|docx?)$",
+                  re.IGNORECASE)
+IDENTIFIER = re.compile(r"^[^\W\d]\w*_\w*$")
+PLACEHOLDER = re.compile(r"^(?:item|text|topic|subtopic|source[ _]?type|label|example|sample|category|keyword|"
+                         r"placeholder|name|value|string)[ _-]?\d+$", re.IGNORECASE)
+# Punctuation a model leaves around a fragment (``text2,``) before it is judged.
+TRAILING = " ,;:.'`"
 
 
 def text_pattern() -> str:
@@ -57,12 +68,20 @@ def _words(text: str) -> set[str]:
     return set(WORD.findall(normalise(text)))
 
 
-def problem(item: str, min_words: int, echoes: list[str], prompt: str) -> str | None:
+def is_placeholder(item: str) -> bool:
+    """Whether a tree item is a URL, a file path, an identifier or a numbered placeholder."""
+    bare = item.strip(TRAILING)
+    return any(pattern.search(bare) for pattern in (URL, PATH, IDENTIFIER, PLACEHOLDER))
+
+
+def problem(item: str, min_words: int, echoes: list[str], prompt: str, names: bool = False) -> str | None:
     """Why ``item`` is refused, or None. ``echoes`` are the request's own words (label name,
     topic, subtopic, source type): an item made only of them, or copied out of the prompt, says
-    nothing new."""
+    nothing new. ``names``: the item names a tree node, so ``is_placeholder`` refuses it too."""
     if JSON_SYNTAX.search(item):
         return "json_syntax"
+    if names and is_placeholder(item):
+        return "placeholder"
     if word_count(item) < min_words:
         return "too_short"
     if echoes:

@@ -38,17 +38,20 @@ import numpy as np
 import pyarrow as pa
 
 from anyclf_ray import embed, engine, label_sets, plan, prompts, runtime
-from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec, answer_tokens
+from anyclf_ray import manifest as cards
+from anyclf_ray.config import LABEL_SET_SEPARATOR, NO_LABEL, JobSpec
 from anyclf_ray.stage import Context, Decision, FilterStage
 from anyclf_ray.storage import RunLocation
 
 log = logging.getLogger(__name__)
 
 REASONS = {"llm": "label_mismatch", "crossfit": "low_own_probability", "similarity": "nearer_another_label"}
+# Below this share of rows checked, a method's verdict is missing work: the stage is incomplete
+# (exit code 3), not clean.
+MIN_CHECKED = 0.9
 # Why the judge fails a multi-label row: a label of its set judged absent (first), or a label
 # outside its set judged present.
 SET_REASONS = ("label_missing", "label_extra")
-NO_LABEL = "none"
 
 
 def judge_requests(spec: JobSpec, rows: pa.Table) -> pa.Table:
@@ -60,13 +63,11 @@ def judge_requests(spec: JobSpec, rows: pa.Table) -> pa.Table:
     descriptions = [label.desc for label in spec.labels]
     if spec.multi_label.enabled:
         template, n_items, longest = prompts.JUDGE_SET, len(descriptions), max(map(len, descriptions)) + len("false")
-        answer = {"flags": descriptions}
+        answer, max_tokens = {"flags": descriptions}, prompts.answer_budget(prompts.longest_flags(descriptions))
     else:
         choices = descriptions + [NO_LABEL]
         template, n_items, longest = prompts.JUDGE, 1, max(map(len, choices))
-        answer = {"choices": choices}
-    # A short answer: room for the items and a few tokens of slack for how the labels tokenise.
-    max_tokens = answer_tokens(n_items, "label", longest, spec.languages) + 8
+        answer, max_tokens = {"choices": choices}, prompts.answer_budget(prompts.longest_choice("label", choices))
     return engine.requests_table(
         [
             {"request_id": plan.stable_id("label_check", row_id),
@@ -205,7 +206,7 @@ class LabelCheck(FilterStage):
             judged, answered = judged_labels(spec, rows, answers)
             missing, extra = intended & ~judged, judged & ~intended
             failed["llm"] = answered & (missing | extra).any(axis=1)
-            figures["llm"] = {"unanswered": int((~answered).sum())}
+            figures["llm"] = {"checked": int(answered.sum()), "unanswered": int((~answered).sum())}
             if spec.multi_label.enabled:
                 reasons["llm"] = np.where(missing.any(axis=1), *SET_REASONS)
                 verdicts = [[label_ids[i] for i in np.flatnonzero(row)] if ok else None for row, ok in zip(judged, answered)]
@@ -240,17 +241,17 @@ class LabelCheck(FilterStage):
                 probability, folds = own_probabilities(vectors, y, settings.folds, settings.seed)
                 failed["crossfit"] = probability < threshold  # NaN (not run) fails nothing
                 columns["own_probability"] = pa.array(probability, pa.float32())
-                figures["crossfit"] = {"folds": folds, "threshold": threshold}
+                figures["crossfit"] = {"checked": int((~np.isnan(probability)).sum()), "folds": folds,
+                                       "threshold": threshold}
                 if not folds:
                     figures["crossfit"]["skipped"] = "a label has fewer than 2 rows; nothing was judged"
-                    log.warning("label_check: crossfit skipped: a label has fewer than 2 rows")
                 timings["crossfit"] = time.perf_counter() - started
 
             if "similarity" in settings.methods:
                 nearest, margin = nearest_labels(vectors, label_vectors, y)
                 failed["similarity"] = ~(margin > settings.margin)
                 columns["nearest_label"] = pa.array([label_ids[i] for i in nearest], pa.string())
-                figures["similarity"] = {"margin": settings.margin}
+                figures["similarity"] = {"checked": rows.num_rows, "margin": settings.margin}
 
         any_failed = np.zeros(rows.num_rows, bool)
         reason = np.full(rows.num_rows, None, dtype=object)
@@ -266,6 +267,12 @@ class LabelCheck(FilterStage):
         failed_methods = [[m for m in settings.methods if failed[m][i]] for i in range(rows.num_rows)]
         out = out.append_column("label_check_failed", pa.array(failed_methods, pa.list_(pa.string())))
         fields = {"action": settings.action, "flagged": int(any_failed.sum())}
+        short = [{"method": m, "checked": figures[m]["checked"], "rows": rows.num_rows} for m in settings.methods
+                 if figures[m]["checked"] < MIN_CHECKED * rows.num_rows]
+        if short:  # a check that could not run is not reported as clean
+            fields |= {"status": "incomplete", "unchecked": short}
+            for gap in short:
+                log.warning("label_check: %s checked only %d of %d rows", gap["method"], gap["checked"], gap["rows"])
         removing = any_failed if settings.action != "flag" else np.zeros(rows.num_rows, bool)
         if settings.action == "relabel":  # methods are [llm]: every failed row was judged
             relabelling = any_failed & allowed_sets(spec, judged)
@@ -286,11 +293,17 @@ class LabelCheck(FilterStage):
 
     def describe(self, manifest: dict) -> str:
         failed = ", ".join(f"{figures['failed']} by {method}" for method, figures in manifest["methods"].items())
+        unchecked = "".join(f"; {gap['method']} checked only {gap['checked']} of {gap['rows']} rows"
+                            for gap in manifest.get("unchecked", []))
         if manifest["action"] == "flag":
             rows = manifest["rows"]
-            return f"label_check complete: flagged {manifest['flagged']} of {rows['input']} rows ({failed}), removed none"
+            return (f"label_check {manifest['status']}: flagged {manifest['flagged']} of {rows['input']} rows ({failed}), "
+                    f"removed none{unchecked}")
         relabelled = f", relabelled {manifest['relabelled']['rows']}" if "relabelled" in manifest else ""
-        return f"{super().describe(manifest)}; failed {failed}{relabelled}"
+        return f"{super().describe(manifest)}; failed {failed}{relabelled}{unchecked}"
+
+    def retries(self, manifest: dict) -> bool:
+        return manifest["status"] != "complete"  # --retry-failures asks again what it could not check
 
     def card_section(self, manifest: dict) -> str:
         """Rows per label: checked, failed by each method, kept. A multi-label run's: per label,
@@ -299,7 +312,7 @@ class LabelCheck(FilterStage):
         if self.spec.multi_label.enabled:
             llm = manifest["methods"]["llm"]
             header = "| label | in the set, judged absent | outside the set, judged present |\n|---|---|---|\n"
-            lines = "".join(f"| `{label.id}` | {llm['missing_by_label'].get(label.id, 0)} | "
+            lines = "".join(f"| {cards.code(label.id)} | {llm['missing_by_label'].get(label.id, 0)} | "
                             f"{llm['extra_by_label'].get(label.id, 0)} |\n" for label in self.spec.labels)
             return f"### Label check ({manifest['action']})\n\n{header}{lines}"
         kept = {row["label"]: row["rows"] for row in manifest["kept_by_label"]}
@@ -309,7 +322,7 @@ class LabelCheck(FilterStage):
         header = "| label | rows | " + " | ".join(f"failed {m}" for m in methods) + " | kept |\n"
         header += "|---" * (len(methods) + 3) + "|\n"
         lines = "".join(
-            f"| `{label.id}` | {kept.get(label.id, 0) + removed.get(label.id, 0)} | "
+            f"| {cards.code(label.id)} | {kept.get(label.id, 0) + removed.get(label.id, 0)} | "
             + " | ".join(str(manifest["methods"][m]["failed_by_label"].get(label.id, 0)) for m in methods)
             + f" | {kept.get(label.id, 0)} |\n"
             for label in self.spec.labels

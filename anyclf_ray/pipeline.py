@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from anyclf_ray import runtime
+from anyclf_ray import budgets, estimate, runtime
 from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.dedup import Dedup
 from anyclf_ray.diversity import Diversity
@@ -70,7 +70,9 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
     for warning in spec.warnings():
         log.warning("warning: %s", warning)
     fingerprints, inputs = chain(plan)
-    for stage in targets:
+    estimate.estimate(spec)  # refuses a plan that leaves a label without the rows it needs
+    budgets.check(spec)
+    for stage in plan:  # every section, whichever stage runs: a bad one fails now, not in a later command
         stage.check(location)
     done: dict[str, dict | None] = {}
     for stage in plan:  # in order: a stage is done only on its input as committed now
@@ -84,7 +86,7 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
     if before and not done[before.name]:
         raise ConfigError(
             f"run_id: {location.run_id!r} has no finished {before.name} stage for this spec; "
-            f"run `anyclf-ray {before.name}` (or `anyclf-ray run`) first"
+            f"run `anyclf-ray {before.name.replace('_', '-')}` (or `anyclf-ray run`) first"
         )
 
     ctx = Context(spec, location, lambda: start_engines(spec, engine_factory), retry_failures=retry_failures,

@@ -160,6 +160,7 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
             n,
             max_chars,
             max_tokens,
+            names=True,
             **dict(zip(keys, node)),
         )
         for node, row in nodes.items()

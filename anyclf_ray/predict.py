@@ -5,7 +5,9 @@ folder and its text column. Out: Parquet files under the output path with every 
 plus ``prediction`` (a label id), ``score`` (its probability) and ``scores`` (one probability per
 label, in the order of the model's ``labels``), one output row per input row; a multi-label model
 gives ``labels`` (the label ids whose score reaches the label's threshold, from the model's
-``thresholds.json``) and ``scores`` instead. Then ``_manifest.json`` (rows, model, input), written last, so its presence means the output is whole.
+``thresholds.json``) and ``scores`` instead. A row without a text (null, a missing JSONL key, a
+CSV cell such as ``NA``) gets nulls there. Then ``_manifest.json`` (rows, rows without a text,
+model, input), written last, so its presence means the output is whole.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
-from anyclf_ray import runtime, storage
+from anyclf_ray import runtime, storage, tables
 from anyclf_ray.config import ActorPlacement, ConfigError
 from anyclf_ray.train import THRESHOLDS_FILE
 
-READERS = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json,
-           "json": ray.data.read_json}
 MANIFEST = "_manifest.json"  # Parquet readers skip files named with a leading underscore
 
 
@@ -63,25 +64,24 @@ class Predictor:
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [str(t) for t in batch[self.text_column].to_pylist()]
-        scores = np.asarray(self.model.predict_proba(texts, as_numpy=True), dtype=np.float32)
-        per_label = pa.FixedSizeListArray.from_arrays(scores.ravel(), scores.shape[1])
+        texts = tables.text_values(batch, self.text_column)
+        given = np.array([text is not None for text in texts], bool)  # a missing text gets no prediction
+        scores = np.zeros((len(texts), len(self.labels)), np.float32)
+        if given.any():
+            chosen_texts = [text for text in texts if text is not None]
+            scores[given] = np.asarray(self.model.predict_proba(chosen_texts, as_numpy=True), dtype=np.float32)
+        missing = ~given
+        per_label = pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel()), len(self.labels), mask=pa.array(missing))
         if self.thresholds is not None:
-            chosen = [[label for label, hit in zip(self.labels, row) if hit] for row in scores >= self.thresholds]
+            chosen = [[label for label, hit in zip(self.labels, row) if hit] if ok else None
+                      for row, ok in zip(scores >= self.thresholds, given)]
             return batch.append_column("labels", pa.array(chosen, pa.list_(pa.string()))).append_column("scores", per_label)
         best = scores.argmax(axis=1)
         return (
-            batch.append_column("prediction", pa.array([self.labels[i] for i in best], pa.string()))
-            .append_column("score", pa.array(scores[np.arange(len(best)), best], pa.float32()))
+            batch.append_column("prediction", pa.array([self.labels[i] for i in best], pa.string(), mask=missing))
+            .append_column("score", pa.array(scores[np.arange(len(best)), best], pa.float32(), mask=missing))
             .append_column("scores", per_label)
         )
-
-
-def input_format(path: str) -> str:
-    suffix = storage.extension(path) or "parquet"
-    if suffix not in READERS:
-        raise ConfigError(f"--input: {path}: use Parquet, CSV or JSONL (.parquet, .csv, .jsonl) or a Parquet folder")
-    return suffix
 
 
 class Paths(NamedTuple):
@@ -90,37 +90,51 @@ class Paths(NamedTuple):
     model: str
     input: str
     output: str
-    input_format: str
     model_location: tuple[pafs.FileSystem, str]
     input_location: tuple[pafs.FileSystem, str]
     output_location: tuple[pafs.FileSystem, str]
 
 
-def check(model_path: str, input_path: str, output_path: str) -> Paths:
-    """ConfigError naming the argument unless the model and input can be used and the output is new."""
+def check(model_path: str, input_path: str, output_path: str, text_column: str) -> Paths:
+    """ConfigError naming the argument unless the model and input can be used (the input has
+    ``text_column``, read from its metadata) and the output is new."""
     model_fs, model_root = storage.resolve(model_path)
     if model_fs.get_file_info(f"{model_root}/model_head.pkl").type != pafs.FileType.File:
         raise ConfigError(f"--model: {model_path} is not a trained anyclf-ray/SetFit model folder (no model_head.pkl)")
-    fmt = input_format(input_path)
     input_fs, input_root = storage.resolve(input_path)
-    if input_fs.get_file_info(input_root).type == pafs.FileType.NotFound:
-        raise ConfigError(f"--input: {input_path}: no such file or folder")
+    found = tables.columns(input_path, "--input")
+    if text_column not in found:
+        raise ConfigError(f"--text-column: {input_path} has no column {text_column!r}; it has {found}")
     output_fs, output_root = storage.resolve(output_path)
     if output_fs.get_file_info(output_root).type != pafs.FileType.NotFound:
         finished = output_fs.get_file_info(f"{output_root}/{MANIFEST}").type == pafs.FileType.File
         state = "already holds predictions" if finished else "exists (an unfinished prediction, or other files)"
         raise ConfigError(f"--output: {output_path} {state}; give a new path so no old rows mix in")
-    return Paths(model_path, input_path, output_path, fmt, (model_fs, model_root), (input_fs, input_root),
+    return Paths(model_path, input_path, output_path, (model_fs, model_root), (input_fs, input_root),
                  (output_fs, output_root))
 
 
-def predict(paths: Paths, text_column: str, placement: ActorPlacement, batch_size: int = 256) -> int:
-    """Write predictions for every row of the checked input to the output; the rows written."""
-    input_fs, input_root = paths.input_location
-    dataset = READERS[paths.input_format](input_root, filesystem=input_fs)
-    if text_column not in dataset.columns():
-        raise ConfigError(f"--text-column: {paths.input} has no column {text_column!r}; it has {dataset.columns()}")
-    predicted = dataset.map_batches(
+def written(output: tuple[pafs.FileSystem, str], text_column: str) -> dict[str, int]:
+    """Rows written under ``output`` and, of them, the rows without a text, from the Parquet
+    footers (their row counts and the text column's null counts): no row is read."""
+    filesystem, root = output
+    selector = pafs.FileSelector(root, allow_not_found=True)
+    rows = missing = 0
+    for info in filesystem.get_file_info(selector):
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        with filesystem.open_input_file(info.path) as stream:
+            footer = pq.ParquetFile(stream).metadata
+        column = footer.schema.to_arrow_schema().get_field_index(text_column)
+        rows += footer.num_rows
+        missing += sum(footer.row_group(g).column(column).statistics.null_count for g in range(footer.num_row_groups))
+    return {"rows": rows, "null_text": missing}
+
+
+def predict(paths: Paths, text_column: str, placement: ActorPlacement, batch_size: int = 256) -> dict[str, int]:
+    """Write predictions for every row of the checked input to the output; the rows written and,
+    of them, those without a text (``null_text``: null predictions, never a guess at "None")."""
+    predicted = tables.dataset(paths.input, "--input", text_column).map_batches(
         Predictor,
         fn_constructor_kwargs={"model_location": paths.model_location, "text_column": text_column,
                                "device": placement.device},
@@ -130,9 +144,10 @@ def predict(paths: Paths, text_column: str, placement: ActorPlacement, batch_siz
     )
     output_fs, output_root = paths.output_location
     predicted.write_parquet(output_root, filesystem=output_fs)
-    rows = ray.data.read_parquet(output_root, filesystem=output_fs).count()
-    summary = {"rows": rows, "model": paths.model, "input": paths.input, "text_column": text_column,
+    counts = written(paths.output_location, text_column)
+    summary = {**counts, "model": paths.model, "input": paths.input, "text_column": text_column,
                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    output_fs.create_dir(output_root)  # an input without rows writes no part, only this manifest
     with output_fs.open_output_stream(f"{output_root}/{MANIFEST}") as stream:
         stream.write(json.dumps(summary, indent=2).encode())
-    return rows
+    return counts

@@ -120,6 +120,28 @@ def items_schema(key: str, n: int, max_chars: int, pattern: str | None = None,
     }
 
 
+# Tokens a short answer's budget adds to its longest valid text: the end of the sequence.
+ANSWER_SLACK = 4
+
+
+def answer_budget(answer: object) -> int:
+    """Tokens that always hold ``answer`` (a JSON value, the longest a schema allows) however the
+    model spells it: every token is at least a byte, and a string may be written with ``\\u``
+    escapes, so the bound is the byte length of its escaped JSON (no whitespace, as decoded)."""
+    escaped = json.dumps(answer, ensure_ascii=True, separators=(",", ":"))
+    return max(len(escaped), len(json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode())) + ANSWER_SLACK
+
+
+def longest_choice(key: str, choices: list[str]) -> list[dict]:
+    """The longest answer ``items_schema(key, 1, ..., choices=choices)`` allows."""
+    return [{key: max(choices, key=lambda choice: len(json.dumps(choice)))}]
+
+
+def longest_flags(flags: list[str]) -> dict:
+    """The longest answer ``flags_schema(flags)`` allows."""
+    return dict.fromkeys(flags, False)
+
+
 def flags_schema(flags: list[str]) -> dict:
     """A JSON object with exactly one boolean under each of ``flags``, in that order."""
     return {

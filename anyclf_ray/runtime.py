@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import TypeVar
 
 import pyarrow as pa
@@ -32,14 +33,32 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     # The address ray.init() itself would join: given, RAY_ADDRESS, or a local `ray start` cluster.
-    found = canonicalize_bootstrap_address(address or os.environ.get("RAY_ADDRESS"))
+    given = address or os.environ.get("RAY_ADDRESS")
+    found = canonicalize_bootstrap_address(given)
     if found:
+        reachable(found, "--address" if address else "RAY_ADDRESS")
         ray.init(address=found, log_to_driver=verbose)
         log.info("joined the Ray cluster at %s (%g CPUs, %g GPUs)", found, *_cores())
     else:
         ray.init(include_dashboard=False, log_to_driver=verbose)
         log.info("started an embedded local Ray (%g CPUs, %g GPUs)", *_cores())
     log.info("engine and worker logs: %s", logs_folder())
+
+
+# Seconds a cluster's GCS port may take to accept a connection before the address is refused.
+PROBE_SECONDS = 5
+
+
+def reachable(address: str, field: str) -> None:
+    """ConfigError naming ``field`` unless something listens at ``address`` (``host:port``): Ray
+    itself would retry an address nobody answers for minutes, logging as it goes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS):
+            return
+    except (OSError, ValueError):
+        raise ConfigError(f"{field}: no Ray cluster answers at {address}; start one (`ray start --head`), fix the "
+                          "address, or leave it out for an embedded Ray") from None
 
 
 def _cores() -> tuple[float, float]:

@@ -300,4 +300,4 @@ class FilterStage(Stage):
     def describe(self, manifest: dict) -> str:
         rows, reasons = manifest["rows"], manifest["removed"]["by_reason"]
         removed = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
-        return f"{self.name} complete: kept {rows['kept']} of {rows['input']} rows at {manifest['output']} (removed {removed})"
+        return f"{self.name} {manifest['status']}: kept {rows['kept']} of {rows['input']} rows at {manifest['output']} (removed {removed})"

@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import ray
 
 from anyclf_ray import embed, evaluate, runtime
+from anyclf_ray import manifest as cards
 from anyclf_ray.config import LABEL_SET_SEPARATOR, ActorPlacement, ConfigError, JobSpec, TrainSpec
 from anyclf_ray.stage import Context, Stage
 from anyclf_ray.storage import RunLocation
@@ -363,7 +364,7 @@ def held_out_splits(rows: ray.data.Dataset, settings: TrainSpec, multi_label: bo
     return {"tuning": between(0.0, settings.test_size / 2), "held_out": between(settings.test_size / 2, settings.test_size)}
 
 
-def evaluation_rows(held_out: ray.data.Dataset, split: str, real: tuple | None = None,
+def evaluation_rows(held_out: ray.data.Dataset, split: str, real: evaluate.EvalSet | None = None,
                     replicas: int = 1) -> ray.data.Dataset:
     """Held-out rows tagged ``split``, and the real eval set (tagged ``eval_set``), as one
     Dataset of ``split``, ``text``, ``label`` and ``language`` (null where the eval set has none)."""
@@ -375,9 +376,8 @@ def evaluation_rows(held_out: ray.data.Dataset, split: str, real: tuple | None =
     tagged_held_out = held_out.map_batches(tagged, batch_format="pyarrow", batch_size=None).materialize()
     if not real:
         return tagged_held_out
-    texts, labels, languages = real
-    table = pa.table({"split": ["eval_set"] * len(texts), "text": texts, "label": labels,
-                      "language": pa.array(languages or [None] * len(texts), pa.string())})
+    table = pa.table({"split": ["eval_set"] * len(real.texts), "text": real.texts, "label": real.labels,
+                      "language": pa.array(real.languages or [None] * len(real.texts), pa.string())})
     return tagged_held_out.union(runtime.blocks_dataset(table, 256, replicas))
 
 
@@ -396,7 +396,7 @@ def streamed_tallies(rows: ray.data.Dataset, body, settings: TrainSpec, tally) -
     return tallies
 
 
-def evaluate_model(held_out: dict[str, ray.data.Dataset], real: tuple | None, body, head, settings: TrainSpec,
+def evaluate_model(held_out: dict[str, ray.data.Dataset], real: evaluate.EvalSet | None, body, head, settings: TrainSpec,
                    label_ids: list[str]) -> tuple[dict, np.ndarray | None]:
     """Each split's metrics, and a multi-label model's tuned per-label thresholds (else None)."""
     multi_label = "tuning" in held_out
@@ -429,7 +429,7 @@ def evaluate_model(held_out: dict[str, ray.data.Dataset], real: tuple | None, bo
 
 def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluation: dict) -> str:
     """A Hugging Face model card: base model, data, labels and the evaluation figures."""
-    label_rows = "\n".join(f"| `{label.id}` | {label.desc} |" for label in spec.labels)
+    label_rows = "\n".join(f"| {cards.code(label.id)} | {cards.text(label.desc)} |" for label in spec.labels)
     names = list(evaluate.headline(next(iter(evaluation.values())))) if evaluation else ["accuracy"]
     metric_rows = "\n".join(f"| {split} | {m['rows']} | " + " | ".join(f"{m[key]:.4f}" for key in names) + " |"
                              for split, m in evaluation.items())
@@ -450,7 +450,7 @@ tags:
 ---
 # {run_id} classifier
 
-A SetFit classifier for: {spec.instruction}
+A SetFit classifier for: {cards.text(spec.instruction)}
 
 It was trained by anyclf-ray on synthetic data written by `{spec.model.name}` (run `{run_id}`,
 the rows its `{source}` stage committed; {figures["train_rows"]} training rows,
@@ -510,8 +510,9 @@ class Train(Stage):
         multi_label = self.spec.multi_label.enabled
         self.real = evaluate.load_eval_set(eval_set, label_ids, multi_label) if eval_set else None
         if self.real and multi_label:  # carried as the rows carry them: label sets joined by "|"
-            texts, sets, languages = self.real
-            self.real = texts, [LABEL_SET_SEPARATOR.join(labels) for labels in sets], languages
+            self.real.labels = [LABEL_SET_SEPARATOR.join(labels) for labels in self.real.labels]
+        if self.real and any(self.real.skipped.values()):
+            log.warning("train: the eval set's rows without a text or a label are skipped: %s", self.real.skipped)
 
     def execute(self, ctx: Context, upstream: dict) -> dict:
         spec, settings, location = self.spec, self.settings, ctx.location
@@ -526,6 +527,8 @@ class Train(Stage):
         result = fit(location, spec, train_rows, run_name=f"train-{fingerprint}", finished=finished)
         evaluation, thresholds = evaluate_model(held_out_splits(rows, settings, multi_label), self.real,
                                                 result["body"], result["model"].model_head, settings, label_ids)
+        if self.real and "eval_set" in evaluation:  # rows without a text or a label were skipped, not scored
+            evaluation["eval_set"]["skipped"] = self.real.skipped
         figure = "per-label" if multi_label else "confusion"
         for name, figures in evaluation.items():
             location.write_bytes(f"eval/{figure}-{name}.png", evaluate.split_png(figures, name))
@@ -534,7 +537,8 @@ class Train(Stage):
         return {
             "data": {"source": upstream["stage"], "rows": total, "train_rows": train_rows.num_rows,
                      "held_out_rows": evaluation.get("held_out", {}).get("rows", 0),
-                     "eval_set_rows": len(self.real[0]) if self.real else 0},
+                     "eval_set_rows": len(self.real.texts) if self.real else 0,
+                     **({"eval_set_skipped": self.real.skipped} if self.real else {})},
             "model": location.uri(MODEL_FOLDER),
             "files": save(location, result["model"], card, thresholds),
             "figures": result["figures"],

@@ -208,7 +208,7 @@ def test_run_refuses_a_bad_eval_set_before_any_engine_starts(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "early", train={"base_model": "builtin:all-minilm-l6-v2",
                                                       "eval_set": {"path": str(tmp_path / "missing.csv")}})
     assert cli.main(["run", "--config", str(write_spec(tmp_path / "spec.yaml", raw))]) == cli.EXIT_BAD_INPUT
-    assert capsys.readouterr().err.strip() == f"anyclf-ray: error: train.eval_set.path: {tmp_path / 'missing.csv'}: no such file"
+    assert capsys.readouterr().err.strip() == f"anyclf-ray: error: train.eval_set.path: {tmp_path / 'missing.csv'}: no such file or folder"
     assert not ray.is_initialized() and not (tmp_path / "runs" / "early").exists()
 
 

@@ -181,7 +181,8 @@ def test_unavailable_hub_model_fails_before_any_actor(tmp_path, capsys):
     write_generated(config.parse(raw), ROWS)
     code, err = dedup_cli(tmp_path, raw, capsys)
     assert code == cli.EXIT_BAD_INPUT
-    assert err.startswith("anyclf-ray: error: dedup.model: 'someone/no-such-embedder' is not a model in the local cache")
+    assert err == ("anyclf-ray: error: dedup.model: 'someone/no-such-embedder' is not in the local Hugging Face cache "
+                   "and HF_HUB_OFFLINE is set; download it first, or give a local folder or a builtin: model")
     assert not (tmp_path / "runs" / "offline" / "dedup").exists()
 
 

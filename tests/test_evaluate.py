@@ -33,9 +33,10 @@ def write_as(fmt: str, folder) -> str:
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "datasets"])
 def test_every_format_reads_to_the_same_texts_and_labels(tmp_path, fmt):
     settings = EvalSetSpec(path=write_as(fmt, tmp_path), text_column="body", label_column="stars", label_map=LABEL_MAP)
-    texts, labels, languages = evaluate.load_eval_set(settings, ["neg", "pos"])
-    assert texts == ["great phone", "awful food", "fine hotel", "broken again"]
-    assert labels == ["pos", "neg", "pos", "neg"] and languages is None
+    found = evaluate.load_eval_set(settings, ["neg", "pos"])
+    assert found.texts == ["great phone", "awful food", "fine hotel", "broken again"]
+    assert found.labels == ["pos", "neg", "pos", "neg"] and found.languages is None
+    assert found.skipped == {"null_text": 0, "null_label": 0}
 
 
 def test_metrics_per_language_split_the_rows_by_their_language():
@@ -68,7 +69,8 @@ def test_an_unreadable_kind_of_file_is_refused(tmp_path):
     with pytest.raises(ConfigError) as error:
         evaluate.load_eval_set(EvalSetSpec(path=str(tmp_path / "real.xlsx")), ["neg", "pos"])
     assert str(error.value) == (
-        f"train.eval_set.path: {tmp_path / 'real.xlsx'}: use a .parquet, .csv or .jsonl file or a local `datasets` folder"
+        f"train.eval_set.path: {tmp_path / 'real.xlsx'}: use Parquet, CSV or JSONL (.parquet, .csv, .jsonl), a Parquet "
+        "folder or a local `datasets` folder"
     )
 
 
@@ -95,8 +97,8 @@ def test_multi_label_eval_sets_give_lists_or_delimited_text(tmp_path):
     for path, separator in ((lists, None), (delimited, ",")):
         settings = EvalSetSpec(path=str(path), text_column="text", label_column="tags", label_map=label_map,
                                label_separator=separator)
-        texts, labels, _ = evaluate.load_eval_set(settings, ["rain", "vote", "goal"], multi_label=True)
-        assert texts == ["rain vote", "goal", "nothing"] and labels == [["rain", "vote"], ["goal"], []]
+        found = evaluate.load_eval_set(settings, ["rain", "vote", "goal"], multi_label=True)
+        assert found.texts == ["rain vote", "goal", "nothing"] and found.labels == [["rain", "vote"], ["goal"], []]
     without_separator = EvalSetSpec(path=str(delimited), text_column="text", label_column="tags", label_map=label_map)
     with pytest.raises(ConfigError, match=r"^train.eval_set.label_separator: 'tags' holds text, not lists"):
         evaluate.load_eval_set(without_separator, ["rain", "vote", "goal"], multi_label=True)

@@ -79,7 +79,9 @@ def test_every_method_fails_the_flipped_rows(checked):
     assert found["methods"]["llm"]["usage"]["requests"] == 52 and found["methods"]["llm"]["unanswered"] == 0
     assert found["methods"]["crossfit"]["failed_by_label"] == flipped
     assert found["methods"]["crossfit"] | {"failed_by_label": None} == {
-        "folds": 5, "threshold": 0.5, "failed": 4, "failed_by_label": None}
+        "checked": 52, "folds": 5, "threshold": 0.5, "failed": 4, "failed_by_label": None}
+    assert found["methods"]["llm"]["checked"] == found["methods"]["similarity"]["checked"] == 52
+    assert found["status"] == "complete"
     assert found["methods"]["similarity"]["failed"] >= 4  # descriptions are a weaker signal, see below
     assert {"label": "neg", "judged": "pos", "rows": 2} in found["methods"]["llm"]["judged"]
 

@@ -50,13 +50,16 @@ def train_raw(output, run_id: str, **train_fields) -> dict:
 
 @pytest.fixture(scope="module")
 def eval_csv(tmp_path_factory):
-    """A "real" labelled set in its own vocabulary: column `review`, labels good/bad."""
+    """A "real" labelled set in its own vocabulary: column `review`, labels good/bad; and, as real
+    sets have, a row whose text is NA and one whose label is blank (skipped and counted)."""
     path = tmp_path_factory.mktemp("eval") / "real.csv"
     rows = reviews(30, seed=7)
     pyarrow.csv.write_csv(
         pa.table({"review": [r[3] for r in rows], "kind": ["good" if r[1] == "pos" else "bad" for r in rows],
                   "lang": [r[2] for r in rows]}), path
     )
+    with path.open("a") as csv:
+        csv.write('NA,"good","en"\n"I loved this movie","","en"\n')
     return path
 
 
@@ -120,6 +123,7 @@ def test_metrics_and_confusion_matrices_are_written(trained):
     assert set(metrics) == {"held_out", "eval_set"} and metrics == manifest["metrics"]
     real = metrics["eval_set"]
     assert real["rows"] == 30 and sum(c["support"] for c in real["per_class"].values()) == 30
+    assert real["skipped"] == {"null_text": 1, "null_label": 1} == manifest["data"]["eval_set_skipped"]
     assert set(real) >= {"accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"}
     assert sum(map(sum, real["confusion_matrix"]["rows_true_columns_predicted"])) == 30
     assert real["accuracy"] >= 0.9 and metrics["held_out"]["macro_f1"] >= 0.9
@@ -156,6 +160,47 @@ def test_predict_writes_one_row_per_input_row(trained, tmp_path, capsys):
                       str(tmp_path / "other"), "--text-column", "review"])
     assert wrong == cli.EXIT_BAD_INPUT and not (tmp_path / "other").exists()
     assert f"--text-column: {source} has no column 'review'; it has ['id', 'text']" in capsys.readouterr().err
+
+
+def predict_cli(location, source, output, capsys) -> tuple[pa.Table | None, dict, str]:
+    code = cli.main(["predict", "--model", location.path("model"), "--input", str(source), "--output", str(output)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    found = pq.read_table(output) if list(output.glob("*.parquet")) else None
+    return found, json.loads((output / "_manifest.json").read_text()), out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_a_missing_text_gets_a_null_prediction_never_one_for_none(trained, tmp_path, capsys, fmt):
+    """A null text (Parquet), a JSONL line without the key, a CSV cell NA or empty: no guess at "None"."""
+    _, location, _ = trained
+    source = tmp_path / f"input.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["I loved this movie", None, "What a terrible meal"]}), source)
+    elif fmt == "jsonl":
+        source.write_text('{"id": "a", "text": "I loved this movie"}\n{"id": "b"}\n{"id": "c", "text": "What a terrible meal"}\n')
+    else:  # the text column of numbers would be read as integers: it stays text
+        source.write_text("id,text\na,I loved this movie\nb,NA\nc,What a terrible meal\nd,\ne,12345\n")
+    found, summary, out = predict_cli(location, source, tmp_path / "out", capsys)
+    rows = {row["id"]: row for row in found.to_pylist()}
+    assert rows["b"]["text"] is None and (rows["b"]["prediction"], rows["b"]["score"], rows["b"]["scores"]) == (None,) * 3
+    assert (rows["a"]["prediction"], rows["c"]["prediction"]) == ("pos", "neg")
+    missing = 2 if fmt == "csv" else 1
+    assert summary["rows"] == len(rows) and summary["null_text"] == missing
+    assert f"({missing} row(s) without a text, predicted null)" in out
+    if fmt == "csv":
+        assert rows["e"]["text"] == "12345" and rows["e"]["prediction"] in ("neg", "pos")
+
+
+def test_an_input_of_only_a_header_gives_no_rows_and_a_manifest(trained, tmp_path, capsys):
+    _, location, _ = trained
+    (tmp_path / "header.csv").write_text("id,text\n")
+    found, summary, out = predict_cli(location, tmp_path / "header.csv", tmp_path / "out", capsys)
+    assert found is None and summary["rows"] == 0 and summary["null_text"] == 0
+    assert "wrote 0 prediction(s)" in out
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    _, summary, _ = predict_cli(location, tmp_path / "empty.parquet", tmp_path / "out2", capsys)
+    assert summary["rows"] == 0
 
 
 def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_ray):

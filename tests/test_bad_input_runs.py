@@ -1,0 +1,132 @@
+"""The bad inputs of test_bad_input.py that need a run: label names in quotes, braces, emoji, CJK
+and Arabic through a real multi-label run on vLLM (the judge's budget, the card, the figures,
+``datasets``); a prompt that overflows the context at run time on vLLM; a check whose method
+could not judge its rows, through the CLI (a judge behind the engine seam that fails)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from anyclf_ray import cli, config, engine, label_check, manifest, pipeline, plan
+from anyclf_ray.storage import RunLocation
+from conftest import read_parts, tiny_raw, write_generated, write_spec
+
+pytestmark = pytest.mark.slow
+
+# Ray pickles classes by reference; this module is not importable in Ray's workers, so ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+HARD = [{"id": "quote", "desc": 'says "hi" {in} braces'}, {"id": "emoji", "desc": "😀 emoji 中文 عربي"},
+        {"id": "slash", "desc": "back\\slash and a $5 price"}]
+
+
+@pytest.fixture(scope="module")
+def hard_run(tmp_path_factory, local_ray, tiny_model):
+    raw = {k: v for k, v in tiny_raw(tmp_path_factory.mktemp("runs"), "hard").items() if k not in config.SIZE_FIELDS}
+    spec = config.parse({**raw, "languages": ["en"], "labels": HARD, "n_record_to_generate": 24,
+                         "multi_label": {"enabled": True, "min_rows": 2},
+                         "label_check": {"enabled": True, "action": "flag"},  # the multi-label default: llm
+                         "dedup": {"enabled": False}, "train": {"enabled": False}, "diversity": {"enabled": True}})
+    return spec, RunLocation(spec.output, "hard"), pipeline.run(spec)
+
+
+def test_every_judgement_fits_its_budget_whatever_the_names(hard_run):
+    """Issue 26's input: the judge's answers were cut at 61 tokens where 87 were needed, and the
+    stage said "flagged 0 of 6 rows". The budget now holds the longest answer byte by byte."""
+    spec, location, found = hard_run
+    checked = found["label_check"]
+    assert spec.label_check.methods == ["llm"] and checked["status"] == "complete"
+    assert checked["rows"]["input"] == 24 and checked["methods"]["llm"]["unanswered"] == 0
+    assert checked["methods"]["llm"]["checked"] == 24 and checked["methods"]["llm"]["usage"]["failed"] == 0
+    judged = read_parts(location, "label_check/data")["judged_labels"].to_pylist()
+    assert len(judged) == 24 and all(isinstance(labels, list) for labels in judged)
+
+
+def test_the_card_and_datasets_keep_the_names(hard_run):
+    spec, location, _ = hard_run
+    card = location.read_bytes("README.md").decode()
+    for label in spec.labels:
+        assert f"| {manifest.code(label.id)} | {manifest.text(label.desc)} |" in card
+    assert datasets.load_dataset(location.uri(), "label_checked", split="train").num_rows == 24
+    rows = read_parts(location)
+    assert {name for names in rows["label_names"].to_pylist() for name in names} <= {label["desc"] for label in HARD}
+
+
+def test_the_figures_are_drawn_with_the_names(hard_run):
+    _, location, found = hard_run
+    for path in found["diversity"]["figures"].values():
+        assert location.read_bytes(path)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_prompt_over_the_context_at_run_time_is_one_failed_request(tmp_path, local_ray, tiny_model, capsys):
+    """A tree given by hand (``tree_path``) whose one topic makes its leaf's prompts longer than
+    the model's context: those requests fail, counted and reported; the run goes on (exit 3)."""
+    raw = tiny_raw(tmp_path, "probe", languages=["en"], train={"enabled": False}, dedup={"enabled": False})
+    spec = config.parse(raw)
+    tree = plan.full_tree(spec).to_pylist()
+    for i, row in enumerate(tree):
+        row.update(source_type=f"forum {row['source_type_index']}", topic=f"topic {row['topic_index']}",
+                   subtopic=f"angle {row['subtopic_index']} of {i}")
+    tree[0]["topic"] = "a very long topic " * 700  # about 12k characters: over 2,048 tokens
+    pq.write_table(pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA), tmp_path / "tree.parquet")
+    raw["tree_path"] = str(tmp_path / "tree.parquet")
+    code = cli.main(["generate", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    assert code == cli.EXIT_INCOMPLETE
+    location = RunLocation(spec.output, "probe")
+    failures = read_parts(location, "failures").to_pylist()
+    # The first tree row's leaf only: 3 rows, asked 2 a request.
+    assert len(failures) == 2 and {(f["source_type_index"], f["topic_index"], f["subtopic_index"]) for f in failures} == {
+        (0, 0, 0)}
+    assert all(f["attempts"] == 1 and "do not fit the model's context (model.max_model_len)" in f["error"]
+               for f in failures)
+    found = location.read_json("manifest.json")
+    assert found["rows"] == {"expected": 48, "written": 45, "missing": 3} and found["status"] == "incomplete"
+    assert "generate incomplete: 45 of 48 rows" in capsys.readouterr().out
+
+
+class SilentJudge:
+    """A judge behind the engine seam whose answers to a fifth of the texts are cut off."""
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        out = []
+        for prompt in prompts:
+            text = prompt.text.split("<text>")[1]
+            cut = int(text.split("number ")[1].split()[0]) % 5 == 0
+            answer = '[{"label": "nega' if cut else json.dumps([{"label": "negative sentiment"}])
+            out.append(engine.Completion(answer, "length" if cut else "stop", 20, 6))
+        return out
+
+
+def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path, local_ray, monkeypatch, capsys):
+    raw = tiny_raw(tmp_path, "silent", label_check={"enabled": True, "methods": ["llm"], "action": "flag"},
+                   sampling={"max_retries": 0})
+    spec = config.parse(raw)
+    write_generated(spec, [(f"r{i}", "neg", "en", f"review number {i} of a hotel") for i in range(20)])
+    monkeypatch.setattr(pipeline, "vllm_factory", lambda *settings: SilentJudge)
+    code = cli.main(["label-check", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    assert code == cli.EXIT_INCOMPLETE
+    out = capsys.readouterr().out
+    assert "label_check incomplete: flagged 0 of 20 rows (0 by llm), removed none; llm checked only 16 of 20 rows" in out
+    found = RunLocation(spec.output, "silent").read_json("label_check/manifest.json")
+    assert found["status"] == "incomplete" and found["unchecked"] == [{"method": "llm", "checked": 16, "rows": 20}]
+    card = RunLocation(spec.output, "silent").read_bytes("README.md").decode()
+    assert "llm checked only 16 of 20 rows" in card
+    assert label_check.LabelCheck(spec).retries(found)  # --retry-failures asks again
+
+
+def test_crossfit_that_cannot_fold_leaves_the_stage_incomplete(tmp_path, local_ray):
+    raw = tiny_raw(tmp_path, "fold", label_check={"enabled": True, "methods": ["crossfit"]},
+                   train={"base_model": "builtin:all-minilm-l6-v2", "enabled": False})
+    spec = config.parse(raw)
+    write_generated(spec, [("a", "neg", "en", "a bad hotel"), ("b", "neg", "en", "an awful meal"),
+                           ("c", "pos", "en", "a lovely day")])
+    found = pipeline.run(spec, only="label_check")["label_check"]
+    assert found["status"] == "incomplete" and found["methods"]["crossfit"]["checked"] == 0
+    assert found["rows"]["removed"] == 0  # unjudged rows are kept, and the stage says it could not judge them
