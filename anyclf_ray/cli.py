@@ -25,7 +25,7 @@ import logging
 import sys
 
 from anyclf_ray import config, pipeline
-from anyclf_ray.pool import EarlyStop
+from anyclf_ray.llm.pool import EarlyStop
 
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 3
@@ -86,7 +86,8 @@ def _run(args) -> int:
 
 
 def _plan(args) -> int:
-    from anyclf_ray import budgets, estimate
+    from anyclf_ray.llm import budgets
+    from anyclf_ray.sources import estimate
 
     spec = config.load(args.config, args.overrides)
     found = estimate.estimate(spec, args.tokens_per_second)
@@ -96,8 +97,9 @@ def _plan(args) -> int:
 
 
 def _predict(args) -> int:
-    from anyclf_ray import predict, runtime
     from anyclf_ray.config import ActorPlacement
+    from anyclf_ray.core import runtime
+    from anyclf_ray.training import predict
 
     paths = predict.check(args.model, args.input, args.output, args.text_column)
     runtime.connect(args.address)

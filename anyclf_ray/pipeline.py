@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import logging
 
-from anyclf_ray import budgets, estimate, runtime
 from anyclf_ray.config import ConfigError, JobSpec
-from anyclf_ray.dedup import Dedup
-from anyclf_ray.diversity import Diversity
-from anyclf_ray.generate import Generate
-from anyclf_ray.label_check import LabelCheck
-from anyclf_ray.language_check import LanguageCheck
-from anyclf_ray.pool import EnginePool, vllm_factory
-from anyclf_ray.stage import Context, Stage
-from anyclf_ray.storage import RunLocation
-from anyclf_ray.train import Train
+from anyclf_ray.core import runtime
+from anyclf_ray.core.stage import Context, Stage
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.filters.dedup import Dedup
+from anyclf_ray.filters.label_check import LabelCheck
+from anyclf_ray.filters.language_check import LanguageCheck
+from anyclf_ray.llm import budgets
+from anyclf_ray.llm.pool import EnginePool, vllm_factory
+from anyclf_ray.reports.diversity import Diversity
+from anyclf_ray.sources import estimate
+from anyclf_ray.sources.generate import Generate
+from anyclf_ray.training.train import Train
 
 log = logging.getLogger(__name__)
 

@@ -63,8 +63,9 @@ def bench_embed_and_recall(rows: int, thresholds: list[float], replicas: int) ->
     import ray
     from sentence_transformers import SentenceTransformer
 
-    from anyclf_ray import embed, models, neighbours
     from anyclf_ray.config import ActorPlacement
+    from anyclf_ray.core import embed, models
+    from anyclf_ray.filters import neighbours
 
     texts = real_texts(rows)
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -124,7 +125,7 @@ def peak_rss_mib() -> float:
 
 
 def one_size(n: int, threshold: float, probes: int) -> dict:
-    from anyclf_ray import neighbours
+    from anyclf_ray.filters import neighbours
 
     x = synthetic(n)
     tracemalloc.start()  # numpy reports its buffers to tracemalloc: this is the search's own memory

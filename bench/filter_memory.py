@@ -24,14 +24,16 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).parent))
 from language_check import english_texts
 
-from anyclf_ray import config, generate
-from anyclf_ray.storage import RunLocation
+from anyclf_ray import config
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.sources import generate
 
 CHILD = """
 import json, resource, sys, time
-from anyclf_ray import config, language_check
-from anyclf_ray.stage import Context
-from anyclf_ray.storage import RunLocation
+from anyclf_ray import config
+from anyclf_ray.filters import language_check
+from anyclf_ray.core.stage import Context
+from anyclf_ray.core.storage import RunLocation
 spec = config.JobSpec.model_validate(json.loads(sys.argv[1]))
 language_check.LanguageCheck.row_by_row = sys.argv[2] == "row_by_row"
 language_check.detect(["warm-up"], ["en"], ("en", *spec.languages))

@@ -48,7 +48,7 @@ def spec_for(args, **fields):
 
 
 def requests_for(spec) -> pa.Table:
-    from anyclf_ray import plan
+    from anyclf_ray.sources import plan
 
     rows = plan.full_tree(spec).to_pylist()
     for row in rows:
@@ -58,7 +58,7 @@ def requests_for(spec) -> pa.Table:
 
 
 def prompts_of(requests: pa.Table, sampling):
-    from anyclf_ray import engine, prompts
+    from anyclf_ray.llm import engine, prompts
 
     return [
         engine.Prompt(r["prompt"], prompts.items_schema(r["item_key"], r["n_items"], r["max_chars"]),
@@ -71,7 +71,8 @@ def pooled(spec, requests: pa.Table) -> list[dict]:
     """The pool on the first half of the prompts, then on all of them; one start for both."""
     import ray
 
-    from anyclf_ray import engine, pipeline
+    from anyclf_ray import pipeline
+    from anyclf_ray.llm import engine
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -89,7 +90,7 @@ def pooled(spec, requests: pa.Table) -> list[dict]:
 
 def in_process(spec, requests: pa.Table, loop_prompts: int, threads: int) -> dict:
     """Plain (schema, per-request seeds), the limit (no schema, one seed) and one at a time."""
-    from anyclf_ray import engine
+    from anyclf_ray.llm import engine
 
     placed = spec.engine.model_copy(update={"threads": threads})
     os.environ.update(engine.engine_env(placed))  # the settings a replica gets, all cores
@@ -143,7 +144,9 @@ def steady(args) -> None:
 def end_to_end(args) -> None:
     import ray
 
-    from anyclf_ray import pipeline, pool, runtime
+    from anyclf_ray import pipeline
+    from anyclf_ray.core import runtime
+    from anyclf_ray.llm import pool
 
     class EnginePerPass(pool.EnginePool):
         """Before the pool: every pass starts replicas of its own."""

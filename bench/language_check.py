@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import real_set
 
-from anyclf_ray import language_check
+from anyclf_ray.filters import language_check
 
 # Faker locales whose text is in the language named (pt_BR's lorem is Latin, so it is left out).
 FAKER_LOCALES = {"fr": "fr_FR", "de": "de_DE", "es": "es_ES", "it": "it_IT", "nl": "nl_NL", "pl": "pl_PL",

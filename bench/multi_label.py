@@ -77,7 +77,7 @@ def run(args, eval_path: str) -> tuple[dict, dict]:
 
 def baselines(true: np.ndarray, synthetic_sets: dict[str, int], label_ids: list[str], seed: int) -> dict:
     """Micro- and macro-F1 of predictions that ignore the text."""
-    from anyclf_ray import evaluate
+    from anyclf_ray.training import evaluate
 
     keys, weights = list(synthetic_sets), np.array(list(synthetic_sets.values()), float)
     matrix = np.array([[label in key.split("|") for label in label_ids] for key in keys])
@@ -95,7 +95,11 @@ def baselines(true: np.ndarray, synthetic_sets: dict[str, int], label_ids: list[
 
 def judge_real(spec, real: pa.Table, count: int) -> dict:
     """The llm judge's verdicts on ``count`` real texts of known sets, scored against them."""
-    from anyclf_ray import engine, evaluate, label_check, pipeline, runtime
+    from anyclf_ray import pipeline
+    from anyclf_ray.core import runtime
+    from anyclf_ray.filters import label_check
+    from anyclf_ray.llm import engine
+    from anyclf_ray.training import evaluate
 
     rows = real.slice(0, count)
     rows = rows.append_column("id", pa.array([f"real-{i}" for i in range(rows.num_rows)]))

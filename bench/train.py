@@ -59,8 +59,8 @@ def peak_rss_mib() -> float:
 
 
 def one_run(rows: int, workers: int, cpus: float, pairs_per_row: float, output: str) -> None:
-    from anyclf_ray import train
-    from anyclf_ray.storage import RunLocation
+    from anyclf_ray.core.storage import RunLocation
+    from anyclf_ray.training import train
 
     spec = spec_for(workers, cpus, max(1, math.ceil(pairs_per_row * rows)), output)
     location = RunLocation(spec.output, f"bench-{rows}-{workers}-{cpus:g}")

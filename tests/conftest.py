@@ -71,8 +71,8 @@ def write_generated(spec, rows: list[tuple], parts: int = 2):
     multi-label spec, the label is a list of label ids."""
     import pyarrow as pa
 
-    from anyclf_ray import generate
-    from anyclf_ray.storage import RunLocation
+    from anyclf_ray.core.storage import RunLocation
+    from anyclf_ray.sources import generate
 
     names = {label.id: label.desc for label in spec.labels}
 
@@ -125,7 +125,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    from anyclf_ray import models
+    from anyclf_ray.core import models
 
     return models.resolve("builtin:tiny-random")
 

@@ -17,11 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from anyclf_ray import budgets, cli, config, engine, estimate, items, manifest, plots, prompts
-from anyclf_ray.config import ConfigError, EvalSetSpec
-from anyclf_ray.evaluate import load_eval_set
 from conftest import REPO, tiny_raw, write_generated, write_spec
+
+from anyclf_ray import cli, config
+from anyclf_ray.config import ConfigError, EvalSetSpec
+from anyclf_ray.core import manifest, plots
+from anyclf_ray.llm import budgets, engine, items, prompts
+from anyclf_ray.sources import estimate
+from anyclf_ray.training.evaluate import load_eval_set
 
 
 def one_line(capsys) -> str:
@@ -248,7 +251,7 @@ HARD_LABELS = [{"id": "q", "desc": 'says "hello" {in} braces'}, {"id": "e", "des
 
 
 def test_judge_budgets_hold_the_longest_valid_answer_byte_by_byte(tmp_path):
-    from anyclf_ray import label_check
+    from anyclf_ray.filters import label_check
 
     spec = config.parse(tiny_raw(tmp_path, "hard", labels=HARD_LABELS, multi_label={"enabled": True},
                                  label_check={"enabled": True}, **{k: None for k in config.SIZE_FIELDS},
@@ -340,7 +343,7 @@ def test_a_dataset_card_with_hard_names_keeps_its_table_and_header(tmp_path):
     labels = [{"id": "a|b", "desc": 'quote " and\nnewline'}, {"id": "c", "desc": "costs $5 | 中文"}]
     spec = config.parse(tiny_raw(tmp_path, "card", labels=labels))
     location = write_generated(spec, [("1", "a|b", "en", "some text"), ("2", "c", "en", "other text")])
-    from anyclf_ray.generate import Generate
+    from anyclf_ray.sources.generate import Generate
 
     card = manifest.card(spec, "card", [(Generate(spec), location.read_json("manifest.json"))])
     header = card.split("---")[1]

@@ -13,10 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-
-from anyclf_ray import cli, config, engine, label_check, manifest, pipeline, plan
-from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw, write_generated, write_spec
+
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.core import manifest
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.filters import label_check
+from anyclf_ray.llm import engine
+from anyclf_ray.sources import plan
 
 pytestmark = pytest.mark.slow
 

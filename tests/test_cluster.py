@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, free_port, tiny_raw, write_spec
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, tiny_raw, write_spec
 
 from anyclf_ray import config
 from anyclf_ray.config import ConfigError
-from conftest import REPO, tiny_raw, write_spec
 
 
 def error_of(raw: dict) -> str:

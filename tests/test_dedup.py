@@ -10,9 +10,11 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from anyclf_ray import cli, config, generate, neighbours, pipeline
 from conftest import read_parts, tiny_raw, write_generated, write_spec
+
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.filters import neighbours
+from anyclf_ray.sources import generate
 
 # (id, label, language, text). Ids are ordered, so the keeper of each group is the lowest id.
 ROWS = [

@@ -15,10 +15,12 @@ import time
 import pyarrow as pa
 import pytest
 import ray
-
-from anyclf_ray import config, engine, generate, items, pipeline, plan, pool
-from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw
+
+from anyclf_ray import config, pipeline
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.llm import engine, items, pool
+from anyclf_ray.sources import generate, plan
 
 # Ray pickles classes by reference; this module is not importable in Ray's workers, so ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

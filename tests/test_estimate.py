@@ -6,9 +6,10 @@ import json
 import time
 
 import psutil
-
-from anyclf_ray import cli, config, estimate
 from conftest import tiny_raw, write_spec
+
+from anyclf_ray import cli, config
+from anyclf_ray.sources import estimate
 
 
 def test_the_plan_counts_what_the_run_will_ask_and_write(tmp_path):

@@ -11,10 +11,12 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from anyclf_ray import cli, config, generate, pipeline, plan, pool
-from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw, write_spec
+
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.llm import pool
+from anyclf_ray.sources import generate, plan
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,12 @@ import datasets
 import numpy as np
 import pytest
 import ray
-
-from anyclf_ray import cli, config, diversity, engine, label_check, pipeline
 from conftest import read_parts, tiny_raw, write_generated, write_spec
+
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.filters import label_check
+from anyclf_ray.llm import engine
+from anyclf_ray.reports import diversity
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

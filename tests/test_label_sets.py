@@ -10,9 +10,13 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from anyclf_ray import cli, config, dedup, engine, estimate, label_sets, pair_prior, plan
 from conftest import tiny_raw, write_spec
+
+from anyclf_ray import cli, config
+from anyclf_ray.filters import dedup
+from anyclf_ray.labels import label_sets, pair_prior
+from anyclf_ray.llm import engine
+from anyclf_ray.sources import estimate, plan
 
 LABELS = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(4)]
 

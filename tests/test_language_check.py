@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from anyclf_ray import config, language_check, pipeline
 from conftest import read_parts, tiny_raw, write_generated
+
+from anyclf_ray import config, pipeline
+from anyclf_ray.filters import language_check
 
 # (id, label, requested language, text): the x rows are not in the language asked for.
 ROWS = [

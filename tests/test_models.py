@@ -8,10 +8,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import yaml
-
-from anyclf_ray import config, items, models, pair_prior, pipeline
-from anyclf_ray.storage import RunLocation
 from conftest import REPO, read_parts
+
+from anyclf_ray import config, pipeline
+from anyclf_ray.core import models
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.labels import pair_prior
+from anyclf_ray.llm import items
 
 
 @pytest.mark.parametrize(

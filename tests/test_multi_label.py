@@ -16,8 +16,11 @@ import pytest
 from conftest import read_parts, tiny_raw
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, evaluate, generate, label_sets, pair_prior, pipeline, plan, train
-from anyclf_ray.storage import RunLocation
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.labels import label_sets, pair_prior
+from anyclf_ray.sources import generate, plan
+from anyclf_ray.training import evaluate, train
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,11 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
-
-from anyclf_ray import config, generate, plan, prompts
 from conftest import tiny_raw
+
+from anyclf_ray import config
+from anyclf_ray.llm import prompts
+from anyclf_ray.sources import generate, plan
 
 
 def filled_tree(spec: config.JobSpec) -> pa.Table:

@@ -13,11 +13,11 @@ import time
 import datasets
 import pyarrow.parquet as pq
 import pytest
-
-from anyclf_ray import cli, config, pipeline
-from anyclf_ray.storage import RunLocation
 from conftest import S3_KEY, read_parts, tiny_raw, write_spec
 from test_engine import FakeEngine
+
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.core.storage import RunLocation
 
 pytestmark = pytest.mark.slow
 

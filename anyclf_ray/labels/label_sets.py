@@ -24,7 +24,7 @@ import pyarrow as pa
 from anyclf_ray.config import LABEL_SET_SEPARATOR, MAX_LABEL_SETS, ConfigError, JobSpec
 
 # The tree's footer key holding the LLM's pair weights (``pair_prior.py``), when asked for.
-PRIOR_KEY = "anyclf_ray.pair_prior"
+PRIOR_KEY = "anyclf_ray.labels.pair_prior"
 
 
 class LabelSets:

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray import engine, label_sets, prompts
 from anyclf_ray.config import JobSpec, answer_tokens, language_name
+from anyclf_ray.labels import label_sets
+from anyclf_ray.llm import engine, prompts
 
 TREE_SCHEMA = pa.schema(
     [

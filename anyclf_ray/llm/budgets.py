@@ -21,8 +21,9 @@ import math
 
 import pyarrow as pa
 
-from anyclf_ray import engine, models
 from anyclf_ray.config import ConfigError, JobSpec, chars_per_token
+from anyclf_ray.core import models
+from anyclf_ray.llm import engine
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ def prompt_tokens(spec: JobSpec, prompt: str) -> int:
 def longest_requests(spec: JobSpec) -> dict[str, pa.Table]:
     """Each pass's requests of the longest kind, by pass name (``tree/<level>``, ``generate``,
     ``pair_prior``, ``label_check/llm``), from the spec alone."""
-    from anyclf_ray import estimate, label_check, pair_prior, plan
+    from anyclf_ray.filters import label_check
+    from anyclf_ray.labels import pair_prior
+    from anyclf_ray.sources import estimate, plan
 
     one, tree = estimate.one_leaf_each(spec)
     found = {}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
-from anyclf_ray.stage import now
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core.stage import now
+from anyclf_ray.core.storage import RunLocation
 
 log = logging.getLogger(__name__)
 

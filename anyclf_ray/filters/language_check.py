@@ -28,11 +28,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import plots
 from anyclf_ray.config import ConfigError
-from anyclf_ray.manifest import counts
-from anyclf_ray.stage import Context, Decision, FilterStage
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import plots
+from anyclf_ray.core.manifest import counts
+from anyclf_ray.core.stage import Context, Decision, FilterStage
+from anyclf_ray.core.storage import RunLocation
 
 log = logging.getLogger(__name__)
 

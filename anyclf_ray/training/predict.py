@@ -23,9 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from anyclf_ray import runtime, storage, tables
 from anyclf_ray.config import ActorPlacement, ConfigError
-from anyclf_ray.train import THRESHOLDS_FILE
+from anyclf_ray.core import runtime, storage, tables
+from anyclf_ray.training.train import THRESHOLDS_FILE
 
 MANIFEST = "_manifest.json"  # Parquet readers skip files named with a leading underscore
 

@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 
-from anyclf_ray import models, runtime
 from anyclf_ray.config import ActorPlacement, ConfigError
+from anyclf_ray.core import models, runtime
 
 EMBEDDING_MODEL_KEY = "anyclf_ray.embedding_model"
 

@@ -26,8 +26,10 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray import items as valid, models, prompts
 from anyclf_ray.config import EngineSpec, ModelSpec, SamplingSpec
+from anyclf_ray.core import models
+from anyclf_ray.llm import items as valid
+from anyclf_ray.llm import prompts
 
 # A request: its prompt, and the rules its ``n_items`` items must meet (``items.py``):
 # ``min_words``, ``echoes`` (strings an item must not merely repeat) and ``choices`` (the only
@@ -318,9 +320,8 @@ class VLLMEngine:
 
     def complete(self, prompts: list[Prompt]) -> list[Completion]:
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         # Tokenised here, in the chat template vLLM would apply, so that a prompt too long for the
         # context fails alone (vLLM refuses the whole call) and is not tokenised twice.

@@ -18,8 +18,9 @@ import json
 
 import pyarrow as pa
 
-from anyclf_ray import engine, plan, prompts
 from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
+from anyclf_ray.llm import engine, prompts
+from anyclf_ray.sources import plan
 
 FILE = "label_prior.json"
 WEIGHTS = {"never": 0.1, "rarely": 0.5, "sometimes": 1.0, "often": 2.0}

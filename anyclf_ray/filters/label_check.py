@@ -37,11 +37,14 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import embed, engine, label_sets, plan, prompts, runtime
-from anyclf_ray import manifest as cards
 from anyclf_ray.config import LABEL_SET_SEPARATOR, NO_LABEL, JobSpec
-from anyclf_ray.stage import Context, Decision, FilterStage
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import embed, runtime
+from anyclf_ray.core import manifest as cards
+from anyclf_ray.core.stage import Context, Decision, FilterStage
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.labels import label_sets
+from anyclf_ray.llm import engine, prompts
+from anyclf_ray.sources import plan
 
 log = logging.getLogger(__name__)
 

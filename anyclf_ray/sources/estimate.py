@@ -16,8 +16,9 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import label_sets, pair_prior, plan
 from anyclf_ray.config import CHARS_PER_TOKEN, ConfigError, JobSpec, MultiLabelSpec
+from anyclf_ray.labels import label_sets, pair_prior
+from anyclf_ray.sources import plan
 
 
 def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:

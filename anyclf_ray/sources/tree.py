@@ -13,9 +13,11 @@ import logging
 
 import pyarrow as pa
 
-from anyclf_ray import engine, label_sets, plan
 from anyclf_ray.config import JobSpec
-from anyclf_ray.pool import EnginePool
+from anyclf_ray.labels import label_sets
+from anyclf_ray.llm import engine
+from anyclf_ray.llm.pool import EnginePool
+from anyclf_ray.sources import plan
 
 log = logging.getLogger(__name__)
 

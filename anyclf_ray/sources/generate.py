@@ -28,12 +28,15 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, estimate, label_sets, manifest, pair_prior, plan, plots, runtime, tree
 from anyclf_ray.config import LABEL_SET_SEPARATOR, ConfigError, JobSpec
-from anyclf_ray.pool import EnginePool
-from anyclf_ray.progress import Progress
-from anyclf_ray.stage import Context, Stage
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import manifest, plots, runtime
+from anyclf_ray.core.progress import Progress
+from anyclf_ray.core.stage import Context, Stage
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.labels import label_sets, pair_prior
+from anyclf_ray.llm import engine
+from anyclf_ray.llm.pool import EnginePool
+from anyclf_ray.sources import estimate, plan, tree
 
 log = logging.getLogger(__name__)
 

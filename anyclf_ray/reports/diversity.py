@@ -24,10 +24,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import embed, items, plots, runtime
-from anyclf_ray.manifest import code, counts
-from anyclf_ray.stage import Context, Stage, read_rows
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import embed, plots, runtime
+from anyclf_ray.core.manifest import code, counts
+from anyclf_ray.core.stage import Context, Stage, read_rows
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.llm import items
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from anyclf_ray import manifest as cards
 from anyclf_ray.config import ConfigError, JobSpec, StageSpec, decisive, digest
-from anyclf_ray.pool import EnginePool
-from anyclf_ray.storage import RunLocation
+from anyclf_ray.core import manifest as cards
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.llm.pool import EnginePool
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,18 @@ from typing import Annotated, Any, Literal
 
 import pycountry
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from anyclf_ray import models
-from anyclf_ray.items import normalise
+from anyclf_ray.core import models
+from anyclf_ray.llm.items import normalise
 
 
 class ConfigError(ValueError):

@@ -16,8 +16,9 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray import plots, tables
 from anyclf_ray.config import ConfigError, EvalSetSpec
+from anyclf_ray.core import plots, tables
+
 
 def label_lists(values: list, settings: EvalSetSpec) -> list[list[str] | None]:
     """A multi-label eval set's label values as lists: a list as it is, text split at
