@@ -24,7 +24,8 @@ import json
 import logging
 import sys
 
-from anyclf_ray import config, pipeline
+from anyclf_ray import pipeline
+from anyclf_ray.core import loading
 from anyclf_ray.llm.pool import EarlyStop
 
 EXIT_BAD_INPUT = 2
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    spec = config.load(args.config, args.overrides)
+    spec = loading.load(args.config, args.overrides)
     manifests = pipeline.run(spec, only=COMMANDS[args.command][1], address=args.address, verbose=args.verbose,
                              retry_failures=getattr(args, "retry_failures", False))
     by_name = {stage.name: stage for stage in pipeline.stages(spec)}
@@ -89,7 +90,7 @@ def _plan(args) -> int:
     from anyclf_ray.llm import budgets
     from anyclf_ray.sources import estimate
 
-    spec = config.load(args.config, args.overrides)
+    spec = loading.load(args.config, args.overrides)
     found = estimate.estimate(spec, args.tokens_per_second)
     found["longest_prompt_tokens"] = budgets.check(spec)
     print(json.dumps(found, indent=2))
@@ -97,8 +98,8 @@ def _plan(args) -> int:
 
 
 def _predict(args) -> int:
-    from anyclf_ray.config import ActorPlacement
     from anyclf_ray.core import runtime
+    from anyclf_ray.core.config import ActorPlacement
     from anyclf_ray.training import predict
 
     paths = predict.check(args.model, args.input, args.output, args.text_column)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="anyclf-ray: %(message)s")
     try:
         return {"predict": _predict, "plan": _plan}.get(args.command, _run)(args)
-    except config.ConfigError as error:
+    except loading.ConfigError as error:
         print(f"anyclf-ray: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except EarlyStop as error:

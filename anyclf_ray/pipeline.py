@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 
-from anyclf_ray.config import ConfigError, JobSpec
 from anyclf_ray.core import runtime
+from anyclf_ray.core.config import JobSpec
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.stage import Context, Stage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.filters.dedup import Dedup

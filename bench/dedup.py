@@ -63,8 +63,8 @@ def bench_embed_and_recall(rows: int, thresholds: list[float], replicas: int) ->
     import ray
     from sentence_transformers import SentenceTransformer
 
-    from anyclf_ray.config import ActorPlacement
     from anyclf_ray.core import embed, models
+    from anyclf_ray.core.config import ActorPlacement
     from anyclf_ray.filters import neighbours
 
     texts = real_texts(rows)

@@ -24,13 +24,13 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).parent))
 from language_check import english_texts
 
-from anyclf_ray import config
+from anyclf_ray.core import config, loading
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.sources import generate
 
 CHILD = """
 import json, resource, sys, time
-from anyclf_ray import config
+from anyclf_ray.core import config, loading
 from anyclf_ray.filters import language_check
 from anyclf_ray.core.stage import Context
 from anyclf_ray.core.storage import RunLocation
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--per-part", type=int, default=2_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        spec = config.parse(raw_spec(folder))
+        spec = loading.parse(raw_spec(folder))
         shards = write_generation(spec, args.rows, args.per_part)
         print(f"language check of {args.rows:,} rows in {len(shards):,} parts")
         for way in ("row_by_row", "whole input"):

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 
 def spec_for(args, **fields):
-    from anyclf_ray import config
+    from anyclf_ray.core import loading
 
     raw = {
         "instruction": "classify a text's sentiment",
@@ -44,7 +44,7 @@ def spec_for(args, **fields):
                      "max_text_chars": args.max_text_chars, "temperature": 0.6, "repetition_penalty": 1.05},
         **fields,
     }
-    return config.parse(raw)
+    return loading.parse(raw)
 
 
 def requests_for(spec) -> pa.Table:

@@ -55,10 +55,11 @@ def real_pairs(count: int, seed: int) -> pa.Table:
 
 def run(args, eval_path: str) -> tuple[dict, dict]:
     """The multi-label run (resumed if it exists); its manifests and spec."""
-    from anyclf_ray import config, pipeline
+    from anyclf_ray import pipeline
+    from anyclf_ray.core import loading
 
     model = qwen_coder() if args.model == "qwen" else args.model
-    spec = config.parse({
+    spec = loading.parse({
         "instruction": "classify a text by the types of answer its questions ask for",
         "labels": SETS["trec"]["labels"],
         "multi_label": {"enabled": True, "min_labels": 1, "max_labels": 2},

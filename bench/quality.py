@@ -100,12 +100,13 @@ def real_set(name: str, seed: int) -> tuple[list[str], list[str]]:
 
 def generate(name: str, args) -> tuple[dict, pa.Table]:
     """The set's run (resumed if it exists): generation and llm verdicts on every row."""
-    from anyclf_ray import config, pipeline
+    from anyclf_ray import pipeline
+    from anyclf_ray.core import loading
     from anyclf_ray.core.stage import read_rows
     from anyclf_ray.core.storage import RunLocation
 
     model = qwen_coder() if args.model == "qwen" else args.model
-    spec = config.parse({
+    spec = loading.parse({
         **SETS[name],
         "n_record_to_generate": args.rows,
         "model": {"name": model, "dtype": "float32", "max_model_len": 2048},
@@ -129,12 +130,13 @@ def generate(name: str, args) -> tuple[dict, pa.Table]:
 
 def valid_mask(rows: pa.Table, spec) -> np.ndarray:
     """``items.problem`` on every row, and no repeat of a text within its leaf."""
+    from anyclf_ray.core.text import normalise
     from anyclf_ray.llm import items
 
     keep, seen = [], set()
     for row in rows.to_pylist():
         echoes = [row["label_name"], row["source_type"], row["topic"], row["subtopic"]]
-        key = (row["leaf_id"], items.normalise(row["text"]))
+        key = (row["leaf_id"], normalise(row["text"]))
         # The prompt is not stored with a row; its echo is caught through the tree's own words.
         keep.append(items.problem(row["text"], spec.sampling.min_text_words, echoes, "") is None and key not in seen)
         seen.add(key)

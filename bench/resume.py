@@ -18,14 +18,14 @@ import tempfile
 
 import pyarrow as pa
 
-from anyclf_ray import config
+from anyclf_ray.core import config
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.sources import generate, plan
 
 CHILD = """
 import json, resource, sys, time
 import numpy as np
-from anyclf_ray import config
+from anyclf_ray.core import config, loading
 from anyclf_ray.sources import generate, plan
 from anyclf_ray.core.storage import RunLocation
 location = RunLocation(config.OutputSpec(path=sys.argv[1]), "resume")

@@ -22,9 +22,10 @@ import tempfile
 
 CHILD = """
 import json, resource, sys, time
-from anyclf_ray import config, pipeline
+from anyclf_ray import pipeline
+from anyclf_ray.core import config, loading
 rows, folder, train_rows = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-spec = config.parse({
+spec = loading.parse({
     "instruction": "classify a text's sentiment",
     "labels": [{"id": "neg", "desc": "negative sentiment"}, {"id": "pos", "desc": "positive sentiment"}],
     # 2 labels x 5 x 5 x 5 leaves (62 tree requests), rows / 250 examples a leaf.

@@ -38,9 +38,9 @@ def sms_rows(count: int) -> pa.Table:
 
 
 def spec_for(workers: int, cpus: float, pairs: int, output: str):
-    from anyclf_ray import config
+    from anyclf_ray.core import loading
 
-    return config.parse(
+    return loading.parse(
         {
             "instruction": "classify an SMS as spam or not",
             "labels": [{"id": "ham", "desc": "a normal message"}, {"id": "spam", "desc": "spam"}],

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, tiny_raw, write_generated, write_spec
 
-from anyclf_ray import cli, config
-from anyclf_ray.config import ConfigError, EvalSetSpec
-from anyclf_ray.core import manifest, plots
+from anyclf_ray import cli
+from anyclf_ray.core import config, loading, manifest, plots
+from anyclf_ray.core.config import EvalSetSpec
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.llm import budgets, engine, items, prompts
 from anyclf_ray.sources import estimate
 from anyclf_ray.training.evaluate import load_eval_set
@@ -79,7 +80,7 @@ def spec_yaml(tmp_path, labels: str, train: str = "{base_model: builtin:all-mini
     base = {k: v for k, v in tiny_raw(tmp_path, "yaml").items() if k not in ("labels", "train")}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(base) + f"labels: {labels}\ntrain: {train}\n")
-    return config.load(path)
+    return loading.load(path)
 
 
 def test_yaml_keeps_yes_and_no_as_written_so_a_label_map_matches_the_file(tmp_path):
@@ -120,11 +121,11 @@ def test_typed_label_values_read_as_their_text_in_every_format(tmp_path):
 
 def test_overrides_keep_values_as_written_too(tmp_path):
     raw = tiny_raw(tmp_path, "set")
-    spec = config.load(write_spec(tmp_path / "spec.yaml", raw), ["run_id=2024", "train.eval_set.path=x.csv",
+    spec = loading.load(write_spec(tmp_path / "spec.yaml", raw), ["run_id=2024", "train.eval_set.path=x.csv",
                                                                "train.eval_set.label_map={yes: refund}"])
     assert spec.run_id == "2024" and spec.train.eval_set.label_map == {"yes": "refund"}
     with pytest.raises(ConfigError, match=r"^--set 'languages=\[en': not valid YAML"):
-        config.load(write_spec(tmp_path / "spec.yaml", raw), ["languages=[en"])
+        loading.load(write_spec(tmp_path / "spec.yaml", raw), ["languages=[en"])
 
 
 # -- 3. a prompt longer than the model's context ------------------------------------------------
@@ -154,7 +155,7 @@ def test_run_refuses_a_long_label_description_before_ray_starts(tmp_path, capsys
 def test_the_judge_prompt_is_checked_with_the_texts_it_will_read(tmp_path):
     raw = tiny_raw(tmp_path, "judge", label_check={"enabled": True, "methods": ["llm"]},
                    sampling={"max_tokens": 256, "examples_per_request": 1, "max_text_chars": 700})
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     found = budgets.check(spec)
     assert found["label_check/llm"] > found["tree/topic"]  # the judged text is in its prompt
     assert budgets.blame(spec, "label_check/llm") == "sampling.max_text_chars"
@@ -162,7 +163,7 @@ def test_the_judge_prompt_is_checked_with_the_texts_it_will_read(tmp_path):
 
 
 def test_a_model_without_a_local_tokenizer_is_estimated_from_characters(tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "hub", instruction=LONG_INSTRUCTION, model={"name": "someone/unseen-7b"}))
+    spec = loading.parse(tiny_raw(tmp_path, "hub", instruction=LONG_INSTRUCTION, model={"name": "someone/unseen-7b"}))
     with pytest.raises(ConfigError, match=r"^instruction: the tree/source_type prompt takes"):
         budgets.check(spec)
 
@@ -216,13 +217,13 @@ def sized(tmp_path, n, languages=("en", "fr"), **fields) -> dict:
 def test_sizes_beyond_a_plan_are_refused_in_one_line(tmp_path, n, message):
     started = time.perf_counter()
     with pytest.raises(ConfigError) as error:
-        config.parse(sized(tmp_path, n))
+        loading.parse(sized(tmp_path, n))
     assert str(error.value) == message and time.perf_counter() - started < 1
 
 
 def test_explicit_sizes_beyond_a_plan_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^n_subtopic: the tree would hold 2,500,000 leaves, more than the 2,000,000"):
-        config.parse(tiny_raw(tmp_path, "big", n_source_type=50, n_topic=50, n_subtopic=500))
+        loading.parse(tiny_raw(tmp_path, "big", n_source_type=50, n_topic=50, n_subtopic=500))
 
 
 @pytest.mark.parametrize("n, message", [
@@ -239,7 +240,7 @@ def test_a_plan_that_starves_a_label_is_refused_before_ray(tmp_path, capsys, n, 
 
 
 def test_without_training_a_label_needs_a_row_only(tmp_path):
-    spec = config.parse(sized(tmp_path, 2, languages=["en"], train={"enabled": False}))
+    spec = loading.parse(sized(tmp_path, 2, languages=["en"], train={"enabled": False}))
     assert estimate.estimate(spec)["rows"]["by_label"] == {"neg": 1, "pos": 1}
 
 
@@ -253,7 +254,7 @@ HARD_LABELS = [{"id": "q", "desc": 'says "hello" {in} braces'}, {"id": "e", "des
 def test_judge_budgets_hold_the_longest_valid_answer_byte_by_byte(tmp_path):
     from anyclf_ray.filters import label_check
 
-    spec = config.parse(tiny_raw(tmp_path, "hard", labels=HARD_LABELS, multi_label={"enabled": True},
+    spec = loading.parse(tiny_raw(tmp_path, "hard", labels=HARD_LABELS, multi_label={"enabled": True},
                                  label_check={"enabled": True}, **{k: None for k in config.SIZE_FIELDS},
                                  n_record_to_generate=60))
     request = label_check.judge_requests(spec, pa.table({"id": ["1"], "text": ["some text"]})).to_pylist()[0]
@@ -268,8 +269,8 @@ def test_judge_budgets_hold_the_longest_valid_answer_byte_by_byte(tmp_path):
 
 def test_a_multi_label_run_defaults_to_the_llm_judge(tmp_path, capsys):
     raw = sized(tmp_path, 60, languages=["en"], multi_label={"enabled": True}, label_check={"enabled": True})
-    assert config.parse(raw).label_check.methods == ["llm"]
-    assert config.parse(sized(tmp_path, 60, label_check={"enabled": True})).label_check.methods == ["crossfit"]
+    assert loading.parse(raw).label_check.methods == ["llm"]
+    assert loading.parse(sized(tmp_path, 60, label_check={"enabled": True})).label_check.methods == ["crossfit"]
     code, out = plan_cli(tmp_path, raw, capsys)
     assert code == 0 and json.loads(out.out)["checks"]["label_check"] == {"methods": ["llm"], "action": "remove"}
 
@@ -279,7 +280,7 @@ def test_a_label_described_as_none_in_any_form_is_refused_for_the_judge(tmp_path
     raw = tiny_raw(tmp_path, "none", label_check={"enabled": True, "methods": ["llm"]},
                    labels=[{"id": "a", "desc": desc}, {"id": "b", "desc": "something"}])
     with pytest.raises(ConfigError, match=r"^label_check.methods: the llm check answers 'none' for no label; reword"):
-        config.parse(raw)
+        loading.parse(raw)
 
 
 def test_the_missing_stage_message_names_the_command(tmp_path, capsys):
@@ -341,7 +342,7 @@ def test_the_cards_show_names_as_written():
 
 def test_a_dataset_card_with_hard_names_keeps_its_table_and_header(tmp_path):
     labels = [{"id": "a|b", "desc": 'quote " and\nnewline'}, {"id": "c", "desc": "costs $5 | 中文"}]
-    spec = config.parse(tiny_raw(tmp_path, "card", labels=labels))
+    spec = loading.parse(tiny_raw(tmp_path, "card", labels=labels))
     location = write_generated(spec, [("1", "a|b", "en", "some text"), ("2", "c", "en", "other text")])
     from anyclf_ray.sources.generate import Generate
 
@@ -416,7 +417,7 @@ def test_predict_answers_malformed_input_in_one_line(tmp_path, capsys):
 
 def test_an_address_nobody_answers_is_refused_at_once(tmp_path, capsys):
     raw = tiny_raw(tmp_path, "addr")
-    write_generated(config.parse(raw), [("1", "neg", "en", "text")])
+    write_generated(loading.parse(raw), [("1", "neg", "en", "text")])
     started = time.perf_counter()
     code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw)), "--address", "127.0.0.1:9"])
     assert code == cli.EXIT_BAD_INPUT and time.perf_counter() - started < 30  # Ray alone retries for minutes

@@ -15,8 +15,8 @@ import pytest
 import ray
 from conftest import read_parts, tiny_raw, write_generated, write_spec
 
-from anyclf_ray import cli, config, pipeline
-from anyclf_ray.core import manifest
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import config, loading, manifest
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.filters import label_check
 from anyclf_ray.llm import engine
@@ -34,7 +34,7 @@ HARD = [{"id": "quote", "desc": 'says "hi" {in} braces'}, {"id": "emoji", "desc"
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory, local_ray, tiny_model):
     raw = {k: v for k, v in tiny_raw(tmp_path_factory.mktemp("runs"), "hard").items() if k not in config.SIZE_FIELDS}
-    spec = config.parse({**raw, "languages": ["en"], "labels": HARD, "n_record_to_generate": 24,
+    spec = loading.parse({**raw, "languages": ["en"], "labels": HARD, "n_record_to_generate": 24,
                          "multi_label": {"enabled": True, "min_rows": 2},
                          "label_check": {"enabled": True, "action": "flag"},  # the multi-label default: llm
                          "dedup": {"enabled": False}, "train": {"enabled": False}, "diversity": {"enabled": True}})
@@ -73,7 +73,7 @@ def test_a_prompt_over_the_context_at_run_time_is_one_failed_request(tmp_path, l
     """A tree given by hand (``tree_path``) whose one topic makes its leaf's prompts longer than
     the model's context: those requests fail, counted and reported; the run goes on (exit 3)."""
     raw = tiny_raw(tmp_path, "probe", languages=["en"], train={"enabled": False}, dedup={"enabled": False})
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     tree = plan.full_tree(spec).to_pylist()
     for i, row in enumerate(tree):
         row.update(source_type=f"forum {row['source_type_index']}", topic=f"topic {row['topic_index']}",
@@ -111,7 +111,7 @@ class SilentJudge:
 def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path, local_ray, monkeypatch, capsys):
     raw = tiny_raw(tmp_path, "silent", label_check={"enabled": True, "methods": ["llm"], "action": "flag"},
                    sampling={"max_retries": 0})
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     write_generated(spec, [(f"r{i}", "neg", "en", f"review number {i} of a hotel") for i in range(20)])
     monkeypatch.setattr(pipeline, "vllm_factory", lambda *settings: SilentJudge)
     code = cli.main(["label-check", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
@@ -128,7 +128,7 @@ def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path,
 def test_crossfit_that_cannot_fold_leaves_the_stage_incomplete(tmp_path, local_ray):
     raw = tiny_raw(tmp_path, "fold", label_check={"enabled": True, "methods": ["crossfit"]},
                    train={"base_model": "builtin:all-minilm-l6-v2", "enabled": False})
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     write_generated(spec, [("a", "neg", "en", "a bad hotel"), ("b", "neg", "en", "an awful meal"),
                            ("c", "pos", "en", "a lovely day")])
     found = pipeline.run(spec, only="label_check")["label_check"]

@@ -8,13 +8,13 @@ import sys
 import pytest
 from conftest import REPO, tiny_raw, write_spec
 
-from anyclf_ray import config
-from anyclf_ray.config import ConfigError
+from anyclf_ray.core import config, loading
+from anyclf_ray.core.loading import ConfigError
 
 
 def error_of(raw: dict) -> str:
     with pytest.raises(ConfigError) as caught:
-        config.parse(raw)
+        loading.parse(raw)
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -30,7 +30,7 @@ def raw(tmp_path) -> dict:
 
 
 def test_valid_spec_parses_with_defaults(raw):
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     assert spec.labels[0].id == "neg"
     assert spec.sizes() == {"n_source_type": 2, "n_topic": 2, "n_subtopic": 2, "sample_per_subtopic": 3}
     assert spec.engine.replicas == 1 and spec.engine.device == "auto"
@@ -39,7 +39,7 @@ def test_valid_spec_parses_with_defaults(raw):
 
 def test_integer_label_ids_become_text(raw):
     raw["labels"] = [{"id": 0, "desc": "negative"}, {"id": 1, "desc": "positive"}]
-    assert [label.id for label in config.parse(raw).labels] == ["0", "1"]
+    assert [label.id for label in loading.parse(raw).labels] == ["0", "1"]
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_bad_input_names_field_and_fix(raw, change, expected):
 
 
 def test_record_count_alone_derives_sizes(raw):
-    spec = config.parse({**without(raw, *config.SIZE_FIELDS), "n_record_to_generate": 100})
+    spec = loading.parse({**without(raw, *config.SIZE_FIELDS), "n_record_to_generate": 100})
     sizes = spec.sizes()
     per_group = 100 / (2 * 2)
     assert sizes["n_source_type"] * sizes["n_topic"] * sizes["n_subtopic"] * sizes["sample_per_subtopic"] >= per_group
@@ -99,7 +99,7 @@ def test_sizes_for_records_cover_the_target(n_records, groups):
 
 def test_overrides_are_typed(tmp_path, raw):
     path = write_spec(tmp_path / "spec.yaml", raw)
-    spec = config.load(path, ["engine.replicas=2", "languages=[en, de]", "run_id=other", "model.enforce_eager=false"])
+    spec = loading.load(path, ["engine.replicas=2", "languages=[en, de]", "run_id=other", "model.enforce_eager=false"])
     assert spec.engine.replicas == 2
     assert spec.languages == ["en", "de"]
     assert spec.run_id == "other"
@@ -109,32 +109,32 @@ def test_overrides_are_typed(tmp_path, raw):
 def test_override_without_equals_is_refused(tmp_path, raw):
     path = write_spec(tmp_path / "spec.yaml", raw)
     with pytest.raises(ConfigError, match="write it as key=value"):
-        config.load(path, ["engine.replicas"])
+        loading.load(path, ["engine.replicas"])
 
 
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        config.load(tmp_path / "nope.yaml")
+        loading.load(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("instruction: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        config.load(tmp_path / "bad.yaml")
+        loading.load(tmp_path / "bad.yaml")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
-        config.load(tmp_path / "list.yaml")
+        loading.load(tmp_path / "list.yaml")
 
 
 def test_fingerprint_ignores_placement_but_not_content(raw):
-    base = config.parse(raw).fingerprint()
+    base = loading.parse(raw).fingerprint()
     for unchanged in ({"engine": {"replicas": 4, "threads": 3, "batch_size": 7, "restarts": 0}},
                       {"output": {"path": "/elsewhere"}}, {"model": {**raw["model"], "enforce_eager": False}}):
-        assert config.parse({**raw, **unchanged}).fingerprint() == base, unchanged
+        assert loading.parse({**raw, **unchanged}).fingerprint() == base, unchanged
     for changed in ({"sampling": {**raw["sampling"], "seed": 7}}, {"languages": ["en"]},
                     {"model": {**raw["model"], "max_model_len": 1024}}, {"tree_path": "tree.parquet"}):
-        assert config.parse({**raw, **changed}).fingerprint() != base, changed
+        assert loading.parse({**raw, **changed}).fingerprint() != base, changed
 
 
 def test_fingerprints_come_from_the_fields_marked_deciding(raw):
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     assert set(config.decisive(spec)) == {
         "instruction", "instruction_by_language", "labels", "n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic",
         "n_record_to_generate", "languages", "tree_languages", "model", "sampling", "tree_path", "multi_label",
@@ -150,9 +150,9 @@ def test_later_stages_chain_their_own_fingerprints(raw):
         return pipeline.chain(pipeline.stages(spec))[0]
 
     def retuned(section, **fields):
-        return config.parse({**raw, section: {**raw.get(section, {}), **fields}})
+        return loading.parse({**raw, section: {**raw.get(section, {}), **fields}})
 
-    base = chain(config.parse(raw))
+    base = chain(loading.parse(raw))
     moved = chain(retuned("dedup", threshold=0.8))
     assert moved["generate"] == base["generate"]  # the generated data stays valid
     assert moved["dedup"] != base["dedup"] and moved["train"] != base["train"]  # and the chain moves on
@@ -172,12 +172,12 @@ def test_later_stages_chain_their_own_fingerprints(raw):
 )
 def test_bad_train_settings_name_the_field(raw, train, message):
     with pytest.raises(ConfigError) as error:
-        config.parse({**raw, "train": train})
+        loading.parse({**raw, "train": train})
     assert str(error.value) == message
 
 
 def test_default_run_id_is_the_fingerprint(raw):
-    spec = config.parse({**raw, "run_id": None})
+    spec = loading.parse({**raw, "run_id": None})
     assert spec.resolved_run_id() == f"run-{spec.fingerprint()}"
 
 
@@ -196,7 +196,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, raw):
 
 @pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_examples_are_valid(example):
-    spec = config.load(example)
+    spec = loading.load(example)
     assert spec.instruction and len(spec.labels) >= 2
 
 

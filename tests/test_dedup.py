@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 from conftest import read_parts, tiny_raw, write_generated, write_spec
 
-from anyclf_ray import cli, config, pipeline
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.filters import neighbours
 from anyclf_ray.sources import generate
 
@@ -49,7 +50,7 @@ REMOVED_WHEN_DROPPING = {
 
 
 def spec_for(tmp_path, run_id: str, **dedup_fields) -> config.JobSpec:
-    return config.parse(tiny_raw(tmp_path / "runs", run_id, dedup=dedup_fields))
+    return loading.parse(tiny_raw(tmp_path / "runs", run_id, dedup=dedup_fields))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_missing_run_is_refused(tmp_path, capsys):
 
 def test_empty_run_is_refused(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "empty")
-    write_generated(config.parse(raw), [], parts=1)
+    write_generated(loading.parse(raw), [], parts=1)
     code, err = dedup_cli(tmp_path, raw, capsys)
     assert code == cli.EXIT_BAD_INPUT and err.endswith("has no rows for dedup; nothing to do")
     assert not (tmp_path / "runs" / "empty" / "dedup").exists()
@@ -153,7 +154,7 @@ def test_empty_run_is_refused(tmp_path, capsys):
 
 def test_shards_without_the_text_column_are_refused(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "foreign")
-    location = write_generated(config.parse(raw), [], parts=1)
+    location = write_generated(loading.parse(raw), [], parts=1)
     location.write_table("data/part-0.parquet", pa.table({"id": ["x"], "label": ["pos"], "language": ["en"]}))
     code, err = dedup_cli(tmp_path, raw, capsys)
     assert code == cli.EXIT_BAD_INPUT
@@ -180,7 +181,7 @@ def test_bad_dedup_settings_fail_in_config(tmp_path, capsys, dedup_fields, messa
 
 def test_unavailable_hub_model_fails_before_any_actor(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "offline", dedup={"model": "someone/no-such-embedder"})
-    write_generated(config.parse(raw), ROWS)
+    write_generated(loading.parse(raw), ROWS)
     code, err = dedup_cli(tmp_path, raw, capsys)
     assert code == cli.EXIT_BAD_INPUT
     assert err == ("anyclf-ray: error: dedup.model: 'someone/no-such-embedder' is not in the local Hugging Face cache "

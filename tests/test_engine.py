@@ -17,8 +17,10 @@ import pytest
 import ray
 from conftest import read_parts, tiny_raw
 
-from anyclf_ray import config, pipeline
+from anyclf_ray import pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.core.text import normalise, word_count
 from anyclf_ray.llm import engine, items, pool
 from anyclf_ray.sources import generate, plan
 
@@ -207,7 +209,7 @@ def test_flag_answers_that_miss_a_flag_are_retried_then_reported():
      ("ภาพยนตร์เรื่องนี้ดีมาก", 8), ("정말 재미있는 영화였어요", 3), ("", 0)],
 )
 def test_words_are_counted_in_scripts_without_spaces(text, words):
-    assert items.word_count(text) == words
+    assert word_count(text) == words
 
 
 @pytest.mark.parametrize(
@@ -217,8 +219,8 @@ def test_words_are_counted_in_scripts_without_spaces(text, words):
      ("ภาพยนตร์ เรื่องนี้", "ภาพยนตร์เรื่องนี้"), ("ΟΔΟΣ", "οδος"), ("Straße", "STRASSE"), ("정말 재미있는", "정말 재미있는")],
 )
 def test_texts_that_differ_only_in_form_normalise_alike(one, other):
-    assert items.normalise(one) == items.normalise(other)
-    assert items.normalise("정말 재미있는") != items.normalise("정말재미있는")  # Korean separates words by spaces
+    assert normalise(one) == normalise(other)
+    assert normalise("정말 재미있는") != normalise("정말재미있는")  # Korean separates words by spaces
 
 
 def test_text_pattern_refuses_json_syntax_and_a_leading_space():
@@ -244,7 +246,7 @@ def test_engine_threads_reach_the_cpu_build():
 
 def test_a_part_skips_the_empty_schemaless_blocks_ray_data_hands_over(tmp_path):
     # On a resume, a block of leaves whose requests were all committed reaches the sink empty.
-    spec = config.parse(tiny_raw(tmp_path, "sink"))
+    spec = loading.parse(tiny_raw(tmp_path, "sink"))
     tree = plan.full_tree(spec)
     for level in plan.TREE_LEVELS:
         tree = tree.set_column(tree.schema.get_field_index(level), level, pa.array([level] * tree.num_rows))
@@ -305,7 +307,7 @@ def test_small_failing_passes_are_not_stopped(local_ray):
 
 @pytest.mark.slow
 def test_whole_run_on_a_fake_engine_counts_rows_and_starts(local_ray, tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "fake", dedup={"enabled": False}, train={"enabled": False}))
+    spec = loading.parse(tiny_raw(tmp_path, "fake", dedup={"enabled": False}, train={"enabled": False}))
     done = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_first=1))["generate"]
     assert done["rows"] == {"expected": 96, "written": 96, "missing": 0}
     assert done["engine"]["starts"] == 1 and set(done["engine"]["passes"]) == {
@@ -326,7 +328,7 @@ def test_whole_run_on_a_fake_engine_counts_rows_and_starts(local_ray, tmp_path):
 
 @pytest.mark.slow
 def test_retry_failures_asks_again_for_the_failed_requests_only(local_ray, tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "retry", language_check={"enabled": True}, dedup={"enabled": False},
+    spec = loading.parse(tiny_raw(tmp_path, "retry", language_check={"enabled": True}, dedup={"enabled": False},
                                  train={"enabled": False}))
     first = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_on="French"))
     location = RunLocation(spec.output, "retry")
@@ -365,7 +367,7 @@ BULK_LANGUAGES = ["th", "en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "z
 @pytest.mark.slow
 @pytest.mark.parametrize("tree_languages", ["shared", "per_language"])
 def test_one_failing_language_of_twelve_holds_up_none_of_the_others(local_ray, tmp_path, tree_languages):
-    spec = config.parse(tiny_raw(tmp_path, "bulk", languages=BULK_LANGUAGES, tree_languages=tree_languages,
+    spec = loading.parse(tiny_raw(tmp_path, "bulk", languages=BULK_LANGUAGES, tree_languages=tree_languages,
                                  language_check={"enabled": True}, dedup={"enabled": False}, train={"enabled": False}))
     found = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_on="Thai"))
     generated = found["generate"]

@@ -8,12 +8,13 @@ import time
 import psutil
 from conftest import tiny_raw, write_spec
 
-from anyclf_ray import cli, config
+from anyclf_ray import cli
+from anyclf_ray.core import config, loading
 from anyclf_ray.sources import estimate
 
 
 def test_the_plan_counts_what_the_run_will_ask_and_write(tmp_path):
-    found = estimate.estimate(config.parse(tiny_raw(tmp_path, "planned")))
+    found = estimate.estimate(loading.parse(tiny_raw(tmp_path, "planned")))
     # 2 labels x 2 source types x 2 topics x 2 subtopics, 2 languages, 3 samples at 2 a request.
     assert found["requests"] == {"source_type": 1, "topic": 4, "subtopic": 8, "generate": 64, "total": 77}
     assert found["leaves"] == 32
@@ -23,14 +24,14 @@ def test_the_plan_counts_what_the_run_will_ask_and_write(tmp_path):
 
 
 def test_a_tree_per_language_multiplies_the_tree_requests(tmp_path):
-    found = estimate.estimate(config.parse(tiny_raw(tmp_path, "per", tree_languages="per_language")))
+    found = estimate.estimate(loading.parse(tiny_raw(tmp_path, "per", tree_languages="per_language")))
     assert found["requests"] == {"source_type": 2, "topic": 8, "subtopic": 16, "generate": 64, "total": 90}
 
 
 def test_a_million_row_plan_is_exact_and_timed(tmp_path):
     raw = {k: v for k, v in tiny_raw(tmp_path, "million").items() if k not in config.SIZE_FIELDS}
     labels = [{"id": f"l{i}", "desc": f"topic number {i}"} for i in range(20)]
-    spec = config.parse({**raw, "labels": labels, "n_record_to_generate": 1_000_000, "engine": {"replicas": 4}})
+    spec = loading.parse({**raw, "labels": labels, "n_record_to_generate": 1_000_000, "engine": {"replicas": 4}})
     started = time.perf_counter()
     found = estimate.estimate(spec, tokens_per_second=500)
     assert time.perf_counter() - started < 60

@@ -9,7 +9,8 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
-from anyclf_ray.config import ConfigError, EvalSetSpec
+from anyclf_ray.core.config import EvalSetSpec
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.training import evaluate
 
 TABLE = pa.table({"body": ["great phone", "awful food", "fine hotel", "broken again"], "stars": [5, 1, 4, 1]})

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import read_parts, tiny_raw, write_spec
 
-from anyclf_ray import cli, config, pipeline
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.llm import pool
 from anyclf_ray.sources import generate, plan
@@ -37,7 +38,7 @@ def planned_ids(spec: config.JobSpec) -> set[str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, local_ray, tiny_model):
     """Generation, then the llm label check on the same engines."""
-    spec = config.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first", label_check={"enabled": True, "methods": ["llm"]},
+    spec = loading.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first", label_check={"enabled": True, "methods": ["llm"]},
                                  dedup={"enabled": False}, train={"enabled": False}))
     manifest = pipeline.run(spec)["generate"]
     return spec, RunLocation(spec.output, "first"), manifest
@@ -160,13 +161,13 @@ def test_crash_after_some_parts_resumes_the_rest(first_run, tmp_path):
 def test_run_id_reused_with_another_spec_is_refused(first_run):
     spec, _, _ = first_run
     other = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"seed": 99})})
-    with pytest.raises(config.ConfigError, match="run_id: 'first' already holds a run of a different spec"):
+    with pytest.raises(loading.ConfigError, match="run_id: 'first' already holds a run of a different spec"):
         pipeline.run(other, only="generate")["generate"]
 
 
 def test_record_count_mode_is_exact_with_a_tree_per_language(local_ray, tiny_model, tmp_path):
     raw = {k: v for k, v in tiny_raw(tmp_path, "records").items() if k not in config.SIZE_FIELDS}
-    spec = config.parse({**raw, "n_record_to_generate": 25, "tree_languages": "per_language"})
+    spec = loading.parse({**raw, "n_record_to_generate": 25, "tree_languages": "per_language"})
     manifest = pipeline.run(spec, only="generate")["generate"]
     assert manifest["rows"]["written"] == 25
     assert [(row["language"], row["written"], row["missing"]) for row in manifest["languages"]] == [
@@ -185,7 +186,7 @@ def test_edited_tree_drives_generation(first_run, tmp_path):
         if row["label"] == "pos":
             row["topic"] = "EDITED topic"
     pq.write_table(pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA), tmp_path / "tree.parquet")
-    edited = config.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
+    edited = loading.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
     manifest = pipeline.run(edited, only="generate")["generate"]
     rows = read_parts(RunLocation(edited.output, "edited"))
     assert manifest["llm"]["requests"] == manifest["plan"]["requests"]["total"] == GENERATION_REQUESTS  # no tree requests
@@ -205,7 +206,7 @@ def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, caps
     code = cli.main(["generate", "--config", str(write_spec(tmp_path / "cut.yaml", raw))])
     assert code == cli.EXIT_INCOMPLETE
     assert f"incomplete: 0 of {EXPECTED_ROWS} rows" in capsys.readouterr().out
-    cut = RunLocation(config.parse(raw).output, "cut")
+    cut = RunLocation(loading.parse(raw).output, "cut")
     failures = read_parts(cut, "failures")
     assert failures.num_rows == GENERATION_REQUESTS
     assert set(failures["attempts"].to_pylist()) == {2}
@@ -217,7 +218,7 @@ def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, caps
 
 
 def test_failed_tree_node_reports_its_lost_subtree(local_ray, tiny_model, tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "no-tree", sampling=CUT_OFF))
+    spec = loading.parse(tiny_raw(tmp_path, "no-tree", sampling=CUT_OFF))
     manifest = pipeline.run(spec, only="generate")["generate"]
     location = RunLocation(spec.output, "no-tree")
     failures = location.read_table("failures/tree.parquet").to_pylist()
@@ -229,33 +230,33 @@ def test_failed_tree_node_reports_its_lost_subtree(local_ray, tiny_model, tmp_pa
 
 def test_bad_tree_path_fails_before_any_work(tmp_path):
     pq.write_table(pa.table({"label": ["neg"]}), tmp_path / "bad.parquet")
-    spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "bad.parquet")))
-    with pytest.raises(config.ConfigError, match="tree_path: column 'label_name' is missing"):
+    spec = loading.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "bad.parquet")))
+    with pytest.raises(loading.ConfigError, match="tree_path: column 'label_name' is missing"):
         pipeline.run(spec, only="generate")["generate"]
     assert not (tmp_path / "bad-tree").exists()
-    spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "missing.parquet")))
-    with pytest.raises(config.ConfigError, match="tree_path: cannot read"):
+    spec = loading.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "missing.parquet")))
+    with pytest.raises(loading.ConfigError, match="tree_path: cannot read"):
         pipeline.run(spec, only="generate")["generate"]
     german = {name: [0 if name.endswith("_index") else "x"] for name in plan.TREE_SCHEMA.names}
     pq.write_table(pa.table({**german, "language": ["de"], "label": ["neg"]}), tmp_path / "german.parquet")
-    spec = config.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "german.parquet")))
-    with pytest.raises(config.ConfigError, match=r"^tree_path: language 'de' is not among the spec's languages"):
+    spec = loading.parse(tiny_raw(tmp_path, "bad-tree", tree_path=str(tmp_path / "german.parquet")))
+    with pytest.raises(loading.ConfigError, match=r"^tree_path: language 'de' is not among the spec's languages"):
         pipeline.run(spec, only="generate")["generate"]
 
 
 def test_replicas_beyond_the_cluster_are_refused(local_ray, tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "too-big", engine={"replicas": 5}))
-    with pytest.raises(config.ConfigError, match=r"engine.replicas: 5 replica\(s\) need 5 CPU\(s\) but the cluster has 2"):
+    spec = loading.parse(tiny_raw(tmp_path, "too-big", engine={"replicas": 5}))
+    with pytest.raises(loading.ConfigError, match=r"engine.replicas: 5 replica\(s\) need 5 CPU\(s\) but the cluster has 2"):
         pipeline.run(spec, only="generate")["generate"]
-    pinned = config.parse(tiny_raw(tmp_path, "pinned", engine={"resources": {"engine_node": 1}}))
-    with pytest.raises(config.ConfigError, match=r"^engine.resources: 1 replica\(s\) need 1 engine_node\(s\) but "
+    pinned = loading.parse(tiny_raw(tmp_path, "pinned", engine={"resources": {"engine_node": 1}}))
+    with pytest.raises(loading.ConfigError, match=r"^engine.resources: 1 replica\(s\) need 1 engine_node\(s\) but "
                                                  r"the cluster has 0; start nodes with --resources"):
         pipeline.run(pinned, only="generate")
 
 
 def test_two_replicas_generate_the_whole_set(local_ray, tiny_model, tmp_path):
     raw = tiny_raw(tmp_path, "two", engine={"replicas": 2, "cpus_per_replica": 0.5}, languages=["en"])
-    manifest = pipeline.run(config.parse(raw), only="generate")["generate"]
+    manifest = pipeline.run(loading.parse(raw), only="generate")["generate"]
     assert manifest["rows"]["written"] == EXPECTED_ROWS // 2
     assert json.dumps(manifest["settings"]["engine"]["replicas"]) == "2"
     assert manifest["engine"]["starts"] == 2 and manifest["engine"]["threads_per_replica"] == 1
@@ -271,6 +272,6 @@ def test_a_run_whose_first_answers_mostly_fail_stops_early(first_run, tmp_path, 
     # The verdict comes with the first batch (a part: 12 requests) past the first 64 answers.
     assert re.match(r"anyclf-ray: error: generate: stopped early: (72) of the first \1 requests failed \(most often: ", err)
     assert err.endswith("(cut off at max_tokens)); committed parts are kept, fix the spec and re-run to resume")
-    doomed = RunLocation(config.parse(raw).output, "doomed")
+    doomed = RunLocation(loading.parse(raw).output, "doomed")
     assert not doomed.exists("manifest.json")  # not presented as complete
     assert pool.EARLY_STOP_WINDOW == 64

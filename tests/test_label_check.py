@@ -18,7 +18,8 @@ import pytest
 import ray
 from conftest import read_parts, tiny_raw, write_generated, write_spec
 
-from anyclf_ray import cli, config, pipeline
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.filters import label_check
 from anyclf_ray.llm import engine
 from anyclf_ray.reports import diversity
@@ -61,7 +62,7 @@ class CueJudge:
 
 
 def check_spec(output, run_id: str, **fields) -> config.JobSpec:
-    return config.parse(tiny_raw(
+    return loading.parse(tiny_raw(
         output, run_id, train={"base_model": "builtin:all-minilm-l6-v2"},
         label_check={"enabled": True, "methods": ["llm", "crossfit", "similarity"], **fields},
         diversity={"enabled": True}))
@@ -208,7 +209,7 @@ class FlagJudge:
 
 def set_check_spec(output, run_id: str, **fields) -> config.JobSpec:
     raw = {k: v for k, v in tiny_raw(output, run_id).items() if k not in config.SIZE_FIELDS}
-    return config.parse({**raw, "labels": SET_LABELS, "n_record_to_generate": 20, "train": {"enabled": False},
+    return loading.parse({**raw, "labels": SET_LABELS, "n_record_to_generate": 20, "train": {"enabled": False},
                          "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1},
                          "label_check": {"enabled": True, "methods": ["llm"], **fields}})
 
@@ -265,12 +266,12 @@ def test_a_check_that_removes_nothing_says_so(tmp_path, local_ray, capsys):
      ({"action": "relabel"}, "label_check.action: relabel takes the llm judge's labels; set methods: [llm]")],
 )
 def test_bad_label_check_settings_fail_in_config(tmp_path, fields, message):
-    with pytest.raises(config.ConfigError, match=re.escape(message)):
+    with pytest.raises(loading.ConfigError, match=re.escape(message)):
         check_spec(tmp_path, "bad", **fields)
 
 
 def test_label_sets_are_checked_by_the_llm_judge_only(tmp_path):
-    with pytest.raises(config.ConfigError, match=re.escape(
+    with pytest.raises(loading.ConfigError, match=re.escape(
             "label_check.methods: a multi-label run is checked by the llm judge only (crossfit and similarity read "
             "one label a row); set methods: [llm]")):
         set_check_spec(tmp_path, "bad", methods=["llm", "crossfit"])
@@ -279,15 +280,15 @@ def test_label_sets_are_checked_by_the_llm_judge_only(tmp_path):
 def test_a_label_described_as_none_is_refused_for_the_llm_check(tmp_path):
     raw = tiny_raw(tmp_path, "none", label_check={"enabled": True, "methods": ["llm"]},
                    labels=[{"id": "0", "desc": "none"}, {"id": "sport", "desc": "sport"}])
-    with pytest.raises(config.ConfigError, match="label_check.methods: the llm check answers 'none'"):
-        config.parse(raw)
+    with pytest.raises(loading.ConfigError, match="label_check.methods: the llm check answers 'none'"):
+        loading.parse(raw)
 
 
 def test_an_unavailable_embedder_is_refused_before_any_work(tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "offline", label_check={"enabled": True},
+    spec = loading.parse(tiny_raw(tmp_path, "offline", label_check={"enabled": True},
                                  train={"base_model": "sentence-transformers/paraphrase-mpnet-base-v2"}))
     write_generated(spec, CLEAN)
-    with pytest.raises(config.ConfigError, match="^train.base_model: 'sentence-transformers/paraphrase-mpnet"):
+    with pytest.raises(loading.ConfigError, match="^train.base_model: 'sentence-transformers/paraphrase-mpnet"):
         pipeline.run(spec, only="label_check")
 
 

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 from conftest import tiny_raw, write_spec
 
-from anyclf_ray import cli, config
+from anyclf_ray import cli
+from anyclf_ray.core import config, loading
 from anyclf_ray.filters import dedup
 from anyclf_ray.labels import label_sets, pair_prior
 from anyclf_ray.llm import engine
@@ -45,7 +46,7 @@ def set_rows(spec: config.JobSpec) -> collections.Counter:
 
 
 def test_rows_per_set_are_exact_with_floors_weights_and_a_none_share(tmp_path):
-    spec = config.parse(multi_raw(tmp_path, min_labels=1, max_labels=2, none_share=0.1, min_rows=3,
+    spec = loading.parse(multi_raw(tmp_path, min_labels=1, max_labels=2, none_share=0.1, min_rows=3,
                                   pair_weights={"l0|l1": 0, "l2|l3": 4}))
     found = set_rows(spec)
     assert sum(found.values()) == 301
@@ -63,7 +64,7 @@ def test_rows_per_set_are_exact_with_floors_weights_and_a_none_share(tmp_path):
 
 def test_every_label_and_pair_gets_min_rows_even_when_rows_are_few(tmp_path):
     labels = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(6)]
-    spec = config.parse({**multi_raw(tmp_path, n_records=120, labels=labels, min_labels=2, max_labels=3, min_rows=4),
+    spec = loading.parse({**multi_raw(tmp_path, n_records=120, labels=labels, min_labels=2, max_labels=3, min_rows=4),
                          "languages": ["en"]})
     found = set_rows(spec)
     assert sum(found.values()) == 120
@@ -74,7 +75,7 @@ def test_every_label_and_pair_gets_min_rows_even_when_rows_are_few(tmp_path):
 
 
 def test_leaves_and_requests_cover_every_sample_once_with_stable_ids(tmp_path):
-    spec = config.parse(multi_raw(tmp_path, max_labels=2, none_share=0.1))
+    spec = loading.parse(multi_raw(tmp_path, max_labels=2, none_share=0.1))
     requests = plan.generation_requests(spec, filled_tree(spec))
     assert sum(requests["n_items"].to_pylist()) == 301
     ids = {plan.example_id(r["leaf_id"], r["first_sample"] + k)
@@ -92,7 +93,7 @@ def test_leaves_and_requests_cover_every_sample_once_with_stable_ids(tmp_path):
 
 
 def test_leaves_are_the_same_whatever_the_group_size(tmp_path, monkeypatch):
-    spec = config.parse(multi_raw(tmp_path, n_records=5_000, max_labels=3, none_share=0.1))
+    spec = loading.parse(multi_raw(tmp_path, n_records=5_000, max_labels=3, none_share=0.1))
     tree = filled_tree(spec)
     whole = plan.leaf_table(spec, tree)
     monkeypatch.setattr(label_sets, "REQUESTS_AT_ONCE", 7)
@@ -105,7 +106,7 @@ def test_leaves_are_the_same_whatever_the_group_size(tmp_path, monkeypatch):
 
 def test_a_million_row_plan_counts_every_label_set(tmp_path):
     labels = [{"id": f"l{i}", "desc": f"subject {i}"} for i in range(20)]
-    spec = config.parse({**multi_raw(tmp_path, n_records=1_000_000, labels=labels, min_labels=1, max_labels=3),
+    spec = loading.parse({**multi_raw(tmp_path, n_records=1_000_000, labels=labels, min_labels=1, max_labels=3),
                          "languages": ["en"]})
     found = estimate.estimate(spec)
     assert found["rows"]["total"] == 1_000_000
@@ -119,16 +120,16 @@ def test_a_million_row_plan_counts_every_label_set(tmp_path):
 
 def test_single_label_specs_keep_their_fingerprint(tmp_path):
     """Adding the multi_label section must not move single-label runs' ids (resume would refuse them)."""
-    assert config.parse(tiny_raw("/tmp/x", "fp")).fingerprint() == "deb23f2875f2c4bb"
-    spec = config.parse(multi_raw(tmp_path))
-    other = config.parse(multi_raw(tmp_path, max_labels=3))
+    assert loading.parse(tiny_raw("/tmp/x", "fp")).fingerprint() == "deb23f2875f2c4bb"
+    spec = loading.parse(multi_raw(tmp_path))
+    other = loading.parse(multi_raw(tmp_path, max_labels=3))
     assert spec.fingerprint() != other.fingerprint()
 
 
 def test_near_duplicates_with_other_label_sets_are_conflicts(tmp_path):
     """Dedup's conflict rule on label sets; exact copies pair at 1.0 whatever the embedder (the
     real embedder's path is the slow multi-label run's)."""
-    spec = config.parse(multi_raw(tmp_path))
+    spec = loading.parse(multi_raw(tmp_path))
     rows = pa.table({"id": ["a", "b", "c", "d", "e"], "language": ["en"] * 5,
                      "text": ["Rain and taxes.", "Rain and taxes.", "Sun and sport.", "Sun and sport.", "Other."],
                      "label_set": ["l0|l1", "l0|l1", "l2", "l2|l3", "l3"]})
@@ -160,12 +161,12 @@ def test_bad_multi_label_specs_fail_in_one_line_before_any_llm_time(tmp_path, ca
 
 def test_explicit_sizes_are_refused_for_multi_label(tmp_path):
     raw = {**tiny_raw(tmp_path, "multi"), "train": {"enabled": False}, "multi_label": {"enabled": True}}
-    with pytest.raises(config.ConfigError, match="multi_label: give n_record_to_generate"):
-        config.parse(raw)
+    with pytest.raises(loading.ConfigError, match="multi_label: give n_record_to_generate"):
+        loading.parse(raw)
 
 
 def test_label_sets_are_enumerated_in_size_then_label_order(tmp_path):
-    sets = label_sets.LabelSets(config.parse(multi_raw(tmp_path, max_labels=2, none_share=0.2)))
+    sets = label_sets.LabelSets(loading.parse(multi_raw(tmp_path, max_labels=2, none_share=0.2)))
     assert [sets.key(i) for i in range(len(sets.sets))] == [
         "l0", "l1", "l2", "l3", "l0|l1", "l0|l2", "l0|l3", "l1|l2", "l1|l3", "l2|l3", ""]
 
@@ -204,7 +205,7 @@ class InProcessPool:
 
 
 def test_the_llm_prior_weighs_pairs_it_was_asked_and_never_forbids_one(tmp_path):
-    spec = config.parse(multi_raw(tmp_path, pair_prior="llm", pair_weights={"l1|l2": 3}))
+    spec = loading.parse(multi_raw(tmp_path, pair_prior="llm", pair_weights={"l1|l2": 3}))
     pool = InProcessPool(spec)
     record = pair_prior.ask(spec, pool)
     assert pool.passes == [("pair_prior", 5)]  # 6 pairs, less the one the user weighed

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import read_parts, tiny_raw, write_generated
 
-from anyclf_ray import config, pipeline
+from anyclf_ray import pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.filters import language_check
 
 # (id, label, requested language, text): the x rows are not in the language asked for.
@@ -27,7 +28,7 @@ WRONG = {"x1": "en", "x2": "fr", "x3": "zh"}
 
 
 def spec_for(tmp_path, run_id: str, **fields) -> config.JobSpec:
-    return config.parse(tiny_raw(tmp_path, run_id, languages=["en", "fr", "zh", "ja", "ru", "ar"],
+    return loading.parse(tiny_raw(tmp_path, run_id, languages=["en", "fr", "zh", "ja", "ru", "ar"],
                                  language_check={"enabled": True, **fields}))
 
 
@@ -77,8 +78,8 @@ def test_a_high_confidence_bar_removes_uncertain_rows(tmp_path, local_ray):
 
 
 def test_a_language_the_detector_does_not_know_fails_before_any_work(tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "unknown", languages=["en", "haw"], language_check={"enabled": True}))
-    with pytest.raises(config.ConfigError, match=r"^languages: the language check cannot detect 'haw'; remove it"):
+    spec = loading.parse(tiny_raw(tmp_path, "unknown", languages=["en", "haw"], language_check={"enabled": True}))
+    with pytest.raises(loading.ConfigError, match=r"^languages: the language check cannot detect 'haw'; remove it"):
         pipeline.run(spec, only="language_check")
 
 
@@ -90,7 +91,7 @@ def test_a_language_outside_the_run_is_named_when_the_detector_also_weighs_it():
 
 def test_an_extra_language_the_detector_does_not_know_fails_before_any_work(tmp_path):
     spec = spec_for(tmp_path, "extra", also_detect=["es", "tlh"])
-    with pytest.raises(config.ConfigError, match=r"^language_check.also_detect: the language check cannot detect 'tlh'"):
+    with pytest.raises(loading.ConfigError, match=r"^language_check.also_detect: the language check cannot detect 'tlh'"):
         pipeline.run(spec, only="language_check")
 
 
@@ -102,7 +103,7 @@ def test_detect_names_requested_codes_as_the_spec_writes_them():
 def test_an_english_only_embedder_on_other_languages_is_warned_about(tmp_path, caplog, local_ray):
     message = ("dedup.model: builtin:all-minilm-l6-v2 reads English only, but languages include fr; "
                "set a multilingual model such as sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2")
-    spec = config.parse(tiny_raw(tmp_path, "warned", languages=["en", "fr"], language_check={"enabled": True},
+    spec = loading.parse(tiny_raw(tmp_path, "warned", languages=["en", "fr"], language_check={"enabled": True},
                                  dedup={"enabled": True}, train={"enabled": False}))
     assert spec.warnings() == [message]
     location = write_generated(spec, ROWS[:4])
@@ -110,17 +111,17 @@ def test_an_english_only_embedder_on_other_languages_is_warned_about(tmp_path, c
         found = pipeline.run(spec, only="language_check")["language_check"]
     assert found["warnings"] == [message] and f"warning: {message}" in caplog.text
     assert f"### Warnings\n\n- {message}" in location.read_bytes("README.md").decode()
-    assert config.parse(tiny_raw(tmp_path, "en", languages=["en"], dedup={"enabled": True})).warnings() == []
-    assert config.parse(tiny_raw(tmp_path, "off", languages=["fr"], dedup={"enabled": False},
+    assert loading.parse(tiny_raw(tmp_path, "en", languages=["en"], dedup={"enabled": True})).warnings() == []
+    assert loading.parse(tiny_raw(tmp_path, "off", languages=["fr"], dedup={"enabled": False},
                                  train={"enabled": False})).warnings() == []  # nothing embeds
 
 
 def test_runs_in_other_languages_default_to_a_multilingual_embedder(tmp_path):
     raw = tiny_raw(tmp_path, "multi", languages=["fr", "zh"])
     del raw["dedup"], raw["train"]
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     assert spec.dedup.model == spec.train.base_model == "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
     assert spec.warnings() == []
-    english = config.parse({**raw, "languages": ["en"]})
+    english = loading.parse({**raw, "languages": ["en"]})
     assert english.dedup.model == "builtin:all-minilm-l6-v2"  # English runs keep the English defaults
     assert english.train.base_model == "sentence-transformers/paraphrase-mpnet-base-v2"

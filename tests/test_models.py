@@ -10,9 +10,10 @@ import pytest
 import yaml
 from conftest import REPO, read_parts
 
-from anyclf_ray import config, pipeline
-from anyclf_ray.core import models
+from anyclf_ray import pipeline
+from anyclf_ray.core import config, loading, models
 from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.core.text import word_count
 from anyclf_ray.labels import pair_prior
 from anyclf_ray.llm import items
 
@@ -43,7 +44,7 @@ def test_demo_model_in_english_french_and_chinese(local_ray, tmp_path):
     asked for English, French and Chinese: every column of every row reads as text, the language
     check catches and counts the rows written in another language (a 135M model often answers in
     English), and the llm label check judges the rest on the same engine."""
-    spec = config.load(REPO / "examples" / "sentiment.yaml", [
+    spec = loading.load(REPO / "examples" / "sentiment.yaml", [
         f"output.path={tmp_path}", "languages=[en, fr, zh]", "n_topic=1", "n_subtopic=1", "label_check.methods=[llm]",
         "dedup.enabled=false", "diversity.enabled=false", "train.enabled=false"])
     assert json.loads((Path(models.resolve(spec.model.name)) / "config.json").read_text())["model_type"] == "llama"
@@ -56,7 +57,7 @@ def test_demo_model_in_english_french_and_chinese(local_ray, tmp_path):
     for column in ("text", "source_type", "topic", "subtopic"):
         fragments = [value for value in rows[column].to_pylist() if items.JSON_SYNTAX.search(value)]
         assert not fragments, f"{column}: {fragments}"
-    assert min(items.word_count(text) for text in rows["text"].to_pylist()) >= spec.sampling.min_text_words
+    assert min(word_count(text) for text in rows["text"].to_pylist()) >= spec.sampling.min_text_words
 
     checked = manifests["language_check"]
     kept, removed = read_parts(location, "language_check/data"), read_parts(location, "language_check/removed")
@@ -79,7 +80,7 @@ def test_demo_model_writes_and_judges_label_sets(local_ray, tmp_path):
     answers one boolean per label for every row, and relabelled rows carry coherent label columns."""
     raw = yaml.safe_load((REPO / "examples" / "sentiment.yaml").read_text())
     raw = {key: value for key, value in raw.items() if key not in config.SIZE_FIELDS}
-    spec = config.parse({
+    spec = loading.parse({
         **raw, "output": {"path": str(tmp_path)}, "run_id": "smollm2-label-sets", "n_record_to_generate": 8,
         "labels": [{"id": "food", "desc": "food"}, {"id": "price", "desc": "price"}],
         "instruction": "classify the subjects of a customer review",

@@ -16,7 +16,8 @@ import pytest
 from conftest import read_parts, tiny_raw
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, pipeline
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.labels import label_sets, pair_prior
 from anyclf_ray.sources import generate, plan
@@ -38,7 +39,7 @@ def multi_run(tmp_path_factory, local_ray, tiny_model):
     pyarrow.csv.write_csv(pa.table({"text": list(EVAL_SET), "tags": list(EVAL_SET.values())}), folder / "real.csv")
     eval_set = {"path": str(folder / "real.csv"), "text_column": "text", "label_column": "tags",
                 "label_separator": ";", "label_map": {"weather": "rain", "politics": "vote", "sport": "goal"}}
-    spec = config.parse({
+    spec = loading.parse({
         **raw, "languages": ["en"], "n_record_to_generate": ROWS,
         "train": {"base_model": "builtin:all-minilm-l6-v2", "num_iterations": 1, "batch_size": 8, "test_size": 0.3,
                   "eval_set": eval_set},

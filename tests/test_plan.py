@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from conftest import tiny_raw
 
-from anyclf_ray import config
+from anyclf_ray.core import config, loading
 from anyclf_ray.llm import prompts
 from anyclf_ray.sources import generate, plan
 
@@ -23,7 +23,7 @@ def filled_tree(spec: config.JobSpec) -> pa.Table:
 
 @pytest.fixture
 def spec(tmp_path) -> config.JobSpec:
-    return config.parse(tiny_raw(tmp_path, "p1"))
+    return loading.parse(tiny_raw(tmp_path, "p1"))
 
 
 def test_tree_requests_fill_the_seed_prompts(spec):
@@ -47,7 +47,7 @@ def test_failed_parents_have_no_children_requests(spec):
 
 
 def test_a_tree_per_language_is_asked_for_in_each_language(tmp_path):
-    spec = config.parse(tiny_raw(tmp_path, "per", tree_languages="per_language",
+    spec = loading.parse(tiny_raw(tmp_path, "per", tree_languages="per_language",
                                  instruction_by_language={"fr": "classer le sentiment d'un texte"}))
     tree = filled_tree(spec)
     assert tree.num_rows == 2 * 2 * 8 and set(tree["language"].to_pylist()) == {"en", "fr"}
@@ -58,7 +58,7 @@ def test_a_tree_per_language_is_asked_for_in_each_language(tmp_path):
     requests = plan.generation_requests(spec, tree).to_pylist()
     assert len({(r["leaf_id"], r["first_sample"]) for r in requests}) == len(requests) == 2 * 2 * 8 * 2
     assert {(r["language"], r["topic"][2:]) for r in requests} == {("en", "en"), ("fr", "fr")}  # its own tree
-    shared = config.parse(tiny_raw(tmp_path, "shared"))
+    shared = loading.parse(tiny_raw(tmp_path, "shared"))
     (source,) = plan.tree_requests("source_type", shared, filled_tree(shared).to_pylist())
     assert "Write every item" not in source["prompt"] and "language" not in source
     assert source["request_id"] == plan.stable_id("source_type")  # a shared tree's ids (and seeds) as before
@@ -78,14 +78,14 @@ def test_generation_prompt_names_the_label_not_its_id(spec):
 def test_translated_descriptions_and_instruction_reach_their_language(tmp_path):
     raw = tiny_raw(tmp_path, "fr", instruction_by_language={"fr": "classer le sentiment d'un texte"})
     raw["labels"][0]["desc_by_language"] = {"fr": "sentiment négatif"}
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     french = [r for r in plan.generation_requests(spec, filled_tree(spec)).to_pylist() if r["language"] == "fr"]
     negative = next(r["prompt"] for r in french if r["label"] == "neg")
     assert "classer le sentiment d'un texte" in negative and "predict label sentiment négatif" in negative
     assert "Write every example in French.\n" in negative  # a translated prompt needs no insisting
     raw["labels"][1]["desc_by_language"] = {"de": "positiv"}
-    with pytest.raises(config.ConfigError, match=r"^labels\[1\].desc_by_language: 'de' is not in languages"):
-        config.parse(raw)
+    with pytest.raises(loading.ConfigError, match=r"^labels\[1\].desc_by_language: 'de' is not in languages"):
+        loading.parse(raw)
 
 
 def test_generation_requests_cover_every_sample_exactly_once(spec):
@@ -112,7 +112,7 @@ def test_incomplete_leaves_are_skipped(spec):
 @pytest.mark.parametrize("n_records", [1, 7, 25, 97, 1000])
 def test_record_count_is_exact_and_balanced(tmp_path, n_records, tree_languages):
     raw = {k: v for k, v in tiny_raw(tmp_path, "p2", tree_languages=tree_languages).items() if k not in config.SIZE_FIELDS}
-    spec = config.parse({**raw, "n_record_to_generate": n_records})
+    spec = loading.parse({**raw, "n_record_to_generate": n_records})
     tree = filled_tree(spec)
     counts = plan.samples_per_leaf(spec, tree).tolist()
     assert sum(map(sum, counts)) == n_records == sum(plan.expected_rows(spec, tree).values())

@@ -16,7 +16,8 @@ import pytest
 from conftest import S3_KEY, read_parts, tiny_raw, write_spec
 from test_engine import FakeEngine
 
-from anyclf_ray import cli, config, pipeline
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import config, loading
 from anyclf_ray.core.storage import RunLocation
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def keys(s3_server, prefix: str) -> list[str]:
 
 
 def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
-    spec = config.parse(s3_raw(s3_server, "s3-run"))
+    spec = loading.parse(s3_raw(s3_server, "s3-run"))
     manifest = pipeline.run(spec, only="generate")["generate"]
     expected = 2 * 2 * 2 * 1 * 3
     assert manifest["status"] == "complete" and manifest["rows"]["written"] == expected
@@ -63,7 +64,7 @@ def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model,
 
 def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
     raw = {key: value for key, value in s3_raw(s3_server, "s3-label-sets").items() if key not in config.SIZE_FIELDS}
-    spec = config.parse({**raw, "n_record_to_generate": 12,
+    spec = loading.parse({**raw, "n_record_to_generate": 12,
                          "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1, "pair_prior": "llm"}})
     manifest = pipeline.run(spec, only="generate")["generate"]
     assert manifest["rows"]["written"] + manifest["failures"]["rows_lost"] == 12
@@ -84,7 +85,7 @@ def test_an_s3_outage_mid_generation_is_ridden_out(s3_server, s3_credentials, lo
     met the outage are retried with backoff, every row lands once, and every part listed is whole."""
     raw = s3_raw(s3_server, "outage")
     raw.update(sample_per_subtopic=30, dedup={"enabled": False}, train={"enabled": False})
-    spec = config.parse(raw)
+    spec = loading.parse(raw)
     result = {}
     run = threading.Thread(target=lambda: result.update(
         pipeline.run(spec, only="generate", engine_factory=functools.partial(FakeEngine, delay=0.5))))
@@ -132,7 +133,7 @@ def test_dedup_training_and_prediction_on_s3(s3_server, s3_credentials, local_ra
     s3_server["client"].put_object(Bucket="anyclf", Key="eval/real.csv", Body=b"text,label\nok then,neg\nfine,pos\n")
     train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8,
              "eval_set": {"path": "s3://anyclf/eval/real.csv"}}
-    spec = config.parse({**s3_raw(s3_server, "s3-run"), "train": train})
+    spec = loading.parse({**s3_raw(s3_server, "s3-run"), "train": train})
     stages = pipeline.run(spec)  # generation is reused when the round-trip test made it
     assert stages["train"]["metrics"]["eval_set"]["rows"] == 2
     assert stages["dedup"]["rows"]["input"] == stages["generate"]["rows"]["written"]

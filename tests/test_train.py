@@ -22,8 +22,8 @@ import ray.train
 from conftest import tiny_raw, write_generated, write_spec
 from setfit import SetFitModel
 
-from anyclf_ray import cli, config, pipeline
-from anyclf_ray.core import embed, stage
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import embed, loading, stage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.training import train
 
@@ -70,7 +70,7 @@ def trained(tmp_path_factory, local_ray, eval_csv):
     output = tmp_path_factory.mktemp("train") / "runs"
     eval_set = {"path": str(eval_csv), "text_column": "review", "label_column": "kind",
                 "label_map": {"good": "pos", "bad": "neg"}, "language_column": "lang"}
-    spec = config.parse(train_raw(output, "trained", eval_set=eval_set))
+    spec = loading.parse(train_raw(output, "trained", eval_set=eval_set))
     location = write_generated(spec, reviews(80, seed=1))
     return spec, location, pipeline.run(spec, only="train")["train"]
 
@@ -103,7 +103,7 @@ def test_held_out_split_is_fixed_by_id(trained):
 
 
 def test_past_max_rows_the_lowest_draws_are_trained_on(tmp_path, local_ray):
-    spec = config.parse(train_raw(tmp_path / "runs", "sampled", max_rows=20))
+    spec = loading.parse(train_raw(tmp_path / "runs", "sampled", max_rows=20))
     rows = reviews(80, seed=3)
     location = write_generated(spec, rows)
     dataset, total = train.input_rows(location, location.read_json("manifest.json")["shards"]["data"], "label", blocks=4)
@@ -114,7 +114,7 @@ def test_past_max_rows_the_lowest_draws_are_trained_on(tmp_path, local_ray):
     expected = sorted(row_id for draw, row_id in past_held_out[:20] if draw < high)
     assert total == 80 and sample.column_names == train.ROW_COLUMNS
     assert sample["id"].to_pylist() == expected and 15 <= len(expected) <= 20
-    spec_all = config.parse(train_raw(tmp_path / "runs", "sampled", max_rows=1000))
+    spec_all = loading.parse(train_raw(tmp_path / "runs", "sampled", max_rows=1000))
     everything = train.training_sample(dataset, spec_all.train, total)["id"].to_pylist()
     assert everything == sorted(row_id for _, row_id in past_held_out)
 
@@ -207,10 +207,10 @@ def test_an_input_of_only_a_header_gives_no_rows_and_a_manifest(trained, tmp_pat
 
 def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_ray):
     raw = with_rows(tmp_path, "retrain", reviews(20, 1), num_iterations=0)
-    location = RunLocation(config.parse(raw).output, "retrain")
+    location = RunLocation(loading.parse(raw).output, "retrain")
     location.write_bytes("model/stale.bin", b"a file of a model trained with other settings")
     location.write_json("train/manifest.json", {"fingerprint": "other settings"})
-    manifest = pipeline.run(config.parse(raw), only="train")["train"]
+    manifest = pipeline.run(loading.parse(raw), only="train")["train"]
     assert not location.exists("model/stale.bin")
     assert location.read_json("train/manifest.json") == manifest and manifest["figures"]["pairs"] == 0
     assert SetFitModel.from_pretrained(location.path("model")).labels == ["neg", "pos"]
@@ -239,7 +239,7 @@ def train_cli(tmp_path, raw: dict, capsys) -> tuple[int, str]:
 
 def with_rows(tmp_path, run_id: str, rows: list[tuple], **train_fields) -> dict:
     raw = train_raw(tmp_path / "runs", run_id, **train_fields)
-    write_generated(config.parse(raw), rows)
+    write_generated(loading.parse(raw), rows)
     return raw
 
 
@@ -288,7 +288,7 @@ def test_run_chains_generate_dedup_train_and_skips_done_stages(tmp_path, capsys,
     assert cli.main(["run", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "48 of 48 rows" in out and "dedup complete" in out and "trained on" in out
-    location = RunLocation(config.parse(raw).output, "whole")
+    location = RunLocation(loading.parse(raw).output, "whole")
     first = {name: location.read_json(f) for name, f in
              [("generate", "manifest.json"), ("dedup", "dedup/manifest.json"), ("train", "train/manifest.json")]}
     assert first["train"]["data"]["source"] == "dedup" and first["train"]["figures"]["reused_dedup_embeddings"]
@@ -315,8 +315,8 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
                     eval_set={"path": str(rest), "label_column": "spam", "label_map": {"0": "ham", "1": "spam"}})
     raw["instruction"] = "classify an SMS as spam or not"
     raw["labels"] = [{"id": "ham", "desc": "a normal personal message"}, {"id": "spam", "desc": "unsolicited advertising"}]
-    write_generated(config.parse(raw), labelled)
-    manifest = pipeline.run(config.parse(raw), only="train")["train"]
+    write_generated(loading.parse(raw), labelled)
+    manifest = pipeline.run(loading.parse(raw), only="train")["train"]
     real = manifest["metrics"]["eval_set"]
     print(f"SMS spam, 200 training rows: spam F1 {real['per_class']['spam']['f1']:.3f}, "
           f"accuracy {real['accuracy']:.3f}, macro-F1 {real['macro_f1']:.3f} on {real['rows']} rows")
@@ -341,7 +341,7 @@ def test_each_label_needs_two_rows_with_it_and_one_without(sets, message):
     if message is None:
         train.check_labels(y, ["a", "b"])
     else:
-        with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}"):
+        with pytest.raises(loading.ConfigError, match=f"^{re.escape(message)}"):
             train.check_labels(y, ["a", "b"])
 
 

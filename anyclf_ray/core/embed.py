@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 
-from anyclf_ray.config import ActorPlacement, ConfigError
 from anyclf_ray.core import models, runtime
+from anyclf_ray.core.config import ActorPlacement
+from anyclf_ray.core.loading import ConfigError
 
 EMBEDDING_MODEL_KEY = "anyclf_ray.embedding_model"
 

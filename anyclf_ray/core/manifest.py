@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
 from anyclf_ray.core import plots
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, JobSpec
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.llm import engine
 from anyclf_ray.sources import plan

@@ -59,19 +59,16 @@ def build_atomically(target: Path, build) -> Path:
 
 def _tiny_corpus() -> list[str]:
     """Local English text to train the tiny tokenizer on: the stdlib's own docstrings."""
-    import argparse  # noqa: E401
+    import argparse
     import collections
     import json
     import logging
-    import pathlib as pl
+    import pathlib
     import textwrap
 
-    from anyclf_ray.llm import prompts
-
-    texts = [prompts.SOURCE_TYPE, prompts.TOPIC, prompts.SUBTOPIC, prompts.GENERATE]
-    for module in (argparse, collections, json, logging, pl, textwrap):
-        texts += [o.__doc__ for o in vars(module).values() if isinstance(o.__doc__, str)]
-    return texts
+    modules = (argparse, collections, json, logging, pathlib, textwrap)
+    return [text for module in modules for text in (module.__doc__, *(o.__doc__ for o in vars(module).values()))
+            if isinstance(text, str)]
 
 
 def _build_tiny_random(folder: Path) -> None:

@@ -14,7 +14,8 @@ from typing import TypeVar
 import pyarrow as pa
 import ray
 
-from anyclf_ray.config import ActorPlacement, ConfigError, EngineSpec
+from anyclf_ray.core.config import ActorPlacement, EngineSpec
+from anyclf_ray.core.loading import ConfigError
 
 Placement = TypeVar("Placement", bound=ActorPlacement)
 

@@ -28,8 +28,9 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from anyclf_ray.config import ConfigError, JobSpec, StageSpec, decisive, digest
 from anyclf_ray.core import manifest as cards
+from anyclf_ray.core.config import JobSpec, StageSpec, decisive, digest
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.llm.pool import EnginePool
 

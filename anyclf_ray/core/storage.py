@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from anyclf_ray.config import ConfigError, OutputSpec
+from anyclf_ray.core.config import OutputSpec
+from anyclf_ray.core.loading import ConfigError
 
 log = logging.getLogger(__name__)
 

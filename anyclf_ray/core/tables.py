@@ -23,8 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from anyclf_ray.config import ConfigError
 from anyclf_ray.core import storage
+from anyclf_ray.core.loading import ConfigError
 
 FORMATS = ("parquet", "csv", "jsonl", "json")
 # The cells pandas and pyarrow read as missing: a text cell holding one of them has no text.

@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from anyclf_ray.config import JobSpec
 from anyclf_ray.core import embed, runtime
+from anyclf_ray.core.config import JobSpec
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.core.text import normalise
 from anyclf_ray.filters import neighbours
-from anyclf_ray.llm.items import normalise
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.config import LABEL_SET_SEPARATOR, NO_LABEL, JobSpec
 from anyclf_ray.core import embed, runtime
 from anyclf_ray.core import manifest as cards
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, NO_LABEL, JobSpec
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.labels import label_sets

@@ -28,8 +28,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.config import ConfigError
 from anyclf_ray.core import plots
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.manifest import counts
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.config import LABEL_SET_SEPARATOR, MAX_LABEL_SETS, ConfigError, JobSpec
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, MAX_LABEL_SETS, JobSpec
+from anyclf_ray.core.loading import ConfigError
 
 # The tree's footer key holding the LLM's pair weights (``pair_prior.py``), when asked for.
 PRIOR_KEY = "anyclf_ray.labels.pair_prior"

@@ -18,7 +18,7 @@ import json
 
 import pyarrow as pa
 
-from anyclf_ray.config import LABEL_SET_SEPARATOR, JobSpec
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, JobSpec
 from anyclf_ray.llm import engine, prompts
 from anyclf_ray.sources import plan
 

@@ -21,8 +21,10 @@ import math
 
 import pyarrow as pa
 
-from anyclf_ray.config import ConfigError, JobSpec, chars_per_token
 from anyclf_ray.core import models
+from anyclf_ray.core.config import JobSpec
+from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.tokens import chars_per_token
 from anyclf_ray.llm import engine
 
 log = logging.getLogger(__name__)

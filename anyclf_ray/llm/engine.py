@@ -26,8 +26,8 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray.config import EngineSpec, ModelSpec, SamplingSpec
 from anyclf_ray.core import models
+from anyclf_ray.core.config import EngineSpec, ModelSpec, SamplingSpec
 from anyclf_ray.llm import items as valid
 from anyclf_ray.llm import prompts
 

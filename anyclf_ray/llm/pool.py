@@ -36,8 +36,8 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from anyclf_ray.config import EngineSpec, ModelSpec, SamplingSpec
 from anyclf_ray.core import runtime
+from anyclf_ray.core.config import EngineSpec, ModelSpec, SamplingSpec
 from anyclf_ray.llm import engine as engines
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from anyclf_ray.core import embed, plots, runtime
 from anyclf_ray.core.manifest import code, counts
 from anyclf_ray.core.stage import Context, Stage, read_rows
 from anyclf_ray.core.storage import RunLocation
-from anyclf_ray.llm import items
+from anyclf_ray.core.text import WORD, normalise
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def distinct_n(texts: list[str], n: int) -> float:
     """Distinct word n-grams over all word n-grams of ``texts`` (0 when there are none)."""
     grams = [
         tuple(words[i : i + n])
-        for words in (items.WORD.findall(items.normalise(text)) for text in texts)
+        for words in (WORD.findall(normalise(text)) for text in texts)
         for i in range(len(words) - n + 1)
     ]
     return len(set(grams)) / len(grams) if grams else 0.0

@@ -16,7 +16,9 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.config import CHARS_PER_TOKEN, ConfigError, JobSpec, MultiLabelSpec
+from anyclf_ray.core.config import JobSpec, MultiLabelSpec
+from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.tokens import CHARS_PER_TOKEN
 from anyclf_ray.labels import label_sets, pair_prior
 from anyclf_ray.sources import plan
 

@@ -28,8 +28,9 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray.config import LABEL_SET_SEPARATOR, ConfigError, JobSpec
 from anyclf_ray.core import manifest, plots, runtime
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, JobSpec
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.progress import Progress
 from anyclf_ray.core.stage import Context, Stage
 from anyclf_ray.core.storage import RunLocation

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray.config import JobSpec, answer_tokens, language_name
+from anyclf_ray.core.config import JobSpec, language_name
+from anyclf_ray.core.tokens import answer_tokens
 from anyclf_ray.labels import label_sets
 from anyclf_ray.llm import engine, prompts
 

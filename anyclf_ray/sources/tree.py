@@ -13,7 +13,7 @@ import logging
 
 import pyarrow as pa
 
-from anyclf_ray.config import JobSpec
+from anyclf_ray.core.config import JobSpec
 from anyclf_ray.labels import label_sets
 from anyclf_ray.llm import engine
 from anyclf_ray.llm.pool import EnginePool

@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pyarrow as pa
 
-from anyclf_ray.config import ConfigError, EvalSetSpec
 from anyclf_ray.core import plots, tables
+from anyclf_ray.core.config import EvalSetSpec
+from anyclf_ray.core.loading import ConfigError
 
 
 def label_lists(values: list, settings: EvalSetSpec) -> list[list[str] | None]:

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 
-from anyclf_ray.config import ActorPlacement, ConfigError
 from anyclf_ray.core import runtime, storage, tables
+from anyclf_ray.core.config import ActorPlacement
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.training.train import THRESHOLDS_FILE
 
 MANIFEST = "_manifest.json"  # Parquet readers skip files named with a leading underscore

@@ -44,9 +44,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray.config import LABEL_SET_SEPARATOR, ActorPlacement, ConfigError, JobSpec, TrainSpec
 from anyclf_ray.core import embed, runtime
 from anyclf_ray.core import manifest as cards
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, ActorPlacement, JobSpec, TrainSpec
+from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.stage import Context, Stage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.training import evaluate

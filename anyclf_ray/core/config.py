@@ -1,22 +1,20 @@
-"""The job spec: one typed, validated description of a run.
+"""The job spec's declarations: one typed, validated description of a run.
 
-In: a YAML file plus ``--set key=value`` overrides. Out: a ``JobSpec`` whose every field has been
-checked, or a ``ConfigError`` whose one-line message names the field and the fix. Nothing here
-touches Ray, a model or the network, so bad input fails before any cluster time is spent.
+In: a mapping (``loading.load`` reads it from YAML). Out: a ``JobSpec`` whose every field has
+been checked, each field described (``Field(description=...)``, so the spec's JSON Schema comes
+from the models); a bad value raises the ``ValueError`` whose message ``loading`` turns into one
+line naming the field and the fix. Nothing here touches Ray, a model or the network.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pycountry
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,11 +26,8 @@ from pydantic import (
 )
 
 from anyclf_ray.core import models
-from anyclf_ray.llm.items import normalise
-
-
-class ConfigError(ValueError):
-    """A job spec that cannot run; ``str(error)`` is the one line to show the user."""
+from anyclf_ray.core.text import normalise
+from anyclf_ray.core.tokens import ITEM_OVERHEAD_CHARS, MIN_TEXT_CHARS, answer_tokens, chars_per_token
 
 
 class _Strict(BaseModel):
@@ -53,7 +48,7 @@ DECIDES = Decides()
 class StageSpec(_Strict):
     """Settings of one stage after generation; its fingerprint is chained from its input's."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Run this stage; off, the stage after it reads this one's input.")
 
 
 def decisive(spec: BaseModel) -> dict:
@@ -86,11 +81,11 @@ def _optional_embedder(value: str | None) -> str | None:
 class Label(_Strict):
     """A class the classifier predicts: ``id`` is what rows carry, ``desc`` what the LLM reads."""
 
-    id: str
-    desc: str
-    # The description in other languages, by language code; the generation prompt of a language
-    # uses its own (else ``desc``, with a stronger instruction to write in that language).
-    desc_by_language: dict[str, str] = {}
+    id: str = Field(description="What rows carry as the label, as written (quote nothing: YAML values stay text).")
+    desc: str = Field(description="What the LLM reads: a description of the label in words.")
+    desc_by_language: dict[str, str] = Field(
+        {}, description="The description in other languages, by language code; a language's prompts use its own "
+                        "(else desc, with a stronger instruction to write in that language).")
 
     @field_validator("id", mode="before")
     @classmethod
@@ -104,11 +99,15 @@ class Label(_Strict):
 class ModelSpec(_Strict):
     """Which LLM writes the data and how vLLM loads it."""
 
-    name: Annotated[str, DECIDES] = "builtin:smollm2-135m-instruct"
-    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], DECIDES] = "auto"
-    max_model_len: Annotated[int, DECIDES, Field(gt=0)] = 2048
-    # Skips torch.compile/CUDA graphs: faster start, slower decode. Right for tests and tiny runs.
-    enforce_eager: bool = False
+    name: Annotated[str, DECIDES, Field(
+        description="The LLM: builtin:smollm2-135m-instruct or builtin:tiny-random (offline), a local model "
+                    "folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct.")] = "builtin:smollm2-135m-instruct"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], DECIDES, Field(
+        description="Weights' precision in vLLM; float32 on CPUs without fast bfloat16.")] = "auto"
+    max_model_len: Annotated[int, DECIDES, Field(
+        gt=0, description="Context length in tokens: every prompt and its answer budget must fit it.")] = 2048
+    enforce_eager: bool = Field(
+        False, description="Skip torch.compile and CUDA graphs: faster start, slower decode (tests, tiny runs).")
 
     @field_validator("name")
     @classmethod
@@ -123,9 +122,10 @@ class ActorPlacement(_Strict):
     ``cpus_per_replica`` is what each actor reserves from Ray, not a thread count.
     """
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    replicas: int = Field(1, gt=0)
-    cpus_per_replica: float = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the actors run; auto: GPU if the "
+                                                                        "cluster has one.")
+    replicas: int = Field(1, gt=0, description="Actors, each holding one copy of the model.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each actor reserves from Ray (not a thread count).")
 
     @property
     def gpus_per_replica(self) -> int:
@@ -139,22 +139,23 @@ SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "repetition_penalty", "se
 class EngineSpec(ActorPlacement):
     """How the vLLM replicas run: placement and engine settings. None of it decides the text."""
 
-    tensor_parallel_size: int = Field(1, gt=0)
-    # CPU threads per replica; None: the cluster's cores divided among the replicas (at most one
-    # node's), so one replica on a laptop uses every core while reserving one CPU from Ray.
-    threads: int | None = Field(None, gt=0)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    cpu_kv_cache_gib: int = Field(1, gt=0)
-    # Off by default: vLLM's CPU build cannot rewind a per-request seeded sampler after a
-    # partial prefill ("CPU Generator does not use offset"). On GPUs it may be turned on.
-    chunked_prefill: bool = False
-    batch_size: int = Field(256, gt=0)
-    # Times a dead replica is replaced (its in-flight batch is retried on the new one).
-    restarts: int = Field(3, ge=0)
-    env: dict[str, str] = {}
-    # Custom Ray resources a replica needs, to keep engines on some nodes (a node type's label,
-    # ``{"engine_node": 1}``); split across a tensor-parallel replica's GPU bundles.
-    resources: dict[str, float] = {}
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (vLLM's tensor parallelism, in a "
+                                                           "placement group).")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads per replica; null: the cluster's cores divided among the replicas "
+                                "(at most one node's), so one replica on a laptop uses every core.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    cpu_kv_cache_gib: int = Field(1, gt=0, description="KV cache per replica on CPU, in GiB.")
+    # vLLM's CPU build cannot rewind a per-request seeded sampler after a partial prefill ("CPU
+    # Generator does not use offset"), hence off by default.
+    chunked_prefill: bool = Field(False, description="vLLM's chunked prefill; may be turned on on GPUs.")
+    batch_size: int = Field(256, gt=0, description="Requests per replica in one engine call.")
+    restarts: int = Field(3, ge=0, description="Times a dead replica is replaced; the call it held is asked again "
+                                               "on its replacement.")
+    env: dict[str, str] = Field({}, description="Environment variables for the engines' processes.")
+    resources: dict[str, float] = Field(
+        {}, description='Custom Ray resources a replica needs, to keep engines on some nodes ({"engine_node": 1}); '
+                        "split across a tensor-parallel replica's GPU bundles.")
 
     @model_validator(mode="before")
     @classmethod
@@ -169,43 +170,26 @@ class EngineSpec(ActorPlacement):
         return self.tensor_parallel_size
 
 
-# Characters per token when sizing an answer's token budget: a cautious figure for scripts
-# written with spaces, and one character a token for scripts without them.
-CHARS_PER_TOKEN = 3.0
-DENSE_SCRIPT_LANGUAGES = {"zh", "ja", "ko", "th", "lo", "km", "my", "bo"}
-# JSON around each item besides its text: {"<key>":""}, and the array's brackets.
-ITEM_OVERHEAD_CHARS = 8
-MIN_TEXT_CHARS = 20
-
-
-def chars_per_token(languages: list[str]) -> float:
-    return 1.0 if DENSE_SCRIPT_LANGUAGES & {code.lower()[:2] for code in languages} else CHARS_PER_TOKEN
-
-
-def answer_tokens(n_items: int, key: str, max_chars: int, languages: list[str]) -> int:
-    """Tokens that always hold a JSON array of ``n_items`` objects of at most ``max_chars``."""
-    chars = n_items * (max_chars + len(key) + ITEM_OVERHEAD_CHARS) + 2
-    return math.ceil(chars / chars_per_token(languages))
-
-
 class SamplingSpec(_Strict):
     """How the LLM samples and how much each request asks for: all of it decides the text."""
 
-    max_tokens: int = Field(1024, gt=0)
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
-    seed: int = 0
-    max_retries: int = Field(2, ge=0)
-    examples_per_request: int = Field(5, gt=0)
-    # Longest text, in characters; None: what max_tokens holds for examples_per_request texts.
-    max_text_chars: int | None = Field(None, gt=0)
-    max_item_chars: int = Field(80, gt=0)
-    # Hold items to ``items.py``'s rules (no JSON syntax, no echo of the prompt, distinct within
-    # a node), retrying what fails. Off is the plain AnyClassifier recipe, kept for comparison.
-    valid_items: bool = True
-    # Fewest words in a generated text (scripts without spaces counted by characters).
-    min_text_words: int = Field(5, ge=0)
+    max_tokens: int = Field(1024, gt=0, description="Token budget of one generation answer.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (judgements use 0).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling: the probability mass sampled from.")
+    repetition_penalty: float = Field(1.1, gt=0, description="vLLM's repetition penalty (above 1 discourages loops).")
+    seed: int = Field(0, description="Base of every request's seed: the same seed writes the same texts.")
+    max_retries: int = Field(2, ge=0, description="Times an answer that fails (cut off, refused items) is asked "
+                                                  "again, with a new seed.")
+    examples_per_request: int = Field(5, gt=0, description="Texts one generation request asks for.")
+    max_text_chars: int | None = Field(None, gt=0, description="Longest text, in characters; null: what max_tokens "
+                                                               "holds for examples_per_request texts.")
+    max_item_chars: int = Field(80, gt=0, description="Longest tree item (source type, topic, subtopic), in "
+                                                      "characters.")
+    valid_items: bool = Field(
+        True, description="Hold items to the rules of llm/items.py (no JSON syntax, no echo, no placeholders, "
+                          "distinct), retrying what fails; off is the plain AnyClassifier recipe.")
+    min_text_words: int = Field(5, ge=0, description="Fewest words in a generated text (scripts without spaces "
+                                                     "counted by characters).")
 
     def text_chars(self, languages: list[str]) -> int:
         """The per-text character limit: as given, or derived from ``max_tokens``."""
@@ -234,17 +218,21 @@ class SamplingSpec(_Strict):
 class DedupSpec(ActorPlacement, StageSpec):
     """Exact and embedding near-duplicate removal (``dedup.py``); on by default in full jobs."""
 
-    # A sentence-transformers model: builtin:all-minilm-l6-v2 (offline), a folder or a hub id.
-    model: Annotated[str, DECIDES] = "builtin:all-minilm-l6-v2"
-    # Cosine similarity at or above which two texts are near-duplicates. With MiniLM, a changed
-    # word or reordered clause scores 0.95-0.99, while opposite statements can reach 0.89.
-    threshold: Annotated[float, DECIDES, Field(gt=0, le=1)] = 0.92
-    # Near-duplicates with different labels: drop every row involved, or keep them (counted).
-    conflicts: Annotated[Literal["drop", "keep"], DECIDES] = "drop"
-    partition_size: Annotated[int, DECIDES, Field(gt=1)] = 2000
-    probes: Annotated[int, DECIDES, Field(gt=0)] = 3
-    batch_size: int = Field(128, gt=0)
-    seed: Annotated[int, DECIDES] = 0
+    model: Annotated[str, DECIDES, Field(description="The embedder: a sentence-transformers model "
+                                                      "(builtin:all-minilm-l6-v2 offline, a folder or a hub id).")
+                     ] = "builtin:all-minilm-l6-v2"
+    # With MiniLM, a changed word or reordered clause scores 0.95-0.99, while opposite statements
+    # can reach 0.89.
+    threshold: Annotated[float, DECIDES, Field(gt=0, le=1, description="Cosine similarity at or above which two "
+                                                                       "texts are near-duplicates.")] = 0.92
+    conflicts: Annotated[Literal["drop", "keep"], DECIDES, Field(
+        description="Near-duplicates with different labels: drop every row involved, or keep them (counted).")
+    ] = "drop"
+    partition_size: Annotated[int, DECIDES, Field(gt=1, description="Rows per k-means partition of the "
+                                                                    "near-duplicate search.")] = 2000
+    probes: Annotated[int, DECIDES, Field(gt=0, description="Partitions each row is compared in.")] = 3
+    batch_size: int = Field(128, gt=0, description="Texts per embedding batch.")
+    seed: Annotated[int, DECIDES, Field(description="Seed of the k-means partitions.")] = 0
 
     _loadable = field_validator("model")(_embedder)
 
@@ -262,23 +250,24 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
     each row with every label's description. The placement is the embedding actors'.
     """
 
-    # Unset: the run kind's default (``default_methods``): crossfit for a single-label run, the
-    # llm judge for a multi-label one (crossfit and similarity read one label a row).
-    methods: Annotated[list[Literal["llm", "crossfit", "similarity"]], DECIDES] = ["crossfit"]
-    # remove: failing rows go to removed/; flag: they stay, marked in ``label_check_failed``;
-    # relabel: they take the llm judge's labels when those make a set the run allows, and are
-    # removed otherwise.
-    action: Annotated[Literal["remove", "flag", "relabel"], DECIDES] = "remove"
-    # The embedder of crossfit and similarity; None: the training body (train.base_model).
-    model: Annotated[str | None, DECIDES] = None
-    folds: Annotated[int, DECIDES, Field(ge=2)] = 5
-    # crossfit: rows whose out-of-fold probability of their own label is below this are removed;
-    # None: 1 / number of labels, i.e. the classifier finds the row less its own than chance.
-    threshold: Annotated[float | None, DECIDES, Field(gt=0, lt=1)] = None
-    # similarity: how much nearer its own label's description a row must be than any other's.
-    margin: Annotated[float, DECIDES, Field(ge=0, lt=2)] = 0.0
-    batch_size: int = Field(128, gt=0)
-    seed: Annotated[int, DECIDES] = 0
+    methods: Annotated[list[Literal["llm", "crossfit", "similarity"]], DECIDES, Field(
+        description="The checks, combined (a row fails if any fails it); unset: the run kind's default, crossfit "
+                    "for single-label runs and llm for multi-label ones.")] = ["crossfit"]
+    action: Annotated[Literal["remove", "flag", "relabel"], DECIDES, Field(
+        description="remove: failing rows go to removed/; flag: they stay, marked in label_check_failed; "
+                    "relabel: they take the llm judge's labels when those make a set the run allows, and are "
+                    "removed otherwise.")] = "remove"
+    model: Annotated[str | None, DECIDES, Field(description="The embedder of crossfit and similarity; null: "
+                                                             "train.base_model.")] = None
+    folds: Annotated[int, DECIDES, Field(ge=2, description="crossfit's folds.")] = 5
+    threshold: Annotated[float | None, DECIDES, Field(
+        gt=0, lt=1, description="crossfit: a row whose out-of-fold probability of its own label is below this "
+                                "fails; null: 1 / number of labels (less its own than chance).")] = None
+    margin: Annotated[float, DECIDES, Field(
+        ge=0, lt=2, description="similarity: how much nearer its own label's description a row must be than any "
+                                "other's (cosine).")] = 0.0
+    batch_size: int = Field(128, gt=0, description="Texts per embedding batch.")
+    seed: Annotated[int, DECIDES, Field(description="Seed of crossfit's folds.")] = 0
 
     @field_validator("methods")
     @classmethod
@@ -297,10 +286,14 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
 class LanguageCheckSpec(StageSpec):
     """Rows not written in the language they were asked in (``language_check.py``)."""
 
-    # The detector weighs the run's languages, English (what models drift into) and these:
-    # others a model may write instead (es for a pt run). Each one added costs accuracy on
-    # short texts, so the detector does not weigh every language it knows.
-    also_detect: Annotated[list[str], DECIDES] = []
+    # Each language weighed costs accuracy on short texts, so the detector weighs the run's
+    # languages, English (what models drift into) and these, not every language it knows.
+    also_detect: Annotated[list[str], DECIDES, Field(
+        description="Languages a model may write instead of the one asked (es for a pt run), weighed with the "
+                    "run's languages and English.")] = []
+    min_confidence: Annotated[float, DECIDES, Field(
+        ge=0, lt=1, description="A row is kept only if its requested language is the one detected, with at least "
+                                "this confidence (lingua's, among the weighed languages).")] = 0.2
 
     @field_validator("also_detect")
     @classmethod
@@ -308,20 +301,17 @@ class LanguageCheckSpec(StageSpec):
         for code in codes:
             language_name(code)
         return codes
-    # A row is kept only if its requested language is the one detected, with at least this
-    # confidence (lingua's confidence among the weighed languages, 0-1).
-    min_confidence: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.2
 
 
 class DiversitySpec(ActorPlacement, StageSpec):
     """The diversity report of the rows the run keeps (``diversity.py``): figures and plots."""
 
-    # The embedder of the pairwise cosine and the 2-D map; None: dedup.model.
-    model: Annotated[str | None, DECIDES] = None
-    # Rows per label embedded for the pairwise cosine and the 2-D map.
-    sample_rows: Annotated[int, DECIDES, Field(gt=1)] = 2000
-    batch_size: int = Field(128, gt=0)
-    seed: Annotated[int, DECIDES] = 0
+    model: Annotated[str | None, DECIDES, Field(description="The embedder of the pairwise cosine and the 2-D map; "
+                                                             "null: dedup.model.")] = None
+    sample_rows: Annotated[int, DECIDES, Field(gt=1, description="Rows per label embedded for the pairwise cosine "
+                                                                 "and the 2-D map.")] = 2000
+    batch_size: int = Field(128, gt=0, description="Texts per embedding batch.")
+    seed: Annotated[int, DECIDES, Field(description="Seed of the sample.")] = 0
 
     _loadable = field_validator("model")(_optional_embedder)
 
@@ -329,15 +319,14 @@ class DiversitySpec(ActorPlacement, StageSpec):
 class EvalSetSpec(_Strict):
     """A real labelled set to evaluate on: Parquet, CSV, JSONL or a ``datasets`` folder."""
 
-    path: str
-    text_column: str = "text"
-    label_column: str = "label"
-    # A column of language codes: metrics are then reported per language too.
-    language_column: str | None = None
-    # Its label values → the job's label ids; values not listed must already be label ids.
-    label_map: dict[str, str] = {}
-    # Multi-label runs: the label column holds lists, or text with labels split by this.
-    label_separator: str | None = None
+    path: str = Field(description="A .parquet, .csv or .jsonl file or a datasets folder, local or s3://.")
+    text_column: str = Field("text", description="The column of texts.")
+    label_column: str = Field("label", description="The column of labels, read as the text written.")
+    language_column: str | None = Field(None, description="A column of language codes: metrics per language too.")
+    label_map: dict[str, str] = Field({}, description="Its label values → the job's label ids; values not listed "
+                                                      "must already be label ids.")
+    label_separator: str | None = Field(None, description="Multi-label runs: the label column holds lists, or text "
+                                                          "with labels split by this.")
 
     @field_validator("label_map", mode="before")
     @classmethod
@@ -349,26 +338,30 @@ class EvalSetSpec(_Strict):
 class TrainSpec(StageSpec):
     """SetFit training on Ray Train (``train.py``) and evaluation (``evaluate.py``)."""
 
-    # A sentence-transformers body: the seed's mpnet by default; builtin:all-minilm-l6-v2 offline.
-    base_model: Annotated[str, DECIDES] = "sentence-transformers/paraphrase-mpnet-base-v2"
+    base_model: Annotated[str, DECIDES, Field(
+        description="The sentence-transformers body: the seed's mpnet by default, builtin:all-minilm-l6-v2 "
+                    "offline.")] = "sentence-transformers/paraphrase-mpnet-base-v2"
     # Each worker samples its own pairs, so the worker count decides the pairs seen.
-    num_workers: Annotated[int, DECIDES, Field(gt=0)] = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    # Contrastive pairs = min(max_pairs, num_iterations × training rows), sampled as they are used.
-    num_iterations: Annotated[int, DECIDES, Field(ge=0)] = 20
-    max_pairs: Annotated[int, DECIDES, Field(gt=0)] = 100_000
-    batch_size: Annotated[int, DECIDES, Field(gt=0)] = 16
-    learning_rate: Annotated[float, DECIDES, Field(gt=0)] = 2e-5
-    max_seq_length: Annotated[int, DECIDES, Field(gt=0)] = 128
-    # Share of the synthetic rows held out for evaluation, chosen by id (stable across re-runs).
-    test_size: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.2
-    # Training rows at most, the rest streamed past: the driver holds this many texts and their
-    # embeddings whatever the run's size. Beyond it a share of every label is taken, by id.
-    max_rows: Annotated[int, DECIDES, Field(gt=0)] = 50_000
-    head_max_iter: Annotated[int, DECIDES, Field(gt=0)] = 1000
-    seed: Annotated[int, DECIDES] = 0
-    eval_set: Annotated[EvalSetSpec | None, DECIDES] = None
+    num_workers: Annotated[int, DECIDES, Field(gt=0, description="Ray Train workers (DDP: gloo on CPU, NCCL on "
+                                                                 "GPU).")] = 1
+    use_gpu: bool = Field(False, description="A GPU per training worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
+    num_iterations: Annotated[int, DECIDES, Field(
+        ge=0, description="Contrastive pairs = min(max_pairs, num_iterations × training rows); 0 skips "
+                          "fine-tuning.")] = 20
+    max_pairs: Annotated[int, DECIDES, Field(gt=0, description="Contrastive pairs at most.")] = 100_000
+    batch_size: Annotated[int, DECIDES, Field(gt=0, description="Pairs per training step and worker.")] = 16
+    learning_rate: Annotated[float, DECIDES, Field(gt=0, description="AdamW's learning rate.")] = 2e-5
+    max_seq_length: Annotated[int, DECIDES, Field(gt=0, description="Tokens of a text the body reads.")] = 128
+    test_size: Annotated[float, DECIDES, Field(
+        ge=0, lt=1, description="Share of the rows held out for evaluation, chosen by id (stable across "
+                                "re-runs).")] = 0.2
+    max_rows: Annotated[int, DECIDES, Field(
+        gt=0, description="Training rows at most, the lowest id draws; the rest stream past.")] = 50_000
+    head_max_iter: Annotated[int, DECIDES, Field(gt=0, description="Iterations of the logistic-regression head."
+                                                 )] = 1000
+    seed: Annotated[int, DECIDES, Field(description="Seed of pairs and head.")] = 0
+    eval_set: Annotated[EvalSetSpec | None, DECIDES, Field(description="A real labelled set to evaluate on.")] = None
 
     _loadable = field_validator("base_model")(_embedder)
 
@@ -388,20 +381,20 @@ class MultiLabelSpec(_Strict):
     set that holds it, so rare ones are never left out.
     """
 
-    enabled: Annotated[bool, DECIDES] = False
-    min_labels: Annotated[int, DECIDES, Field(ge=1)] = 1
-    max_labels: Annotated[int, DECIDES, Field(ge=1)] = 2
-    # Relative rows per set size, from min_labels to max_labels; None: equal.
-    size_weights: Annotated[list[float] | None, DECIDES] = None
-    # Weights of label pairs written "a|b"; 0 forbids the pair in any set.
-    pair_weights: Annotated[dict[str, float], DECIDES] = {}
-    # llm: the run's LLM says once, before generation, how often real texts carry each pair not
-    # in pair_weights; its answers weigh the sets (kept in label_prior.json). none: weight 1.
-    pair_prior: Annotated[Literal["none", "llm"], DECIDES] = "none"
-    # Share of the texts that express none of the labels.
-    none_share: Annotated[float, DECIDES, Field(ge=0, lt=1)] = 0.0
-    # Rows each label and each allowed pair gets before the weights share out the rest.
-    min_rows: Annotated[int, DECIDES, Field(ge=1)] = 5
+    enabled: Annotated[bool, DECIDES, Field(description="Rows carry a set of labels.")] = False
+    min_labels: Annotated[int, DECIDES, Field(ge=1, description="Fewest labels a text carries.")] = 1
+    max_labels: Annotated[int, DECIDES, Field(ge=1, description="Most labels a text carries.")] = 2
+    size_weights: Annotated[list[float] | None, DECIDES, Field(
+        description="Relative rows per set size, from min_labels to max_labels; null: equal.")] = None
+    pair_weights: Annotated[dict[str, float], DECIDES, Field(
+        description='Weights of label pairs written "a|b"; 0 forbids the pair in any set.')] = {}
+    pair_prior: Annotated[Literal["none", "llm"], DECIDES, Field(
+        description="llm: the run's LLM says once how often real texts carry each pair not in pair_weights, and "
+                    "its answers weigh the sets (label_prior.json); none: weight 1.")] = "none"
+    none_share: Annotated[float, DECIDES, Field(ge=0, lt=1, description="Share of the texts that express none of "
+                                                                        "the labels.")] = 0.0
+    min_rows: Annotated[int, DECIDES, Field(ge=1, description="Rows each label and each allowed pair gets before the "
+                                                              "weights share out the rest.")] = 5
 
     @field_validator("size_weights")
     @classmethod
@@ -452,17 +445,17 @@ class MultiLabelSpec(_Strict):
 class OutputSpec(_Strict):
     """Where a run's artifacts go: ``<path>/<run_id>/``, a local folder or ``s3://bucket/prefix``."""
 
-    path: str = "runs"
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    rows_per_shard: int = Field(50_000, gt=0)
-    # Generation commits a part at least every ``commit_rows`` rows, and sooner when that many
-    # would take the engines longer than ``commit_seconds`` at the rate the tree passes measured:
-    # what a crash can lose, whatever ``engine.batch_size``.
-    commit_rows: int = Field(2_000, gt=0)
-    commit_seconds: float = Field(120.0, gt=0)
-    # How often a long pass logs its progress and rewrites ``<run>/status.json``.
-    status_seconds: float = Field(30.0, gt=0)
+    path: str = Field("runs", description="A local folder or s3://bucket/prefix; the run goes to <path>/<run_id>/.")
+    endpoint_url: str | None = Field(None, description="An S3 endpoint other than AWS (MinIO, SeaweedFS...).")
+    region: str = Field("us-east-1", description="The S3 region.")
+    rows_per_shard: int = Field(50_000, gt=0, description="Rows per Parquet shard a stage writes.")
+    # What a crash can lose, whatever engine.batch_size.
+    commit_rows: int = Field(2_000, gt=0, description="A source commits a part at least every this many rows.")
+    commit_seconds: float = Field(
+        120.0, gt=0, description="...and sooner when commit_rows would take the engines longer than this, at the "
+                                 "rate the tree passes measured.")
+    status_seconds: float = Field(30.0, gt=0, description="How often a long pass logs its progress and rewrites "
+                                                          "<run>/status.json.")
 
     @field_validator("path")
     @classmethod
@@ -490,33 +483,38 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class JobSpec(_Strict):
     """A whole run. Sizes are either ``n_record_to_generate`` or all four explicit sizes."""
 
-    instruction: Annotated[str, DECIDES]
-    # The instruction in other languages, by language code (as ``Label.desc_by_language``).
-    instruction_by_language: Annotated[dict[str, str], DECIDES] = {}
-    labels: Annotated[list[Label], DECIDES]
-    n_record_to_generate: Annotated[int | None, DECIDES, Field(gt=0)] = None
-    n_source_type: Annotated[int | None, DECIDES, Field(gt=0)] = None
-    n_topic: Annotated[int | None, DECIDES, Field(gt=0)] = None
-    n_subtopic: Annotated[int | None, DECIDES, Field(gt=0)] = None
-    sample_per_subtopic: Annotated[int | None, DECIDES, Field(gt=0)] = None
-    languages: Annotated[list[str], DECIDES] = ["en"]
-    # One tree read by every language (its items in English), or a tree per language written in
-    # it. Shared is the default: the languages' rows then come from the same leaves, so their
-    # counts and metrics compare like with like, and tree passes do not grow with the languages.
-    tree_languages: Annotated[Literal["shared", "per_language"], DECIDES] = "shared"
-    model: ModelSpec = ModelSpec()
-    engine: EngineSpec = EngineSpec()
-    sampling: Annotated[SamplingSpec, DECIDES] = SamplingSpec()
-    output: OutputSpec = OutputSpec()
-    language_check: LanguageCheckSpec = LanguageCheckSpec()
-    label_check: LabelCheckSpec = LabelCheckSpec()
-    dedup: DedupSpec = DedupSpec()
-    diversity: DiversitySpec = DiversitySpec()
-    train: TrainSpec = TrainSpec()
-    multi_label: MultiLabelSpec = MultiLabelSpec()
-    run_id: str | None = None
-    # A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.
-    tree_path: Annotated[str | None, DECIDES] = None
+    instruction: Annotated[str, DECIDES, Field(description="The classifier's task, as the LLM reads it: "
+                                                          "'classify a text's sentiment'.")]
+    instruction_by_language: Annotated[dict[str, str], DECIDES, Field(
+        description="The instruction in other languages, by language code.")] = {}
+    labels: Annotated[list[Label], DECIDES, Field(description="The label set: what the classifier predicts.")]
+    n_record_to_generate: Annotated[int | None, DECIDES, Field(
+        gt=0, description="Rows in all (per language the same share); or give the four sizes below.")] = None
+    n_source_type: Annotated[int | None, DECIDES, Field(gt=0, description="Source types of the tree.")] = None
+    n_topic: Annotated[int | None, DECIDES, Field(gt=0, description="Topics per (label, source type).")] = None
+    n_subtopic: Annotated[int | None, DECIDES, Field(gt=0, description="Subtopics per topic.")] = None
+    sample_per_subtopic: Annotated[int | None, DECIDES, Field(gt=0, description="Rows per leaf.")] = None
+    languages: Annotated[list[str], DECIDES, Field(description="ISO 639-1 codes; each multiplies the leaves.")] = ["en"]
+    # Shared is the default: the languages' rows then come from the same leaves, so their counts
+    # and metrics compare like with like, and tree passes do not grow with the languages.
+    tree_languages: Annotated[Literal["shared", "per_language"], DECIDES, Field(
+        description="One tree read by every language (its items in English), or a tree per language written in "
+                    "it.")] = "shared"
+    model: ModelSpec = Field(ModelSpec(), description="The LLM.")
+    engine: EngineSpec = Field(EngineSpec(), description="The LLM's replicas: placement and engine settings.")
+    sampling: Annotated[SamplingSpec, DECIDES, Field(description="How the LLM samples and what each request "
+                                                                 "asks for.")] = SamplingSpec()
+    output: OutputSpec = Field(OutputSpec(), description="Where the run's artifacts go.")
+    language_check: LanguageCheckSpec = Field(LanguageCheckSpec(), description="The language check filter.")
+    label_check: LabelCheckSpec = Field(LabelCheckSpec(), description="The label check filter.")
+    dedup: DedupSpec = Field(DedupSpec(), description="Exact and near-duplicate removal.")
+    diversity: DiversitySpec = Field(DiversitySpec(), description="The diversity report.")
+    train: TrainSpec = Field(TrainSpec(), description="SetFit training and evaluation.")
+    multi_label: MultiLabelSpec = Field(MultiLabelSpec(), description="Rows that carry label sets.")
+    run_id: str | None = Field(None, description="Names the run's folder; default: run-<digest of the spec>.")
+    tree_path: Annotated[str | None, DECIDES, Field(
+        description="A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.")
+    ] = None
 
     _blank = field_validator("instruction")(_non_blank)
 
@@ -737,114 +735,3 @@ def language_name(code: str) -> str:
     return found.name
 
 
-# -- loading ------------------------------------------------------------------------------
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {part} is not a section")
-    node[leaf] = value
-
-
-class AsWritten(yaml.SafeLoader):
-    """YAML whose plain scalars stay the text the user wrote; only ``null``, ``~`` and empty
-    values are read as null.
-
-    YAML 1.1, which PyYAML follows, reads ``no`` as false, ``010`` as 8 and ``0x1F`` as 31, so a
-    label id or a ``label_map`` key written that way would no longer match the labels in the
-    user's files. Numbers and booleans of typed fields are read from that text by the spec's
-    models (``"2"`` as 2, ``"true"`` or ``"yes"`` as true), so they lose nothing.
-    """
-
-
-AsWritten.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag == "tag:yaml.org,2002:null"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def read_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=AsWritten)  # noqa: S506 (a SafeLoader)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` strings; values are read as YAML (lists, mappings), as written."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. engine.replicas=2")
-        try:
-            value = read_yaml(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--set {item!r}: not valid YAML ({error.problem})") from None
-        _set_dotted(raw, key.strip(), value)
-    return raw
-
-
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    spec: Any = JobSpec
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        annotation = spec.model_fields[part].annotation
-        # list[Label] and EvalSetSpec | None: the model class among the type's arguments.
-        spec = next(a for a in getattr(annotation, "__args__", ()) + (annotation,) if hasattr(a, "model_fields"))
-    return list(spec.model_fields)
-
-
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc, message = first["loc"], first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(loc), n=1)
-        fix = f"did you mean {close[0]!r}?" if close else "remove it"
-        return f"{_location(loc)}: unknown key; {fix}"
-    if first["type"] == "missing":
-        return f"{_location(loc)}: is required"
-    if first["type"] == "int_parsing" and isinstance(first["input"], str):
-        return f"{_location(loc)}: {first['input']!r} is not a whole number; write it in digits{_in_digits(first['input'])}"
-    # Whole-spec checks have no location; their messages start with the field they blame.
-    return f"{_location(loc)}: {message}" if loc else message
-
-
-def _in_digits(text: str) -> str:
-    """``text`` (such as ``1e6``) as digits, for the fix: ", such as 1000000", or nothing."""
-    try:
-        value = float(text)
-    except ValueError:
-        return ""
-    return f", such as {int(value)}" if value.is_integer() and abs(value) < 1e30 else ""
-
-
-def parse(raw: dict) -> JobSpec:
-    try:
-        return JobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_one_line(error)) from None
-
-
-def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read, override and validate a job spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config {path}: not UTF-8 text; save the spec as UTF-8 YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path}: must be a mapping of fields, such as instruction: ...")
-    return parse(apply_overrides(raw, list(overrides)))
