@@ -59,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--verbose", action="store_true", help="show engine and worker logs on the console")
         if name in ("generate", "run"):
             command.add_argument("--retry-failures", action="store_true",
-                                 help="ask again for the generation requests that failed in this run (and redo later stages)")
-    planned = commands.add_parser("plan", help="print the plan of a spec (requests, rows, tokens, time), spending no LLM time")
+                                 help="ask again for what failed in this run: the generation requests that failed, "
+                                      "the rows a check could not judge (and redo the stages after them)")
+    planned = commands.add_parser(
+        "plan", help="print the plan of a spec (requests, rows, tokens, time), spending no LLM time")
     planned.add_argument("--config", required=True, help="job spec YAML file")
     planned.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     planned.add_argument("--tokens-per-second", type=float, help="tokens one replica decodes per second, for the time")
@@ -78,12 +80,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     spec = loading.load(args.config, args.overrides)
-    manifests = pipeline.run(spec, only=COMMANDS[args.command][1], address=args.address, verbose=args.verbose,
-                             retry_failures=getattr(args, "retry_failures", False))
+    finished = pipeline.run(spec, only=COMMANDS[args.command][1], address=args.address, verbose=args.verbose,
+                            retry_failures=getattr(args, "retry_failures", False))
     by_name = {stage.name: stage for stage in pipeline.stages(spec)}
-    for name, found in manifests.items():
+    for name, found in finished.items():
         print(f"anyclf-ray: {by_name[name].describe(found)}")
-    return 0 if all(found["status"] == "complete" for found in manifests.values()) else EXIT_INCOMPLETE
+    return 0 if all(found.complete for found in finished.values()) else EXIT_INCOMPLETE
 
 
 def _plan(args) -> int:
@@ -92,7 +94,7 @@ def _plan(args) -> int:
 
     spec = loading.load(args.config, args.overrides)
     found = estimate.estimate(spec, args.tokens_per_second)
-    found["longest_prompt_tokens"] = budgets.check(spec)
+    found["longest_prompt_tokens"] = budgets.check(spec, pipeline.longest_requests(pipeline.stages(spec)))
     print(json.dumps(found, indent=2))
     return 0
 

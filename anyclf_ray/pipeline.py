@@ -1,38 +1,44 @@
 """The run: the spec's stages, checked first, then run in order on one engine pool.
 
 In: a validated ``JobSpec`` and, optionally, the one stage to run. Out: the run folder
-``<output>/<run_id>/`` and every stage's manifest.
+``<output>/<run_id>/`` and every stage's result (``results.StageResult``, its manifest).
 
-``stages(spec)`` is the list ``STAGES`` filtered by what the spec enables; each stage's
-fingerprint is chained from the one before it. Before Ray starts, the output is checked
-writable and every stage's ``check`` runs, so a bad eval set or model fails in a second, not
-after the LLM has run. Stages whose output for their fingerprint is committed are skipped. The
-LLM replicas start once, when the first LLM pass needs them, serve every later pass, and are
-released after the last stage that uses them, before training takes the cores.
+``stages(spec)`` is the list ``STAGES`` filtered by what the spec enables. The sources write the
+rows of the run; the first stage after them reads every source's rows, and each later stage
+reads the stage before it (a report's input is passed on). A stage's fingerprint is chained
+from its input's. Before Ray starts, the output is checked writable, every enabled stage's
+``check`` runs (whichever stage a command runs, so a bad section fails in a second, not after
+the LLM has run) and every LLM pass's longest prompt is checked against the model's context.
+Stages whose output for their fingerprint is committed are skipped. The LLM replicas start once,
+when the first LLM pass needs them, serve every later pass, and are released after the last
+stage that uses them, before training takes the cores. After each stage, the dataset card is
+written, then the stage's manifest (last: it marks the stage done).
 """
 
 from __future__ import annotations
 
 import logging
 
-from anyclf_ray.core import runtime
+from anyclf_ray.core import cards, runtime
 from anyclf_ray.core.config import JobSpec
 from anyclf_ray.core.loading import ConfigError
-from anyclf_ray.core.stage import Context, Stage
+from anyclf_ray.core.results import StageResult
+from anyclf_ray.core.stage import Context, Input, Stage, input_fingerprint
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.filters.dedup import Dedup
 from anyclf_ray.filters.label_check import LabelCheck
 from anyclf_ray.filters.language_check import LanguageCheck
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import budgets
 from anyclf_ray.llm.pool import EnginePool, vllm_factory
 from anyclf_ray.reports.diversity import Diversity
-from anyclf_ray.sources import estimate
 from anyclf_ray.sources.generate import Generate
 from anyclf_ray.training.train import Train
 
 log = logging.getLogger(__name__)
 
-# Every stage in run order; the spec enables them. A new stage is one module and one entry here.
+# Every stage in run order, sources first; the spec enables them. A new stage is one module and
+# one entry here.
 STAGES: list[type[Stage]] = [Generate, LanguageCheck, LabelCheck, Dedup, Diversity, Train]
 
 
@@ -40,14 +46,24 @@ def stages(spec: JobSpec) -> list[Stage]:
     return [cls(spec) for cls in STAGES if cls.enabled(spec)]
 
 
-def chain(plan: list[Stage]) -> tuple[dict[str, str], dict[str, Stage | None]]:
-    """Each stage's fingerprint and input: the last stage before it that is not a report."""
-    fingerprints, inputs, source = {}, {}, None
+def chain(plan: list[Stage]) -> tuple[dict[str, str], dict[str, list[Stage]]]:
+    """Each stage's fingerprint and inputs: every source for the first stage after them, then
+    the last stage before it that is not a report."""
+    fingerprints: dict[str, str] = {}
+    inputs: dict[str, list[Stage]] = {}
+    rows_of: list[Stage] = [stage for stage in plan if stage.source]
     for stage in plan:
-        inputs[stage.name] = source
-        fingerprints[stage.name] = stage.fingerprint(fingerprints[source.name] if source else None)
-        source = source if stage.report_only else stage
+        inputs[stage.name] = [] if stage.source else list(rows_of)
+        upstream = input_fingerprint([fingerprints[source.name] for source in inputs[stage.name]])
+        fingerprints[stage.name] = stage.fingerprint(upstream)
+        if not stage.source and not stage.report_only:
+            rows_of = [stage]
     return fingerprints, inputs
+
+
+def longest_requests(plan: list[Stage]) -> dict:
+    """Every LLM pass of the stages, with its longest requests, by pass name."""
+    return {name: requests for stage in plan for name, requests in stage.longest_requests().items()}
 
 
 def start_engines(spec: JobSpec, factory=None) -> EnginePool:
@@ -59,10 +75,11 @@ def start_engines(spec: JobSpec, factory=None) -> EnginePool:
 
 
 def run(spec: JobSpec, only: str | None = None, address: str | None = None, verbose: bool = False,
-        engine_factory=None, retry_failures: bool = False) -> dict[str, dict]:
+        engine_factory=None, retry_failures: bool = False) -> dict[str, StageResult]:
     """Run the spec's stages (or ``only`` the one named, whose input must be committed); each
-    stage's manifest by name. ``retry_failures`` asks again for the LLM requests that failed in
-    a finished generation (and redoes the stages after it). ``engine_factory`` replaces vLLM (tests)."""
+    stage's result by name. ``retry_failures`` asks again for the LLM requests that failed in a
+    finished source, or the rows a check could not judge (and redoes the stages after it).
+    ``engine_factory`` replaces vLLM (tests)."""
     location = RunLocation(spec.output, spec.resolved_run_id())
     plan = stages(spec)
     names = [stage.name for stage in plan]
@@ -73,44 +90,56 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
     for warning in spec.warnings():
         log.warning("warning: %s", warning)
     fingerprints, inputs = chain(plan)
-    estimate.estimate(spec)  # refuses a plan that leaves a label without the rows it needs
-    budgets.check(spec)
-    for stage in plan:  # every section, whichever stage runs: a bad one fails now, not in a later command
-        stage.check(location)
-    done: dict[str, dict | None] = {}
+    # Every section, whichever stage runs: a bad one fails now, not in a later command.
+    checked = {stage.name: stage.check(location) for stage in plan}
+    budgets.check(spec, longest_requests(plan))
+    done: dict[str, StageResult | None] = {}
+
+    def committed(stage: Stage) -> Input | None:
+        """What ``stage`` reads as committed now; None for a source, or while any input is unfinished."""
+        found = [done[source.name] for source in inputs[stage.name]]
+        return Input([result for result in found if result]) if found and all(found) else None
+
     for stage in plan:  # in order: a stage is done only on its input as committed now
-        source = inputs[stage.name]
-        done[stage.name] = stage.done(location, fingerprints[stage.name], done[source.name] if source else None)
-        if done[stage.name] and retry_failures and stage in targets and stage.retries(done[stage.name]):
-            log.info("%s: retrying its failed requests", stage.name)
-            done[stage.name] = None
+        upstream = committed(stage)
+        result = (stage.done(location, fingerprints[stage.name], upstream)
+                  if stage.source or upstream else None)
+        if result and retry_failures and stage in targets and stage.retries(result):
+            log.info("%s: retrying what it could not do", stage.name)
+            result = None
+        done[stage.name] = result
     first = plan.index(targets[0])
-    before = inputs[targets[0].name]
-    if before and not done[before.name]:
+    missing = [source for source in inputs[targets[0].name] if not done[source.name]]
+    if missing:
         raise ConfigError(
-            f"run_id: {location.run_id!r} has no finished {before.name} stage for this spec; "
-            f"run `anyclf-ray {before.name.replace('_', '-')}` (or `anyclf-ray run`) first"
+            f"run_id: {location.run_id!r} has no finished {missing[0].name} stage for this spec; "
+            f"run `anyclf-ray {missing[0].command}` (or `anyclf-ray run`) first"
         )
 
+    finished = [(stage, result) for stage in plan[:first] if (result := done[stage.name])]
     ctx = Context(spec, location, lambda: start_engines(spec, engine_factory), retry_failures=retry_failures,
-                  finished=[(stage, done[stage.name]) for stage in plan[:first] if done[stage.name]])
+                  finished=[result for _, result in finished])
     last_llm = max((i for i, stage in enumerate(plan) if stage.uses_llm and not done[stage.name]), default=-1)
-    manifests = {}
+    found_by_name: dict[str, StageResult] = {}
     try:
         for stage in targets:
-            found = done[stage.name]
-            if found:
+            result = done[stage.name]
+            if result:
                 log.info("%s: already complete for this input and these settings; skipped", stage.name)
             else:
                 runtime.connect(address, verbose)
                 log.info("%s: running", stage.name)
-                source = inputs[stage.name]
-                found = stage.run(ctx, done[source.name] if source else None, fingerprints[stage.name])
-                done[stage.name] = found
+                result = stage.run(ctx, committed(stage), fingerprints[stage.name], checked[stage.name])
+                card = cards.dataset_card(spec, location.run_id, [*finished, (stage, result)],
+                                          scheme(spec).columns_text)
+                location.write_bytes("README.md", card.encode())
+                stage.commit(location, result)
+                done[stage.name] = result
             if plan.index(stage) >= last_llm:
                 ctx.close_engines()  # free the engines' cores for the stages after the last LLM pass
-            ctx.finished.append((stage, found))
-            manifests[stage.name] = found
+            ctx.finished.append(result)
+            finished.append((stage, result))
+            found_by_name[stage.name] = result
     finally:
         ctx.close_engines()
-    return manifests
+    return found_by_name

@@ -64,42 +64,38 @@ def read_parts(location, folder: str = "data"):
 
 
 def write_generated(spec, rows: list[tuple], parts: int = 2):
-    """A finished generation of ``spec`` in the generation stage's format: shards plus the manifest
-    that lists them (with the fingerprint that marks it finished for this spec).
+    """A finished generation of ``spec`` in the generation stage's format: shards plus its
+    committed result (with the fingerprint that marks it finished for this spec).
 
     ``rows`` are (id, label, language, text) or (id, label, language, text, topic); in a
     multi-label spec, the label is a list of label ids."""
     import pyarrow as pa
 
+    from anyclf_ray.core.results import GenerationReport, StageResult
     from anyclf_ray.core.storage import RunLocation
-    from anyclf_ray.sources import generate
+    from anyclf_ray.labels.scheme import scheme
+    from anyclf_ray.sources.generate import Generate
 
-    names = {label.id: label.desc for label in spec.labels}
-
-    def labelled(label) -> dict:
-        if spec.multi_label.enabled:
-            return {"labels": label, "label_names": [names[i] for i in label], "label_set": "|".join(label)}
-        return {"label": label, "label_name": label}
-
+    labels = scheme(spec)
     location = RunLocation(spec.output, spec.resolved_run_id())
-    table = pa.Table.from_pylist(
-        [
-            {"id": i, "text": text, **labelled(label), "language": language,
-             "source_type": "review", "topic": topic[0] if topic else "t", "subtopic": "s", "leaf_id": "leaf",
-             "sample_index": n, "model": "hand-written"}
-            for n, (i, label, language, text, *topic) in enumerate(rows)
-        ],
-        schema=generate.MULTI_LABEL_EXAMPLE_SCHEMA if spec.multi_label.enabled else generate.EXAMPLE_SCHEMA,
-    )
+    columns = labels.columns([label if isinstance(label, list) else [label] for _, label, *_ in rows])
+    table = pa.table({
+        "id": [r[0] for r in rows], "text": [r[3] for r in rows], **columns, "language": [r[2] for r in rows],
+        "source_type": ["review"] * len(rows), "topic": [r[4] if len(r) > 4 else "t" for r in rows],
+        "subtopic": ["s"] * len(rows), "leaf_id": ["leaf"] * len(rows), "sample_index": list(range(len(rows))),
+        "model": ["hand-written"] * len(rows)}, schema=labels.row_schema)
     size = -(-table.num_rows // parts)
     shards = [f"data/part-{p}.parquet" for p in range(parts)]
     for p, shard in enumerate(reversed(shards)):  # the shard order must not matter
         location.write_table(shard, table.slice(p * size, size))
-    summary = {"rows": {"written": table.num_rows, "expected": table.num_rows}, "languages": [],
-               "counts": {"by_label": []}, "failures": {"requests": 0}}
-    location.write_json("manifest.json", {**summary, "stage": "generate", "fingerprint": spec.fingerprint(),
-                                          "input": None, "finished_at": "2026-01-01T00:00:00+00:00",
-                                          "shards": {"data": shards}})
+    stage = Generate(spec)
+    report = {"sizes": spec.sizes(), "versions": {}, "plan": {}, "languages": [], "failures": {}, "llm": {},
+              "engine": {}, "rows": {"expected": table.num_rows, "written": table.num_rows, "missing": 0},
+              "counts": {"by_label": []}}
+    stage.commit(location, StageResult[GenerationReport].model_validate({
+        "run_id": location.run_id, "stage": "generate", "finished_at": "2026-01-01T00:00:00+00:00",
+        "fingerprint": spec.fingerprint(), "inputs": [], "settings": {}, "output": location.uri(),
+        "rows": {"output": table.num_rows}, "shards": {"data": shards}, "report": report}))
     return location
 
 
@@ -212,3 +208,16 @@ def s3_server(tmp_path_factory):
 def s3_credentials(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+
+
+def label_scheme(*ids: str, multi: bool = False):
+    """The label scheme of a small spec whose labels have these ids (described "the <id> kind")."""
+    from anyclf_ray.core import config, loading
+    from anyclf_ray.labels.scheme import scheme
+
+    raw = tiny_raw("runs", "scheme", labels=[{"id": i, "desc": f"the {i} kind"} for i in ids])
+    if multi:
+        raw = {k: v for k, v in raw.items() if k not in config.SIZE_FIELDS}
+        raw.update(n_record_to_generate=100, languages=["en"], multi_label={"enabled": True, "min_rows": 1},
+                   train={"base_model": "builtin:all-minilm-l6-v2", "test_size": 0.1})
+    return scheme(loading.parse(raw))

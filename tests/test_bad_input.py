@@ -17,14 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, tiny_raw, write_generated, write_spec
+from conftest import REPO, label_scheme, tiny_raw, write_generated, write_spec
 
-from anyclf_ray import cli
-from anyclf_ray.core import config, loading, manifest, plots
+from anyclf_ray import cli, pipeline
+from anyclf_ray.core import cards, config, loading, plots
+from anyclf_ray.core.results import GenerationReport, StageResult
 from anyclf_ray.core.config import EvalSetSpec
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.llm import budgets, engine, items, prompts
 from anyclf_ray.sources import estimate
+from anyclf_ray.labels.scheme import scheme
+from anyclf_ray.sources.generate import Generate
 from anyclf_ray.training.evaluate import load_eval_set
 
 
@@ -57,7 +60,7 @@ def test_eval_rows_without_a_text_or_label_are_skipped_and_counted(tmp_path, fmt
     else:
         path = tmp_path / "real-dataset"
         datasets.Dataset.from_dict({"text": texts, "label": labels}).save_to_disk(str(path))
-    found = load_eval_set(EvalSetSpec(path=str(path)), ["neg", "pos"])
+    found = load_eval_set(EvalSetSpec(path=str(path)), label_scheme("neg", "pos"))
     assert found.texts == ["great phone", "fine hotel"] and found.labels == ["pos", "neg"]
     assert found.skipped == {"null_text": 1, "null_label": 1}
     assert "None" not in found.texts
@@ -67,7 +70,7 @@ def test_an_eval_set_with_no_usable_row_is_refused(tmp_path):
     path = tmp_path / "real.csv"
     path.write_text("text,label\nNA,pos\n,neg\n")
     with pytest.raises(ConfigError, match=r"^train.eval_set.path: .* has no row with both a text and a label$"):
-        load_eval_set(EvalSetSpec(path=str(path)), ["neg", "pos"])
+        load_eval_set(EvalSetSpec(path=str(path)), label_scheme("neg", "pos"))
 
 
 # -- 2. label values compared as the text the user wrote ----------------------------------------
@@ -90,7 +93,7 @@ def test_yaml_keeps_yes_and_no_as_written_so_a_label_map_matches_the_file(tmp_pa
                      f"{{base_model: builtin:all-minilm-l6-v2, eval_set: {{path: {tmp_path / 'real.csv'}, "
                      "label_column: wants_refund, label_map: {yes: refund, no: other}}}")
     assert spec.train.eval_set.label_map == {"yes": "refund", "no": "other"}
-    assert load_eval_set(spec.train.eval_set, ["refund", "other"]).labels == ["refund", "other"]
+    assert load_eval_set(spec.train.eval_set, scheme(spec)).labels == ["refund", "other"]
 
 
 @pytest.mark.parametrize("ids, values", [
@@ -102,7 +105,7 @@ def test_label_ids_as_written_match_a_csv_as_written(tmp_path, ids, values):
     spec = spec_yaml(tmp_path, f"[{{id: {ids[0]}, desc: first kind}}, {{id: {ids[1]}, desc: second kind}}]")
     assert [label.id for label in spec.labels] == ids
     (tmp_path / "real.csv").write_text(f"text,label\none text,{values[0]}\nanother text,{values[1]}\n")
-    assert load_eval_set(EvalSetSpec(path=str(tmp_path / "real.csv")), ids).labels == ids
+    assert load_eval_set(EvalSetSpec(path=str(tmp_path / "real.csv")), label_scheme(*ids)).labels == ids
 
 
 def test_typed_label_values_read_as_their_text_in_every_format(tmp_path):
@@ -110,13 +113,14 @@ def test_typed_label_values_read_as_their_text_in_every_format(tmp_path):
     # a datasets ClassLabel reads as its name, not its index.
     (tmp_path / "real.jsonl").write_text('{"text": "a", "label": true}\n{"text": "b", "label": 1.50}\n'
                                          '{"text": "c", "label": "x"}\n')
-    found = load_eval_set(EvalSetSpec(path=str(tmp_path / "real.jsonl")), ["true", "1.50", "x"])
+    found = load_eval_set(EvalSetSpec(path=str(tmp_path / "real.jsonl")), label_scheme("true", "1.50", "x"))
     assert found.labels == ["true", "1.50", "x"]
     pq.write_table(pa.table({"text": ["a", "b"], "label": [True, False]}), tmp_path / "real.parquet")
-    assert load_eval_set(EvalSetSpec(path=str(tmp_path / "real.parquet")), ["true", "false"]).labels == ["true", "false"]
+    found = load_eval_set(EvalSetSpec(path=str(tmp_path / "real.parquet")), label_scheme("true", "false"))
+    assert found.labels == ["true", "false"]
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}, features=features).save_to_disk(str(tmp_path / "ds"))
-    assert load_eval_set(EvalSetSpec(path=str(tmp_path / "ds")), ["neg", "pos"]).labels == ["pos", "neg"]
+    assert load_eval_set(EvalSetSpec(path=str(tmp_path / "ds")), label_scheme("neg", "pos")).labels == ["pos", "neg"]
 
 
 def test_overrides_keep_values_as_written_too(tmp_path):
@@ -156,7 +160,7 @@ def test_the_judge_prompt_is_checked_with_the_texts_it_will_read(tmp_path):
     raw = tiny_raw(tmp_path, "judge", label_check={"enabled": True, "methods": ["llm"]},
                    sampling={"max_tokens": 256, "examples_per_request": 1, "max_text_chars": 700})
     spec = loading.parse(raw)
-    found = budgets.check(spec)
+    found = budgets.check(spec, pipeline.longest_requests(pipeline.stages(spec)))
     assert found["label_check/llm"] > found["tree/topic"]  # the judged text is in its prompt
     assert budgets.blame(spec, "label_check/llm") == "sampling.max_text_chars"
     assert budgets.blame(spec, "generate") == "sampling.max_tokens"
@@ -165,7 +169,7 @@ def test_the_judge_prompt_is_checked_with_the_texts_it_will_read(tmp_path):
 def test_a_model_without_a_local_tokenizer_is_estimated_from_characters(tmp_path):
     spec = loading.parse(tiny_raw(tmp_path, "hub", instruction=LONG_INSTRUCTION, model={"name": "someone/unseen-7b"}))
     with pytest.raises(ConfigError, match=r"^instruction: the tree/source_type prompt takes"):
-        budgets.check(spec)
+        budgets.check(spec, pipeline.longest_requests(pipeline.stages(spec)))
 
 
 class LongPromptEngine:
@@ -241,7 +245,7 @@ def test_a_plan_that_starves_a_label_is_refused_before_ray(tmp_path, capsys, n, 
 
 def test_without_training_a_label_needs_a_row_only(tmp_path):
     spec = loading.parse(sized(tmp_path, 2, languages=["en"], train={"enabled": False}))
-    assert estimate.estimate(spec)["rows"]["by_label"] == {"neg": 1, "pos": 1}
+    assert estimate.estimate(spec)["rows"]["by_label"] == {"neg": 1, "pos": 1}  # the plan report is JSON
 
 
 # -- 5. answer budgets from the longest valid answer --------------------------------------------
@@ -333,26 +337,29 @@ WRITTEN = ['a | b', 'x`y', 'line one\nline two', '<b>bold</b> & *stars* _u_', 'c
 
 def test_the_cards_show_names_as_written():
     for value in WRITTEN:
-        cell, inline = manifest.text(value), manifest.code(value)
+        cell, inline = cards.text(value), cards.code(value)
         assert "\n" not in cell + inline and not re.search(r"(?<!\\)\|", cell) and "|" not in inline.replace("&#124;", "")
         assert "<b>" not in cell  # HTML is shown, not rendered (a code span shows it as written)
-    assert manifest.text('a | b') == "a \\| b" and manifest.code("plain id") == "`plain id`"
-    assert manifest.code("x`y") == "<code>x`y</code>" and manifest.text("l1\nl2") == "l1<br>l2"
+    assert cards.text('a | b') == "a \\| b" and cards.code("plain id") == "`plain id`"
+    assert cards.code("x`y") == "<code>x`y</code>" and cards.text("l1\nl2") == "l1<br>l2"
 
 
 def test_a_dataset_card_with_hard_names_keeps_its_table_and_header(tmp_path):
     labels = [{"id": "a|b", "desc": 'quote " and\nnewline'}, {"id": "c", "desc": "costs $5 | 中文"}]
     spec = loading.parse(tiny_raw(tmp_path, "card", labels=labels))
-    location = write_generated(spec, [("1", "a|b", "en", "some text"), ("2", "c", "en", "other text")])
-    from anyclf_ray.sources.generate import Generate
-
-    card = manifest.card(spec, "card", [(Generate(spec), location.read_json("manifest.json"))])
+    result = StageResult[GenerationReport].model_validate({
+        "run_id": "card", "stage": "generate", "finished_at": "2026-01-01T00:00:00+00:00", "fingerprint": "f",
+        "inputs": [], "settings": {}, "output": str(tmp_path), "rows": {"output": 2},
+        "report": {"sizes": spec.sizes(), "versions": {}, "plan": {}, "rows": {"expected": 2, "written": 2, "missing": 0},
+                   "languages": [], "counts": {"by_label": [{"label": "a|b", "rows": 1}, {"label": "c", "rows": 1}]},
+                   "failures": {}, "llm": {}, "engine": {}}})
+    card = cards.dataset_card(spec, "card", [(Generate(spec), result)], scheme(spec).columns_text)
     header = card.split("---")[1]
     import yaml
 
     assert yaml.safe_load(header)["configs"][0]["config_name"] == "default"
     table = [line for line in card.splitlines() if line.startswith("| ")]
-    assert table[1:] == ["| <code>a&#124;b</code> | quote \" and<br>newline | 0 |", "| `c` | costs $5 \\| 中文 | 0 |"]
+    assert table[1:] == ["| <code>a&#124;b</code> | quote \" and<br>newline | 1 |", "| `c` | costs $5 \\| 中文 | 1 |"]
 
 
 def test_plots_draw_names_verbatim(monkeypatch):

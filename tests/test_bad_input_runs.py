@@ -16,11 +16,13 @@ import ray
 from conftest import read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
-from anyclf_ray.core import config, loading, manifest
+from anyclf_ray.core import cards, config, loading
+from anyclf_ray.core.results import PlannedRows, Unchecked
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.filters import label_check
 from anyclf_ray.llm import engine
 from anyclf_ray.sources import plan
+from anyclf_ray.sources.generate import Generate
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +48,10 @@ def test_every_judgement_fits_its_budget_whatever_the_names(hard_run):
     stage said "flagged 0 of 6 rows". The budget now holds the longest answer byte by byte."""
     spec, location, found = hard_run
     checked = found["label_check"]
-    assert spec.label_check.methods == ["llm"] and checked["status"] == "complete"
-    assert checked["rows"]["input"] == 24 and checked["methods"]["llm"]["unanswered"] == 0
-    assert checked["methods"]["llm"]["checked"] == 24 and checked["methods"]["llm"]["usage"]["failed"] == 0
+    judge = checked.report.methods["llm"]
+    assert spec.label_check.methods == ["llm"] and checked.status == "complete"
+    assert checked.rows.input == 24 and judge.unanswered == 0
+    assert judge.checked == 24 and judge.usage.failed == 0
     judged = read_parts(location, "label_check/data")["judged_labels"].to_pylist()
     assert len(judged) == 24 and all(isinstance(labels, list) for labels in judged)
 
@@ -57,7 +60,7 @@ def test_the_card_and_datasets_keep_the_names(hard_run):
     spec, location, _ = hard_run
     card = location.read_bytes("README.md").decode()
     for label in spec.labels:
-        assert f"| {manifest.code(label.id)} | {manifest.text(label.desc)} |" in card
+        assert f"| {cards.code(label.id)} | {cards.text(label.desc)} |" in card
     assert datasets.load_dataset(location.uri(), "label_checked", split="train").num_rows == 24
     rows = read_parts(location)
     assert {name for names in rows["label_names"].to_pylist() for name in names} <= {label["desc"] for label in HARD}
@@ -65,7 +68,7 @@ def test_the_card_and_datasets_keep_the_names(hard_run):
 
 def test_the_figures_are_drawn_with_the_names(hard_run):
     _, location, found = hard_run
-    for path in found["diversity"]["figures"].values():
+    for path in found["diversity"].report.figures.values():
         assert location.read_bytes(path)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -90,8 +93,8 @@ def test_a_prompt_over_the_context_at_run_time_is_one_failed_request(tmp_path, l
         (0, 0, 0)}
     assert all(f["attempts"] == 1 and "do not fit the model's context (model.max_model_len)" in f["error"]
                for f in failures)
-    found = location.read_json("manifest.json")
-    assert found["rows"] == {"expected": 48, "written": 45, "missing": 3} and found["status"] == "incomplete"
+    found = Generate(spec).read(location)
+    assert found.report.rows == PlannedRows(expected=48, written=45, missing=3) and found.status == "incomplete"
     assert "generate incomplete: 45 of 48 rows" in capsys.readouterr().out
 
 
@@ -118,8 +121,8 @@ def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path,
     assert code == cli.EXIT_INCOMPLETE
     out = capsys.readouterr().out
     assert "label_check incomplete: flagged 0 of 20 rows (0 by llm), removed none; llm checked only 16 of 20 rows" in out
-    found = RunLocation(spec.output, "silent").read_json("label_check/manifest.json")
-    assert found["status"] == "incomplete" and found["unchecked"] == [{"method": "llm", "checked": 16, "rows": 20}]
+    found = label_check.LabelCheck(spec).read(RunLocation(spec.output, "silent"))
+    assert found.status == "incomplete" and found.report.unchecked == [Unchecked(method="llm", checked=16, rows=20)]
     card = RunLocation(spec.output, "silent").read_bytes("README.md").decode()
     assert "llm checked only 16 of 20 rows" in card
     assert label_check.LabelCheck(spec).retries(found)  # --retry-failures asks again
@@ -132,5 +135,5 @@ def test_crossfit_that_cannot_fold_leaves_the_stage_incomplete(tmp_path, local_r
     write_generated(spec, [("a", "neg", "en", "a bad hotel"), ("b", "neg", "en", "an awful meal"),
                            ("c", "pos", "en", "a lovely day")])
     found = pipeline.run(spec, only="label_check")["label_check"]
-    assert found["status"] == "incomplete" and found["methods"]["crossfit"]["checked"] == 0
-    assert found["rows"]["removed"] == 0  # unjudged rows are kept, and the stage says it could not judge them
+    assert found.status == "incomplete" and found.report.methods["crossfit"].checked == 0
+    assert found.rows.output == found.rows.input == 3  # unjudged rows are kept, and the stage says it could not judge them

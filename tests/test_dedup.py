@@ -14,8 +14,10 @@ from conftest import read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import config, loading
+from anyclf_ray.core.results import Conflicts
 from anyclf_ray.filters import neighbours
-from anyclf_ray.sources import generate
+from anyclf_ray.filters.dedup import Dedup
+from anyclf_ray.labels.scheme import scheme
 
 # (id, label, language, text). Ids are ordered, so the keeper of each group is the lowest id.
 ROWS = [
@@ -62,26 +64,26 @@ def dropped(tmp_path_factory, local_ray):
 
 
 def test_planted_duplicates_are_removed_and_different_texts_kept(dropped):
-    _, location, manifest = dropped
+    spec, location, manifest = dropped
     kept, removed = read_parts(location, "dedup/data"), read_parts(location, "dedup/removed")
     assert set(kept["id"].to_pylist()) == KEPT_WHEN_DROPPING
     audit = {r["id"]: (r["reason"], r["kept_id"], r["matched_id"]) for r in removed.to_pylist()}
     assert audit == REMOVED_WHEN_DROPPING
-    assert kept.schema == generate.EXAMPLE_SCHEMA
-    assert removed.schema.names == generate.EXAMPLE_SCHEMA.names + ["reason", "kept_id", "matched_id", "similarity"]
+    assert kept.schema == scheme(spec).row_schema
+    assert removed.schema.names == scheme(spec).row_schema.names + ["reason", "kept_id", "matched_id", "similarity"]
     # Every removed row accounts for itself: kept + removed = input, each id exactly once.
     assert sorted(kept["id"].to_pylist() + removed["id"].to_pylist()) == sorted(r[0] for r in ROWS)
     similarity = dict(zip(removed["id"].to_pylist(), removed["similarity"].to_pylist()))
     assert similarity["a03"] == 1.0 and similarity["b05"] == 1.0
     assert all(0.92 <= similarity[i] < 1.0 for i in ("a02", "a05", "a06", "a07", "b04"))
 
-    assert manifest["rows"] == {"input": 15, "kept": 7, "removed": 8}
-    assert manifest["removed"]["by_reason"] == {"exact": 1, "near": 2, "conflict": 5}
-    assert {(r["label"], r["reason"]): r["rows"] for r in manifest["removed"]["by_label_reason"]} == {
+    assert (manifest.rows.input, manifest.rows.output) == (15, 7)
+    assert manifest.report.removed.by_reason == {"exact": 1, "near": 2, "conflict": 5}
+    assert {(r["label"], r["reason"]): r["rows"] for r in manifest.report.removed.by_label_reason} == {
         ("pos", "exact"): 1, ("pos", "near"): 2, ("pos", "conflict"): 3, ("neg", "conflict"): 2,
     }
-    assert manifest["conflicts"] == {"policy": "drop", "pairs": 3, "rows_removed": 5}
-    assert location.read_json("dedup/manifest.json") == manifest
+    assert manifest.report.conflicts == Conflicts(policy="drop", pairs=3, rows_removed=5)
+    assert Dedup(spec).read(location) == manifest  # the committed manifest reads back as the result
 
 
 def test_embeddings_are_kept_for_reuse(dropped):
@@ -91,7 +93,7 @@ def test_embeddings_are_kept_for_reuse(dropped):
     assert sorted(embeddings["id"].to_pylist()) == sorted(r[0] for r in ROWS if r[0] != "a03")
     vectors = np.stack(embeddings["embedding"].to_numpy(zero_copy_only=False))
     assert vectors.shape == (14, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert location.read_metadata(manifest["shards"]["embeddings"][0])["anyclf_ray.embedding_model"] == (
+    assert location.read_metadata(manifest.embeddings.shards[0])["anyclf_ray.embedding_model"] == (
         "builtin:all-minilm-l6-v2"
     )
 
@@ -105,13 +107,13 @@ def test_card_offers_the_deduplicated_config(dropped):
 
 def test_finished_dedup_is_reused_and_new_settings_redo_it(dropped):
     spec, location, manifest = dropped
-    assert pipeline.run(spec, only="dedup")["dedup"]["finished_at"] == manifest["finished_at"]
+    assert pipeline.run(spec, only="dedup")["dedup"].finished_at == manifest.finished_at
     kept_ids = lambda: set(read_parts(location, "dedup/data")["id"].to_pylist())  # noqa: E731
     lenient = pipeline.run(spec.model_copy(update={"dedup": spec.dedup.model_copy(update={"conflicts": "keep"})}), only="dedup")["dedup"]
-    assert lenient["conflicts"] == {"policy": "keep", "pairs": 3, "rows_removed": 0}
+    assert lenient.report.conflicts == Conflicts(policy="keep", pairs=3, rows_removed=0)
     # Under "keep", each label keeps its own first copy: a06 (a07 is its near copy), b04, a09, b05.
     assert kept_ids() == KEPT_WHEN_DROPPING | {"a06", "a09", "b04", "b05"}
-    assert lenient["removed"]["by_reason"] == {"exact": 1, "near": 3, "conflict": 0}
+    assert lenient.report.removed.by_reason == {"exact": 1, "near": 3, "conflict": 0}
     pipeline.run(spec, only="dedup")["dedup"]
     assert kept_ids() == KEPT_WHEN_DROPPING
 

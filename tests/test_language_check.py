@@ -45,17 +45,17 @@ def test_texts_in_other_languages_are_removed_with_what_was_detected(tmp_path, l
         i: ("wrong_language", language) for i, language in WRONG.items()}
     kept = read_parts(location, "language_check/data")
     assert kept.num_rows == 9 and kept["detected_language"].to_pylist() == kept["language"].to_pylist()
-    assert found["removed"]["by_reason"] == {"wrong_language": 3, "low_confidence": 0}
-    assert {"language": "fr", "detected_language": "en", "rows": 1} in found["requested_by_detected"]
-    assert location.read_bytes(found["figure"])[:4] == b"\x89PNG"
+    assert found.report.removed.by_reason == {"wrong_language": 3, "low_confidence": 0}
+    assert {"language": "fr", "detected_language": "en", "rows": 1} in found.report.requested_by_detected
+    assert location.read_bytes(found.report.figure)[:4] == b"\x89PNG"
     # Read shard by shard: the driver never holds the run. Part 0 holds the x rows, so part 1's
     # removed side is empty and left out; every output shard holds rows of one input shard.
-    assert len(found["shards"]["data"]) == 2 and len(found["shards"]["removed"]) == 1
-    assert found["rows"] == {"input": 12, "kept": 9, "removed": 3}  # added up over the parts
-    assert {row["language"]: row["input"] for row in found["languages"]} == {
+    assert len(found.shards.data) == 2 and len(found.shards.removed) == 1
+    assert (found.rows.input, found.rows.output) == (12, 9)  # added up over the parts
+    assert {row.language: row.input for row in found.report.languages} == {
         "ar": 1, "en": 2, "fr": 3, "ja": 2, "ru": 1, "zh": 3}
     inputs = [set(location.read_table(f"data/part-{p}.parquet")["id"].to_pylist()) for p in range(2)]
-    for shard in found["shards"]["data"] + found["shards"]["removed"]:
+    for shard in found.shards.data + found.shards.removed:
         assert any(set(location.read_table(shard)["id"].to_pylist()) <= ids for ids in inputs)
 
 
@@ -65,16 +65,16 @@ def test_parts_without_rows_are_passed_over(tmp_path, local_ray):
     location = write_generated(spec, ROWS, parts=13)
     assert location.read_table("data/part-0.parquet").num_rows == 0
     found = pipeline.run(spec, only="language_check")["language_check"]
-    assert found["rows"] == {"input": 12, "kept": 9, "removed": 3}
-    assert len(found["shards"]["data"]) == 9 and len(found["shards"]["removed"]) == 3
+    assert (found.rows.input, found.rows.output) == (12, 9)
+    assert len(found.shards.data) == 9 and len(found.shards.removed) == 3
 
 
 def test_a_high_confidence_bar_removes_uncertain_rows(tmp_path, local_ray):
     spec = spec_for(tmp_path, "strict", min_confidence=0.99)
     write_generated(spec, ROWS)
     found = pipeline.run(spec, only="language_check")["language_check"]
-    assert found["removed"]["by_reason"]["wrong_language"] == 3
-    assert found["removed"]["by_reason"]["low_confidence"] >= 1  # short Latin-script texts share words
+    assert found.report.removed.by_reason["wrong_language"] == 3
+    assert found.report.removed.by_reason["low_confidence"] >= 1  # short Latin-script texts share words
 
 
 def test_a_language_the_detector_does_not_know_fails_before_any_work(tmp_path):
@@ -109,7 +109,7 @@ def test_an_english_only_embedder_on_other_languages_is_warned_about(tmp_path, c
     location = write_generated(spec, ROWS[:4])
     with caplog.at_level("WARNING"):
         found = pipeline.run(spec, only="language_check")["language_check"]
-    assert found["warnings"] == [message] and f"warning: {message}" in caplog.text
+    assert found.warnings == [message] and f"warning: {message}" in caplog.text
     assert f"### Warnings\n\n- {message}" in location.read_bytes("README.md").decode()
     assert loading.parse(tiny_raw(tmp_path, "en", languages=["en"], dedup={"enabled": True})).warnings() == []
     assert loading.parse(tiny_raw(tmp_path, "off", languages=["fr"], dedup={"enabled": False},

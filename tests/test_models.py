@@ -52,8 +52,8 @@ def test_demo_model_in_english_french_and_chinese(local_ray, tmp_path):
     location = RunLocation(spec.output, spec.run_id)
     rows, generated = read_parts(location), manifests["generate"]
     # vLLM's CPU output may vary between runs; a request still refused after its retries is counted, not lost.
-    assert generated["rows"]["written"] == rows.num_rows >= 24
-    assert rows.num_rows + generated["failures"]["rows_lost"] == 3 * 2 * 2 * 3
+    assert generated.report.rows.written == rows.num_rows >= 24
+    assert rows.num_rows + generated.report.failures.rows_lost == 3 * 2 * 2 * 3
     for column in ("text", "source_type", "topic", "subtopic"):
         fragments = [value for value in rows[column].to_pylist() if items.JSON_SYNTAX.search(value)]
         assert not fragments, f"{column}: {fragments}"
@@ -64,14 +64,14 @@ def test_demo_model_in_english_french_and_chinese(local_ray, tmp_path):
     assert kept["detected_language"].to_pylist() == kept["language"].to_pylist()
     for row in removed.to_pylist():
         assert (row["reason"] == "wrong_language") == (row["detected_language"] != row["language"]), row
-    assert [(row["language"], row["input"]) for row in checked["languages"]] == [
-        (row["language"], row["written"]) for row in generated["languages"] if row["written"]]
-    assert {(row["language"], row["removed"]) for row in checked["languages"]} == {
-        (row["language"], removed.filter(pc.field("language") == row["language"]).num_rows) for row in checked["languages"]}
-    assert sum(row["removed"] for row in checked["languages"] if row["language"] != "en") > 0
+    assert [(row.language, row.input) for row in checked.report.languages] == [
+        (row.language, row.written) for row in generated.report.languages if row.written]
+    assert {(row.language, row.removed) for row in checked.report.languages} == {
+        (row.language, removed.filter(pc.field("language") == row.language).num_rows) for row in checked.report.languages}
+    assert sum(row.removed for row in checked.report.languages if row.language != "en") > 0
 
-    judged = manifests["label_check"]["methods"]["llm"]
-    assert judged["engine"]["starts"] == 1 and judged["usage"]["requests"] == kept.num_rows and judged["unanswered"] == 0
+    judged = manifests["label_check"].report.methods["llm"]
+    assert judged.engine.starts == 1 and judged.usage.requests == kept.num_rows and judged.unanswered == 0
 
 
 @pytest.mark.slow
@@ -94,13 +94,13 @@ def test_demo_model_writes_and_judges_label_sets(local_ray, tmp_path):
     assert [row["pair"] for row in prior["pairs"]] == ["food|price"]
     assert prior["unanswered"] == 0 and all(row["answer"] in pair_prior.WEIGHTS for row in prior["pairs"])
     generated, checked = manifests["generate"], manifests["label_check"]
-    assert generated["rows"]["written"] + generated["failures"]["rows_lost"] == 8
-    judged = checked["methods"]["llm"]
-    assert judged["unanswered"] == 0 and judged["usage"]["requests"] == generated["rows"]["written"]
-    assert judged["engine"]["starts"] == 1 and checked["rows"]["input"] == generated["rows"]["written"]
+    assert generated.report.rows.written + generated.report.failures.rows_lost == 8
+    judged = checked.report.methods["llm"]
+    assert judged.unanswered == 0 and judged.usage.requests == generated.report.rows.written
+    assert judged.engine.starts == 1 and checked.rows.input == generated.report.rows.written
     kept = read_parts(location, "label_check/data").to_pylist()
-    removed = read_parts(location, "label_check/removed").to_pylist() if checked["rows"]["removed"] else []
-    assert len(kept) + len(removed) == generated["rows"]["written"]
+    removed = read_parts(location, "label_check/removed").to_pylist() if checked.rows.output < checked.rows.input else []
+    assert len(kept) + len(removed) == generated.report.rows.written
     assert checked["relabelled"]["rows"] == sum(row["relabelled_from"] is not None for row in kept)
     names = {label.id: label.desc for label in spec.labels}
     for row in kept:

@@ -377,8 +377,9 @@ class MultiLabelSpec(_Strict):
 
     Rows are split evenly across the set sizes (or by ``size_weights``), then within a size by
     each set's weight: the product of its pairs' weights: ``pair_weights`` where listed (0 forbids
-    the pair), else the LLM's prior (``pair_prior: llm``, ``pair_prior.py``), else 1. Every label and every allowed pair first gets ``min_rows`` rows, in the smallest
-    set that holds it, so rare ones are never left out.
+    the pair), else the LLM's prior (``pair_prior: llm``, ``pair_prior.py``), else 1. Every label
+    and every allowed pair first gets ``min_rows`` rows, in the smallest set that holds it, so
+    rare ones are never left out.
     """
 
     enabled: Annotated[bool, DECIDES, Field(description="Rows carry a set of labels.")] = False
@@ -598,7 +599,8 @@ class JobSpec(_Strict):
         for field, by_language in translated:
             unknown = sorted(set(by_language) - set(self.languages))
             if unknown:
-                raise ValueError(f"{field}: {unknown[0]!r} is not in languages {self.languages}; add it there or drop it")
+                raise ValueError(f"{field}: {unknown[0]!r} is not in languages {self.languages}; add it there or "
+                                 "drop it")
         self.sampling.check_budget(self.languages)
         self.multi_label.check([label.id for label in self.labels], self.n_record_to_generate)
         if self.label_check.enabled and self.label_check.action == "relabel" and self.label_check.methods != ["llm"]:
@@ -611,6 +613,10 @@ class JobSpec(_Strict):
         if single_judge and reserved:
             raise ValueError(f"label_check.methods: the llm check answers {NO_LABEL!r} for no label; reword the "
                              f"label desc {reserved[0]!r}")
+        multi = self.multi_label
+        if multi.enabled and self.train.enabled and not multi.none_share and multi.min_labels == len(self.labels):
+            raise ValueError("multi_label.min_labels: every row would carry every label, so no label has negatives "
+                             "to train on; lower min_labels or raise multi_label.none_share")
         if self.sampling.max_tokens >= self.model.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens: {self.sampling.max_tokens} leaves no room for the prompt in "
@@ -664,7 +670,8 @@ class JobSpec(_Strict):
         if self.dedup.enabled:
             found["dedup.model"] = self.dedup.model
         if self.diversity.enabled:
-            found["diversity.model" if self.diversity.model else "dedup.model"] = self.diversity.model or self.dedup.model
+            field = "diversity.model" if self.diversity.model else "dedup.model"
+            found[field] = self.diversity.model or self.dedup.model
         if self.train.enabled:
             found["train.base_model"] = self.train.base_model
         return found

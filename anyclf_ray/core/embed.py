@@ -20,6 +20,8 @@ import ray.train
 from anyclf_ray.core import models, runtime
 from anyclf_ray.core.config import ActorPlacement
 from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.results import EmbeddingsRef, StageResult
+from anyclf_ray.core.storage import RunLocation
 
 EMBEDDING_MODEL_KEY = "anyclf_ray.embedding_model"
 
@@ -81,7 +83,8 @@ def embedded(dataset: ray.data.Dataset, model: str | ray.train.Checkpoint, place
     )
 
 
-def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement, batch_size: int) -> np.ndarray:
+def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement,
+          batch_size: int) -> np.ndarray:
     """Embeddings of ``texts`` (in order) from ``placement.replicas`` actors; Ray must be up."""
     table = pa.table({"row": np.arange(len(texts), dtype=np.int64), "text": pa.array(texts, pa.string())})
     dataset = embedded(runtime.blocks_dataset(table, batch_size * 4, placement.replicas), model, placement, batch_size)
@@ -100,28 +103,32 @@ def embeddings_table(ids: list[str], vectors: np.ndarray, model: str) -> pa.Tabl
     dim = vectors.shape[1]
     schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
     return pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(vectors, np.float32).ravel(), dim)],
+        [pa.array(ids, pa.string()),
+         pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(vectors, np.float32).ravel(), dim)],
         schema=schema,
     ).replace_schema_metadata({EMBEDDING_MODEL_KEY: model})
 
 
-def kept_embeddings(location, finished: list[dict], model: str, ids: list[str]) -> np.ndarray | None:
-    """Embeddings of ``ids`` by ``model`` that a finished stage (``finished``: manifests) kept, or
-    None when no stage kept them all."""
+def write_embeddings(location: RunLocation, folder: str, table: pa.Table, rows_per_shard: int) -> EmbeddingsRef:
+    """``table`` (``embeddings_table``) as shards under ``folder``; the reference a later stage
+    finds them by (``kept_embeddings``)."""
+    return EmbeddingsRef(model=table.schema.metadata[EMBEDDING_MODEL_KEY.encode()].decode(), rows=table.num_rows,
+                         dim=table.schema.field("embedding").type.list_size,
+                         shards=location.write_shards(folder, table, rows_per_shard))
+
+
+def kept_embeddings(location: RunLocation, finished: list[StageResult], model: str,
+                    ids: list[str]) -> np.ndarray | None:
+    """Embeddings of ``ids`` by ``model`` that a finished stage kept, or None when no stage kept
+    them all."""
     for found in finished:
-        if found.get("embeddings", {}).get("model") != model:
+        if found.embeddings is None or found.embeddings.model != model:
             continue
         wanted = pa.array(ids, pa.string())  # filtered shard by shard: only these rows are held
         table = pa.concat_tables([location.read_table(s).filter(pc.is_in(pc.field("id"), wanted))
-                                  for s in found["shards"]["embeddings"]])
+                                  for s in found.embeddings.shards])
         index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
         if all(i in index for i in ids):
             vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
             return vectors[[index[i] for i in ids]]
     return None
-
-
-def embeddings_figures(table: pa.Table) -> dict:
-    """The manifest's ``embeddings`` entry, by which training finds embeddings it can reuse."""
-    return {"model": table.schema.metadata[EMBEDDING_MODEL_KEY.encode()].decode(), "rows": table.num_rows,
-            "dim": table.schema.field("embedding").type.list_size}

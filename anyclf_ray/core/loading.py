@@ -7,6 +7,7 @@ In: a YAML file plus ``--set key=value`` overrides. Out: a validated ``config.Jo
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,8 @@ def _one_line(error: ValidationError) -> str:
     if first["type"] == "missing":
         return f"{_location(loc)}: is required"
     if first["type"] == "int_parsing" and isinstance(first["input"], str):
-        return f"{_location(loc)}: {first['input']!r} is not a whole number; write it in digits{_in_digits(first['input'])}"
+        digits = _in_digits(first["input"])
+        return f"{_location(loc)}: {first['input']!r} is not a whole number; write it in digits{digits}"
     # Whole-spec checks have no location; their messages start with the field they blame.
     return f"{_location(loc)}: {message}" if loc else message
 
@@ -114,7 +116,7 @@ def parse(raw: dict) -> JobSpec:
         raise ConfigError(_one_line(error)) from None
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+def load(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Read, override and validate a job spec file."""
     path = Path(path)
     if not path.is_file():

@@ -109,7 +109,7 @@ def _build_tiny_random(folder: Path) -> None:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
-        torch_dtype="float32",
+        dtype="float32",
     )
     LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -250,7 +250,8 @@ def check_available(reference: str) -> None:
     try:
         huggingface_hub.model_info(reference, timeout=HUB_PROBE_SECONDS)
     except RepositoryNotFoundError:
-        raise ValueError(f"{reference!r} is not a model on the Hugging Face Hub (or it is private: set HF_TOKEN)") from None
+        raise ValueError(f"{reference!r} is not a model on the Hugging Face Hub (or it is private: "
+                         "set HF_TOKEN)") from None
     except Exception as error:  # any transport failure: the Hub cannot be reached from here
         raise ValueError(f"{reference!r} is not in the local cache and the Hugging Face Hub cannot be reached "
                          f"({type(error).__name__}); give a local folder or a builtin: model") from None

@@ -98,9 +98,9 @@ def scatter(points: np.ndarray, groups: list[str], title: str) -> bytes:
     """2-D ``points`` coloured by their ``groups``, with a legend."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 5))
-    groups = np.asarray(groups, dtype=object)
+    names = np.asarray(groups, dtype=object)
     for group in sorted(set(groups)):
-        chosen = groups == group
+        chosen = names == group
         axes.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, label=shown(group))
     axes.legend(markerscale=2, fontsize="small")
     axes.set_xticks([])

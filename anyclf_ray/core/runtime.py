@@ -35,7 +35,7 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
 
     # The address ray.init() itself would join: given, RAY_ADDRESS, or a local `ray start` cluster.
     given = address or os.environ.get("RAY_ADDRESS")
-    found = canonicalize_bootstrap_address(given)
+    found = canonicalize_bootstrap_address(given)  # type: ignore[arg-type]  # None: a local cluster, if any
     if found:
         reachable(found, "--address" if address else "RAY_ADDRESS")
         ray.init(address=found, log_to_driver=verbose)

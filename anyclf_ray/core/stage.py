@@ -1,18 +1,25 @@
 """The stage contract: what every step of a run shares, written once.
 
-A stage reads the committed output of the stage before it and writes its own under
-``<run>/<folder>/``, its ``manifest.json`` last: that file is the stage's completion mark. Its
-fingerprint is a digest of its input's fingerprint and of its settings' deciding fields
+A stage reads the rows its input committed and writes its own under ``<run>/<folder>/``, its
+``manifest.json`` (a ``results.StageResult``) last: that file is the stage's completion mark.
+Its fingerprint is a digest of its input's fingerprint and of its settings' deciding fields
 (``config.decisive``), so a stage is skipped exactly when its output for this input and these
 settings is already committed, and redone (after clearing a stale attempt) otherwise.
 
-``Stage`` does the chain, skip-when-done, clearing, timings and the manifest; a subclass says
-what it checks before any cluster time (``check``) and what it does (``execute``).
-``FilterStage`` is a stage that keeps or removes rows, each removed row with its ``reason``:
-the base reads the input shards (one at a time for a ``row_by_row`` filter, so the driver
-never holds the run's rows), writes ``data/`` and ``removed/``, counts kept and removed rows
-per label, language and reason, and adds the stage's config to the dataset card. A new filter is one
-module with a ``decide`` method, one spec section and one line in ``pipeline.STAGES``.
+The kinds of stage:
+
+- a ``SourceStage`` writes the run's rows from nothing before it (generation; the rows of the
+  run are every source's), and resumes rather than redoes: its committed parts are kept;
+- a ``FilterStage`` keeps or removes rows, each removed row with its ``reason``: the base reads
+  the input shards (one at a time for a ``row_by_row`` filter, so the driver never holds the
+  run's rows), writes ``data/`` and ``removed/`` and counts kept and removed rows per label,
+  language and reason; a new filter is one module with a ``decide`` method, one spec section
+  and one line in ``pipeline.STAGES``;
+- a report (``report_only``) reads rows and writes figures: the next stage reads the same input;
+- training reads the rows and writes a model.
+
+``check`` refuses what cannot work before any cluster time and returns what ``execute`` needs;
+``execute`` does the work and returns an ``Outcome``; ``run`` clears, executes and commits.
 """
 
 from __future__ import annotations
@@ -20,37 +27,58 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import itertools
-import logging
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import pyarrow as pa
 
-from anyclf_ray.core import manifest as cards
+from anyclf_ray.core import results
 from anyclf_ray.core.config import JobSpec, StageSpec, decisive, digest
 from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.results import (
+    CountTable,
+    EmbeddingsRef,
+    EngineFigures,
+    FilterReport,
+    InputRef,
+    LanguageRemovals,
+    Removals,
+    Rows,
+    Shards,
+    StageResult,
+)
 from anyclf_ray.core.storage import RunLocation
-from anyclf_ray.llm.pool import EnginePool
 
-log = logging.getLogger(__name__)
+R = TypeVar("R", bound=results.Model)
+Checked = TypeVar("Checked")
+
+
+class Engines(Protocol):
+    """The run's engine pool as stages use it (``llm.pool.EnginePool``)."""
+
+    def answer_table(self, requests: pa.Table, name: str) -> pa.Table: ...
+
+    def figures(self) -> EngineFigures: ...
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass
 class Context:
     """What a stage runs with: the spec, the run's folder, the run's engine pool (started on
-    first use by ``engines()``) and the stages finished so far, in order, with their manifests."""
+    first use by ``engines()``), the results of the stages finished so far, in order."""
 
     spec: JobSpec
     location: RunLocation
-    start_engines: Callable[[], EnginePool]
-    finished: list[tuple[Stage, dict]] = dataclasses.field(default_factory=list)
-    pool: EnginePool | None = None
-    # Generation asks again for what failed in its committed parts (``--retry-failures``).
+    start_engines: Callable[[], Any]
+    finished: list[StageResult] = dataclasses.field(default_factory=list)
+    pool: Any = None
+    # A source asks again for what failed in its committed parts (``--retry-failures``).
     retry_failures: bool = False
 
-    def engines(self) -> EnginePool:
+    def engines(self) -> Any:
+        """The run's ``llm.pool.EnginePool``, started on first use."""
         if self.pool is None:
             self.pool = self.start_engines()
         return self.pool
@@ -60,38 +88,73 @@ class Context:
             self.pool.close()
             self.pool = None
 
-    def engine_figures(self) -> dict:
-        return self.pool.figures() if self.pool else {"starts": 0}
+    def engine_figures(self) -> EngineFigures:
+        return self.pool.figures() if self.pool else EngineFigures()
 
-    def write_card(self, stage: Stage | None = None, manifest: dict | None = None) -> None:
-        """The dataset card, from the finished stages plus the one about to commit."""
-        stages = self.finished + ([(stage, manifest)] if stage else [])
-        self.location.write_bytes("README.md", cards.card(self.spec, self.location.run_id, stages).encode())
+
+@dataclasses.dataclass
+class Outcome(Generic[R]):
+    """What ``execute`` returns: the stage's report and what ``run`` commits beside it."""
+
+    report: R
+    rows: Rows
+    output: str
+    shards: Shards = dataclasses.field(default_factory=Shards)
+    embeddings: EmbeddingsRef | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    status: str = "complete"
+
+
+class Input:
+    """The committed results a stage reads: the stage before it, or every source of the run."""
+
+    def __init__(self, found: list[StageResult]):
+        self.results = found
+
+    @property
+    def data(self) -> list[str]:
+        """The rows' shards, every source's in a row."""
+        return [shard for found in self.results for shard in found.shards.data]
+
+    @property
+    def refs(self) -> list[InputRef]:
+        return [found.ref for found in self.results]
+
+    @property
+    def stage(self) -> str:
+        return "+".join(found.stage for found in self.results)
+
+    @property
+    def rows(self) -> int:
+        return sum(found.rows.output for found in self.results)
+
+
+def input_fingerprint(fingerprints: list[str]) -> str | None:
+    """One fingerprint for what a stage reads: its input's, or a digest of several sources'."""
+    if len(fingerprints) < 2:
+        return fingerprints[0] if fingerprints else None
+    return digest(sorted(fingerprints))
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def input_of(upstream: dict | None) -> dict | None:
-    """What a stage's manifest records of the input it read: a later stage's output is stale
-    when this no longer matches its input's manifest."""
-    return {key: upstream[key] for key in ("stage", "fingerprint", "finished_at")} if upstream else None
-
-
-class Stage:
-    """One step of a run. Subclasses set ``name`` and ``section`` and define ``execute``."""
+class Stage(Generic[R, Checked]):
+    """One step of a run. Subclasses set ``name``, ``section`` and ``report_type`` and define
+    ``execute``."""
 
     name: ClassVar[str]
     # The spec section holding this stage's settings (a ``StageSpec``).
     section: ClassVar[str]
-    uses_llm: ClassVar[bool] = False
+    report_type: ClassVar[type[Any]]
     # A dataset-card config for this stage's data/, if it writes rows.
     card_config: ClassVar[str | None] = None
+    # A source writes the run's rows; it has no input and resumes what it committed.
+    source: ClassVar[bool] = False
     # A report reads its input and writes figures only: the next stage reads the same input,
     # and its fingerprint is not chained from the report's (a report setting redoes no work).
     report_only: ClassVar[bool] = False
-
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
@@ -104,75 +167,101 @@ class Stage:
         return getattr(self.spec, self.section)
 
     @property
+    def uses_llm(self) -> bool:
+        """Whether the stage asks the run's engines (they start before it and stay up for it)."""
+        return False
+
+    @property
     def folder(self) -> str:
+        """Where the stage writes, under the run folder ("" for the run folder itself)."""
         return self.name
 
     @property
-    def manifest_path(self) -> str:
-        return f"{self.folder}/manifest.json"
+    def command(self) -> str:
+        """The CLI command that runs this stage alone."""
+        return self.name.replace("_", "-")
 
-    # Folders cleared before the stage runs, so a stale attempt never mixes in or passes for done.
+    @property
+    def manifest_path(self) -> str:
+        return self.data_path("manifest.json")
+
     @property
     def clears(self) -> tuple[str, ...]:
-        return (self.folder,)
+        """Folders cleared before the stage runs, so a stale attempt never mixes in or passes for done."""
+        return () if self.source else (self.folder,)
 
     def data_path(self, shard: str) -> str:
-        return f"{self.folder}/{shard}"
+        return f"{self.folder}/{shard}" if self.folder else shard
 
     def fingerprint(self, upstream: str | None) -> str:
         return digest({"input": upstream, "stage": self.name, "settings": decisive(self.settings)})
 
-    def check(self, location: RunLocation) -> None:
-        """Refuse (ConfigError) settings or inputs that cannot work, before Ray starts."""
+    def check(self, location: RunLocation) -> Checked:
+        """Refuse (ConfigError) settings or inputs that cannot work, before Ray starts; return
+        what ``execute`` needs of them."""
+        return None  # type: ignore[return-value]
 
-    def done(self, location: RunLocation, fingerprint: str, upstream: dict | None) -> dict | None:
-        """This stage's manifest if its output for ``fingerprint`` is committed, from the input
-        committed now (``upstream``: its manifest; None for the first stage): an input redone
-        since, even with the same settings (a retry of failures), makes the output stale."""
-        if location.exists(self.manifest_path):
-            found = location.read_json(self.manifest_path)
-            if found.get("fingerprint") == fingerprint and found["input"] == input_of(upstream):
-                return found
+    def longest_requests(self) -> dict[str, pa.Table]:
+        """The stage's LLM passes, each with its longest requests, by pass name (``llm.budgets``
+        checks them against the model's context before Ray starts)."""
+        return {}
+
+    def read(self, location: RunLocation) -> StageResult[R] | None:
+        """This stage's committed result, if any."""
+        if not location.exists(self.manifest_path):
+            return None
+        return results.read(location.read_bytes(self.manifest_path), self.report_type, location.uri(self.manifest_path))
+
+    def done(self, location: RunLocation, fingerprint: str, upstream: Input | None) -> StageResult[R] | None:
+        """This stage's result if its output for ``fingerprint`` is committed, from the input
+        committed now (``upstream``; None for a source): an input redone since, even with the
+        same settings (a retry of failures), makes the output stale."""
+        found = self.read(location)
+        refs = upstream.refs if upstream else []
+        if found and found.fingerprint == fingerprint and found.inputs == refs:
+            return found
         return None
 
-    def retries(self, manifest: dict) -> bool:
-        """Whether ``--retry-failures`` redoes this stage's committed output (``manifest``)."""
+    def retries(self, result: StageResult[R]) -> bool:
+        """Whether ``--retry-failures`` redoes this stage's committed ``result``."""
         return False
 
-    def execute(self, ctx: Context, upstream: dict | None) -> dict:
-        """Do the work; return the stage's own manifest fields (``timings_s`` optional)."""
+    def execute(self, ctx: Context, upstream: Input | None, checked: Checked) -> Outcome[R]:
         raise NotImplementedError
 
-    def describe(self, manifest: dict) -> str:
+    def describe(self, result: StageResult[R]) -> str:
         """One line for the console and the dataset card."""
-        return f"{self.name} complete"
+        return f"{self.name} {result.status}"
 
-    def card_section(self, manifest: dict) -> str:
+    def card_section(self, result: StageResult[R]) -> str:
         """Markdown the dataset card shows for this stage, beyond its ``describe`` line."""
         return ""
 
-    def run(self, ctx: Context, upstream: dict | None, fingerprint: str) -> dict:
-        """Clear, execute, then write the card and the manifest (last)."""
+    def run(self, ctx: Context, upstream: Input | None, fingerprint: str, checked: Checked) -> StageResult[R]:
+        """Clear, execute, then commit the result (its manifest, last)."""
         started = time.perf_counter()
         for folder in self.clears:
             ctx.location.delete(folder)
-        fields = self.execute(ctx, upstream)
-        timings = {**fields.pop("timings_s", {}), "total": time.perf_counter() - started}
-        manifest = {
-            "run_id": ctx.location.run_id,
-            "stage": self.name,
-            "status": fields.pop("status", "complete"),
-            "finished_at": now(),
-            "fingerprint": fingerprint,
-            "input": input_of(upstream),
-            "settings": self.settings.model_dump(),
-            **({"warnings": warnings} if (warnings := ctx.spec.warnings()) else {}),
-            **fields,
-            "timings_s": {step: round(seconds, 3) for step, seconds in timings.items()},
-        }
-        ctx.write_card(self, manifest)
-        ctx.location.write_json(self.manifest_path, manifest)
-        return manifest
+        outcome = self.execute(ctx, upstream, checked)
+        timings = {**outcome.timings, "total": time.perf_counter() - started}
+        result = results.result_type(self.report_type)(
+            run_id=ctx.location.run_id, stage=self.name, status=outcome.status, finished_at=now(),
+            fingerprint=fingerprint, inputs=upstream.refs if upstream else [], settings=self.settings.model_dump(),
+            output=outcome.output, rows=outcome.rows, shards=outcome.shards, embeddings=outcome.embeddings,
+            timings_s={step: round(seconds, 3) for step, seconds in timings.items()}, warnings=ctx.spec.warnings(),
+            report=outcome.report,
+        )
+        return result
+
+    def commit(self, location: RunLocation, result: StageResult[R]) -> None:
+        location.write_bytes(self.manifest_path, result.model_dump_json(indent=2).encode())
+
+
+class SourceStage(Stage[R, Checked]):
+    """A stage that writes the run's rows from nothing before it, as committed parts it resumes
+    from (``sources.parts``)."""
+
+    source = True
 
 
 def read_rows(location: RunLocation, shards: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -184,46 +273,42 @@ def read_rows(location: RunLocation, shards: list[str], columns: list[str] | Non
 @dataclasses.dataclass
 class Decision:
     """What a filter decided: the rows kept, the rows removed with a ``reason`` column (and any
-    audit columns), the manifest fields the filter adds, other shards it wrote, its step timings,
-    and ``counts`` (tables of ``manifest.counts``) that the base adds up over the input shards
-    of a ``row_by_row`` filter and hands to its ``summarise``."""
+    audit columns), the report fields the filter adds, other shards it wrote (its embeddings),
+    its step timings and ``counts`` (``results.counts`` tables) that the base adds up over the
+    input shards of a ``row_by_row`` filter and hands to its ``summarise``; and whether it is
+    ``incomplete`` (a method could not judge the rows)."""
 
     kept: pa.Table
     removed: pa.Table
     fields: dict = dataclasses.field(default_factory=dict)
-    shards: dict = dataclasses.field(default_factory=dict)
+    embeddings: EmbeddingsRef | None = None
     timings: dict = dataclasses.field(default_factory=dict)
-    counts: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    counts: dict[str, CountTable] = dataclasses.field(default_factory=dict)
+    incomplete: bool = False
 
 
-def added(*tables: list[dict]) -> list[dict]:
-    """Tables of ``manifest.counts`` added up, in its order."""
-    total: collections.Counter = collections.Counter()
-    for row in itertools.chain(*tables):
-        total[tuple((key, value) for key, value in row.items() if key != "rows")] += row["rows"]
-    return sorted(({**dict(key), "rows": n} for key, n in total.items()),
-                  key=lambda row: [value for key, value in row.items() if key != "rows"])
-
-
-class FilterStage(Stage):
+class FilterStage(Stage[R, Checked]):
     """A stage that keeps or removes rows of its input; subclasses define ``decide`` and ``reasons``."""
 
-    reasons: ClassVar[tuple[str, ...]]
     # A filter whose verdict on a row depends on that row alone: the base hands ``decide`` one
     # input shard at a time, so the driver holds a shard, never the run's rows. Such a filter
-    # reports through ``Decision.counts`` and ``summarise``; its ``fields`` and ``shards`` are
-    # its last shard's.
+    # reports through ``Decision.counts`` and ``summarise``; its ``fields`` are its last shard's.
     row_by_row: ClassVar[bool] = False
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """Why the filter removes a row: the values of its ``reason`` column."""
+        raise NotImplementedError
 
     @property
     def required_columns(self) -> tuple[str, ...]:
         return "id", "text", self.spec.label_column, "language"
 
-    def input_shards(self, location: RunLocation, upstream: dict) -> list[str]:
+    def input_shards(self, location: RunLocation, upstream: Input) -> list[str]:
         """The input's data shards that hold rows (a generation part whose requests all failed
         holds none), checked from their footers."""
         holding = []
-        for shard in upstream["shards"]["data"]:
+        for shard in upstream.data:
             footer = location.read_footer(shard)
             missing = [c for c in self.required_columns if c not in footer.schema.names]
             if missing:
@@ -237,24 +322,27 @@ class FilterStage(Stage):
             raise ConfigError(f"run_id: the run at {location.uri()} has no rows for {self.name}; nothing to do")
         return holding
 
-    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
+    def decide(self, ctx: Context, rows: pa.Table, checked: Checked) -> Decision:
         raise NotImplementedError
 
-    def summarise(self, ctx: Context, totals: dict[str, list[dict]], rows: int, timings: dict) -> dict:
-        """Manifest fields from every shard's ``Decision.counts`` added up (``totals``), the
+    def summarise(self, ctx: Context, totals: dict[str, CountTable], rows: int, timings: dict) -> dict:
+        """Report fields from every shard's ``Decision.counts`` added up (``totals``), the
         ``rows`` read in all and the summed ``timings``: by default the totals themselves."""
         return totals
 
-    def execute(self, ctx: Context, upstream: dict) -> dict:
-        location, label, per_shard = ctx.location, self.spec.label_column, self.spec.output.rows_per_shard
+    def execute(self, ctx: Context, upstream: Input | None, checked: Checked) -> Outcome[R]:
+        assert upstream is not None
+        location, per_shard, label = ctx.location, self.spec.output.rows_per_shard, self.spec.label_column
         shards = self.input_shards(location, upstream)
         groups = [[shard] for shard in shards] if self.row_by_row else [shards]
         written: dict[str, list[str]] = {"data": [], "removed": []}
-        total: dict[str, list[dict]] = {}
+        total: dict[str, CountTable] = {}
         timings: collections.Counter = collections.Counter()
+        incomplete = False
+        decision = None
         for group in groups:
             rows = read_rows(location, group)
-            decision = self.decide(ctx, rows)
+            decision = self.decide(ctx, rows, checked)
             kept, removed = decision.kept, decision.removed
             if kept.num_rows + removed.num_rows != rows.num_rows:
                 raise AssertionError(f"{self.name}: kept + removed ({kept.num_rows} + {removed.num_rows}) "
@@ -264,41 +352,40 @@ class FilterStage(Stage):
                 if table.num_rows or (group is groups[-1] and not written[folder]):
                     written[folder] += location.write_shards(self.data_path(folder), table, per_shard,
                                                              first=len(written[folder]))
-            tally = {"input_language": cards.counts(rows, ["language"]),
-                     "by_label_reason": cards.counts(removed, [label, "reason"]),
-                     "by_language_reason": cards.counts(removed, ["language", "reason"]),
-                     "kept_by_label": cards.counts(kept, [label]),
+            tally = {"input_language": results.counts(rows, ["language"]),
+                     "by_label_reason": results.counts(removed, [label, "reason"]),
+                     "by_language_reason": results.counts(removed, ["language", "reason"]),
+                     "kept_by_label": results.counts(kept, [label]),
                      **decision.counts}
-            total = {name: added(total.get(name, []), table) for name, table in tally.items()}
+            total = {name: results.added(total.get(name, []), table) for name, table in tally.items()}
             timings.update(decision.timings)
+            incomplete |= decision.incomplete
+        assert decision is not None
         # Removed rows by reason and by language, from the (language, reason) counts.
-        reasons, removed_by = collections.Counter(), collections.Counter()
+        reasons: collections.Counter = collections.Counter()
+        removed_by: collections.Counter = collections.Counter()
         for row in total["by_language_reason"]:
             reasons[row["reason"]] += row["rows"]
             removed_by[row["language"]] += row["rows"]
         by_language = total.pop("input_language")
         n_input, n_removed = sum(row["rows"] for row in by_language), sum(reasons.values())
-        return {
-            "output": location.uri(self.folder),
-            "rows": {"input": n_input, "kept": n_input - n_removed, "removed": n_removed},
-            "removed": {
-                "by_reason": {reason: reasons[reason] for reason in self.reasons},
-                "by_label_reason": total.pop("by_label_reason"),
-                "by_language_reason": total.pop("by_language_reason"),
-            },
-            "languages": [
-                {"language": row["language"], "input": row["rows"], "removed": removed_by[row["language"]],
-                 "removed_share": round(removed_by[row["language"]] / row["rows"], 4)}
-                for row in by_language
-            ],
-            "kept_by_label": total.pop("kept_by_label"),
-            **decision.fields,
-            **self.summarise(ctx, total, n_input, dict(timings)),
-            "shards": {**written, **decision.shards},
-            "timings_s": dict(timings),
-        }
+        fields = FilterReport(
+            removed=Removals(by_reason={reason: reasons[reason] for reason in self.reasons},
+                             by_label_reason=total.pop("by_label_reason"),
+                             by_language_reason=total.pop("by_language_reason")),
+            languages=[LanguageRemovals(language=row["language"], input=row["rows"],
+                                        removed=removed_by[row["language"]],
+                                        removed_share=round(removed_by[row["language"]] / row["rows"], 4))
+                       for row in by_language],
+            kept_by_label=total.pop("kept_by_label"),
+        ).model_dump()
+        report = self.report_type.model_validate(
+            {**fields, **decision.fields, **self.summarise(ctx, total, n_input, dict(timings))})
+        return Outcome(report=report, rows=Rows(input=n_input, output=n_input - n_removed),
+                       output=location.uri(self.folder), shards=Shards(**written), embeddings=decision.embeddings,
+                       timings=dict(timings), status="incomplete" if incomplete else "complete")
 
-    def describe(self, manifest: dict) -> str:
-        rows, reasons = manifest["rows"], manifest["removed"]["by_reason"]
-        removed = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
-        return f"{self.name} {manifest['status']}: kept {rows['kept']} of {rows['input']} rows at {manifest['output']} (removed {removed})"
+    def describe(self, result: StageResult[R]) -> str:
+        removed = ", ".join(f"{n} {reason}" for reason, n in result.report.removed.by_reason.items())
+        return (f"{self.name} {result.status}: kept {result.rows.output} of {result.rows.input} rows at "
+                f"{result.output} (removed {removed})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -125,7 +126,8 @@ def _json_text(value: object) -> object:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else as_text(value)
 
 
-def read(path: str, field: str, text_columns: list[str] = (), label_columns: list[str] = ()) -> tuple[pa.Table, dict]:
+def read(path: str, field: str, text_columns: Sequence[str] = (),
+         label_columns: Sequence[str] = ()) -> tuple[pa.Table, dict]:
     """The whole table at ``path`` on this process (eval sets, not corpora), and the
     ``datasets`` features of a ``datasets`` folder (else empty). ``text_columns`` and
     ``label_columns`` are read as text where the format allows it (``text_values`` and
@@ -145,8 +147,9 @@ def read(path: str, field: str, text_columns: list[str] = (), label_columns: lis
                 table = _read_csv(stream, [*text_columns, *label_columns])
                 for column in text_columns:
                     if column in table.column_names:
-                        values = [None if v in NULL_MARKERS else v for v in table[column].to_pylist()]
-                        table = table.set_column(table.column_names.index(column), column, pa.array(values, pa.string()))
+                        values = pa.array([None if v in NULL_MARKERS else v for v in table[column].to_pylist()],
+                                          pa.string())
+                        table = table.set_column(table.column_names.index(column), column, values)
                 return table, {}
             if fmt in ("jsonl", "json"):
                 return _read_jsonl(stream), {}

@@ -17,7 +17,8 @@ SYLLABIC_SCRIPTS = r"\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff"
 CHARACTER_WORDS = re.compile(f"[{CHARACTER_SCRIPTS}]")
 SYLLABIC_RUNS = re.compile(f"[{SYLLABIC_SCRIPTS}]")
 # Spaces next to a character of those scripts separate no words: they are dropped in comparison.
-UNSPACED_GAP = re.compile(f"(?<=[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}]) +| +(?=[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}])")
+UNSPACED = f"[{CHARACTER_SCRIPTS}{SYLLABIC_SCRIPTS}]"
+UNSPACED_GAP = re.compile(f"(?<={UNSPACED}) +| +(?={UNSPACED})")
 CHARS_PER_SYLLABIC_WORD = 3
 WORD = re.compile(r"\w+")
 

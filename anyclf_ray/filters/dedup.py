@@ -32,14 +32,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from anyclf_ray.core import embed, runtime
-from anyclf_ray.core.config import JobSpec
+from anyclf_ray.core.config import DedupSpec, JobSpec
+from anyclf_ray.core.results import Conflicts, DedupReport, StageResult
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import normalise
@@ -76,7 +77,8 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
     n = rows.num_rows
     texts = rows["text"].to_pylist()
     frame = pd.DataFrame(
-        {"language": rows["language"].to_pylist(), "norm": [normalise(t) for t in texts], "label": rows[spec.label_column].to_pylist()}
+        {"language": rows["language"].to_pylist(), "norm": [normalise(t) for t in texts],
+         "label": rows[spec.label_column].to_pylist()}
     )
     group = frame.groupby(["language", "norm", "label"], sort=False).ngroup().to_numpy()
     first_row = np.full(group.max() + 1, n, np.int64)
@@ -100,7 +102,9 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
         left, right, sim = neighbours.near_pairs(
             vectors[members], settings.threshold, settings.partition_size, settings.probes, settings.seed
         )
-        lefts.append(members[left]), rights.append(members[right]), sims.append(sim)
+        lefts.append(members[left])
+        rights.append(members[right])
+        sims.append(sim)
     # Representatives with the same normalised text (so different labels) pair at 1.0.
     same_text = frame.iloc[reps].groupby(["language", "norm"], sort=False).ngroup().to_numpy()
     shared = np.flatnonzero(pd.Series(same_text).duplicated(keep=False).to_numpy())
@@ -111,7 +115,9 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
     ]
     if exact_pairs:
         pairs = np.asarray(exact_pairs, np.int64)
-        lefts.append(pairs[:, 0]), rights.append(pairs[:, 1]), sims.append(np.ones(len(pairs), np.float32))
+        lefts.append(pairs[:, 0])
+        rights.append(pairs[:, 1])
+        sims.append(np.ones(len(pairs), np.float32))
     left, right, sim = np.concatenate(lefts), np.concatenate(rights), np.concatenate(sims)
     # A pair found both as exact text and by embedding is one pair.
     order = np.argsort(-sim, kind="stable")
@@ -145,7 +151,8 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
     removed_mask = ~kept
     audit = {
         "reason": reason[removed_mask].tolist(),
-        "kept_id": [None if r == "conflict" else m for r, m in zip(reason[removed_mask], ids[matched_row[removed_mask]])],
+        "kept_id": [None if r == "conflict" else m
+                    for r, m in zip(reason[removed_mask], ids[matched_row[removed_mask]])],
         "matched_id": ids[matched_row[removed_mask]].tolist(),
         "similarity": similarity[removed_mask].astype(np.float32),
     }
@@ -162,36 +169,42 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
     }
 
 
-class Dedup(FilterStage):
+class Dedup(FilterStage[DedupReport, None]):
     """The dedup stage on the stage contract: ``decide`` above, with embeddings kept for reuse."""
 
     name = "dedup"
     section = "dedup"
+    report_type = DedupReport
     card_config = "deduplicated"
-    reasons = REASONS
+
+    @property
+    def settings(self) -> DedupSpec:
+        return self.spec.dedup
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return REASONS
 
     def check(self, location: RunLocation) -> None:
         embed.check_model(self.settings.model, "dedup.model")
 
-    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
+    def decide(self, ctx: Context, rows: pa.Table, checked: None) -> Decision:
         settings = self.settings
         placement = runtime.resolve_placement(settings, "dedup")
         log.info("dedup: %d rows with %s on %s", rows.num_rows, settings.model, placement.device)
-        result = decide(rows, lambda texts: embed.embed(texts, settings.model, placement, settings.batch_size), self.spec)
-        embeddings = embed.embeddings_table(result["embedded_ids"], result["embeddings"], settings.model)
+        result = decide(rows, lambda texts: embed.embed(texts, settings.model, placement, settings.batch_size),
+                        self.spec)
         removed = result["removed"]
+        embeddings = embed.embeddings_table(result["embedded_ids"], result["embeddings"], settings.model)
         return Decision(
             kept=result["kept"],
             removed=removed,
-            fields={
-                "conflicts": {"policy": settings.conflicts, "pairs": result["conflict_pairs"],
-                              "rows_removed": removed["reason"].to_pylist().count("conflict")},
-                "embeddings": embed.embeddings_figures(embeddings),
-            },
-            shards={"embeddings": ctx.location.write_shards(
-                self.data_path("embeddings"), embeddings, self.spec.output.rows_per_shard)},
+            fields={"conflicts": Conflicts(policy=settings.conflicts, pairs=result["conflict_pairs"],
+                                           rows_removed=removed["reason"].to_pylist().count("conflict"))},
+            embeddings=embed.write_embeddings(ctx.location, self.data_path("embeddings"), embeddings,
+                                              self.spec.output.rows_per_shard),
             timings=result["timings"],
         )
 
-    def describe(self, manifest: dict) -> str:
-        return f"{super().describe(manifest)} at cosine {manifest['settings']['threshold']} with `{manifest['settings']['model']}`"
+    def describe(self, result: StageResult[DedupReport]) -> str:
+        return f"{super().describe(result)} at cosine {self.settings.threshold} with `{self.settings.model}`"

@@ -6,7 +6,7 @@ A ``FilterStage`` (``stage.py``). In: the rows the stage before it committed. Ou
 - ``data/part-*.parquet``: the kept rows (with ``action: flag``, every row; with ``relabel``,
   the failing rows whose judged labels make an allowed set, carrying those labels);
 - ``removed/part-*.parquet``: the failing rows, with ``reason`` (the first method, in the spec's
-  order, that failed them: ``REASONS``; ``SET_REASONS`` in a multi-label run);
+  order, that failed them: ``REASONS``, the judge's from the label scheme);
 - ``embeddings/part-*.parquet``: every row's embedding by the check's embedder, when a method
   needed one (training reuses them);
 - ``manifest.json``: per method and label, the rows that failed; the judged-by-intended counts;
@@ -30,111 +30,66 @@ it. The methods:
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.core import embed, runtime
-from anyclf_ray.core import manifest as cards
-from anyclf_ray.core.config import LABEL_SET_SEPARATOR, NO_LABEL, JobSpec
+from anyclf_ray.core import cards, embed, runtime
+from anyclf_ray.core.config import JobSpec, LabelCheckSpec
+from anyclf_ray.core.ids import stable_id
+from anyclf_ray.core.results import LabelCheckReport, MethodReport, Relabelled, StageResult, Unchecked
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation
-from anyclf_ray.labels import label_sets
-from anyclf_ray.llm import engine, prompts
-from anyclf_ray.sources import plan
+from anyclf_ray.labels.scheme import LabelScheme, scheme
+from anyclf_ray.llm import engine
 
 log = logging.getLogger(__name__)
 
-REASONS = {"llm": "label_mismatch", "crossfit": "low_own_probability", "similarity": "nearer_another_label"}
+# Why the embedding methods fail a row (the llm judge's reasons are the label scheme's).
+REASONS = {"crossfit": "low_own_probability", "similarity": "nearer_another_label"}
 # Below this share of rows checked, a method's verdict is missing work: the stage is incomplete
 # (exit code 3), not clean.
 MIN_CHECKED = 0.9
-# Why the judge fails a multi-label row: a label of its set judged absent (first), or a label
-# outside its set judged present.
-SET_REASONS = ("label_missing", "label_extra")
 
 
 def judge_requests(spec: JobSpec, rows: pa.Table) -> pa.Table:
-    """One request per row: which label (or none) does its text express? In a multi-label
-    run: does it express each label, one boolean per label?
+    """One request per row: which label (or none) does its text express; or, for label sets,
+    does it express each label, one boolean per label (``LabelScheme.judge_request``).
 
     The labels are named by their descriptions, as in every other prompt: ids can be codes the
     model cannot read (``ham``, ``LOC``); ``judged_labels`` maps the answer back to the ids."""
-    descriptions = [label.desc for label in spec.labels]
-    if spec.multi_label.enabled:
-        template, n_items, longest = prompts.JUDGE_SET, len(descriptions), max(map(len, descriptions)) + len("false")
-        answer, max_tokens = {"flags": descriptions}, prompts.answer_budget(prompts.longest_flags(descriptions))
-    else:
-        choices = descriptions + [NO_LABEL]
-        template, n_items, longest = prompts.JUDGE, 1, max(map(len, choices))
-        answer, max_tokens = {"choices": choices}, prompts.answer_budget(prompts.longest_choice("label", choices))
-    return engine.requests_table(
-        [
-            {"request_id": plan.stable_id("label_check", row_id),
-             "prompt": prompts.render(template, instruction=spec.instruction, labels=plan.labels_text(spec), text=text),
-             "item_key": "label", "n_items": n_items, "max_chars": longest, "max_tokens": max_tokens,
-             "temperature": 0.0, **answer}
-            for row_id, text in zip(rows["id"].to_pylist(), rows["text"].to_pylist())
-        ]
-    )
+    labels = scheme(spec)
+    return engine.requests_table([{"request_id": stable_id("label_check", row_id), **labels.judge_request(text)}
+                                  for row_id, text in zip(rows["id"].to_pylist(), rows["text"].to_pylist())])
 
 
-def judged_labels(spec: JobSpec, rows: pa.Table, answers: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's labels as judged (rows × labels, in spec order; none for ``none``) and whether
-    the judge answered it at all."""
-    descriptions = [label.desc for label in spec.labels]
+def judged_labels(labels: LabelScheme, rows: pa.Table, answers: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's labels as judged (rows × labels, in spec order) and whether the judge answered
+    it at all."""
     by_request = dict(zip(answers["request_id"].to_pylist(), answers["items"].to_pylist()))
-    judged = np.zeros((rows.num_rows, len(descriptions)), bool)
+    judged = np.zeros((rows.num_rows, len(labels.ids)), bool)
     answered = np.zeros(rows.num_rows, bool)
     for i, row_id in enumerate(rows["id"].to_pylist()):
-        items = by_request[plan.stable_id("label_check", row_id)]
-        if items is None:
-            continue
-        answered[i] = True
-        if spec.multi_label.enabled:
-            judged[i] = [item == "true" for item in items]
-        elif items[0] != NO_LABEL:
-            judged[i, descriptions.index(items[0])] = True
+        items = by_request[stable_id("label_check", row_id)]
+        if items is not None:
+            answered[i], judged[i] = True, labels.judged(items)
     return judged, answered
 
 
-def intended_labels(spec: JobSpec, rows: pa.Table) -> np.ndarray:
-    """Each row's own labels (rows × labels, in spec order)."""
-    position = {label.id: i for i, label in enumerate(spec.labels)}
-    lists = rows["labels"].to_pylist() if spec.multi_label.enabled else [[label] for label in rows["label"].to_pylist()]
-    intended = np.zeros((rows.num_rows, len(position)), bool)
-    for i, labels in enumerate(lists):
-        intended[i, [position[label] for label in labels]] = True
-    return intended
-
-
-def allowed_sets(spec: JobSpec, judged: np.ndarray) -> np.ndarray:
-    """Whether each judged row is a label set the run could have written: one label in a
-    single-label run; a set of ``label_sets.LabelSets`` (sizes, pairs, none) in a multi-label one."""
-    if not spec.multi_label.enabled:
-        return judged.sum(axis=1) == 1
-    allowed = {members.tobytes() for members in label_sets.LabelSets(spec).members}
-    return np.array([row.tobytes() in allowed for row in judged], bool)
-
-
-def relabelled(spec: JobSpec, rows: pa.Table, judged: np.ndarray, mask: np.ndarray) -> pa.Table:
+def relabelled(labels: LabelScheme, rows: pa.Table, judged: np.ndarray, mask: np.ndarray) -> pa.Table:
     """``rows`` with the label columns of the ``mask`` rows set to their judged labels, and
     ``relabelled_from``: the label (or set) they carried before, null for the others."""
-    chosen = [np.flatnonzero(row) for row in judged]
-    ids = [[spec.labels[i].id for i in row] for row in chosen]
-    names = [[spec.labels[i].desc for i in row] for row in chosen]
-    if spec.multi_label.enabled:
-        values = {"labels": ids, "label_names": names, "label_set": [LABEL_SET_SEPARATOR.join(row) for row in ids]}
-    else:
-        values = {"label": [row[0] if row else None for row in ids], "label_name": [row[0] if row else None for row in names]}
-    before = rows[spec.label_column].to_pylist()
-    for name, new in values.items():
-        merged = [n if m else old for old, n, m in zip(rows[name].to_pylist(), new, mask)]
-        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(merged, rows.schema.field(name).type))
-    return rows.append_column("relabelled_from", pa.array([b if m else None for b, m in zip(before, mask)], pa.string()))
+    values = labels.columns(labels.ids_of(judged))
+    before = rows[labels.key].to_pylist()
+    for field in labels.fields:
+        merged = [new if chosen else old for old, new, chosen in zip(rows[field.name].to_pylist(),
+                                                                     values[field.name].to_pylist(), mask)]
+        rows = rows.set_column(rows.schema.get_field_index(field.name), field.name, pa.array(merged, field.type))
+    return rows.append_column("relabelled_from",
+                              pa.array([b if m else None for b, m in zip(before, mask)], pa.string()))
 
 
 def own_probabilities(vectors: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, int]:
@@ -171,16 +126,99 @@ def _by_label(labels: np.ndarray, mask: np.ndarray) -> dict[str, int]:
     return {str(label): int(n) for label, n in zip(found, counts)}
 
 
-class LabelCheck(FilterStage):
+def check(spec: JobSpec, rows: pa.Table, answer: Callable[[pa.Table], pa.Table] | None,
+          embed_texts: Callable[[list[str]], np.ndarray] | None) -> tuple[pa.Table, pa.Table, dict, np.ndarray | None]:
+    """The label check's verdicts on ``rows``: every row with its audit columns, the removed rows
+    with their ``reason``, the report's fields, and the rows' embeddings (None without an
+    embedding method). ``answer`` asks the judge (requests → answered requests) and
+    ``embed_texts`` embeds (texts → L2-normalised vectors): the run's engines and embedding
+    actors, or anything behind the same seams."""
+    settings, labels = spec.label_check, scheme(spec)
+    own = np.asarray(rows[labels.key].to_pylist(), dtype=object)
+    intended = labels.members(own.tolist())
+    y = intended.argmax(axis=1)  # crossfit and similarity read one label a row
+    failed: dict[str, np.ndarray] = {}
+    columns: dict[str, pa.Array] = {}
+    figures: dict[str, dict] = {}
+    reasons = {method: np.full(rows.num_rows, reason, dtype=object) for method, reason in REASONS.items()}
+    vectors: np.ndarray | None = None
+    judged = np.zeros_like(intended)
+
+    if "llm" in settings.methods:
+        assert answer is not None, "the llm method asks the judge"
+        answers = answer(judge_requests(spec, rows))
+        judged, answered = judged_labels(labels, rows, answers)
+        missing, extra = intended & ~judged, judged & ~intended
+        failed["llm"] = answered & (missing | extra).any(axis=1)
+        reasons["llm"] = labels.judge_reason(missing, extra)
+        name, verdicts = labels.verdicts(judged, answered)
+        columns[name] = verdicts
+        figures["llm"] = {"checked": int(answered.sum()), "unanswered": int((~answered).sum()),
+                          **labels.judge_figures(intended, judged, answered), "usage": engine.usage(answers)}
+
+    if {"crossfit", "similarity"} & set(settings.methods):
+        assert embed_texts is not None, "crossfit and similarity read embeddings"
+        texts = rows["text"].to_pylist()
+        found = embed_texts(texts + labels.descs)
+        vectors, label_vectors = found[: len(texts)], found[len(texts) :]
+        if "crossfit" in settings.methods:
+            threshold = settings.threshold or 1 / len(labels.ids)
+            probability, folds = own_probabilities(vectors, y, settings.folds, settings.seed)
+            failed["crossfit"] = probability < threshold  # NaN (not run) fails nothing
+            columns["own_probability"] = pa.array(probability, pa.float32())
+            figures["crossfit"] = {"checked": int((~np.isnan(probability)).sum()), "folds": folds,
+                                   "threshold": threshold}
+            if not folds:
+                figures["crossfit"]["skipped"] = "a label has fewer than 2 rows; nothing was judged"
+        if "similarity" in settings.methods:
+            nearest, margin = nearest_labels(vectors, label_vectors, y)
+            failed["similarity"] = ~(margin > settings.margin)
+            columns["nearest_label"] = pa.array([labels.ids[i] for i in nearest], pa.string())
+            figures["similarity"] = {"checked": rows.num_rows, "margin": settings.margin}
+
+    any_failed = np.zeros(rows.num_rows, bool)
+    reason = np.full(rows.num_rows, None, dtype=object)
+    for method in settings.methods:  # the spec's order decides which reason a row gets
+        first = failed[method] & ~any_failed
+        reason[first] = reasons[method][first]
+        any_failed |= failed[method]
+        figures[method].update(failed=int(failed[method].sum()), failed_by_label=_by_label(own, failed[method]))
+    out = rows
+    for name, column in columns.items():
+        out = out.append_column(name, column)
+    failed_methods = [[m for m in settings.methods if failed[m][i]] for i in range(rows.num_rows)]
+    out = out.append_column("label_check_failed", pa.array(failed_methods, pa.list_(pa.string())))
+    fields: dict = {"action": settings.action, "flagged": int(any_failed.sum()),
+                    "methods": {m: MethodReport(**figures[m]) for m in settings.methods},
+                    "unchecked": [Unchecked(method=m, checked=figures[m]["checked"], rows=rows.num_rows)
+                                  for m in settings.methods if figures[m]["checked"] < MIN_CHECKED * rows.num_rows]}
+    removing = any_failed if settings.action != "flag" else np.zeros(rows.num_rows, bool)
+    if settings.action == "relabel":  # methods are [llm]: every failed row was judged
+        relabelling = any_failed & labels.allowed(judged)
+        removing = any_failed & ~relabelling
+        out = relabelled(labels, out, judged, relabelling)
+        by_reason = np.unique(reason[relabelling].astype(str), return_counts=True)
+        fields["relabelled"] = Relabelled(rows=int(relabelling.sum()),
+                                          by_reason={r: int(n) for r, n in zip(*by_reason)})
+    removed = out.filter(pa.array(removing)).append_column("reason", pa.array(reason[removing].tolist(), pa.string()))
+    return out.filter(pa.array(~removing)), removed, fields, vectors
+
+
+class LabelCheck(FilterStage[LabelCheckReport, None]):
     """The label check on the stage contract: the methods above, combined."""
 
     name = "label_check"
     section = "label_check"
+    report_type = LabelCheckReport
     card_config = "label_checked"
 
     @property
+    def settings(self) -> LabelCheckSpec:
+        return self.spec.label_check
+
+    @property
     def reasons(self) -> tuple[str, ...]:
-        return SET_REASONS if self.spec.multi_label.enabled else tuple(REASONS.values())
+        return (*scheme(self.spec).judge_reasons, *REASONS.values())
 
     @property
     def uses_llm(self) -> bool:
@@ -194,140 +232,79 @@ class LabelCheck(FilterStage):
         if {"crossfit", "similarity"} & set(self.settings.methods):
             embed.check_model(self.embedder, "label_check.model" if self.settings.model else "train.base_model")
 
-    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
-        settings, spec = self.settings, self.spec
-        label_ids = [label.id for label in spec.labels]
-        labels = np.asarray(rows[spec.label_column].to_pylist(), dtype=object)
-        intended = intended_labels(spec, rows)
-        y = intended.argmax(axis=1)  # crossfit and similarity: single-label runs only
-        failed, columns, figures, timings, shards = {}, {}, {}, {}, {}
-        reasons = {method: np.full(rows.num_rows, reason, dtype=object) for method, reason in REASONS.items()}
+    def longest_requests(self) -> dict[str, pa.Table]:
+        """The judge's request of a text ``max_text_chars`` long (of characters that take the
+        most tokens in the run's scripts)."""
+        if "llm" not in self.settings.methods:
+            return {}
+        longest = self.spec.sampling.text_chars(self.spec.languages)
+        filler = "字" if any(code[:2] in ("zh", "ja", "ko") for code in self.spec.languages) else "x "
+        text = (filler * longest)[:longest]
+        return {"label_check/llm": judge_requests(self.spec, pa.table({"id": ["0"], "text": [text]}))}
 
-        if "llm" in settings.methods:
+    def decide(self, ctx: Context, rows: pa.Table, checked: None) -> Decision:
+        settings, timings = self.settings, {}
+
+        def answer(requests: pa.Table) -> pa.Table:
             started = time.perf_counter()
-            answers = ctx.engines().answer_table(judge_requests(spec, rows), "label_check/llm")
-            judged, answered = judged_labels(spec, rows, answers)
-            missing, extra = intended & ~judged, judged & ~intended
-            failed["llm"] = answered & (missing | extra).any(axis=1)
-            figures["llm"] = {"checked": int(answered.sum()), "unanswered": int((~answered).sum())}
-            if spec.multi_label.enabled:
-                reasons["llm"] = np.where(missing.any(axis=1), *SET_REASONS)
-                verdicts = [[label_ids[i] for i in np.flatnonzero(row)] if ok else None for row, ok in zip(judged, answered)]
-                columns["judged_labels"] = pa.array(verdicts, pa.list_(pa.string()))
-                for name, mask in (("missing_by_label", missing), ("extra_by_label", extra)):
-                    found = (mask & answered[:, None]).sum(axis=0)
-                    figures["llm"][name] = {label: int(n) for label, n in zip(label_ids, found) if n}
-            else:
-                verdicts = [(label_ids[row.argmax()] if row.any() else NO_LABEL) if ok else None
-                            for row, ok in zip(judged, answered)]
-                columns["judged_label"] = pa.array(verdicts, pa.string())
-                pairs = collections.Counter((a, b) for a, b, ok in zip(labels, verdicts, answered) if ok)
-                figures["llm"]["judged"] = [{"label": a, "judged": b, "rows": n} for (a, b), n in sorted(pairs.items())]
-            figures["llm"] |= {"usage": engine.usage(answers), "engine": ctx.engine_figures()}
+            found = ctx.engines().answer_table(requests, "label_check/llm")
             timings["llm"] = time.perf_counter() - started
+            return found
 
-        if {"crossfit", "similarity"} & set(settings.methods):
+        def embed_texts(texts: list[str]) -> np.ndarray:
             started = time.perf_counter()
-            placement = runtime.resolve_placement(settings, "label_check")
-            texts = rows["text"].to_pylist()
-            vectors = embed.embed(texts + [label.desc for label in spec.labels], self.embedder, placement,
-                                  settings.batch_size)
-            vectors, label_vectors = vectors[: len(texts)], vectors[len(texts) :]
-            table = embed.embeddings_table(rows["id"].to_pylist(), vectors, self.embedder)
-            shards["embeddings"] = ctx.location.write_shards(self.data_path("embeddings"), table, spec.output.rows_per_shard)
-            figures["embeddings"] = embed.embeddings_figures(table)
+            found = embed.embed(texts, self.embedder, runtime.resolve_placement(settings, "label_check"),
+                                settings.batch_size)
             timings["embed"] = time.perf_counter() - started
+            return found
 
-            if "crossfit" in settings.methods:
-                started = time.perf_counter()
-                threshold = settings.threshold or 1 / len(label_ids)
-                probability, folds = own_probabilities(vectors, y, settings.folds, settings.seed)
-                failed["crossfit"] = probability < threshold  # NaN (not run) fails nothing
-                columns["own_probability"] = pa.array(probability, pa.float32())
-                figures["crossfit"] = {"checked": int((~np.isnan(probability)).sum()), "folds": folds,
-                                       "threshold": threshold}
-                if not folds:
-                    figures["crossfit"]["skipped"] = "a label has fewer than 2 rows; nothing was judged"
-                timings["crossfit"] = time.perf_counter() - started
+        kept, removed, fields, vectors = check(self.spec, rows, answer, embed_texts)
+        if "llm" in fields["methods"]:
+            fields["methods"]["llm"].engine = ctx.engine_figures()
+        embeddings = None
+        if vectors is not None:
+            table = embed.embeddings_table(rows["id"].to_pylist(), vectors, self.embedder)
+            embeddings = embed.write_embeddings(ctx.location, self.data_path("embeddings"), table,
+                                                self.spec.output.rows_per_shard)
+        for gap in fields["unchecked"]:  # a check that could not run is not reported as clean
+            log.warning("label_check: %s checked only %d of %d rows", gap.method, gap.checked, gap.rows)
+        return Decision(kept=kept, removed=removed, fields=fields, embeddings=embeddings, timings=timings,
+                        incomplete=bool(fields["unchecked"]))
 
-            if "similarity" in settings.methods:
-                nearest, margin = nearest_labels(vectors, label_vectors, y)
-                failed["similarity"] = ~(margin > settings.margin)
-                columns["nearest_label"] = pa.array([label_ids[i] for i in nearest], pa.string())
-                figures["similarity"] = {"checked": rows.num_rows, "margin": settings.margin}
+    def retries(self, result: StageResult[LabelCheckReport]) -> bool:
+        return not result.complete  # --retry-failures asks again what it could not check
 
-        any_failed = np.zeros(rows.num_rows, bool)
-        reason = np.full(rows.num_rows, None, dtype=object)
-        for method in settings.methods:  # the spec's order decides which reason a row gets
-            first = failed[method] & ~any_failed
-            reason[first] = reasons[method][first]
-            any_failed |= failed[method]
-            figures.setdefault(method, {}).update(failed=int(failed[method].sum()),
-                                                  failed_by_label=_by_label(labels, failed[method]))
-        out = rows
-        for name, column in columns.items():
-            out = out.append_column(name, column)
-        failed_methods = [[m for m in settings.methods if failed[m][i]] for i in range(rows.num_rows)]
-        out = out.append_column("label_check_failed", pa.array(failed_methods, pa.list_(pa.string())))
-        fields = {"action": settings.action, "flagged": int(any_failed.sum())}
-        short = [{"method": m, "checked": figures[m]["checked"], "rows": rows.num_rows} for m in settings.methods
-                 if figures[m]["checked"] < MIN_CHECKED * rows.num_rows]
-        if short:  # a check that could not run is not reported as clean
-            fields |= {"status": "incomplete", "unchecked": short}
-            for gap in short:
-                log.warning("label_check: %s checked only %d of %d rows", gap["method"], gap["checked"], gap["rows"])
-        removing = any_failed if settings.action != "flag" else np.zeros(rows.num_rows, bool)
-        if settings.action == "relabel":  # methods are [llm]: every failed row was judged
-            relabelling = any_failed & allowed_sets(spec, judged)
-            removing = any_failed & ~relabelling
-            out = relabelled(spec, out, judged, relabelling)
-            fields["relabelled"] = {"rows": int(relabelling.sum()),
-                                    "by_reason": dict(collections.Counter(reason[relabelling].tolist()))}
-        removed = out.filter(pa.array(removing)).append_column(
-            "reason", pa.array(reason[removing].tolist(), pa.string()))
-        return Decision(
-            kept=out.filter(pa.array(~removing)),
-            removed=removed,
-            fields={**fields, "methods": {m: figures[m] for m in settings.methods},
-                    **({"embeddings": figures["embeddings"]} if "embeddings" in figures else {})},
-            shards=shards,
-            timings=timings,
-        )
-
-    def describe(self, manifest: dict) -> str:
-        failed = ", ".join(f"{figures['failed']} by {method}" for method, figures in manifest["methods"].items())
-        unchecked = "".join(f"; {gap['method']} checked only {gap['checked']} of {gap['rows']} rows"
-                            for gap in manifest.get("unchecked", []))
-        if manifest["action"] == "flag":
-            rows = manifest["rows"]
-            return (f"label_check {manifest['status']}: flagged {manifest['flagged']} of {rows['input']} rows ({failed}), "
+    def describe(self, result: StageResult[LabelCheckReport]) -> str:
+        found = result.report
+        failed = ", ".join(f"{figures.failed} by {method}" for method, figures in found.methods.items())
+        unchecked = "".join(f"; {gap.method} checked only {gap.checked} of {gap.rows} rows" for gap in found.unchecked)
+        if found.action == "flag":
+            return (f"label_check {result.status}: flagged {found.flagged} of {result.rows.input} rows ({failed}), "
                     f"removed none{unchecked}")
-        relabelled = f", relabelled {manifest['relabelled']['rows']}" if "relabelled" in manifest else ""
-        return f"{super().describe(manifest)}; failed {failed}{relabelled}{unchecked}"
+        relabelled = f", relabelled {found.relabelled.rows}" if found.relabelled else ""
+        return f"{super().describe(result)}; failed {failed}{relabelled}{unchecked}"
 
-    def retries(self, manifest: dict) -> bool:
-        return manifest["status"] != "complete"  # --retry-failures asks again what it could not check
-
-    def card_section(self, manifest: dict) -> str:
-        """Rows per label: checked, failed by each method, kept. A multi-label run's: per label,
-        the rows whose set holds it but the judge says not, and the reverse."""
-        methods = list(manifest["methods"])
-        if self.spec.multi_label.enabled:
-            llm = manifest["methods"]["llm"]
+    def card_section(self, result: StageResult[LabelCheckReport]) -> str:
+        """Rows per label: checked, failed by each method, kept; for label sets, per label, the
+        rows whose set holds it but the judge says not, and the reverse."""
+        found, methods = result.report, list(result.report.methods)
+        llm = found.methods.get("llm")
+        if llm is not None and llm.missing_by_label is not None:
             header = "| label | in the set, judged absent | outside the set, judged present |\n|---|---|---|\n"
-            lines = "".join(f"| {cards.code(label.id)} | {llm['missing_by_label'].get(label.id, 0)} | "
-                            f"{llm['extra_by_label'].get(label.id, 0)} |\n" for label in self.spec.labels)
-            return f"### Label check ({manifest['action']})\n\n{header}{lines}"
-        kept = {row["label"]: row["rows"] for row in manifest["kept_by_label"]}
-        removed = {}
-        for row in manifest["removed"]["by_label_reason"]:
-            removed[row["label"]] = removed.get(row["label"], 0) + row["rows"]
+            lines = "".join(f"| {cards.code(label.id)} | {llm.missing_by_label.get(label.id, 0)} | "
+                            f"{(llm.extra_by_label or {}).get(label.id, 0)} |\n" for label in self.spec.labels)
+            return f"### Label check ({found.action})\n\n{header}{lines}"
+        key = self.spec.label_column
+        kept = {row[key]: row["rows"] for row in found.kept_by_label}
+        removed: dict[str, int] = {}
+        for row in found.removed.by_label_reason:
+            removed[row[key]] = removed.get(row[key], 0) + row["rows"]
         header = "| label | rows | " + " | ".join(f"failed {m}" for m in methods) + " | kept |\n"
         header += "|---" * (len(methods) + 3) + "|\n"
         lines = "".join(
             f"| {cards.code(label.id)} | {kept.get(label.id, 0) + removed.get(label.id, 0)} | "
-            + " | ".join(str(manifest["methods"][m]["failed_by_label"].get(label.id, 0)) for m in methods)
+            + " | ".join(str(found.methods[m].failed_by_label.get(label.id, 0)) for m in methods)
             + f" | {kept.get(label.id, 0)} |\n"
             for label in self.spec.labels
         )
-        return f"### Label check ({manifest['action']})\n\n{header}{lines}"
+        return f"### Label check ({found.action})\n\n{header}{lines}"

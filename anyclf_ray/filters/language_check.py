@@ -29,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from anyclf_ray.core import plots
+from anyclf_ray.core.config import LanguageCheckSpec
 from anyclf_ray.core.loading import ConfigError
-from anyclf_ray.core.manifest import counts
+from anyclf_ray.core.results import LanguageCheckReport, counts
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation
 
@@ -81,24 +82,33 @@ def detect(texts: list[str], requested: list[str], also: tuple[str, ...] = ("en"
     return detected, confidence
 
 
-class LanguageCheck(FilterStage):
+class LanguageCheck(FilterStage[LanguageCheckReport, None]):
     """The language check on the stage contract, shard by shard: a row's language is its own."""
 
     name = "language_check"
     section = "language_check"
+    report_type = LanguageCheckReport
     card_config = "language_checked"
-    reasons = REASONS
     row_by_row = True
 
+    @property
+    def settings(self) -> LanguageCheckSpec:
+        return self.spec.language_check
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return REASONS
+
     def check(self, location: RunLocation) -> None:
-        for field, codes in (("languages", self.spec.languages), ("language_check.also_detect", self.settings.also_detect)):
+        for field, codes in (("languages", self.spec.languages),
+                             ("language_check.also_detect", self.settings.also_detect)):
             for code in codes:
                 try:
                     lingua_language(code)
                 except ValueError as error:
                     raise ConfigError(f"{field}: {error}; remove it or set language_check.enabled: false") from None
 
-    def decide(self, ctx: Context, rows: pa.Table) -> Decision:
+    def decide(self, ctx: Context, rows: pa.Table, checked: None) -> Decision:
         # The run's languages, not this shard's: every shard is read by the same detector.
         requested = rows["language"].to_pylist()
         also = ("en", *self.settings.also_detect, *self.spec.languages)

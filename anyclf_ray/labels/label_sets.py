@@ -88,8 +88,9 @@ class LabelSets:
         rest = n_rows - int(counts.sum())
         if rest < 0:
             raise ConfigError(
-                f"n_record_to_generate: {n_rows} rows (in each language) cannot give each of the {len(self.ids)} labels "
-                f"and {len(self.allowed_pairs)} allowed pairs multi_label.min_rows ({settings.min_rows}) rows, "
+                f"n_record_to_generate: {n_rows} rows (in each language) cannot give each of the "
+                f"{len(self.ids)} labels and {len(self.allowed_pairs)} allowed pairs multi_label.min_rows "
+                f"({settings.min_rows}) rows, "
                 f"{n_rows - rest} are needed; raise n_record_to_generate or lower min_rows"
             )
         # Each size's share of the labelled rows, less the floors it already holds.
@@ -140,6 +141,7 @@ def check(spec: JobSpec) -> None:
 
 def per_language(spec: JobSpec) -> list[int]:
     """``n_record_to_generate`` split over the languages, the first ones taking the remainder."""
+    assert spec.n_record_to_generate is not None  # a multi-label spec gives it (MultiLabelSpec.check)
     return apportion(spec.n_record_to_generate, np.ones(len(spec.languages))).tolist()
 
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
 from anyclf_ray.core.config import LABEL_SET_SEPARATOR, JobSpec
+from anyclf_ray.core.ids import stable_id
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import engine, prompts
-from anyclf_ray.sources import plan
 
 FILE = "label_prior.json"
 WEIGHTS = {"never": 0.1, "rarely": 0.5, "sometimes": 1.0, "often": 2.0}
@@ -29,7 +32,7 @@ WEIGHTS = {"never": 0.1, "rarely": 0.5, "sometimes": 1.0, "often": 2.0}
 def asked_pairs(spec: JobSpec) -> list[tuple[int, int]]:
     """The label pairs the LLM is asked about: every pair a set may hold, but the user's."""
     settings = spec.multi_label
-    if settings.pair_prior != "llm" or settings.max_labels < 2:
+    if not settings.enabled or settings.pair_prior != "llm" or settings.max_labels < 2:
         return []
     ids = [label.id for label in spec.labels]
     given = {frozenset(pair.split(LABEL_SET_SEPARATOR)) for pair in settings.pair_weights}
@@ -40,8 +43,8 @@ def requests(spec: JobSpec) -> pa.Table:
     """One request per asked pair, its answer one of ``WEIGHTS``."""
     longest = max(map(len, WEIGHTS))
     return engine.requests_table([
-        {"request_id": plan.stable_id("pair_prior", spec.labels[a].id, spec.labels[b].id),
-         "prompt": prompts.render(prompts.PAIR_PRIOR, instruction=spec.instruction, labels=plan.labels_text(spec),
+        {"request_id": stable_id("pair_prior", spec.labels[a].id, spec.labels[b].id),
+         "prompt": prompts.render(prompts.PAIR_PRIOR, instruction=spec.instruction, labels=scheme(spec).labels_text(),
                                   first=json.dumps(spec.labels[a].desc, ensure_ascii=False),
                                   second=json.dumps(spec.labels[b].desc, ensure_ascii=False),
                                   choices=", ".join(WEIGHTS)),
@@ -51,18 +54,21 @@ def requests(spec: JobSpec) -> pa.Table:
     ], {})
 
 
-def ask(spec: JobSpec, pool) -> dict:
-    """The prior's record (``FILE``): ``weights`` by pair ("a|b"), each pair's answer, usage."""
+def ask(spec: JobSpec, engines: Callable[[], Any]) -> dict | None:
+    """The prior's record (``FILE``): ``weights`` by pair ("a|b"), each pair's answer, usage;
+    None when the spec asks for no prior (``engines``, the run's pool started on demand, is
+    then never started)."""
     pairs = asked_pairs(spec)
-    answers = pool.answer_table(requests(spec), "pair_prior") if pairs else None
-    by_request = dict(zip(answers["request_id"].to_pylist(), answers["items"].to_pylist())) if pairs else {}
+    if not pairs:
+        return None
+    answers = engines().answer_table(requests(spec), "pair_prior")
+    by_request = dict(zip(answers["request_id"].to_pylist(), answers["items"].to_pylist()))
     found = []
     for a, b in pairs:
         first, second = spec.labels[a].id, spec.labels[b].id
-        items = by_request[plan.stable_id("pair_prior", first, second)]
+        items = by_request[stable_id("pair_prior", first, second)]
         answer = items[0] if items else None
         found.append({"pair": LABEL_SET_SEPARATOR.join((first, second)), "answer": answer,
                       "weight": WEIGHTS[answer] if answer else 1.0})
     return {"weights": {row["pair"]: row["weight"] for row in found}, "pairs": found,
-            "unanswered": sum(row["answer"] is None for row in found),
-            "usage": engine.usage(answers) if pairs else dict.fromkeys(engine.USAGE_KEYS, 0)}
+            "unanswered": sum(row["answer"] is None for row in found), "usage": engine.usage(answers).model_dump()}

@@ -1,9 +1,10 @@
 """Context budgets: every LLM pass's longest prompt and its answer budget against the model's context.
 
-In: a ``JobSpec`` and the longest request of each pass a run makes (the tree levels, generation,
-the pair prior, the llm judge), built from the spec alone. Out: nothing, or a ``ConfigError``
-naming the field that made a prompt too long for ``model.max_model_len`` and the fix, before any
-engine starts (``anyclf-ray plan`` and every command run it).
+In: a ``JobSpec`` and the longest requests of each pass a run makes (the tree levels, generation,
+the pair prior, the llm judge: ``Stage.longest_requests``), built from the spec alone. Out:
+nothing, or a ``ConfigError`` naming the field that made a prompt too long for
+``model.max_model_len`` and the fix, before any engine starts (``anyclf-ray plan`` and every
+command run it).
 
 Prompts are counted with the model's own tokenizer and chat template when the model is on this
 machine (a ``builtin:`` model, a local folder, a hub id in the local cache), else estimated at
@@ -59,29 +60,6 @@ def prompt_tokens(spec: JobSpec, prompt: str) -> int:
     return len(engine.chat_ids(found, prompt))
 
 
-def longest_requests(spec: JobSpec) -> dict[str, pa.Table]:
-    """Each pass's requests of the longest kind, by pass name (``tree/<level>``, ``generate``,
-    ``pair_prior``, ``label_check/llm``), from the spec alone."""
-    from anyclf_ray.filters import label_check
-    from anyclf_ray.labels import pair_prior
-    from anyclf_ray.sources import estimate, plan
-
-    one, tree = estimate.one_leaf_each(spec)
-    found = {}
-    if not spec.tree_path:
-        nodes = tree.to_pylist()
-        for level in plan.TREE_LEVELS:
-            found[f"tree/{level}"] = engine.requests_table(plan.tree_requests(level, spec, nodes))
-    found["generate"] = plan.render_requests(one, estimate.sample_leaves(spec, one, tree))
-    if spec.multi_label.pair_prior == "llm" and spec.multi_label.enabled:
-        found["pair_prior"] = pair_prior.requests(spec)
-    if spec.label_check.enabled and "llm" in spec.label_check.methods:
-        longest = spec.sampling.text_chars(spec.languages)
-        filler = ("字" if chars_per_token(spec.languages) == 1 else "x ") * longest
-        found["label_check/llm"] = label_check.judge_requests(spec, pa.table({"id": ["0"], "text": [filler[:longest]]}))
-    return found
-
-
 def blame(spec: JobSpec, name: str) -> str:
     """The field to change when ``name``'s prompt and answer do not fit: its largest part (in
     estimated tokens) that a spec field sets."""
@@ -95,14 +73,15 @@ def blame(spec: JobSpec, name: str) -> str:
         parts["sampling.max_item_chars"] = spec.sampling.max_item_chars * 3 / per_token
     if name == "label_check/llm":
         parts["sampling.max_text_chars"] = spec.sampling.text_chars(spec.languages) / per_token
-    return max(parts, key=parts.get)
+    return max(parts, key=lambda field: parts[field])
 
 
-def check(spec: JobSpec) -> dict[str, int]:
+def check(spec: JobSpec, passes: dict[str, pa.Table]) -> dict[str, int]:
     """ConfigError naming the field and the fix unless every pass's longest prompt and answer
-    budget fit ``model.max_model_len``; else each pass's longest prompt in tokens."""
+    budget fit ``model.max_model_len``; else each pass's longest prompt in tokens. ``passes``:
+    each LLM pass's longest requests, by name (``Stage.longest_requests``)."""
     limit, longest = spec.model.max_model_len, {}
-    for name, requests in longest_requests(spec).items():
+    for name, requests in passes.items():
         if not requests.num_rows:
             continue
         sizes = [(prompt_tokens(spec, prompt), budget)

@@ -11,7 +11,8 @@ reasons items were refused) and the tokens spent.
 above it: each request's answer must parse as ``n_items`` items that pass ``items.py``'s rules
 (or as a JSON object with a boolean under each flag);
 what is missing (cut off at its token budget, refused items) is asked again with a new seed, up
-to ``max_retries`` times, then reported as failed, never dropped. Where engines run and how many is ``pool.py``'s business.
+to ``max_retries`` times, then reported as failed, never dropped. Where engines run and how many
+is ``pool.py``'s business.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 
 from anyclf_ray.core import models
 from anyclf_ray.core.config import EngineSpec, ModelSpec, SamplingSpec
+from anyclf_ray.core.results import Usage
 from anyclf_ray.llm import items as valid
 from anyclf_ray.llm import prompts
 
@@ -66,8 +68,6 @@ RESULT_FIELDS = {
 }
 # Failed answers are kept for the failures artifact, cut to this length.
 KEPT_OUTPUT_CHARS = 2000
-# Requests, failures, tokens, and the items refused per reason (``refused_too_short``...).
-USAGE_KEYS = ("requests", "failed", "tokens_in", "tokens_out", *(f"refused_{reason}" for reason in valid.REASONS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,8 @@ def _schema(request: dict, sampling: SamplingSpec) -> dict:
     if request["flags"]:
         return prompts.flags_schema(request["flags"])
     pattern = valid.text_pattern() if sampling.valid_items else None
-    return prompts.items_schema(request["item_key"], request["n_items"], request["max_chars"], pattern, request["choices"])
+    return prompts.items_schema(request["item_key"], request["n_items"], request["max_chars"], pattern,
+                                request["choices"])
 
 
 def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSpec) -> list[str]:
@@ -189,6 +190,21 @@ def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSp
     return refused
 
 
+@dataclasses.dataclass
+class Answer:
+    """One request's answer so far (``RESULT_FIELDS``): the valid items kept, the attempts, the
+    last error and output, the reasons items were refused, the tokens spent."""
+
+    items: list[str] = dataclasses.field(default_factory=list)
+    ok: bool = False
+    attempts: int = 0
+    error: str | None = None
+    last_output: str | None = None
+    rejected: list[str] = dataclasses.field(default_factory=list)
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
 def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Table:
     """``requests`` with their answers (``RESULT_FIELDS``).
 
@@ -196,11 +212,7 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
     items still missing (the valid ones are kept), each attempt with a new seed.
     """
     rows = requests.select(REQUEST_COLUMNS).to_pylist()
-    results = [
-        {"items": [], "ok": False, "attempts": 0, "error": None, "last_output": None, "rejected": [],
-         "tokens_in": 0, "tokens_out": 0}
-        for _ in rows
-    ]
+    results = [Answer() for _ in rows]
     pending = list(range(len(rows)))
     for attempt in range(sampling.max_retries + 1):
         if not pending:
@@ -218,13 +230,13 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
         still_pending = []
         for i, completion in zip(pending, engine.complete(asked)):
             request, result = rows[i], results[i]
-            result["attempts"] = attempt + 1
+            result.attempts = attempt + 1
             if completion.finish_reason == PROMPT_TOO_LONG:  # never asked, and final: it never fits
-                result.update(error=f"the prompt's {completion.tokens_in} tokens and its answer budget of "
-                                    f"{request['max_tokens']} do not fit the model's context (model.max_model_len)")
+                result.error = (f"the prompt's {completion.tokens_in} tokens and its answer budget of "
+                                f"{request['max_tokens']} do not fit the model's context (model.max_model_len)")
                 continue
-            result["tokens_in"] += completion.tokens_in
-            result["tokens_out"] += completion.tokens_out
+            result.tokens_in += completion.tokens_in
+            result.tokens_out += completion.tokens_out
             try:
                 if request["flags"]:
                     found = parse_flags(completion.text, request["flags"])
@@ -232,42 +244,38 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
                     found = parse_items(completion.text, request["item_key"], request["n_items"])
             except ValueError as error:
                 cut = " (cut off at max_tokens)" if completion.finish_reason == "length" else ""
-                result.update(error=f"{error}{cut}", last_output=completion.text[:KEPT_OUTPUT_CHARS])
+                result.error, result.last_output = f"{error}{cut}", completion.text[:KEPT_OUTPUT_CHARS]
                 still_pending.append(i)
                 continue
-            refused = _take(request, found, result["items"], sampling)
-            result["rejected"] += refused
-            if len(result["items"]) == request["n_items"]:
-                result.update(ok=True, error=None, last_output=None)
+            refused = _take(request, found, result.items, sampling)
+            result.rejected += refused
+            if len(result.items) == request["n_items"]:
+                result.ok, result.error, result.last_output = True, None, None
             else:
-                missing = request["n_items"] - len(result["items"])
-                result.update(error=f"{missing} item(s) still missing; refused: {', '.join(refused)}",
-                              last_output=completion.text[:KEPT_OUTPUT_CHARS])
+                missing = request["n_items"] - len(result.items)
+                result.error = f"{missing} item(s) still missing; refused: {', '.join(refused)}"
+                result.last_output = completion.text[:KEPT_OUTPUT_CHARS]
                 still_pending.append(i)
         pending = still_pending
-    for result in results:
-        if not result["ok"]:
-            result["items"] = None
     for name, dtype in RESULT_FIELDS.items():
-        requests = requests.append_column(name, pa.array([r[name] for r in results], type=dtype))
+        values = [getattr(result, name) if name != "items" or result.ok else None for result in results]
+        requests = requests.append_column(name, pa.array(values, type=dtype))
     return requests
 
 
-def usage(results: pa.Table) -> dict[str, int]:
-    """Requests, failures, tokens and refused items (``USAGE_KEYS``) of answered requests."""
+def usage(results: pa.Table) -> Usage:
+    """Requests, failures, tokens and refused items of answered requests."""
     refused = collections.Counter(pc.list_flatten(results["rejected"]).to_pylist())
-    return {
-        "requests": results.num_rows,
-        "failed": pc.sum(pc.invert(results["ok"]).cast(pa.int64())).as_py() or 0,
-        "tokens_in": pc.sum(results["tokens_in"]).as_py() or 0,
-        "tokens_out": pc.sum(results["tokens_out"]).as_py() or 0,
-        **{f"refused_{reason}": refused[reason] for reason in valid.REASONS},
-    }
+    return Usage(requests=results.num_rows, failed=pc.sum(pc.invert(results["ok"]).cast(pa.int64())).as_py() or 0,
+                 tokens_in=pc.sum(results["tokens_in"]).as_py() or 0,
+                 tokens_out=pc.sum(results["tokens_out"]).as_py() or 0,
+                 refused={reason: refused[reason] for reason in valid.REASONS})
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as one user message in ``tokenizer``'s chat template, ready to answer."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True)
     return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
 
@@ -331,14 +339,14 @@ class VLLMEngine:
         asked = [i for i, ok in enumerate(fits) if ok]
         params = [
             SamplingParams(
-                max_tokens=prompts[i].max_tokens,
-                temperature=self.sampling.temperature if prompts[i].temperature is None else prompts[i].temperature,
+                max_tokens=prompt.max_tokens,
+                temperature=self.sampling.temperature if prompt.temperature is None else prompt.temperature,
                 top_p=self.sampling.top_p,
                 repetition_penalty=self.sampling.repetition_penalty,
-                seed=prompts[i].seed,
-                structured_outputs=StructuredOutputsParams(json=prompts[i].schema),
+                seed=prompt.seed,
+                structured_outputs=StructuredOutputsParams(json=prompt.schema),
             )
-            for i in asked
+            for prompt in (prompts[i] for i in asked)
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in asked], params, use_tqdm=False)
         found = [Completion("", PROMPT_TOO_LONG, len(prompt_ids), 0) for prompt_ids in ids]
@@ -346,7 +354,7 @@ class VLLMEngine:
             found[i] = Completion(
                 text=output.outputs[0].text,
                 finish_reason=output.outputs[0].finish_reason or "stop",
-                tokens_in=len(output.prompt_token_ids),
+                tokens_in=len(output.prompt_token_ids or ()),
                 tokens_out=len(output.outputs[0].token_ids),
             )
         return found

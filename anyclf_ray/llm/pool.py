@@ -29,7 +29,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from anyclf_ray.core import runtime
 from anyclf_ray.core.config import EngineSpec, ModelSpec, SamplingSpec
+from anyclf_ray.core.results import EngineFigures
 from anyclf_ray.llm import engine as engines
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ class EarlyStop(RuntimeError):
     """A pass whose first answers mostly failed was stopped; ``str()`` is the line to show."""
 
 
-@ray.remote(num_cpus=0)
 class Monitor:
     """Counts engine starts and each pass's answers; judges early stops."""
 
@@ -82,7 +83,7 @@ class Monitor:
             )
         return state["stop"] or None
 
-    def figures(self) -> dict:
+    def figures(self) -> dict[str, Any]:
         return {
             "starts": list(self.starts),
             "passes": {name: {"requests": s["requests"], "failed": s["failed"]} for name, s in self.passes.items()},
@@ -135,7 +136,8 @@ class PoolClient:
         ok = answered["ok"].to_pylist()
         errors = [e for e, good in zip(answered["error"].to_pylist(), ok) if not good]
         items = sum(len(found) for found, good in zip(answered["items"].to_pylist(), ok) if good)
-        reason = ray.get(self.monitor.answered.remote(self.name, sum(ok), errors, items, self.total))
+        verdict = self.monitor.answered.remote(self.name, sum(ok), errors, items, self.total)
+        reason = cast("str | None", ray.get(verdict))
         if reason:
             raise EarlyStop(f"{self.name}: stopped early: {reason}")
         return answered
@@ -180,7 +182,7 @@ class EnginePool:
             raise ValueError("device must be resolved (runtime.resolve_engine) before engines are placed")
         self.engine, self.sampling, self.factory = engine, sampling, factory
         self.replicas: list = []
-        self.monitor = None
+        self.monitor: Any = None  # the Monitor actor's handle, once started
         self.start_wall_seconds = 0.0
         self.names: list[str] = []
         self.monitor_name = ""
@@ -217,7 +219,8 @@ class EnginePool:
         # On the driver's node: a run outlives the loss of any other node, and only this actor
         # holds counts that a restart would lose.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.monitor = Monitor.options(name=self.monitor_name, scheduling_strategy=here).remote()
+        monitor_class = ray.remote(num_cpus=0)(Monitor)
+        self.monitor = monitor_class.options(name=self.monitor_name, scheduling_strategy=here).remote()
         replica_class = ray.remote(Replica)
         self.replicas = [
             replica_class.options(**self._actor_options(i)).remote(i, self.factory, self.sampling, self.monitor_name)
@@ -279,17 +282,13 @@ class EnginePool:
     def requests_dataset(self, requests: pa.Table) -> ray.data.Dataset:
         return runtime.blocks_dataset(requests, self.engine.batch_size, self.engine.replicas)
 
-    def figures(self) -> dict:
+    def figures(self) -> EngineFigures:
         """Engine starts (first starts and replacements) and the time they took, per replica."""
         found = ray.get(self.monitor.figures.remote())
         starts = found["starts"]
-        return {
-            "replicas": len(self.replicas),
-            "device": self.engine.device,
-            "threads_per_replica": self.engine.threads,
-            "starts": len(starts),
-            "restarts": sum(s["restarted"] for s in starts),
-            "start_seconds": round(sum(s["seconds"] for s in starts), 3),
-            "start_wall_seconds": round(self.start_wall_seconds, 3),
-            "passes": found["passes"],
-        }
+        return EngineFigures(
+            replicas=len(self.replicas), device=self.engine.device, threads_per_replica=self.engine.threads,
+            starts=len(starts), restarts=sum(s["restarted"] for s in starts),
+            start_seconds=round(sum(s["seconds"] for s in starts), 3),
+            start_wall_seconds=round(self.start_wall_seconds, 3), passes=found["passes"],
+        )

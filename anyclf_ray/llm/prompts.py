@@ -69,7 +69,8 @@ def label_set_rules(wanted: list[str], others: list[str]) -> str:
     """The multi-label prompt's lines on labels: express each of ``wanted``, none of ``others``."""
     lines = ""
     if wanted:
-        lines += f"- Each example must clearly express every one of these labels: {json.dumps(wanted, ensure_ascii=False)}.\n"
+        listed = json.dumps(wanted, ensure_ascii=False)
+        lines += f"- Each example must clearly express every one of these labels: {listed}.\n"
     if others:
         lines += f"- Each example must express none of these labels: {json.dumps(others, ensure_ascii=False)}.\n"
     return lines

@@ -25,10 +25,13 @@ import numpy as np
 import pyarrow as pa
 
 from anyclf_ray.core import embed, plots, runtime
-from anyclf_ray.core.manifest import code, counts
-from anyclf_ray.core.stage import Context, Stage, read_rows
+from anyclf_ray.core.cards import code
+from anyclf_ray.core.config import DiversitySpec
+from anyclf_ray.core.results import DiversityReport, EmbeddingsUse, LabelDiversity, Rows, StageResult, counts
+from anyclf_ray.core.stage import Context, Input, Outcome, Stage, read_rows
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import WORD, normalise
+from anyclf_ray.labels.scheme import scheme
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +69,6 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return centred @ components[:2].T
 
 
-def by_each_label(rows: pa.Table) -> pa.Table:
-    """A multi-label run's rows once for each label they hold, under ``label`` (a row of no
-    label is in no label's figures)."""
-    lists = rows["labels"].to_pylist()
-    repeat = np.repeat(np.arange(rows.num_rows), [len(labels) for labels in lists])
-    return rows.drop_columns(["labels"]).take(repeat).append_column(
-        "label", pa.array([label for labels in lists for label in labels], pa.string()))
-
-
 def sample_ids(rows: pa.Table, per_label: int, seed: int) -> np.ndarray:
     """Row positions: up to ``per_label`` of each label, drawn reproducibly."""
     generator = np.random.default_rng(seed)
@@ -82,16 +76,23 @@ def sample_ids(rows: pa.Table, per_label: int, seed: int) -> np.ndarray:
     chosen = []
     for label in sorted(set(labels)):
         members = np.flatnonzero(labels == label)
-        chosen.append(members if len(members) <= per_label else np.sort(generator.choice(members, per_label, replace=False)))
+        if len(members) > per_label:
+            members = np.sort(generator.choice(members, per_label, replace=False))
+        chosen.append(members)
     return np.concatenate(chosen)
 
 
-class Diversity(Stage):
+class Diversity(Stage[DiversityReport, None]):
     """The diversity report on the stage contract."""
 
     name = "diversity"
     section = "diversity"
+    report_type = DiversityReport
     report_only = True
+
+    @property
+    def settings(self) -> DiversitySpec:
+        return self.spec.diversity
 
     @property
     def embedder(self) -> str:
@@ -100,84 +101,76 @@ class Diversity(Stage):
     def check(self, location: RunLocation) -> None:
         embed.check_model(self.embedder, "diversity.model" if self.settings.model else "dedup.model")
 
-    def execute(self, ctx: Context, upstream: dict) -> dict:
-        settings, location = self.settings, ctx.location
-        multi_label = self.spec.multi_label.enabled
-        rows = read_rows(location, upstream["shards"]["data"],
-                         columns=[("labels" if multi_label and c == "label" else c) for c in COLUMNS])
-        n_rows = rows.num_rows
-        if multi_label:  # each label's figures read the rows holding it
-            rows = by_each_label(rows)
+    def execute(self, ctx: Context, upstream: Input | None, checked: None) -> Outcome[DiversityReport]:
+        assert upstream is not None
+        settings, location, labels = self.settings, ctx.location, scheme(self.spec)
+        read = read_rows(location, upstream.data, columns=[labels.key if c == "label" else c for c in COLUMNS])
+        rows = labels.per_label(read)  # each label's figures read the rows holding it
         started = time.perf_counter()
         sampled = rows.take(sample_ids(rows, settings.sample_rows, settings.seed))
         ids = sampled["id"].to_pylist()
-        vectors = embed.kept_embeddings(location, [found for _, found in ctx.finished], self.embedder, ids)
+        vectors = embed.kept_embeddings(location, ctx.finished, self.embedder, ids)
         reused = vectors is not None
         if vectors is None:
             placement = runtime.resolve_placement(settings, "diversity")
             vectors = embed.embed(sampled["text"].to_pylist(), self.embedder, placement, settings.batch_size)
         embed_seconds = time.perf_counter() - started
 
-        labels = [label.id for label in self.spec.labels]
         row_labels = np.asarray(rows["label"].to_pylist(), dtype=object)
         sampled_labels = np.asarray(sampled["label"].to_pylist(), dtype=object)
         texts = np.asarray(rows["text"].to_pylist(), dtype=object)
         subtopics = counts(rows, ["label", "language", "source_type", "topic", "subtopic"])
         topics = counts(rows, ["label", "topic"])
         per_label = {}
-        for label in labels:
+        for label in labels.ids:
             own = texts[row_labels == label].tolist()
             topic_rows = [row["rows"] for row in topics if row["label"] == label]
-            per_label[label] = {
-                "rows": len(own),
-                "distinct_1": round(distinct_n(own, 1), 4),
-                "distinct_2": round(distinct_n(own, 2), 4),
-                "compression_ratio": round(compression_ratio(own), 4),
-                "mean_pairwise_cosine": mean_pairwise_cosine(vectors[sampled_labels == label]),
-                "sampled_rows": int((sampled_labels == label).sum()),
-                "topics": len(topic_rows),
-                "subtopics": sum(1 for row in subtopics if row["label"] == label),
-                "rows_per_topic": {"min": min(topic_rows, default=0), "median": float(np.median(topic_rows or [0])),
-                                   "max": max(topic_rows, default=0)},
-            }
+            per_label[label] = LabelDiversity(
+                rows=len(own), distinct_1=round(distinct_n(own, 1), 4), distinct_2=round(distinct_n(own, 2), 4),
+                compression_ratio=round(compression_ratio(own), 4),
+                mean_pairwise_cosine=mean_pairwise_cosine(vectors[sampled_labels == label]),
+                sampled_rows=int((sampled_labels == label).sum()), topics=len(topic_rows),
+                subtopics=sum(1 for row in subtopics if row["label"] == label),
+                rows_per_topic={"min": min(topic_rows, default=0), "median": float(np.median(topic_rows or [0])),
+                                "max": max(topic_rows, default=0)},
+            )
         location.write_table(self.data_path("rows_per_subtopic.parquet"), pa.Table.from_pylist(subtopics))
 
         languages = self.spec.languages
         by_pair = {(row["label"], row["language"]): row["rows"] for row in counts(rows, ["label", "language"])}
         figures = {
             "label_language": plots.heatmap(
-                np.asarray([[by_pair.get((label, language), 0) for language in languages] for label in labels]),
-                labels, languages, "label", "language", "rows by label and language"),
+                np.asarray([[by_pair.get((label, language), 0) for language in languages] for label in labels.ids]),
+                labels.ids, languages, "label", "language", "rows by label and language"),
             "topics": plots.bars(
-                {label: [row["rows"] for row in topics if row["label"] == label] for label in labels},
+                {label: [row["rows"] for row in topics if row["label"] == label] for label in labels.ids},
                 "rows per topic, by label", "topics, largest first"),
             "embeddings": plots.scatter(pca_2d(vectors), sampled_labels.tolist(),
                                         f"{len(vectors)} rows' embeddings (PCA), by label"),
         }
         for name, png in figures.items():
             location.write_bytes(self.data_path(f"{name}.png"), png)
-        return {
-            "data": {"stage": upstream["stage"], "rows": n_rows},
-            "embeddings": {"model": self.embedder, "rows": len(vectors), "reused": reused},
-            "by_label": per_label,
-            "figures": {name: self.data_path(f"{name}.png") for name in figures},
-            "timings_s": {"embed": embed_seconds},
-        }
+        report = DiversityReport(embeddings=EmbeddingsUse(model=self.embedder, rows=len(vectors), reused=reused),
+                                 by_label=per_label, figures={name: self.data_path(f"{name}.png") for name in figures})
+        return Outcome(report=report, rows=Rows(input=read.num_rows, output=read.num_rows),
+                       output=location.uri(self.folder), timings={"embed": embed_seconds})
 
-    def describe(self, manifest: dict) -> str:
-        return f"diversity complete: {manifest['data']['rows']} rows of {manifest['data']['stage']} at {self.folder}/"
+    def describe(self, result: StageResult[DiversityReport]) -> str:
+        return f"diversity complete: {result.rows.input} rows of {result.inputs[0].stage} at {self.folder}/"
 
-    def card_section(self, manifest: dict) -> str:
+    def card_section(self, result: StageResult[DiversityReport]) -> str:
+        found = result.report
         lines = "".join(
-            f"| {code(label)} | {f['rows']} | {f['distinct_1']:.3f} | {f['distinct_2']:.3f} | {f['compression_ratio']:.2f} | "
-            f"{'-' if f['mean_pairwise_cosine'] is None else format(f['mean_pairwise_cosine'], '.3f')} | "
-            f"{f['topics']} | {f['subtopics']} |\n"
-            for label, f in manifest["by_label"].items()
+            f"| {code(label)} | {f.rows} | {f.distinct_1:.3f} | {f.distinct_2:.3f} | {f.compression_ratio:.2f} | "
+            f"{'-' if f.mean_pairwise_cosine is None else format(f.mean_pairwise_cosine, '.3f')} | "
+            f"{f.topics} | {f.subtopics} |\n"
+            for label, f in found.by_label.items()
         )
-        images = " ".join(f"![{FIGURES[name]}]({path})" for name, path in manifest["figures"].items())
+        images = " ".join(f"![{FIGURES[name]}]({path})" for name, path in found.figures.items())
         return (
-            f"### Diversity of the `{manifest['data']['stage']}` rows\n\n"
-            "| label | rows | distinct-1 | distinct-2 | compression ratio | mean pairwise cosine | topics | subtopics |\n"
+            f"### Diversity of the `{result.inputs[0].stage}` rows\n\n"
+            "| label | rows | distinct-1 | distinct-2 | compression ratio | mean pairwise cosine | topics "
+            "| subtopics |\n"
             "|---|---|---|---|---|---|---|---|\n"
             f"{lines}\n{images}"
         )

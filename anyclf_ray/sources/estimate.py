@@ -16,39 +16,46 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.core.config import JobSpec, MultiLabelSpec
+from anyclf_ray.core.config import JobSpec
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.tokens import CHARS_PER_TOKEN
-from anyclf_ray.labels import label_sets, pair_prior
+from anyclf_ray.labels import pair_prior
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.sources import plan
 
 
-def one_leaf_each(spec: JobSpec) -> tuple[JobSpec, pa.Table]:
-    """``spec`` with one source type, topic, subtopic and sample per (tree, label), and its tree
-    with every item as long as an item may be: one prompt of each kind, standing for all of
-    its kind (prompts of a kind differ only in their tree items, here all alike)."""
+def one_leaf_each(spec: JobSpec) -> pa.Table:
+    """A tree of one source type, topic and subtopic per (tree, label), every item as long as an
+    item may be: one prompt of each kind, standing for all of its kind (prompts of a kind differ
+    only in their tree items, here all alike)."""
     one = spec.model_copy(update={"n_record_to_generate": None, "n_source_type": 1, "n_topic": 1, "n_subtopic": 1,
-                                  "sample_per_subtopic": 1, "multi_label": MultiLabelSpec()})
+                                  "sample_per_subtopic": 1})
     tree = plan.full_tree(one)
     filler = pa.array(["x" * spec.sampling.max_item_chars] * tree.num_rows)
     for level in plan.TREE_LEVELS:
         tree = tree.set_column(tree.schema.get_field_index(level), level, filler)
-    return one, tree
+    return tree
 
 
 # The settings of each filter that the plan shows.
 CHECKS = {"language_check": ("min_confidence",), "label_check": ("methods", "action"), "dedup": ("threshold",)}
 
 
-def sample_leaves(spec: JobSpec, one: JobSpec, tree: pa.Table) -> pa.Table:
-    """The leaves of ``one_leaf_each``'s spec and tree; in a multi-label run each carries a
-    largest set, whose prompt stands for all (every label is named in each, wanted or avoided)."""
-    leaves = plan.leaf_table(one, tree)
-    if spec.multi_label.enabled:
-        largest = spec.labels[: spec.multi_label.max_labels]
-        for column, values in (("labels", [label.id for label in largest]), ("label_names", [label.desc for label in largest])):
-            leaves = leaves.append_column(column, pa.array([values] * leaves.num_rows))
-    return leaves
+def sample_leaves(spec: JobSpec, tree: pa.Table) -> pa.Table:
+    """One leaf of one sample per (language, row) of ``one_leaf_each``'s tree, with its row's
+    label; where a set of several labels is planned, a largest one instead, whose prompt stands
+    for all (every label is named in a set's prompt, wanted or avoided)."""
+    language, row = np.nonzero(plan.on_leaf(spec, tree))
+    leaves = tree.take(pa.array(row)).drop_columns(["language"])
+    leaves = leaves.add_column(0, "language", pa.array(spec.languages).take(pa.array(language)))
+    labels = scheme(spec)
+    largest = max(labels.sets(), key=len)
+    own = [[label] for label in leaves["label"].to_pylist()]
+    chosen = [[labels.ids[i] for i in largest]] * leaves.num_rows if len(largest) > 1 else own
+    for column, values in (("labels", chosen), ("label_names", [[labels.descs[labels.position[i]] for i in found]
+                                                                  for found in chosen])):
+        leaves = leaves.append_column(column, pa.array(values, pa.list_(pa.string())))
+    return leaves.append_column("n_samples", pa.array(np.ones(leaves.num_rows, np.int32)))
 
 
 def prompt_tokens(prompts: list[str]) -> int:
@@ -57,8 +64,7 @@ def prompt_tokens(prompts: list[str]) -> int:
 
 def check_rows(spec: JobSpec, by_label: np.ndarray) -> None:
     """ConfigError naming the fix when a label gets no planned row, or, with training on, fewer
-    than training needs: 2 rows with the label once ``train.test_size`` is held out (in a
-    multi-label run also rows without it, for the label's negatives)."""
+    than training needs: 2 rows with the label once ``train.test_size`` is held out."""
     fix = "raise n_record_to_generate" if spec.n_record_to_generate else "raise sample_per_subtopic"
     planned = dict(zip((label.id for label in spec.labels), by_label.astype(int).tolist()))
     empty = [label for label, n in planned.items() if not n]
@@ -72,10 +78,6 @@ def check_rows(spec: JobSpec, by_label: np.ndarray) -> None:
             raise ConfigError(
                 f"labels: label {label!r} gets {n} planned row(s), {trained} left to train on after "
                 f"train.test_size {spec.train.test_size}, and training needs 2; {fix} or lower train.test_size")
-    settings = spec.multi_label
-    if settings.enabled and not settings.none_share and settings.min_labels == len(spec.labels):
-        raise ConfigError("multi_label.min_labels: every row would carry every label, so no label has negatives "
-                          "to train on; lower min_labels or raise multi_label.none_share")
 
 
 def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
@@ -84,14 +86,14 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
     Counted from arrays over the leaves, never a row or request each, so planning 10M rows
     takes about what planning 1M does.
     """
-    one, one_tree = one_leaf_each(spec)
+    one_tree = one_leaf_each(spec)
     sizes = spec.sizes()
     # Nodes of each level under one (tree, label) node of the level above.
     nodes_per_node = {"source_type": 1, "topic": sizes["n_source_type"],
                       "subtopic": sizes["n_source_type"] * sizes["n_topic"]}
     requests, tokens_in, tokens_out = {}, 0, 0
-    if spec.multi_label.pair_prior == "llm":  # planned with weight 1 per pair: the answers are not known yet
-        asked = pair_prior.requests(spec)
+    asked = pair_prior.requests(spec)  # planned with weight 1 per pair: the answers are not known yet
+    if asked.num_rows:
         requests["pair_prior"] = asked.num_rows
         tokens_in += prompt_tokens(asked["prompt"].to_pylist())
         tokens_out += sum(asked["max_tokens"].to_pylist())
@@ -102,26 +104,17 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         tokens_in += prompt_tokens([r["prompt"] for r in level_requests]) * nodes_per_node[level]
         tokens_out += sum(r["max_tokens"] for r in level_requests) * nodes_per_node[level]
     tree = plan.full_tree(spec)
-    label_rows = {}
-    if spec.multi_label.enabled:
-        sets = label_sets.LabelSets(spec)
-        # Added up group by group: the plan never holds a 10M-row run's leaves at once.
-        set_rows, by_language, generate = np.zeros(len(sets.sets)), np.zeros(len(spec.languages)), 0
-        for language, _, set_index, n_samples in plan.multi_label_leaves(spec, tree):
-            set_rows += np.bincount(set_index, weights=n_samples, minlength=len(sets.sets))
-            by_language += np.bincount(language, weights=n_samples, minlength=len(spec.languages))
-            generate += int(np.sum(-(-n_samples // spec.sampling.examples_per_request)))
-        by_label = set_rows @ sets.members
-        by_size = np.bincount(sets.sizes, weights=set_rows)
-        label_rows = {"label_sets": len(sets.sets),
-                      "by_set_size": {size: int(n) for size, n in enumerate(by_size) if size in sets.sizes}}
-    else:
-        counts = plan.samples_per_leaf(spec, tree)
-        by_label = np.bincount(plan.label_index(spec, tree), weights=counts.sum(axis=0), minlength=len(spec.labels))
-        by_language = counts.sum(axis=1)
-        generate = int(np.sum(-(-counts // spec.sampling.examples_per_request)))
+    members = scheme(spec).members_of_sets()
+    # Added up group by group: the plan never holds a 10M-row run's leaves at once.
+    set_rows, by_language, generate = np.zeros(len(members)), np.zeros(len(spec.languages)), 0
+    for language, _, set_index, n_samples in plan.leaf_groups(spec, tree):
+        set_rows += np.bincount(set_index, weights=n_samples, minlength=len(members))
+        by_language += np.bincount(language, weights=n_samples, minlength=len(spec.languages))
+        generate += int(np.sum(-(-n_samples // spec.sampling.examples_per_request)))
+    by_label = set_rows @ members
+    by_size = np.bincount(members.sum(axis=1), weights=set_rows)
     check_rows(spec, by_label)
-    sample = plan.render_requests(one, sample_leaves(spec, one, one_tree)).column("prompt").to_pylist()
+    sample = plan.render_requests(spec, sample_leaves(spec, one_tree)).column("prompt").to_pylist()
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
     tokens_out += generate * spec.sampling.max_tokens
@@ -132,7 +125,8 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
         "rows": {
             "total": int(by_language.sum()),
             "by_label": {label.id: int(n) for label, n in zip(spec.labels, by_label)},
-            **label_rows,
+            "label_sets": len(members),
+            "by_set_size": {size: int(n) for size, n in enumerate(by_size) if size in members.sum(axis=1)},
             "by_language": dict(zip(spec.languages, by_language.astype(int).tolist())),  # as plan.expected_rows
         },
         "requests": {**requests, "total": sum(requests.values())},

@@ -1,69 +1,62 @@
 """Generation stage: the tree, then every (language, leaf, sample) as one labelled example.
 
-In: a ``JobSpec`` and the run's engine pool. Out, at the run's root: ``spec.json`` (what the run
-id means), ``tree.parquet`` (``tree.py``), Parquet parts ``data/part-*.parquet``
-(``EXAMPLE_SCHEMA``, or ``MULTI_LABEL_EXAMPLE_SCHEMA`` for label sets) and, for requests that
-failed after their retries, ``failures/part-*.parquet`` (``plan.FAILURE_SCHEMA``), written by Ray
-Data write tasks while the answers stream out of the engine pool; then, for label sets,
-``co_occurrence.png``; the dataset card and ``manifest.json``, last.
+A source (``stage.SourceStage``). In: a ``JobSpec`` and the run's engine pool. Out, at the run's
+root: ``spec.json`` (what the run id means), ``tree.parquet`` (``tree.py``), committed parts
+``data/part-*.parquet`` in the run's row schema (``LabelScheme.row_schema``) and, for requests
+that failed after their retries, ``failures/part-*.parquet`` (``parts.py``), written by Ray Data
+write tasks while the answers stream out of the engine pool; then, for label sets,
+``co_occurrence.png``; the dataset card and ``manifest.json`` (a ``GenerationReport``), last.
 While the pass runs, ``status.json`` says how far it is (``progress.py``).
 
-A part is committed when its data file lands (atomically, after its failures file). Its footer
-names the requests it answered and the tokens they cost, so a re-run of the same run id skips
-committed requests, and the manifest adds the parts up without reading their rows.
+A re-run of the same run id skips committed requests (their ids are in the parts' footers),
+and the manifest adds the parts up without reading their rows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
-from anyclf_ray.core import manifest, plots, runtime
-from anyclf_ray.core.config import LABEL_SET_SEPARATOR, JobSpec
+from anyclf_ray.core import cards, plots, results, runtime
+from anyclf_ray.core.config import JobSpec
+from anyclf_ray.core.ids import STABLE_ID
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.progress import Progress
-from anyclf_ray.core.stage import Context, Stage
+from anyclf_ray.core.results import (
+    CoOccurrence,
+    Counts,
+    Failures,
+    GenerationReport,
+    LanguageRows,
+    PlannedRows,
+    PriorSummary,
+    Rows,
+    Shards,
+    StageResult,
+    Usage,
+)
+from anyclf_ray.core.stage import Context, Input, Outcome, SourceStage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.labels import label_sets, pair_prior
+from anyclf_ray.labels.scheme import LabelScheme, scheme
 from anyclf_ray.llm import engine
 from anyclf_ray.llm.pool import EnginePool
-from anyclf_ray.sources import estimate, plan, tree
+from anyclf_ray.sources import estimate, parts, plan, tree
 
 log = logging.getLogger(__name__)
 
-EXAMPLE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.string()),
-        ("label", pa.string()),
-        ("label_name", pa.string()),
-        ("language", pa.string()),
-        ("source_type", pa.string()),
-        ("topic", pa.string()),
-        ("subtopic", pa.string()),
-        ("leaf_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("model", pa.string()),
-    ]
-)
-# A multi-label run's rows: the set as ``labels`` and ``label_names`` lists, and as one string
-# (``label_set``, ids joined by "|", "" for none) for grouping and filtering.
-MULTI_LABEL_EXAMPLE_SCHEMA = pa.schema(
-    [EXAMPLE_SCHEMA.field("id"), EXAMPLE_SCHEMA.field("text"), ("labels", pa.list_(pa.string())),
-     ("label_names", pa.list_(pa.string())), ("label_set", pa.string()),
-     *(field for field in EXAMPLE_SCHEMA if field.name not in ("id", "text", "label", "label_name"))]
-)
-PART_METADATA_KEY = "anyclf_ray.part"
+TREE_FILE = "tree.parquet"
+TREE_FAILURES_FILE = "failures/tree.parquet"
+# The tree's footer key: the tree passes' usage and seconds (their decode rate sizes the parts).
+USAGE_KEY = "anyclf_ray.usage"
 # Requests per replica below which a part's time bound does not cut it: a smaller batch leaves
 # an engine idle between parts.
 PART_FLOOR = 16
@@ -72,86 +65,19 @@ TASK_CPUS = 0.25
 CO_OCCURRENCE_PNG = "co_occurrence.png"
 
 
-def examples_from(results: pa.Table, model_name: str, multi_label: bool) -> pa.Table:
-    """One row per item of every successful result, with its stable id."""
-    rows = []
-    for result in results.filter(pc.field("ok")).to_pylist():
-        if multi_label:
-            labelled = {"labels": result["labels"], "label_names": result["label_names"],
-                        "label_set": LABEL_SET_SEPARATOR.join(result["labels"])}
-        else:
-            labelled = {"label": result["label"], "label_name": result["label_name"]}
-        for offset, text in enumerate(result["items"]):
-            sample_index = result["first_sample"] + offset
-            rows.append(
-                {
-                    "id": plan.example_id(result["leaf_id"], sample_index),
-                    "text": text,
-                    **labelled,
-                    "language": result["language"],
-                    "source_type": result["source_type"],
-                    "topic": result["topic"],
-                    "subtopic": result["subtopic"],
-                    "leaf_id": result["leaf_id"],
-                    "sample_index": sample_index,
-                    "model": model_name,
-                }
-            )
-    return pa.Table.from_pylist(rows, schema=MULTI_LABEL_EXAMPLE_SCHEMA if multi_label else EXAMPLE_SCHEMA)
-
-
-def failures_from(results: pa.Table) -> pa.Table:
-    failed = results.filter(~pc.field("ok")).to_pylist()
-    return pa.Table.from_pylist([plan.failure_record(r, r["n_items"]) for r in failed], schema=plan.FAILURE_SCHEMA)
-
-
-class ShardSink(Datasink):
-    """Writes LLM results as one committed part (data + failures) per write task."""
-
-    def __init__(self, location: RunLocation, model_name: str, multi_label: bool, requests_per_part: int):
-        self.location = location
-        self.model_name = model_name
-        self.multi_label = multi_label
-        self.requests_per_part = requests_per_part
-        self.pass_id = uuid.uuid4().hex
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.requests_per_part
-
-    def write(self, blocks, ctx) -> None:
-        # Ray Data hands over empty blocks without a schema too (a block of leaves all committed
-        # before a resume): they hold nothing to write, and would not concatenate.
-        tables = [table for table in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if table.num_rows]
-        if not tables:
-            return
-        results = pa.concat_tables(tables)
-        # Ray may hand over more than a part's worth at once; cut so parts stay near the size asked.
-        for start in range(0, results.num_rows, self.requests_per_part):
-            self._write_part(results.slice(start, self.requests_per_part))
-
-    def _write_part(self, results: pa.Table) -> None:
-        # Named by this pass and its requests: a write task Ray retries (its node lost) rewrites
-        # the same part in place, never a second copy of its rows.
-        name = f"part-{plan.stable_id('part', self.pass_id, *results['request_id'].to_pylist())}.parquet"
-        failures = failures_from(results)
-        if failures.num_rows:
-            self.location.write_table(f"failures/{name}", failures)
-        examples = examples_from(results, self.model_name, self.multi_label)
-        part = {**engine.usage(results), "rows": examples.num_rows,
-                "request_ids": results["request_id"].to_pylist()}
-        examples = examples.replace_schema_metadata({PART_METADATA_KEY: json.dumps(part)})
-        self.location.write_table(f"data/{name}", examples)  # the commit point of this part
-
-
-def committed_parts(location: RunLocation) -> dict[str, dict]:
-    """Footer metadata of every committed data part, by relative path, its ``request_ids`` as
-    a ``plan.STABLE_ID`` array (a 10M-row run's 2.3M ids: 37 MiB, not 300 as Python strings)."""
-    found = {}
-    for path in location.list("data"):
-        part = json.loads(location.read_metadata(path)[PART_METADATA_KEY])
-        found[path] = {**part, "request_ids": np.array(part["request_ids"], plan.STABLE_ID)}
-    return found
+def examples_from(answered: pa.Table, model_name: str, labels: LabelScheme) -> pa.Table:
+    """One row per item of every successful result, with its stable id, in the run's row schema."""
+    good = answered.filter(pc.field("ok")).to_pylist()
+    rows = pa.Table.from_pylist(
+        [{"id": plan.example_id(result["leaf_id"], result["first_sample"] + offset), "text": text,
+          "language": result["language"], "source_type": result["source_type"], "topic": result["topic"],
+          "subtopic": result["subtopic"], "leaf_id": result["leaf_id"], "sample_index": result["first_sample"] + offset,
+          "model": model_name}
+         for result in good for offset, text in enumerate(result["items"])],
+        schema=pa.schema([field for field in labels.row_schema if field not in labels.fields]))
+    columns = labels.columns([result["labels"] for result in good for _ in result["items"]])
+    return pa.table([columns[field.name] if field in labels.fields else rows[field.name]
+                     for field in labels.row_schema], schema=labels.row_schema)
 
 
 def pending_requests(leaves: pa.Table, spec: JobSpec, committed: list) -> pa.Table:
@@ -159,7 +85,7 @@ def pending_requests(leaves: pa.Table, spec: JobSpec, committed: list) -> pa.Tab
     (``committed``: one object ref to their sorted ids, fetched zero-copy where the task runs)."""
     requests = plan.render_requests(spec, leaves)
     done = ray.get(committed[0])
-    ids = np.array(requests.column("request_id").to_pylist(), dtype=plan.STABLE_ID)
+    ids = np.array(requests.column("request_id").to_pylist(), dtype=STABLE_ID)
     return requests.filter(pa.array(~np.isin(ids, done, assume_unique=True)))
 
 
@@ -176,26 +102,24 @@ def requests_per_part(spec: JobSpec, tokens_per_second: float | None, replicas: 
     return max(bound, replicas)
 
 
-def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool,
-        tokens_per_second: float | None, retry_failures: bool = False) -> None:
-    """Generate every example not already in a committed part of this run (and, with
-    ``retry_failures``, the requests that failed in one).
+def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool, found: dict[str, parts.Part],
+        tokens_per_second: float | None, retry_failures: bool = False) -> dict[str, parts.Part]:
+    """Generate every example not already in a committed part (``found``) of this run (and,
+    with ``retry_failures``, the requests that failed in one); the parts this pass committed.
 
     The driver holds the leaves and the committed request ids; requests are rendered by Ray
     Data tasks, block by block, as the engines take them.
     """
-    found = committed_parts(location)
-    retry = manifest.generation_failures(location, found)[0]["request_id"].to_pylist() if retry_failures else []
-    parts = found.values()
+    retry = parts.failures(location, found)[0]["request_id"].to_pylist() if retry_failures else []
     committed = np.setdiff1d(  # sorted and unique, as pending_requests wants them
-        np.concatenate([np.empty(0, plan.STABLE_ID), *(part["request_ids"] for part in parts)]),
-        np.array(retry, plan.STABLE_ID))
+        np.concatenate([np.empty(0, STABLE_ID), *(part.request_ids for part in found.values())]),
+        np.array(retry, STABLE_ID))
     leaves = plan.leaf_table(spec, tree_table)
     total = plan.request_count(spec, leaves)
     pending = total - len(committed)
     log.info("generate: %d request(s) to run, %d already committed", pending, len(committed))
     if not pending:
-        return
+        return {}
     per_part = requests_per_part(spec, tokens_per_second, pool.engine.replicas)
     log.info("generate: a part commits every %d request(s) (%d rows)", per_part,
              per_part * spec.sampling.examples_per_request)
@@ -205,9 +129,10 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
         batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
     )
     answers = pool.answer(requests, "generate", batch_size=per_part, total=pending)
-    sink = ShardSink(location, spec.model.name, spec.multi_label.enabled, per_part)
+    sink = parts.PartSink(location, "", functools.partial(examples_from, model_name=spec.model.name,
+                                                          labels=scheme(spec)), per_part)
     progress = Progress(location, "generate", pending, int(pc.sum(leaves.column("n_samples")).as_py()),
-                        sum(part["rows"] for part in parts))
+                        sum(part.rows for part in found.values()))
     try:
         pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS}),
                       report=progress, interval=spec.output.status_seconds)
@@ -215,6 +140,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
         progress.finish("failed")
         raise
     progress.finish("finished")
+    return sink.written
 
 
 def user_tree(spec: JobSpec) -> pa.Table:
@@ -237,131 +163,169 @@ def user_tree(spec: JobSpec) -> pa.Table:
     return table
 
 
-class Generate(Stage):
-    """The first stage: it has no input, writes at the run's root, and resumes rather than redoes."""
+def summarise(location: RunLocation, spec: JobSpec, tree_table: pa.Table, found: dict[str, parts.Part]) -> dict:
+    """Rows, languages, counts, failures and usage of the generation as committed (``found``:
+    every committed part with its footer)."""
+    labels = scheme(spec)
+    written = parts.written_counts(location, found, labels.key)
+    generation, files = parts.failures(location, found)
+    tree_files = [TREE_FAILURES_FILE] if location.exists(TREE_FAILURES_FILE) else []
+    failures = pa.concat_tables([generation] + [location.read_table(path) for path in tree_files])
+    tree_usage = json.loads(location.read_metadata(TREE_FILE)[USAGE_KEY])
+    usage = sum((part.usage for part in found.values()), Usage.model_validate(tree_usage["usage"]))
+    expected = plan.expected_rows(spec, tree_table)
+    written_by_language = {row["language"]: row["rows"] for row in results.counts(written, ["language"], "rows")}
+    failed_by_language = {row["language"]: row["rows"] for row in results.counts(failures, ["language"])}
+    total = int(pc.sum(written["rows"]).as_py() or 0)
+    co_occurrence = labels.co_occurrence(written)
+    return {
+        "rows": PlannedRows(expected=sum(expected.values()), written=total, missing=sum(expected.values()) - total),
+        # One line per language, so a language that fails shows apart from the others.
+        "languages": [LanguageRows(language=language, expected=n, written=written_by_language.get(language, 0),
+                                   missing=n - written_by_language.get(language, 0),
+                                   failed_requests=failed_by_language.get(language, 0))
+                      for language, n in expected.items()],
+        "counts": Counts(**labels.counts(written)),
+        "co_occurrence": (None if co_occurrence is None
+                          else CoOccurrence(labels=labels.ids, rows=co_occurrence.tolist())),
+        "failures": Failures(requests=failures.num_rows, rows_lost=sum(failures["rows_lost"].to_pylist()),
+                             by_stage=results.counts(failures, ["stage"]), files=tree_files + files),
+        "llm": usage,
+    }
+
+
+class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
+    """The generation source: it writes at the run's root and resumes rather than redoes."""
 
     name = "generate"
-    uses_llm = True
+    report_type = GenerationReport
     card_config = "default"
     folder = ""
-    manifest_path = "manifest.json"
-    clears = ()
 
     @classmethod
     def enabled(cls, spec: JobSpec) -> bool:
         return True
 
     @property
+    def uses_llm(self) -> bool:
+        return True
+
+    @property
     def settings(self) -> JobSpec:
         return self.spec
-
-    def data_path(self, shard: str) -> str:
-        return shard
 
     def fingerprint(self, upstream: str | None) -> str:
         return self.spec.fingerprint()  # the run id's default is derived from it
 
-    def retries(self, manifest: dict) -> bool:
-        return any(row["stage"] == "generate" for row in manifest["failures"]["by_stage"])
+    def retries(self, result: StageResult[GenerationReport]) -> bool:
+        return any(row["stage"] == "generate" for row in result.report.failures.by_stage)
 
-    def check(self, location: RunLocation) -> None:
-        """The user's tree, that a multi-label run's rows hold its sets, and that the run id is
-        free or holds this very spec."""
-        self.tree = user_tree(self.spec) if self.spec.tree_path else None
-        if self.spec.multi_label.enabled:
-            label_sets.check(self.spec)
-        if location.exists("spec.json") and location.read_json("spec.json")["fingerprint"] != self.spec.fingerprint():
-            raise ConfigError(
-                f"run_id: {location.run_id!r} already holds a run of a different spec; "
-                "use a new run_id (or the same spec to resume it)"
-            )
+    def check(self, location: RunLocation) -> pa.Table | None:
+        """The plan (a label without the rows it needs is refused), the sets' floors, that the
+        run id is free or holds this very spec; the user's tree, if any."""
+        estimate.estimate(self.spec)
+        scheme(self.spec).check()
+        if location.exists("spec.json"):
+            pinned = location.read_json("spec.json")
+            if pinned.get("schema_version") != results.SCHEMA_VERSION:
+                raise ConfigError(f"run_id: {location.run_id!r} was started by another anyclf-ray; use a new run_id")
+            if pinned["fingerprint"] != self.spec.fingerprint():
+                raise ConfigError(f"run_id: {location.run_id!r} already holds a run of a different spec; "
+                                  "use a new run_id (or the same spec to resume it)")
+        return user_tree(self.spec) if self.spec.tree_path else None
 
-    def _tree(self, ctx: Context) -> pa.Table:
+    def longest_requests(self) -> dict[str, pa.Table]:
+        """The tree levels' requests with every item ``max_item_chars`` long, generation's, and
+        the pair prior's (``estimate``'s one leaf each)."""
+        one_tree = estimate.one_leaf_each(self.spec)
+        found = {}
+        if not self.spec.tree_path:
+            nodes = one_tree.to_pylist()
+            found = {f"tree/{level}": engine.requests_table(plan.tree_requests(level, self.spec, nodes))
+                     for level in plan.TREE_LEVELS}
+        found["generate"] = plan.render_requests(self.spec, estimate.sample_leaves(self.spec, one_tree))
+        found["pair_prior"] = pair_prior.requests(self.spec)
+        return found
+
+    def _tree(self, ctx: Context, given: pa.Table | None) -> pa.Table:
         location = ctx.location
-        if location.exists(manifest.TREE_FILE):
+        if location.exists(TREE_FILE):
             log.info("tree: reusing the committed tree of this run")
-            return location.read_table(manifest.TREE_FILE)
-        prior = {}
-        if self.spec.multi_label.pair_prior == "llm":  # asked first: it decides what a failed node costs
-            record = pair_prior.ask(self.spec, ctx.engines())
-            location.write_json(pair_prior.FILE, record)
-            prior = record["weights"]
-        if self.tree is not None:
-            table, failures, usage = self.tree, [], dict.fromkeys(engine.USAGE_KEYS, 0)
-            seconds = 0.0
+            return location.read_table(TREE_FILE)
+        prior = pair_prior.ask(self.spec, ctx.engines)  # asked first: it decides what a failed node costs
+        if prior is not None:
+            location.write_json(pair_prior.FILE, prior)
+        weights = prior["weights"] if prior else {}
+        if given is not None:
+            table, failures, usage, seconds = given, [], Usage(), 0.0
         else:
-            pool = ctx.engines()
             started = time.perf_counter()
-            table, failures, usage = tree.expand(self.spec, pool, prior)
+            table, failures, usage = tree.expand(self.spec, ctx.engines(), weights)
             seconds = time.perf_counter() - started
         if failures:
-            location.write_table(manifest.TREE_FAILURES_FILE, pa.Table.from_pylist(failures, schema=plan.FAILURE_SCHEMA))
+            location.write_table(TREE_FAILURES_FILE, pa.Table.from_pylist(failures, schema=parts.FAILURE_SCHEMA))
         # The tree passes' seconds give the decode rate that sizes generation's parts, on resumes too.
-        usage = {**usage, "seconds": round(seconds, 3)}
-        table = label_sets.with_prior(table.replace_schema_metadata({manifest.USAGE_KEY: json.dumps(usage)}), prior)
-        location.write_table(manifest.TREE_FILE, table)
+        footer = json.dumps({"usage": usage.model_dump(), "seconds": round(seconds, 3)})
+        table = label_sets.with_prior(table.replace_schema_metadata({USAGE_KEY: footer}), weights)
+        location.write_table(TREE_FILE, table)
         return table
 
-    def execute(self, ctx: Context, upstream: None) -> dict:
+    def execute(self, ctx: Context, upstream: Input | None, given: pa.Table | None) -> Outcome[GenerationReport]:
         location, spec = ctx.location, self.spec
         if not location.exists("spec.json"):  # pin the run id to this spec before any work
-            location.write_json("spec.json", {"fingerprint": spec.fingerprint(), "spec": spec.model_dump()})
+            location.write_json("spec.json", {"schema_version": results.SCHEMA_VERSION,
+                                              "fingerprint": spec.fingerprint(), "spec": spec.model_dump()})
         timings = {}
         started = time.perf_counter()
-        tree_table = self._tree(ctx)
+        tree_table = self._tree(ctx, given)
         timings["tree"] = time.perf_counter() - started
         started = time.perf_counter()
-        tree_usage = json.loads(tree_table.schema.metadata[manifest.USAGE_KEY.encode()])
-        seconds = tree_usage.get("seconds")
-        tokens_per_second = tree_usage["tokens_out"] / seconds if seconds else None
-        run(spec, tree_table, location, ctx.engines(), tokens_per_second, ctx.retry_failures)
+        seconds = json.loads(tree_table.schema.metadata[USAGE_KEY.encode()])
+        tokens_per_second = seconds["usage"]["tokens_out"] / seconds["seconds"] if seconds["seconds"] else None
+        found = parts.committed(location)
+        found |= run(spec, tree_table, location, ctx.engines(), found, tokens_per_second, ctx.retry_failures)
         timings["generate"] = time.perf_counter() - started
-        summary = manifest.summarise(location, spec, tree_table, committed_parts(location))
-        if "co_occurrence" in summary:
-            labels = summary["co_occurrence"]["labels"]
+        summary = summarise(location, spec, tree_table, found)
+        if summary["co_occurrence"] is not None:
+            matrix = summary["co_occurrence"]
             location.write_bytes(CO_OCCURRENCE_PNG, plots.heatmap(
-                summary["co_occurrence"]["rows"], labels, labels, "label", "label",
+                matrix.rows, matrix.labels, matrix.labels, "label", "label",
                 "rows holding both labels (diagonal: rows holding the label)"))
+        prior = None
         if location.exists(pair_prior.FILE):
             record = location.read_json(pair_prior.FILE)
-            summary["pair_prior"] = {"file": pair_prior.FILE, "weights": record["weights"],
-                                     "unanswered": record["unanswered"], "usage": record["usage"]}
-        return {
-            "status": "complete" if summary["rows"]["missing"] == 0 else "incomplete",
-            "output": location.uri(),
-            "sizes": spec.sizes(),
-            "versions": manifest.versions(),
-            "plan": estimate.estimate(spec),
-            **summary,
-            "engine": ctx.engine_figures(),
-            "timings_s": timings,
-        }
+            prior = PriorSummary(file=pair_prior.FILE, weights=record["weights"], unanswered=record["unanswered"],
+                                 usage=record["usage"])
+        report = GenerationReport(sizes=spec.sizes(), versions=cards.versions(), plan=estimate.estimate(spec),
+                                  pair_prior=prior, engine=ctx.engine_figures(), **summary)
+        return Outcome(report=report, rows=Rows(output=report.rows.written), output=location.uri(),
+                       shards=Shards(data=sorted(found)), timings=timings,
+                       status="complete" if report.rows.missing == 0 else "incomplete")
 
-    def card_section(self, found: dict) -> str:
+    def card_section(self, result: StageResult[GenerationReport]) -> str:
         """Rows per language, when there are several: a language that fails shows apart. For
         label sets, rows per set size and the co-occurrence figure."""
-        section = ""
-        if len(found["languages"]) > 1:
-            lines = "".join(f"| {row['language']} | {row['expected']} | {row['written']} | {row['failed_requests']} |\n"
-                            for row in found["languages"])
+        found, section = result.report, ""
+        if len(found.languages) > 1:
+            lines = "".join(f"| {row.language} | {row.expected} | {row.written} | {row.failed_requests} |\n"
+                            for row in found.languages)
             section = f"| language | planned | written | failed requests |\n|---|---|---|---|\n{lines}"
-        if "co_occurrence" in found:
-            sizes = ", ".join(f"{row['rows']} with {row['size']}" for row in found["counts"]["by_set_size"])
+        if found.co_occurrence is not None:
+            sizes = ", ".join(f"{row['rows']} with {row['size']}" for row in found.counts.by_set_size or [])
             section += (f"\nRows by number of labels: {sizes}. Labels written together "
                         f"(`manifest.json` holds the counts):\n\n![co-occurrence]({CO_OCCURRENCE_PNG})\n")
-        if "pair_prior" in found:
-            weights = ", ".join(f"`{pair}` {weight}" for pair, weight in found["pair_prior"]["weights"].items())
+        if found.pair_prior is not None:
+            weights = ", ".join(f"{cards.code(pair)} {weight}" for pair, weight in found.pair_prior.weights.items())
             section += (f"\nSets weighed by the LLM's prior of how often real texts carry each pair "
                         f"(`{pair_prior.FILE}`): {weights}.\n")
         return section
 
-    def describe(self, found: dict) -> str:
-        rows, failures = found["rows"], found["failures"]
-        prior = found.get("pair_prior", {})
-        unanswered = (f"; the LLM's prior left {prior['unanswered']} label pair(s) unanswered, weighed 1"
-                      if prior.get("unanswered") else "")
+    def describe(self, result: StageResult[GenerationReport]) -> str:
+        found = result.report
+        unanswered = (f"; the LLM's prior left {found.pair_prior.unanswered} label pair(s) unanswered, weighed 1"
+                      if found.pair_prior and found.pair_prior.unanswered else "")
         return (
-            f"generate {found['status']}: {rows['written']} of {rows['expected']} rows at {found['output']} "
-            f"({failures['requests']} failed request(s), {failures['rows_lost']} rows lost; "
-            f"{found['engine']['starts']} engine start(s)){unanswered}"
+            f"generate {result.status}: {found.rows.written} of {found.rows.expected} rows at {result.output} "
+            f"({found.failures.requests} failed request(s), {found.failures.rows_lost} rows lost; "
+            f"{found.engine.starts} engine start(s)){unanswered}"
         )

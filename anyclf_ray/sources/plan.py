@@ -13,8 +13,6 @@ plus its sample index. Two runs of one spec give the same ids, and an edited tre
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Iterator
 
@@ -23,8 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from anyclf_ray.core.config import JobSpec, language_name
+from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.tokens import answer_tokens
 from anyclf_ray.labels import label_sets
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import engine, prompts
 
 TREE_SCHEMA = pa.schema(
@@ -41,38 +41,11 @@ TREE_SCHEMA = pa.schema(
     ]
 )
 TREE_LEVELS = ("source_type", "topic", "subtopic")
-# What a generation request carries beside its prompt and rules: its leaf, and its samples' place.
-# A multi-label leaf's set comes as ``labels`` and ``label_names`` (null in a single-label run).
+# What a generation request carries beside its prompt and rules: its leaf (with the ``labels``
+# and ``label_names`` of its set: one label, or a multi-label run's set), its samples' place.
 GENERATION_FIELDS = {"stage": pa.string(), **dict(zip(TREE_SCHEMA.names, TREE_SCHEMA.types)),
                      "labels": pa.list_(pa.string()), "label_names": pa.list_(pa.string()),
                      "leaf_id": pa.string(), "first_sample": pa.int32()}
-# One row per LLM request that still failed after its retries, and the examples it cost.
-FAILURE_SCHEMA = pa.schema(
-    [
-        ("stage", pa.string()),
-        ("request_id", pa.string()),
-        ("language", pa.string()),
-        ("label", pa.string()),
-        ("source_type_index", pa.int32()),
-        ("topic_index", pa.int32()),
-        ("subtopic_index", pa.int32()),
-        ("first_sample", pa.int32()),
-        ("n_items", pa.int32()),
-        ("attempts", pa.int32()),
-        ("error", pa.string()),
-        ("last_output", pa.string()),
-        ("rows_lost", pa.int64()),
-    ]
-)
-
-
-# A stable id as numpy holds many of them: 16 bytes each, no Python object per id.
-STABLE_ID = "S16"
-
-
-def stable_id(*parts: object) -> str:
-    """16 hex characters, the same for the same parts on any machine."""
-    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).hexdigest()
 
 
 def leaf_id(language: str, label: str, source_type_index: int, topic_index: int, subtopic_index: int) -> str:
@@ -81,19 +54,6 @@ def leaf_id(language: str, label: str, source_type_index: int, topic_index: int,
 
 def example_id(leaf: str, sample_index: int) -> str:
     return stable_id("example", leaf, sample_index)
-
-
-def labels_text(spec: JobSpec, language: str | None = None) -> str:
-    """The label list the LLM reads, in ``language`` where the spec gives it."""
-    return json.dumps([label.desc_by_language.get(language, label.desc) for label in spec.labels], ensure_ascii=False)
-
-
-def failure_record(result: dict, rows_lost: int) -> dict:
-    """A FAILURE_SCHEMA row for a failed request result (fields it lacks are null)."""
-    return {**{name: result.get(name) for name in FAILURE_SCHEMA.names}, "rows_lost": rows_lost}
-
-
-# -- tree requests ---------------------------------------------------------------------------
 
 
 def _request(stage: str, request_id: str, prompt: str, n_items: int, max_chars: int, max_tokens: int, **key) -> dict:
@@ -120,12 +80,6 @@ TEMPLATES = {"source_type": prompts.SOURCE_TYPE, "topic": prompts.TOPIC, "subtop
 SIZE_OF_LEVEL = {"source_type": "n_source_type", "topic": "n_topic", "subtopic": "n_subtopic"}
 
 
-def label_text(spec: JobSpec, label: str, language: str | None) -> str:
-    """A label's description as the prompts of ``language`` show it."""
-    desc = next(item for item in spec.labels if item.id == label)
-    return desc.desc_by_language.get(language, desc.desc)
-
-
 def node_keys(level: str, spec: JobSpec) -> tuple[str, ...]:
     """What names a node of ``level``; a shared tree's nodes keep the ids they had before trees
     per language existed, so its requests, and their seeds, are the same."""
@@ -140,12 +94,12 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
     token budget grows past ``sampling.max_tokens`` when ``n`` items of ``max_item_chars`` need
     more: tree passes are few and short, and a level cut off would cost its whole subtree.
     """
-    keys = node_keys(level, spec)
+    keys, labels = node_keys(level, spec), scheme(spec)
     parent = TREE_LEVELS[TREE_LEVELS.index(level) - 1] if level != TREE_LEVELS[0] else None
     n = spec.sizes()[SIZE_OF_LEVEL[level]]
     max_chars = spec.sampling.max_item_chars
     max_tokens = max(spec.sampling.max_tokens, answer_tokens(n, prompts.ITEM_KEY[level], max_chars, spec.languages))
-    nodes = {}
+    nodes: dict[tuple, dict] = {}
     for row in tree_rows:
         if parent is None or row[parent] is not None:
             nodes.setdefault(tuple(row[k] for k in keys), row)
@@ -155,7 +109,7 @@ def tree_requests(level: str, spec: JobSpec, tree_rows: list[dict]) -> list[dict
             stable_id(level, *node),
             prompts.render(
                 TEMPLATES[level], instruction=spec.instruction_by_language.get(row["language"], spec.instruction),
-                labels=labels_text(spec, row["language"]), n=n, label=label_text(spec, row["label"], row["language"]),
+                labels=labels.labels_text(row["language"]), n=n, label=labels.label_text(row["label"], row["language"]),
                 source_type=row["source_type"], topic=row["topic"],
                 in_language=prompts.tree_language_rule(row["language"] and language_name(row["language"])),
             ),
@@ -207,100 +161,64 @@ def label_index(spec: JobSpec, tree: pa.Table) -> np.ndarray:
     return pc.index_in(tree.column("label"), pa.array([label.id for label in spec.labels])).to_numpy()
 
 
-def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
-    """Examples wanted for each (language, tree row): ``counts[language, row]`` (0 off its leaves).
+def leaf_groups(spec: JobSpec, tree: pa.Table) -> Iterator[tuple[np.ndarray, ...]]:
+    """Every (language, tree row, set, samples) leaf of ``tree``, in groups (the label scheme's
+    ``leaf_samples``), its sets weighed by the LLM's prior when the tree holds one."""
+    return scheme(spec).leaf_samples(on_leaf(spec, tree), label_index(spec, tree), label_sets.prior(tree))
 
-    With explicit sizes every leaf gets ``sample_per_subtopic``. With ``n_record_to_generate``
-    the total is split exactly: every leaf gets the floor share and the remainder goes one each
-    to leaves taken round-robin across (language, label), so classes stay balanced within one.
-    A multi-label run's leaves are its sets' (``label_sets.leaf_samples``), added up per row.
-    """
-    mask = on_leaf(spec, tree)
-    counts = np.zeros(mask.shape, np.int32)
-    if spec.multi_label.enabled:
-        for language, row, _, n_samples in multi_label_leaves(spec, tree):
-            np.add.at(counts, (language, row), n_samples)
-        return counts
-    if spec.n_record_to_generate is None:
-        counts[mask] = spec.sample_per_subtopic
-        return counts
-    lang, row = (index.astype(np.int32) for index in np.nonzero(mask))
-    base, extra = divmod(spec.n_record_to_generate, len(lang))
-    counts[lang, row] = base
-    group = label_index(spec, tree)[row] * len(spec.languages) + lang
-    # Each leaf's position among its (language, label) group's leaves, in tree order.
-    order = np.argsort(group, kind="stable")
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order)) - np.searchsorted(group[order], group[order])
-    chosen = np.lexsort((group, position))[:extra]  # by position, then group: round-robin
-    counts[lang[chosen], row[chosen]] += 1
+
+def samples_per_leaf(spec: JobSpec, tree: pa.Table) -> np.ndarray:
+    """Examples wanted for each (language, tree row): ``counts[language, row]`` (0 off its leaves)."""
+    counts = np.zeros((len(spec.languages), tree.num_rows), np.int32)
+    for language, row, _, n_samples in leaf_groups(spec, tree):
+        np.add.at(counts, (language, row), n_samples)
     return counts
 
 
-def multi_label_leaves(spec: JobSpec, tree: pa.Table) -> Iterator[tuple[np.ndarray, ...]]:
-    """A multi-label run's (language, tree row, set, samples) leaves, in groups
-    (``label_sets.leaf_samples``), its sets weighed by the LLM's prior when the tree holds one."""
-    sets = label_sets.LabelSets(spec, label_sets.prior(tree))
-    return label_sets.leaf_samples(spec, sets, on_leaf(spec, tree), label_index(spec, tree))
-
-
 def leaf_table(spec: JobSpec, tree: pa.Table) -> pa.Table:
-    """One row per complete leaf to generate: the tree row, its ``language`` and ``n_samples``
-    (and, in a multi-label run, its set's ``labels`` and ``label_names``).
+    """One row per complete leaf to generate: the tree row, its ``language``, the ``labels`` and
+    ``label_names`` of its set, and ``n_samples``.
 
     The languages take turns (a language's k-th leaf, then the next language's), so every
     language is under way from the start: the early-stop verdict on a pass's first answers is
     not one language's, and a run cut short holds some of every language.
     """
-    if spec.multi_label.enabled:
-        groups = multi_label_leaves(spec, tree)
-        lang, row, set_index, n_samples = (np.concatenate(column) for column in zip(*groups))
-    else:
-        counts = samples_per_leaf(spec, tree)
-        lang, row = np.nonzero(counts > 0)
-        n_samples, set_index = counts[lang, row], None
+    lang, row, set_index, n_samples = (np.concatenate(column) for column in zip(*leaf_groups(spec, tree)))
     complete = np.ones(tree.num_rows, bool)
     for level in TREE_LEVELS:
         complete &= tree.column(level).is_valid().to_numpy(zero_copy_only=False)
     keep = complete[row]
-    lang, row, n_samples = lang[keep], row[keep], n_samples[keep]
+    lang, row, set_index, n_samples = lang[keep], row[keep], set_index[keep], n_samples[keep]
     turn = np.concatenate([np.arange(n) for n in np.bincount(lang, minlength=len(spec.languages))])
     order = np.lexsort((lang, turn))
-    lang, row, n_samples = lang[order], row[order], n_samples[order]
+    lang, row, set_index, n_samples = lang[order], row[order], set_index[order], n_samples[order]
     leaves = tree.take(row).drop_columns(["language"])
     leaves = leaves.add_column(0, "language", pa.array(spec.languages).take(lang))
-    if set_index is not None:
-        sets = label_sets.LabelSets(spec).sets
-        chosen = pa.array(set_index[keep][order])
-        for column, attr in (("labels", "id"), ("label_names", "desc")):
-            values = pa.array([[getattr(spec.labels[i], attr) for i in members] for members in sets], pa.list_(pa.string()))
-            leaves = leaves.append_column(column, values.take(chosen))
+    labels = scheme(spec)
+    sets = labels.sets(label_sets.prior(tree))
+    for column, names in (("labels", labels.ids), ("label_names", labels.descs)):
+        values = pa.array([[names[i] for i in members] for members in sets], pa.list_(pa.string()))
+        leaves = leaves.append_column(column, values.take(pa.array(set_index)))
     return leaves.append_column("n_samples", pa.array(n_samples, pa.int32()))
 
 
 def render_requests(spec: JobSpec, leaves: pa.Table) -> pa.Table:
     """The generation requests of ``leaves`` (``leaf_table`` rows): one per chunk of at most
     ``examples_per_request`` samples. Pure, so Ray Data can run it on blocks of leaves."""
-    per_request = spec.sampling.examples_per_request
+    per_request, labels = spec.sampling.examples_per_request, scheme(spec)
     max_chars = spec.sampling.text_chars(spec.languages)
     requests = []
     for leaf in leaves.to_pylist():
         language, n_samples = leaf["language"], leaf.pop("n_samples")
         position = (leaf["source_type_index"], leaf["topic_index"], leaf["subtopic_index"])
-        if "labels" in leaf:  # a multi-label leaf: its set, on one member's subtree
-            this_leaf = leaf_id(language, json.dumps([leaf["labels"], leaf["label"]]), *position)
-            wanted = [label_text(spec, label, language) for label in leaf["labels"]]
-            others = [label_text(spec, label.id, language) for label in spec.labels if label.id not in leaf["labels"]]
-            template, label_fields = prompts.GENERATE_MULTI, {"label_rules": prompts.label_set_rules(wanted, others)}
-        else:
-            this_leaf = leaf_id(language, leaf["label"], *position)
-            wanted = [label_text(spec, leaf["label"], language)]
-            template, label_fields = prompts.GENERATE, {"label": wanted[0]}
+        this_leaf = leaf_id(language, labels.leaf_key(leaf["labels"], leaf["label"]), *position)
+        wanted = [labels.label_text(label, language) for label in leaf["labels"]]
+        template, label_fields = labels.prompt(leaf["labels"], language)
         for first in range(0, n_samples, per_request):
             n = min(per_request, n_samples - first)
             prompt = prompts.render(
                 template, instruction=spec.instruction_by_language.get(language, spec.instruction),
-                labels=labels_text(spec, language), topic=leaf["topic"], subtopic=leaf["subtopic"],
+                labels=labels.labels_text(language), topic=leaf["topic"], subtopic=leaf["subtopic"],
                 source_type=leaf["source_type"], n=n, **label_fields,
                 language_rule=prompts.language_rule(language_name(language), language in spec.instruction_by_language),
             )

@@ -14,10 +14,11 @@ import logging
 import pyarrow as pa
 
 from anyclf_ray.core.config import JobSpec
+from anyclf_ray.core.results import Usage
 from anyclf_ray.labels import label_sets
 from anyclf_ray.llm import engine
 from anyclf_ray.llm.pool import EnginePool
-from anyclf_ray.sources import plan
+from anyclf_ray.sources import parts, plan
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,18 @@ def _fill_level(level: str, keys: tuple[str, ...], rows: list[dict], results: li
         else:
             lost[node] = lost.get(node, 0) + n_rows
     for node, n_rows in lost.items():
-        failures.append(plan.failure_record(by_node[node], n_rows))
+        failures.append(parts.failure_record(by_node[node], n_rows))
     return failures
 
 
-def expand(spec: JobSpec, pool: EnginePool, prior: dict[str, float]) -> tuple[pa.Table, list[dict], dict[str, int]]:
+def expand(spec: JobSpec, pool: EnginePool, prior: dict[str, float]) -> tuple[pa.Table, list[dict], Usage]:
     """Build the whole tree level by level; return it, the failures met and the LLM usage.
     ``prior``: a multi-label run's pair weights, which decide the rows a failed node costs."""
     tree = label_sets.with_prior(plan.full_tree(spec), prior)
     rows_per_leaf = plan.samples_per_leaf(spec, tree).sum(axis=0).tolist()
     rows = tree.to_pylist()
     failures: list[dict] = []
-    total = dict.fromkeys(engine.USAGE_KEYS, 0)
+    total = Usage()
     for level in plan.TREE_LEVELS:
         requests = plan.tree_requests(level, spec, rows)
         if not requests:  # every parent failed: nothing left to expand
@@ -60,5 +61,5 @@ def expand(spec: JobSpec, pool: EnginePool, prior: dict[str, float]) -> tuple[pa
         log.info("tree: expanding %d %s node(s)", len(requests), level)
         results = pool.answer_table(engine.requests_table(requests), f"tree/{level}")
         failures += _fill_level(level, plan.node_keys(level, spec), rows, results.to_pylist(), rows_per_leaf)
-        total = {key: total[key] + value for key, value in engine.usage(results).items()}
+        total += engine.usage(results)
     return pa.Table.from_pylist(rows, schema=plan.TREE_SCHEMA), failures, total

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from anyclf_ray.core import runtime, storage, tables
 from anyclf_ray.core.config import ActorPlacement
 from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.labels.scheme import predictions
 from anyclf_ray.training.train import THRESHOLDS_FILE
 
 MANIFEST = "_manifest.json"  # Parquet readers skip files named with a leading underscore
@@ -70,18 +71,9 @@ class Predictor:
         if given.any():
             chosen_texts = [text for text in texts if text is not None]
             scores[given] = np.asarray(self.model.predict_proba(chosen_texts, as_numpy=True), dtype=np.float32)
-        missing = ~given
-        per_label = pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel()), len(self.labels), mask=pa.array(missing))
-        if self.thresholds is not None:
-            chosen = [[label for label, hit in zip(self.labels, row) if hit] if ok else None
-                      for row, ok in zip(scores >= self.thresholds, given)]
-            return batch.append_column("labels", pa.array(chosen, pa.list_(pa.string()))).append_column("scores", per_label)
-        best = scores.argmax(axis=1)
-        return (
-            batch.append_column("prediction", pa.array([self.labels[i] for i in best], pa.string(), mask=missing))
-            .append_column("score", pa.array(scores[np.arange(len(best)), best], pa.float32(), mask=missing))
-            .append_column("scores", per_label)
-        )
+        for name, column in predictions(self.model.model_head, self.labels, scores, self.thresholds, ~given).items():
+            batch = batch.append_column(name, column)
+        return batch
 
 
 class Paths(NamedTuple):

@@ -44,12 +44,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray.core import embed, runtime
-from anyclf_ray.core import manifest as cards
-from anyclf_ray.core.config import LABEL_SET_SEPARATOR, ActorPlacement, JobSpec, TrainSpec
+from anyclf_ray.core import cards, embed, runtime
+from anyclf_ray.core.config import ActorPlacement, JobSpec, TrainSpec
 from anyclf_ray.core.loading import ConfigError
-from anyclf_ray.core.stage import Context, Stage
+from anyclf_ray.core.results import Rows, StageResult, TrainData, TrainReport
+from anyclf_ray.core.stage import Context, Input, Outcome, Stage, input_fingerprint
 from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -113,33 +114,6 @@ def training_sample(rows: ray.data.Dataset, settings: TrainSpec, total: int) -> 
     return gathered.sort_by("draw").slice(0, settings.max_rows).drop_columns(["draw"]).sort_by("id")
 
 
-def targets(labels: pa.ChunkedArray | pa.Array | np.ndarray, label_ids: list[str], multi_label: bool) -> np.ndarray:
-    """A ``label`` column as training targets: each label's position in ``label_ids``, or for
-    label sets a 0/1 matrix with a column per label."""
-    if not multi_label:
-        return pc.index_in(pa.array(labels, pa.string()), pa.array(label_ids)).to_numpy(zero_copy_only=False)
-    position = {label: i for i, label in enumerate(label_ids)}
-    found = np.zeros((len(labels), len(label_ids)), np.int8)
-    for row, key in enumerate(labels.tolist() if isinstance(labels, np.ndarray) else labels.to_pylist()):
-        found[row, [position[label] for label in key.split(LABEL_SET_SEPARATOR) if label]] = 1
-    return found
-
-
-def check_labels(y: np.ndarray, label_ids: list[str]) -> None:
-    """Every label needs 2 training rows, for a head class and a positive pair; in a multi-label
-    run also 1 row without it, for the label's negatives."""
-    with_label = y.sum(0) if y.ndim == 2 else np.bincount(y, minlength=len(label_ids))
-    for label, have in zip(label_ids, with_label):
-        if have < 2:
-            raise ConfigError(
-                f"train: label {label!r} has {have} training row(s), at least 2 are needed; generate more rows "
-                "or lower train.test_size"
-            )
-        if y.ndim == 2 and have == len(y):
-            raise ConfigError(f"train: every training row has label {label!r}, so it has no negatives; "
-                              "lower multi_label.max_labels or raise multi_label.none_share")
-
-
 def check_workers(settings: TrainSpec) -> None:
     """ConfigError if the cluster can never place ``num_workers`` workers."""
     runtime.require(
@@ -156,57 +130,6 @@ def embedding_placement(settings: TrainSpec) -> ActorPlacement:
         device="cuda" if settings.use_gpu else "cpu", replicas=settings.num_workers,
         cpus_per_replica=settings.cpus_per_worker,
     )
-
-
-class PairSampler:
-    """Random contrastive pairs drawn on demand: half same-label, half different-label."""
-
-    def __init__(self, labels: np.ndarray, seed: int):
-        self.labels = labels
-        self.rng = np.random.default_rng(seed)
-        self.by_label = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-
-    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        anchors = self.rng.integers(0, len(self.labels), size)
-        positive = self.rng.random(size) < 0.5
-        partners = np.empty(size, np.int64)
-        for i, (anchor, same) in enumerate(zip(anchors, positive)):
-            pool = self.by_label[self.labels[anchor]]
-            if same:
-                partners[i] = pool[self.rng.integers(0, len(pool))]
-            else:  # reject same-label draws; with ≥ 2 labels this ends fast
-                while self.labels[partner := self.rng.integers(0, len(self.labels))] == self.labels[anchor]:
-                    pass
-                partners[i] = partner
-        return anchors, partners, positive.astype(np.float32)
-
-
-class MultiLabelPairSampler:
-    """Contrastive pairs for label sets, drawn on demand, as SetFit's multi-label sampler scores
-    them (1 when the two sets share a label, else 0). An anchor has at least one label, so rows
-    with none are never paired with themselves; half its partners share one of its labels (never
-    the anchor itself), half lack that label, so every label gets negatives."""
-
-    def __init__(self, labels: np.ndarray, seed: int):
-        self.labels = labels.astype(bool)
-        self.rng = np.random.default_rng(seed)
-        self.anchors = np.flatnonzero(self.labels.any(1))
-        self.with_label = [np.flatnonzero(column) for column in self.labels.T]
-        self.without_label = [np.flatnonzero(~column) for column in self.labels.T]
-
-    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        anchors = self.anchors[self.rng.integers(0, len(self.anchors), size)]
-        positive = self.rng.random(size) < 0.5
-        partners = np.empty(size, np.int64)
-        for i, (anchor, same) in enumerate(zip(anchors, positive)):
-            label = self.rng.choice(np.flatnonzero(self.labels[anchor]))
-            pool = (self.with_label if same else self.without_label)[label]
-            # check_labels leaves every label 2 rows, so another row with it exists
-            while (partner := pool[self.rng.integers(0, len(pool))]) == anchor:
-                pass
-            partners[i] = partner
-        shared = (self.labels[anchors] & self.labels[partners]).any(1)
-        return anchors, partners, shared.astype(np.float32)
 
 
 def average_gradients(parameters: list, world_size: int) -> None:
@@ -246,8 +169,8 @@ def contrastive_loop(config: dict) -> None:
     body = ray.train.torch.prepare_model(body, parallel_strategy=None)
     parameters = [p for p in body.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config["learning_rate"])
-    texts, labels = ray.get(config["rows"])
-    sampler = (MultiLabelPairSampler if labels.ndim == 2 else PairSampler)(labels, seed=config["seed"] * 1000 + rank)
+    texts, labels, sampler_of = ray.get(config["rows"])
+    sampler = sampler_of(labels, seed=config["seed"] * 1000 + rank)
     losses = []
     body.train()
     for _ in range(config["steps_per_worker"]):
@@ -286,7 +209,8 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
     trainer = TorchTrainer(
         contrastive_loop,
         train_loop_config={
-            "model": _loadable(settings.base_model), "rows": ray.put((texts, labels)), "seed": settings.seed,
+            "model": _loadable(settings.base_model), "rows": ray.put((texts, labels, scheme(spec).sampler)),
+            "seed": settings.seed,
             "steps_per_worker": steps, "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate, "max_seq_length": settings.max_seq_length,
         },
@@ -306,25 +230,24 @@ def _loadable(reference: str) -> str:
     return models.resolve_embedder(reference)
 
 
-def reusable_embeddings(location: RunLocation, finished: list[dict], settings: TrainSpec, ids: list[str]) -> np.ndarray | None:
+def reusable_embeddings(location: RunLocation, finished: list[StageResult], settings: TrainSpec,
+                        ids: list[str]) -> np.ndarray | None:
     """Embeddings of ``ids`` a finished stage kept, when they are what the head would compute
     anyway: the body is not fine-tuned and is the model that stage embedded with."""
     return None if settings.num_iterations else embed.kept_embeddings(location, finished, settings.base_model, ids)
 
 
-def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: str, finished: list[dict] = ()) -> dict:
+def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: str,
+        finished: list[StageResult] = ()) -> dict:
     """Fine-tune, embed and fit the head (ConfigError first if a label is short of rows).
     Returns the SetFit model, its body's reference (a checkpoint once fine-tuned) and training
     figures."""
     from setfit import SetFitModel
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.multiclass import OneVsRestClassifier
 
-    settings = spec.train
-    label_ids = [label.id for label in spec.labels]
+    settings, labels = spec.train, scheme(spec)
     texts = train_rows["text"].to_pylist()
-    y = targets(train_rows["label"], label_ids, spec.multi_label.enabled)
-    check_labels(y, label_ids)
+    y = labels.targets(train_rows["label"].to_pylist())
+    labels.check_targets(y)
     timings, figures = {}, {"train_rows": len(texts), "pairs": 0}
     started = time.perf_counter()
     body_reference = _loadable(settings.base_model)
@@ -342,28 +265,17 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: st
     timings["embed"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    head = LogisticRegression(max_iter=settings.head_max_iter, random_state=settings.seed)
-    if y.ndim == 2:  # SetFit's "one-vs-rest" strategy: a logistic regression per label
-        head = OneVsRestClassifier(head)
-    head.fit(vectors, y)
+    head = labels.head(settings.head_max_iter, settings.seed).fit(vectors, y)
     timings["head"] = time.perf_counter() - started
-    model = SetFitModel(
-        model_body=embed.load(body_reference, device="cpu"), model_head=head, normalize_embeddings=True,
-        labels=label_ids, multi_target_strategy="one-vs-rest" if y.ndim == 2 else None,
-    )
+    model = SetFitModel(model_body=embed.load(body_reference, device="cpu"), model_head=head, normalize_embeddings=True,
+                        labels=labels.ids, multi_target_strategy=labels.strategy)
     return {"model": model, "body": body_reference, "figures": figures, "timings": timings}
 
 
-def held_out_splits(rows: ray.data.Dataset, settings: TrainSpec, multi_label: bool) -> dict[str, ray.data.Dataset]:
-    """The held-out rows by use: all of them for evaluation, or for a multi-label model the
-    lower half of their draws to tune thresholds on and the upper half for evaluation."""
-    def between(low: float, high: float) -> ray.data.Dataset:
-        return rows.map_batches(drawn_between, fn_kwargs={"low": low, "high": high}, batch_format="pyarrow",
-                                batch_size=None)
-
-    if not multi_label:
-        return {"held_out": between(0.0, settings.test_size)}
-    return {"tuning": between(0.0, settings.test_size / 2), "held_out": between(settings.test_size / 2, settings.test_size)}
+def held_out_splits(rows: ray.data.Dataset, splits: dict[str, tuple[float, float]]) -> dict[str, ray.data.Dataset]:
+    """The held-out rows by use (``LabelScheme.splits``: its draws' [low, high) by split)."""
+    return {name: rows.map_batches(drawn_between, fn_kwargs={"low": low, "high": high}, batch_format="pyarrow",
+                                   batch_size=None) for name, (low, high) in splits.items()}
 
 
 def evaluation_rows(held_out: ray.data.Dataset, split: str, real: evaluate.EvalSet | None = None,
@@ -384,7 +296,7 @@ def evaluation_rows(held_out: ray.data.Dataset, split: str, real: evaluate.EvalS
 
 
 def streamed_tallies(rows: ray.data.Dataset, body, settings: TrainSpec, tally) -> dict[str, dict]:
-    """Each split's tallies by language: the rows embedded on actors, then ``tally(labels,
+    """Each split's tallies by language: the rows embedded on actors, then ``tally(keys,
     embeddings)`` of each batch added up on the driver (all it keeps)."""
     tallies: dict[str, dict] = defaultdict(dict)
     embedded = embed.embedded(rows, body, embedding_placement(settings), batch_size=64)
@@ -393,89 +305,26 @@ def streamed_tallies(rows: ray.data.Dataset, body, settings: TrainSpec, tally) -
         for i, key in enumerate(zip(batch["split"].tolist(), batch["language"].tolist())):
             groups[key].append(i)
         for (split, language), chosen in groups.items():
-            found = tally(batch["label"][chosen], batch["embedding"][chosen])
+            found = tally(batch["label"][chosen].tolist(), batch["embedding"][chosen])
             tallies[split][language] = tallies[split].get(language, 0) + found
     return tallies
 
 
-def evaluate_model(held_out: dict[str, ray.data.Dataset], real: evaluate.EvalSet | None, body, head, settings: TrainSpec,
-                   label_ids: list[str]) -> tuple[dict, np.ndarray | None]:
-    """Each split's metrics, and a multi-label model's tuned per-label thresholds (else None)."""
-    multi_label = "tuning" in held_out
-    rows = evaluation_rows(held_out["held_out"], "held_out", real, settings.num_workers)
-    if not multi_label:
-        def tally(labels, vectors):
-            return evaluate.confusion(targets(labels, label_ids, False), head.predict(vectors), len(label_ids))
+def evaluate_model(spec: JobSpec, held_out: dict[str, ray.data.Dataset], real: evaluate.EvalSet | None, body,
+                   head) -> tuple[dict, np.ndarray | None]:
+    """Each split's figures (by language too), and the head's tuned thresholds (None where the
+    label scheme tunes none)."""
+    labels, settings = scheme(spec), spec.train
 
-        found = streamed_tallies(rows, body, settings, tally)
-        return {split: evaluate.split_metrics(found[split], label_ids) for split in found}, None
+    def over(split: str, tally) -> np.ndarray | None:
+        found = streamed_tallies(evaluation_rows(held_out[split], split), body, settings, tally)
+        return sum(found[split].values()) if found else None
 
-    def tuning_tally(labels, vectors):
-        return evaluate.threshold_counts(targets(labels, label_ids, True), head.predict_proba(vectors))
-
-    tuning = streamed_tallies(evaluation_rows(held_out["tuning"], "tuning"), body, settings, tuning_tally)
-    counts = sum(tuning["tuning"].values()) if tuning else np.zeros((len(evaluate.THRESHOLDS), len(label_ids), 3))
-    thresholds = evaluate.tuned_thresholds(counts)
-
-    def tally(labels, vectors):
-        return evaluate.multi_label_tally(targets(labels, label_ids, True), head.predict_proba(vectors) >= thresholds)
-
-    found = streamed_tallies(rows, body, settings, tally)
-    evaluation = {split: evaluate.split_metrics(found[split], label_ids, evaluate.multi_label_metrics)
-                  for split in found}
-    for figures in evaluation.values():
-        for label, threshold in zip(label_ids, thresholds):
-            figures["per_label"][label]["threshold"] = float(threshold)
-    return evaluation, thresholds
-
-
-def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluation: dict) -> str:
-    """A Hugging Face model card: base model, data, labels and the evaluation figures."""
-    label_rows = "\n".join(f"| {cards.code(label.id)} | {cards.text(label.desc)} |" for label in spec.labels)
-    names = list(evaluate.headline(next(iter(evaluation.values())))) if evaluation else ["accuracy"]
-    metric_rows = "\n".join(f"| {split} | {m['rows']} | " + " | ".join(f"{m[key]:.4f}" for key in names) + " |"
-                             for split, m in evaluation.items())
-    settings = spec.train
-    multi_label = spec.multi_label.enabled
-    head = ("one-vs-rest logistic regression, each label's threshold tuned for F1 on held-out rows "
-            f"(`{THRESHOLDS_FILE}`)") if multi_label else "logistic regression"
-    usage = (f"model.predict_proba([\"some text\"])  # a score per label; cut at {THRESHOLDS_FILE}" if multi_label
-             else 'model.predict(["some text"])')
-    return f"""---
-library_name: setfit
-base_model: {settings.base_model}
-pipeline_tag: text-classification
-tags:
-- setfit
-- anyclf-ray
-- synthetic-data
----
-# {run_id} classifier
-
-A SetFit classifier for: {cards.text(spec.instruction)}
-
-It was trained by anyclf-ray on synthetic data written by `{spec.model.name}` (run `{run_id}`,
-the rows its `{source}` stage committed; {figures["train_rows"]} training rows,
-held-out share {settings.test_size}). Body: `{settings.base_model}`, fine-tuned contrastively on
-{figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: {head}.
-
-```python
-from setfit import SetFitModel
-model = SetFitModel.from_pretrained("<this folder>")
-{usage}
-```
-
-| label | description |
-|---|---|
-{label_rows}
-
-| evaluation | rows | {" | ".join(name.replace("_", " ") for name in names)} |
-|---|---|{"---|" * len(names)}
-{metric_rows}
-
-The training data is synthetic: check the held-out figures against a real labelled set
-(`train.eval_set`) before trusting the model.
-"""
+    thresholds = labels.tune(head, over)
+    found = streamed_tallies(evaluation_rows(held_out["held_out"], "held_out", real, settings.num_workers), body,
+                             settings, lambda keys, vectors: labels.tally(head, thresholds, keys, vectors))
+    return {split: evaluate.split_metrics(found[split], lambda tally: labels.metrics(tally, thresholds))
+            for split in found}, thresholds
 
 
 def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None) -> list[str]:
@@ -492,63 +341,66 @@ def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None)
     return [f"{MODEL_FOLDER}/{p.relative_to(folder)}" for p in files]
 
 
-class Train(Stage):
+class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
     """Training and evaluation on the stage contract: its input is whatever the last stage kept."""
 
     name = "train"
     section = "train"
+    report_type = TrainReport
     clears = (MODEL_FOLDER, "eval", "train")
 
-    def check(self, location: RunLocation) -> None:
-        """Labels, body and eval set, before any engine starts (the rows are checked once they exist)."""
+    @property
+    def settings(self) -> TrainSpec:
+        return self.spec.train
+
+    def check(self, location: RunLocation) -> evaluate.EvalSet | None:
+        """Labels, body and eval set, before any engine starts (the rows are checked once they
+        exist); the eval set, read, its labels as the rows carry them."""
         if len(self.spec.labels) < 2:
             raise ConfigError(
                 f"labels: training needs at least 2 labels and the spec has {len(self.spec.labels)}; "
                 "add a label or set train.enabled: false"
             )
         embed.check_model(self.settings.base_model, "train.base_model")
-        label_ids = [label.id for label in self.spec.labels]
-        eval_set = self.settings.eval_set
-        multi_label = self.spec.multi_label.enabled
-        self.real = evaluate.load_eval_set(eval_set, label_ids, multi_label) if eval_set else None
-        if self.real and multi_label:  # carried as the rows carry them: label sets joined by "|"
-            self.real.labels = [LABEL_SET_SEPARATOR.join(labels) for labels in self.real.labels]
-        if self.real and any(self.real.skipped.values()):
-            log.warning("train: the eval set's rows without a text or a label are skipped: %s", self.real.skipped)
+        if self.settings.eval_set is None:
+            return None
+        real = evaluate.load_eval_set(self.settings.eval_set, scheme(self.spec))
+        if any(real.skipped.values()):
+            log.warning("train: the eval set's rows without a text or a label are skipped: %s", real.skipped)
+        return real
 
-    def execute(self, ctx: Context, upstream: dict) -> dict:
-        spec, settings, location = self.spec, self.settings, ctx.location
-        label_ids = [label.id for label in spec.labels]
-        multi_label = spec.multi_label.enabled
+    def execute(self, ctx: Context, upstream: Input | None, real: evaluate.EvalSet | None) -> Outcome[TrainReport]:
+        assert upstream is not None
+        spec, settings, location, labels = self.spec, self.settings, ctx.location, scheme(self.spec)
         check_workers(settings)
-        rows, total = input_rows(location, upstream["shards"]["data"], spec.label_column,
-                                 blocks=4 * settings.num_workers)
+        rows, total = input_rows(location, upstream.data, labels.key, blocks=4 * settings.num_workers)
         train_rows = training_sample(rows, settings, total)
-        finished = [found for _, found in ctx.finished]
-        fingerprint = self.fingerprint(upstream["fingerprint"])
-        result = fit(location, spec, train_rows, run_name=f"train-{fingerprint}", finished=finished)
-        evaluation, thresholds = evaluate_model(held_out_splits(rows, settings, multi_label), self.real,
-                                                result["body"], result["model"].model_head, settings, label_ids)
-        if self.real and "eval_set" in evaluation:  # rows without a text or a label were skipped, not scored
-            evaluation["eval_set"]["skipped"] = self.real.skipped
-        figure = "per-label" if multi_label else "confusion"
+        fingerprint = self.fingerprint(input_fingerprint([found.fingerprint for found in upstream.results]))
+        result = fit(location, spec, train_rows, run_name=f"train-{fingerprint}", finished=ctx.finished)
+        evaluation, thresholds = evaluate_model(spec, held_out_splits(rows, labels.splits(settings.test_size)), real,
+                                                result["body"], result["model"].model_head)
+        if real and "eval_set" in evaluation:  # rows without a text or a label were skipped, not scored
+            evaluation["eval_set"]["skipped"] = real.skipped
         for name, figures in evaluation.items():
-            location.write_bytes(f"eval/{figure}-{name}.png", evaluate.split_png(figures, name))
+            location.write_bytes(f"eval/{labels.figure}-{name}.png", labels.split_png(figures, name))
         location.write_json("eval/metrics.json", evaluation)
-        card = model_card(spec, location.run_id, upstream["stage"], result["figures"], evaluation)
-        return {
-            "data": {"source": upstream["stage"], "rows": total, "train_rows": train_rows.num_rows,
-                     "held_out_rows": evaluation.get("held_out", {}).get("rows", 0),
-                     "eval_set_rows": len(self.real.texts) if self.real else 0,
-                     **({"eval_set_skipped": self.real.skipped} if self.real else {})},
-            "model": location.uri(MODEL_FOLDER),
-            "files": save(location, result["model"], card, thresholds),
-            "figures": result["figures"],
-            "metrics": evaluation,
-            "timings_s": result["timings"],
-        }
+        headlines = {split: {"rows": m["rows"], **labels.headline(m)} for split, m in evaluation.items()}
+        head = (f"one-vs-rest logistic regression, each label's threshold tuned for F1 on held-out rows "
+                f"(`{THRESHOLDS_FILE}`)" if thresholds is not None else "logistic regression")
+        usage = (f"model.predict_proba([\"some text\"])  # a score per label; cut at {THRESHOLDS_FILE}"
+                 if thresholds is not None else 'model.predict(["some text"])')
+        card = cards.model_card(spec, location.run_id, upstream.stage, result["figures"], headlines, head, usage)
+        report = TrainReport(
+            data=TrainData(source=upstream.stage, train_rows=train_rows.num_rows,
+                           held_out_rows=evaluation.get("held_out", {}).get("rows", 0),
+                           eval_set_rows=len(real.texts) if real else 0, eval_set_skipped=real.skipped if real else None),
+            model=location.uri(MODEL_FOLDER), files=save(location, result["model"], card, thresholds),
+            figures=result["figures"], metrics=evaluation)
+        return Outcome(report=report, rows=Rows(input=total, output=train_rows.num_rows),
+                       output=location.uri(MODEL_FOLDER), timings=result["timings"])
 
-    def describe(self, found: dict) -> str:
-        scores = ", ".join(f"{split} " + " ".join(f"{key} {value:.3f}" for key, value in evaluate.headline(m).items())
-                           for split, m in found["metrics"].items())
-        return f"trained on {found['data']['train_rows']} rows: {found['model']} ({scores or 'no evaluation rows'})"
+    def describe(self, result: StageResult[TrainReport]) -> str:
+        labels = scheme(self.spec)
+        scores = ", ".join(f"{split} " + " ".join(f"{key} {value:.3f}" for key, value in labels.headline(m).items())
+                           for split, m in result.report.metrics.items())
+        return f"trained on {result.report.data.train_rows} rows: {result.report.model} ({scores or 'no evaluation rows'})"

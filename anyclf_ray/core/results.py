@@ -1,0 +1,358 @@
+"""Typed stage results: what every stage commits, and each stage's own report.
+
+In: the figures a stage measured. Out: a ``StageResult`` whose JSON dump is the stage's
+``manifest.json`` (written last, so its presence marks the stage done) and which every reader
+of a finished stage takes instead of a dict: skip-when-done, the next stage's input, the cards,
+``--retry-failures``, embedding reuse. A manifest of another ``SCHEMA_VERSION`` is refused in
+one line (``read``): its fields may mean other things.
+
+Counts that are tables (rows per label, per (label, language)...) stay lists of records
+(``CountTable``), the form ``datasets`` and pandas read directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Generic, Literal, TypeVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from anyclf_ray.core.loading import ConfigError
+
+SCHEMA_VERSION = 1
+CountTable = list[dict[str, Any]]
+
+
+def counts(table: pa.Table, keys: list[str], weights: str | None = None) -> CountTable:
+    """Rows per combination of ``keys`` (or, given ``weights``, the sum of that column), sorted."""
+    if not table.num_rows:
+        return []
+    # On the calling thread only: a threaded plan run from a thread other than the main one can
+    # touch more threads than Acero's per-plan index holds ("thread index 11 is out of range").
+    aggregate: list = [(weights, "sum")] if weights else [([], "count_all")]
+    grouped = table.group_by(keys, use_threads=False).aggregate(aggregate).rename_columns([*keys, "rows"])
+    return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
+
+
+def added(*tables: CountTable) -> CountTable:
+    """Tables of ``counts`` added up, in its order."""
+    total: collections.Counter = collections.Counter()
+    for row in itertools.chain(*tables):
+        total[tuple((key, value) for key, value in row.items() if key != "rows")] += row["rows"]
+    return sorted(({**dict(key), "rows": n} for key, n in total.items()),
+                  key=lambda row: [value for key, value in row.items() if key != "rows"])
+
+
+class Model(BaseModel):
+    """A part of a result: its fields are exactly these (a renamed key fails loudly, not silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputRef(Model):
+    """What a stage read: the stage before it as committed then (a later commit makes it stale)."""
+
+    stage: str
+    fingerprint: str
+    finished_at: str
+
+
+class Rows(Model):
+    """Rows a stage read (None for a source) and rows it passed on (written, kept, trained on)."""
+
+    input: int | None = None
+    output: int
+
+
+class Shards(Model):
+    """The stage's Parquet shards by kind, paths relative to the run folder."""
+
+    data: list[str] = []
+    removed: list[str] = []
+
+
+class EmbeddingsRef(Model):
+    """Embeddings a stage wrote (``id``, ``embedding``), for a later stage to reuse."""
+
+    model: str
+    rows: int
+    dim: int
+    shards: list[str]
+
+
+class Usage(Model):
+    """LLM requests of a pass: answered, failed after retries, tokens, items refused by reason."""
+
+    requests: int = 0
+    failed: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    refused: dict[str, int] = {}
+
+    def __add__(self, other: Usage) -> Usage:
+        refused = {key: self.refused.get(key, 0) + other.refused.get(key, 0) for key in {*self.refused, *other.refused}}
+        return Usage(requests=self.requests + other.requests, failed=self.failed + other.failed,
+                     tokens_in=self.tokens_in + other.tokens_in, tokens_out=self.tokens_out + other.tokens_out,
+                     refused=dict(sorted(refused.items())))
+
+
+class PassCounts(Model):
+    requests: int
+    failed: int
+
+
+class EngineFigures(Model):
+    """The run's engine pool: replicas, starts (replacements counted apart), seconds spent starting."""
+
+    replicas: int = 0
+    device: str | None = None
+    threads_per_replica: int | None = None
+    starts: int = 0
+    restarts: int = 0
+    start_seconds: float = 0.0
+    start_wall_seconds: float = 0.0
+    passes: dict[str, PassCounts] = {}
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+
+class PlannedRows(Model):
+    expected: int
+    written: int
+    missing: int
+
+
+class LanguageRows(Model):
+    language: str
+    expected: int
+    written: int
+    missing: int
+    failed_requests: int
+
+
+class Failures(Model):
+    """LLM requests that failed after their retries, the rows they cost, and where they are listed."""
+
+    requests: int = 0
+    rows_lost: int = 0
+    by_stage: CountTable = []
+    files: list[str] = []
+
+
+class Counts(Model):
+    """Rows per label and (label, language), a row counting once for each of its labels; for
+    label sets also per set, (set, language) and set size."""
+
+    by_label: CountTable
+    by_label_language: CountTable = []
+    by_label_set: CountTable | None = None
+    by_label_set_language: CountTable | None = None
+    by_set_size: CountTable | None = None
+
+
+class CoOccurrence(Model):
+    labels: list[str]
+    rows: list[list[int]]
+
+
+class PriorSummary(Model):
+    file: str
+    weights: dict[str, float]
+    unanswered: int
+    usage: Usage
+
+
+class GenerationReport(Model):
+    sizes: dict[str, int]
+    versions: dict[str, str]
+    plan: dict[str, Any]
+    rows: PlannedRows
+    languages: list[LanguageRows]
+    counts: Counts
+    co_occurrence: CoOccurrence | None = None
+    failures: Failures
+    llm: Usage
+    pair_prior: PriorSummary | None = None
+    engine: EngineFigures
+
+
+# -- filters ------------------------------------------------------------------------------------
+
+
+class Removals(Model):
+    by_reason: dict[str, int]
+    by_label_reason: CountTable
+    by_language_reason: CountTable
+
+
+class LanguageRemovals(Model):
+    language: str
+    input: int
+    removed: int
+    removed_share: float
+
+
+class FilterReport(Model):
+    """What every filter reports: rows removed by reason, label and language; rows kept by label."""
+
+    removed: Removals
+    languages: list[LanguageRemovals]
+    kept_by_label: CountTable
+
+
+class LanguageCheckReport(FilterReport):
+    requested_by_detected: CountTable
+    figure: str
+    rows_per_second: float | None
+
+
+class MethodReport(Model):
+    """One label-check method: rows it could judge (``checked``), rows it failed, per label; and
+    what the method itself measured."""
+
+    checked: int
+    failed: int = 0
+    failed_by_label: dict[str, int] = {}
+    unanswered: int | None = None
+    judged: CountTable | None = None
+    missing_by_label: dict[str, int] | None = None
+    extra_by_label: dict[str, int] | None = None
+    usage: Usage | None = None
+    engine: EngineFigures | None = None
+    folds: int | None = None
+    threshold: float | None = None
+    skipped: str | None = None
+    margin: float | None = None
+
+
+class Unchecked(Model):
+    method: str
+    checked: int
+    rows: int
+
+
+class Relabelled(Model):
+    rows: int
+    by_reason: dict[str, int]
+
+
+class LabelCheckReport(FilterReport):
+    action: str
+    flagged: int
+    methods: dict[str, MethodReport]
+    unchecked: list[Unchecked] = []
+    relabelled: Relabelled | None = None
+
+
+class Conflicts(Model):
+    policy: str
+    pairs: int
+    rows_removed: int
+
+
+class DedupReport(FilterReport):
+    conflicts: Conflicts
+
+
+# -- the report and training --------------------------------------------------------------------
+
+
+class EmbeddingsUse(Model):
+    model: str
+    rows: int
+    reused: bool
+
+
+class LabelDiversity(Model):
+    rows: int
+    distinct_1: float
+    distinct_2: float
+    compression_ratio: float
+    mean_pairwise_cosine: float | None
+    sampled_rows: int
+    topics: int
+    subtopics: int
+    rows_per_topic: dict[str, float]
+
+
+class DiversityReport(Model):
+    embeddings: EmbeddingsUse
+    by_label: dict[str, LabelDiversity]
+    figures: dict[str, str]
+
+
+class TrainData(Model):
+    source: str
+    train_rows: int
+    held_out_rows: int
+    eval_set_rows: int
+    eval_set_skipped: dict[str, int] | None = None
+
+
+class TrainReport(Model):
+    data: TrainData
+    model: str
+    files: list[str]
+    figures: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+# -- the result of any stage --------------------------------------------------------------------
+
+ReportT = TypeVar("ReportT", bound=Model)
+
+
+class StageResult(BaseModel, Generic[ReportT]):
+    """What a stage commits, its ``manifest.json``: where it stands in the run, what it read and
+    wrote, and its ``report``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    stage: str
+    status: Literal["complete", "incomplete"] = "complete"
+    finished_at: str
+    fingerprint: str
+    inputs: list[InputRef] = Field(description="The stages read, as committed when read.")
+    settings: dict[str, Any]
+    output: str = Field(description="Where the stage's rows or files are, as a user (or datasets) addresses them.")
+    rows: Rows
+    shards: Shards = Shards()
+    embeddings: EmbeddingsRef | None = None
+    timings_s: dict[str, float] = {}
+    warnings: list[str] = []
+    report: ReportT
+
+    @property
+    def ref(self) -> InputRef:
+        return InputRef(stage=self.stage, fingerprint=self.fingerprint, finished_at=self.finished_at)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+def result_type(report: type[ReportT]) -> type[StageResult[ReportT]]:
+    """``StageResult`` of a report type, the class pydantic validates a stage's result with."""
+    return StageResult[report]  # type: ignore[valid-type]
+
+
+def read(raw: bytes, report: type[ReportT], where: str) -> StageResult[ReportT]:
+    """The result in ``raw`` (a manifest's bytes, at ``where``); ConfigError in one line for a
+    manifest of another schema version or form."""
+    import json
+
+    found = json.loads(raw)
+    version = found.get("schema_version", 0) if isinstance(found, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"run_id: {where} was written by another anyclf-ray (manifest schema {version}, this one "
+                          f"reads {SCHEMA_VERSION}); use a new run_id, or delete the run folder to start it again")
+    try:
+        return result_type(report).model_validate(found)
+    except ValidationError as error:
+        raise ConfigError(f"run_id: {where} is not a manifest this anyclf-ray can read "
+                          f"({error.errors()[0]['loc']}: {error.errors()[0]['msg']})") from None
