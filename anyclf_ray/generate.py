@@ -28,7 +28,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray import engine, estimate, label_sets, manifest, pair_prior, plan, plots, runtime, tree
+from anyclf_ray import engine, estimate, label_sets, manifest, pair_prior, plan, plots, runtime, storage, tree
 from anyclf_ray.config import LABEL_SET_SEPARATOR, ConfigError, JobSpec
 from anyclf_ray.pool import EnginePool
 from anyclf_ray.progress import Progress
@@ -102,7 +102,8 @@ def failures_from(results: pa.Table) -> pa.Table:
 
 
 class ShardSink(Datasink):
-    """Writes LLM results as one committed part (data + failures) per write task."""
+    """Writes LLM results as one committed part (data + failures) per write task; once done,
+    ``s3_retries`` holds the S3 calls the write tasks retried."""
 
     def __init__(self, location: RunLocation, model_name: str, multi_label: bool, requests_per_part: int):
         self.location = location
@@ -110,21 +111,29 @@ class ShardSink(Datasink):
         self.multi_label = multi_label
         self.requests_per_part = requests_per_part
         self.pass_id = uuid.uuid4().hex
+        self.s3_retries = 0
 
     @property
     def min_rows_per_write(self) -> int:
         return self.requests_per_part
 
-    def write(self, blocks, ctx) -> None:
+    def write(self, blocks, ctx) -> int:
+        """Commit the blocks' results; the S3 calls this took again (a write task's process
+        runs one task at a time)."""
+        retried = storage.retries()
         # Ray Data hands over empty blocks without a schema too (a block of leaves all committed
         # before a resume): they hold nothing to write, and would not concatenate.
         tables = [table for table in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if table.num_rows]
         if not tables:
-            return
+            return 0
         results = pa.concat_tables(tables)
         # Ray may hand over more than a part's worth at once; cut so parts stay near the size asked.
         for start in range(0, results.num_rows, self.requests_per_part):
             self._write_part(results.slice(start, self.requests_per_part))
+        return storage.retries() - retried
+
+    def on_write_complete(self, write_result) -> None:
+        self.s3_retries = int(sum(write_result.write_returns))
 
     def _write_part(self, results: pa.Table) -> None:
         # Named by this pass and its requests: a write task Ray retries (its node lost) rewrites
@@ -173,9 +182,9 @@ def requests_per_part(spec: JobSpec, tokens_per_second: float | None, replicas: 
 
 
 def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool,
-        tokens_per_second: float | None, retry_failures: bool = False) -> None:
+        tokens_per_second: float | None, retry_failures: bool = False) -> int:
     """Generate every example not already in a committed part of this run (and, with
-    ``retry_failures``, the requests that failed in one).
+    ``retry_failures``, the requests that failed in one); the S3 calls its write tasks retried.
 
     The driver holds the leaves and the committed request ids; requests are rendered by Ray
     Data tasks, block by block, as the engines take them.
@@ -191,7 +200,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     pending = total - len(committed)
     log.info("generate: %d request(s) to run, %d already committed", pending, len(committed))
     if not pending:
-        return
+        return 0
     per_part = requests_per_part(spec, tokens_per_second, pool.engine.replicas)
     log.info("generate: a part commits every %d request(s) (%d rows)", per_part,
              per_part * spec.sampling.examples_per_request)
@@ -211,6 +220,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
         progress.finish("failed")
         raise
     progress.finish("finished")
+    return sink.s3_retries
 
 
 def user_tree(spec: JobSpec) -> pa.Table:
@@ -303,6 +313,7 @@ class Generate(Stage):
         if not location.exists("spec.json"):  # pin the run id to this spec before any work
             location.write_json("spec.json", {"fingerprint": spec.fingerprint(), "spec": spec.model_dump()})
         timings = {}
+        retried_here = storage.retries()
         started = time.perf_counter()
         tree_table = self._tree(ctx)
         timings["tree"] = time.perf_counter() - started
@@ -310,7 +321,7 @@ class Generate(Stage):
         tree_usage = json.loads(tree_table.schema.metadata[manifest.USAGE_KEY.encode()])
         seconds = tree_usage.get("seconds")
         tokens_per_second = tree_usage["tokens_out"] / seconds if seconds else None
-        run(spec, tree_table, location, ctx.engines(), tokens_per_second, ctx.retry_failures)
+        retried_by_writes = run(spec, tree_table, location, ctx.engines(), tokens_per_second, ctx.retry_failures)
         timings["generate"] = time.perf_counter() - started
         summary = manifest.summarise(location, spec, tree_table, committed_parts(location))
         if "co_occurrence" in summary:
@@ -330,6 +341,8 @@ class Generate(Stage):
             "plan": estimate.estimate(spec),
             **summary,
             "engine": ctx.engine_figures(),
+            # Calls an S3 outage met and backoff rode out: on the driver and in the write tasks.
+            "s3_retries": storage.retries() - retried_here + retried_by_writes,
             "timings_s": timings,
         }
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from urllib.parse import urlparse
@@ -74,9 +75,25 @@ FINAL = (*REFUSALS, "NoSuchKey", "NoSuchBucket", "does not exist")
 # blip): about two minutes in all, then the error stands.
 S3_BACKOFF = (1, 2, 4, 8, 15, 30, 30, 30)
 
+_retried = 0
+_retried_lock = threading.Lock()
+
+
+def retries() -> int:
+    """S3 calls this process has tried again so far (``retrying``); a stage reports the
+    difference over its run."""
+    return _retried
+
+
+def _count_retry() -> None:
+    global _retried
+    with _retried_lock:  # the driver retries from its progress thread too
+        _retried += 1
+
 
 def retrying(method):
-    """A ``RunLocation`` method whose S3 calls are tried again with backoff (``S3_BACKOFF``).
+    """A ``RunLocation`` method whose S3 calls are tried again with backoff (``S3_BACKOFF``),
+    each retry counted (``retries``).
 
     Safe because every write is atomic: a failed upload leaves no object, and its retry writes
     the whole file again."""
@@ -92,6 +109,7 @@ def retrying(method):
                     raise
                 log.warning("S3: %s failed (%s); trying again in %d s", method.__name__,
                             str(error).splitlines()[0], delay)
+                _count_retry()
                 time.sleep(delay)
 
     return call

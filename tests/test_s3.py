@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import json
 import os
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pyarrow.parquet as pq
@@ -33,6 +34,14 @@ def keys(s3_server, prefix: str) -> list[str]:
     listing = s3_server["client"].list_objects_v2(Bucket=s3_server["bucket"], Prefix=prefix)
     # pyarrow writes zero-byte "folder/" markers; they are not files.
     return sorted(o["Key"] for o in listing.get("Contents", []) if not o["Key"].endswith("/"))
+
+
+def wait_for(condition, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"waited {timeout} s for {what} in vain")
+        time.sleep(0.2)
 
 
 def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
@@ -80,29 +89,34 @@ def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, loc
 
 
 def test_an_s3_outage_mid_generation_is_ridden_out(s3_server, s3_credentials, local_ray):
-    """The S3 server killed once the first part is committed and back 5 s later: the writes that
-    met the outage are retried with backoff, every row lands once, and every part listed is whole."""
+    """The S3 server killed while the run is writing (a part committed, its status "running")
+    and back 5 s later: the calls that met the outage are retried with backoff and counted,
+    every row lands once, parts land after it too, and every part listed is whole."""
     raw = s3_raw(s3_server, "outage")
     raw.update(sample_per_subtopic=30, dedup={"enabled": False}, train={"enabled": False})
+    raw["output"]["status_seconds"] = 0.5  # the driver writes its status through the outage too
     spec = config.parse(raw)
-    result = {}
-    run = threading.Thread(target=lambda: result.update(
-        pipeline.run(spec, only="generate", engine_factory=functools.partial(FakeEngine, delay=0.5))))
-    run.start()
-    deadline = time.time() + 300
-    while not keys(s3_server, "runs/outage/data/") and time.time() < deadline:
-        time.sleep(0.2)
-    server = s3_server["server"]
-    server.stop(kill=True)
-    time.sleep(5)
-    server.start()
-    run.join(timeout=600)
-    manifest = result["generate"]
+    server, client = s3_server["server"], s3_server["client"]
+    with ThreadPoolExecutor(1) as background:
+        running = background.submit(pipeline.run, spec, only="generate",
+                                    engine_factory=functools.partial(FakeEngine, delay=0.5))
+        wait_for(lambda: keys(s3_server, "runs/outage/data/") and keys(s3_server, "runs/outage/status.json"),
+                 "the first part and status", 300)
+        status = json.loads(client.get_object(Bucket="anyclf", Key="runs/outage/status.json")["Body"].read())
+        before = keys(s3_server, "runs/outage/data/")
+        assert not running.done() and status["state"] == "running"
+        assert status["rows"]["done"] < status["rows"]["planned"]
+        server.stop(kill=True)
+        time.sleep(5)
+        server.start()
+        manifest = running.result(timeout=600)["generate"]
     expected = 2 * 2 * 2 * 1 * 30
     assert manifest["status"] == "complete" and manifest["rows"]["written"] == expected
+    assert manifest["s3_retries"] >= 1  # the outage met S3 calls, and backoff rode them out
     location = RunLocation(spec.output, "outage")
     parts = keys(s3_server, "runs/outage/data/")
     assert len(parts) == len(manifest["shards"]["data"]) and len(parts) >= 10  # parts of 12 rows
+    assert set(before) < set(parts)  # the run went on writing after the outage
     rows = read_parts(location)  # every listed part reads whole, footer and all
     assert rows.num_rows == expected and len(set(rows["id"].to_pylist())) == expected
 
