@@ -251,7 +251,8 @@ class Generate(Stage):
     card_config = "default"
     folder = ""
     manifest_path = "manifest.json"
-    clears = ()
+    # What a crash left half-written: staged files never renamed into place (committed parts stay).
+    clears = ("_tmp",)
 
     @classmethod
     def enabled(cls, spec: JobSpec) -> bool:

@@ -22,6 +22,11 @@ EXPECTED_ROWS = 2 * 2 * (2 * 2 * 2) * 3  # labels x languages x leaves x samples
 GENERATION_REQUESTS = 2 * 2 * (2 * 2 * 2) * 2  # 3 samples at 2 per request: 2 requests a leaf
 
 
+def committed_requests(location: RunLocation) -> list[str]:
+    """The request ids every committed part names in its footer, in part order."""
+    return [rid.decode() for part in generate.committed_parts(location).values() for rid in part["request_ids"]]
+
+
 def planned_ids(spec: config.JobSpec) -> set[str]:
     sizes = spec.sizes()
     return {
@@ -138,21 +143,29 @@ def test_complete_run_is_returned_not_redone(first_run):
     assert location.list("data") == parts
 
 
-def test_crash_after_some_parts_resumes_the_rest(first_run, tmp_path):
+def test_a_crash_with_a_part_in_flight_resumes_exactly_the_lost_requests(first_run, tmp_path):
+    """As if the job died while writing its last part: that part only half-staged under _tmp/,
+    never renamed into place, and no manifest. The resumed run ignores and removes the staged
+    file and asks for that part's requests, no others."""
     spec, location, _ = first_run
     shutil.copytree(location.path(), tmp_path / "first")
     crashed = RunLocation(spec.output.model_copy(update={"path": str(tmp_path)}), "first")
-    # As if the job died before its last part and the manifest were written:
-    lost_part = crashed.list("data")[-1]
-    kept_parts = crashed.list("data")[:-1]
+    *kept_parts, lost_part = crashed.list("data")
+    lost = [rid.decode() for rid in generate.committed_parts(crashed)[lost_part]["request_ids"]]
+    staged = tmp_path / "first" / "_tmp" / f"0123abcd-{lost_part.replace('/', '_')}"
+    staged.parent.mkdir(exist_ok=True)
+    whole = (tmp_path / "first" / lost_part).read_bytes()
+    staged.write_bytes(whole[: len(whole) // 2])  # cut short mid-write
     for name in (lost_part, "manifest.json", "README.md"):
         (tmp_path / "first" / name).unlink()
-    resumed_spec = spec.model_copy(update={"output": crashed.output})
-    resumed = pipeline.run(resumed_spec, only="generate")["generate"]
-    assert resumed["status"] == "complete"
-    assert set(kept_parts) < set(crashed.list("data"))  # old parts kept as they were
-    assert len(crashed.list("data")) == len(kept_parts) + 1  # only the lost requests re-ran
-    assert sorted(read_parts(crashed)["id"].to_pylist()) == sorted(read_parts(location)["id"].to_pylist())
+    resumed = pipeline.run(spec.model_copy(update={"output": crashed.output}), only="generate")["generate"]
+    assert 0 < len(lost) < GENERATION_REQUESTS
+    assert resumed["engine"]["passes"] == {"generate": {"requests": len(lost), "failed": 0}}
+    assert resumed["status"] == "complete" and resumed["rows"]["written"] == EXPECTED_ROWS
+    assert set(kept_parts) < set(crashed.list("data")) and len(crashed.list("data")) == len(kept_parts) + 1
+    assert sorted(committed_requests(crashed)) == sorted(committed_requests(location))  # each once
+    assert sorted(read_parts(crashed)["id"].to_pylist()) == sorted(planned_ids(spec))
+    assert not glob.glob(crashed.path("_tmp/*"))  # the staged leftover removed, and no other left
 
 
 def test_run_id_reused_with_another_spec_is_refused(first_run):
