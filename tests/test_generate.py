@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from anyclf_ray import cli, config, generate, pipeline, plan, pool
+from anyclf_ray import cli, config, engine, generate, pipeline, plan, pool
 from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw, write_spec
+from test_engine import HeldEngine, answered_seeds, kill_held_replica
 
 pytestmark = pytest.mark.slow
 
@@ -166,6 +169,32 @@ def test_a_crash_with_a_part_in_flight_resumes_exactly_the_lost_requests(first_r
     assert sorted(committed_requests(crashed)) == sorted(committed_requests(location))  # each once
     assert sorted(read_parts(crashed)["id"].to_pylist()) == sorted(planned_ids(spec))
     assert not glob.glob(crashed.path("_tmp/*"))  # the staged leftover removed, and no other left
+
+
+def test_a_replica_killed_mid_pass_is_rebuilt_and_its_call_retried(first_run, tmp_path):
+    """Real vLLM: the replica is killed -9 while it holds the generation's second call. Ray
+    rebuilds it (a second engine start), the call runs again there, and every planned row is
+    written once, from requests each answered once."""
+    _, location, _ = first_run
+    spec = config.parse(tiny_raw(tmp_path, "killed", tree_path=location.path("tree.parquet"), languages=["en"]))
+    vllm = functools.partial(engine.VLLMEngine, spec.model, spec.engine, spec.sampling)
+    factory = functools.partial(HeldEngine, vllm, tmp_path / "held", tmp_path / "answered")
+    with ThreadPoolExecutor(1) as background:
+        running = background.submit(pipeline.run, spec, only="generate", engine_factory=factory)
+        killed = kill_held_replica(tmp_path / "held")
+        manifest = running.result(timeout=600)["generate"]
+    requests = GENERATION_REQUESTS // 2  # English only
+    assert manifest["engine"]["starts"] == 2 and manifest["engine"]["restarts"] == 1
+    assert manifest["engine"]["passes"] == {"generate": {"requests": requests, "failed": 0}}
+    killed = RunLocation(spec.output, "killed")
+    asked = committed_requests(killed)
+    assert len(asked) == len(set(asked)) == requests
+    assert manifest["rows"]["written"] == EXPECTED_ROWS // 2
+    assert sorted(read_parts(killed)["id"].to_pylist()) == sorted(planned_ids(spec))
+    # The live engines answered each attempt once; the killed one's unreturned answers were lost.
+    lived, lost = answered_seeds(tmp_path / "answered", killed)
+    assert set(lived.values()) == {1}
+    assert {engine.request_seed(spec.sampling.seed, rid, 0) for rid in asked} <= set(lived) | lost
 
 
 def test_run_id_reused_with_another_spec_is_refused(first_run):
