@@ -11,13 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from anyclf_ray import cli, config, engine, generate, pipeline, plan, pool
 from anyclf_ray.storage import RunLocation
 from conftest import read_parts, tiny_raw, write_spec
-from test_engine import HeldEngine, answered_seeds, kill_held_replica
+from test_engine import FakeEngine, HeldEngine, answered_seeds, kill_held_replica
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +196,29 @@ def test_a_replica_killed_mid_pass_is_rebuilt_and_its_call_retried(first_run, tm
     lived, lost = answered_seeds(tmp_path / "answered", killed)
     assert set(lived.values()) == {1}
     assert {engine.request_seed(spec.sampling.seed, rid, 0) for rid in asked} <= set(lived) | lost
+
+
+def test_retry_failures_through_the_cli_asks_real_vllm_for_the_failed_requests_only(first_run, tmp_path, capsys):
+    """Every French request fails on a fake engine; `generate --retry-failures` then asks real
+    vLLM for those and no others, keeps the English parts, and completes the run."""
+    _, location, _ = first_run
+    raw = tiny_raw(tmp_path, "retried", tree_path=location.path("tree.parquet"))
+    spec = config.parse(raw)
+    first = pipeline.run(spec, only="generate", engine_factory=functools.partial(FakeEngine, fail_on="French"))
+    failed = GENERATION_REQUESTS // 2
+    assert first["generate"]["failures"]["requests"] == failed and first["generate"]["status"] == "incomplete"
+    path = write_spec(tmp_path / "retried.yaml", raw)
+    assert cli.main(["generate", "--config", str(path), "--retry-failures"]) == 0
+    assert f"generate complete: {EXPECTED_ROWS} of {EXPECTED_ROWS} rows" in capsys.readouterr().out
+    retried = RunLocation(spec.output, "retried")
+    manifest = retried.read_json("manifest.json")
+    assert manifest["engine"]["passes"] == {"generate": {"requests": failed, "failed": 0}}
+    assert manifest["failures"]["requests"] == 0 and manifest["engine"]["starts"] == 1
+    rows = read_parts(retried)
+    assert sorted(rows["id"].to_pylist()) == sorted(planned_ids(spec))
+    fake = pc.starts_with(rows["text"], "Item ")  # FakeEngine's items; the tiny model writes noise
+    assert set(rows.filter(fake)["language"].to_pylist()) == {"en"}
+    assert rows.filter(pc.invert(fake))["language"].to_pylist() == ["fr"] * (EXPECTED_ROWS // 2)
 
 
 def test_run_id_reused_with_another_spec_is_refused(first_run):
