@@ -277,9 +277,20 @@ def contrastive_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def scaling_config(settings: TrainSpec):
+    """The Ray Train workers: ``num_workers`` of ``cpus_per_worker`` CPUs, and a GPU each with
+    ``use_gpu`` (NCCL then, gloo on CPU)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+        resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
+    )
+
+
 def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np.ndarray, run_name: str):
     """Run the contrastive phase; the body as a Ray Train checkpoint, and the run's metrics."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     settings = spec.train
@@ -293,10 +304,7 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
             "steps_per_worker": steps, "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate, "max_seq_length": settings.max_seq_length,
         },
-        scaling_config=ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-            resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(settings),
         run_config=RunConfig(name=run_name, storage_path=location.path("train/ray"), storage_filesystem=location.fs),
     )
     result = trainer.fit()
