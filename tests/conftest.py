@@ -108,6 +108,30 @@ def write_spec(path: Path, raw: dict) -> Path:
     return path
 
 
+# `anyclf-ray plan` in a fresh process, as a user runs it: its figures on stderr, the plan on stdout.
+# The peak is VmHWM, not ru_maxrss: that one starts at the RSS of the parent that forked it.
+PLAN_CHILD = """
+import re, sys, time
+def peak_kib():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+started = time.perf_counter()
+from anyclf_ray import cli
+imported, imports_kib = time.perf_counter(), peak_kib()
+code = cli.main(["plan", "--config", *sys.argv[1:]])
+print(time.perf_counter() - imported, imports_kib, peak_kib(), file=sys.stderr)
+"""
+
+
+def plan_in_fresh_process(spec: Path, *args: str) -> tuple[dict, dict]:
+    """The plan of ``spec`` from the CLI in a new Python, and what it took: the plan's own
+    seconds (imports excluded), the peak RSS after the imports and at the end, in MiB."""
+    done = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(spec), *args], capture_output=True, text=True,
+                          check=True, timeout=120)
+    seconds, imports_kib, peak_kib = done.stderr.strip().splitlines()[-1].split()
+    return json.loads(done.stdout), {"seconds": float(seconds), "imports_mib": int(imports_kib) / 1024,
+                                     "peak_mib": int(peak_kib) / 1024}
+
+
 def free_port() -> int:
     """A free port whose +10000 neighbour (SeaweedFS gRPC) is free too."""
     while True:
