@@ -159,7 +159,8 @@ def local_ray():
     """An embedded Ray for one test module (modules that run `ray start` need none alive)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of its own even when a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

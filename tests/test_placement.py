@@ -54,7 +54,8 @@ def test_model_actors_and_training_workers_take_a_gpu_each():
 @pytest.fixture(scope="module")
 def gpu_ray():
     """An embedded Ray whose node declares 2 logical GPUs and one ``engine_node`` (no real GPU)."""
-    ray.init(num_cpus=2, num_gpus=2, resources={"engine_node": 1}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, resources={"engine_node": 1}, include_dashboard=False,
+             log_to_driver=False)
     yield
     ray.shutdown()
 
