@@ -121,6 +121,7 @@ def judge_real(spec, real: pa.Table, count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judge", type=int, default=0, help="real texts the label check's judge reads (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parse_arguments(parser, 2000, "real texts, half single, half pairs")
     Path(args.output).mkdir(parents=True, exist_ok=True)
     real = real_pairs(args.eval_rows, args.seed)
