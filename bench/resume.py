@@ -4,7 +4,7 @@
     python bench/resume.py --ids 230000
 
 It writes empty data parts whose footers hold the ids, as generation commits them, then reads
-them back in a fresh process each way: as ``generate.run`` does (``committed_parts``, one
+them back in a fresh process each way: as a source does (``sources.parts.committed``, one
 16-byte id each, then the sorted array Ray gets), and as Python strings in a set, the earlier way.
 """
 
@@ -19,36 +19,38 @@ import tempfile
 import pyarrow as pa
 
 from anyclf_ray.core import config
+from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.storage import RunLocation
-from anyclf_ray.sources import generate, plan
+from anyclf_ray.sources import parts
 
 CHILD = """
 import json, resource, sys, time
 import numpy as np
-from anyclf_ray.core import config, loading
-from anyclf_ray.sources import generate, plan
+from anyclf_ray.core import config
+from anyclf_ray.core.ids import STABLE_ID
 from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.sources import parts
 location = RunLocation(config.OutputSpec(path=sys.argv[1]), "resume")
 started = time.perf_counter()
 if sys.argv[2] == "array":
-    parts = generate.committed_parts(location).values()
-    committed = np.setdiff1d(np.concatenate([part["request_ids"] for part in parts]), np.empty(0, plan.STABLE_ID))
+    found = parts.committed(location).values()
+    committed = np.setdiff1d(np.concatenate([part.request_ids for part in found]), np.empty(0, STABLE_ID))
 else:
-    parts = [json.loads(location.read_metadata(path)[generate.PART_METADATA_KEY]) for path in location.list("data")]
-    committed = np.array(sorted({rid for part in parts for rid in part["request_ids"]}), plan.STABLE_ID)
+    found = [json.loads(location.read_metadata(path)[parts.PART_METADATA_KEY]) for path in location.list("data")]
+    committed = np.array(sorted({rid for part in found for rid in part["request_ids"]}), STABLE_ID)
 print(len(committed), time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-BASELINE = "import resource; from anyclf_ray import generate; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+BASELINE = "import resource; from anyclf_ray.sources import parts; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 
 
 def write_parts(folder: str, n_ids: int, per_part: int) -> None:
     location = RunLocation(config.OutputSpec(path=folder), "resume")
     empty = pa.table({"id": pa.array([], pa.string())})
     for first in range(0, n_ids, per_part):
-        ids = [plan.stable_id("generate", k) for k in range(first, min(first + per_part, n_ids))]
-        footer = json.dumps({"rows": 0, "request_ids": ids})
+        ids = [stable_id("generate", k) for k in range(first, min(first + per_part, n_ids))]
+        footer = json.dumps({"rows": 0, "request_ids": ids, "usage": {}})
         location.write_table(f"data/part-{first:09d}.parquet",
-                             empty.replace_schema_metadata({generate.PART_METADATA_KEY: footer}))
+                             empty.replace_schema_metadata({parts.PART_METADATA_KEY: footer}))
 
 
 def main() -> None:

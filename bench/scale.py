@@ -42,7 +42,7 @@ spec = loading.parse({
 started = time.perf_counter()
 found = pipeline.run(spec)
 wall = time.perf_counter() - started
-print(json.dumps({"rows": rows, "wall": wall, **{name: found[name] for name in ("generate", "dedup", "train")},
+print(json.dumps({"rows": rows, "wall": wall, **{name: found[name].model_dump(mode="json") for name in ("generate", "dedup", "train")},
                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -67,12 +67,13 @@ def main() -> None:
     for rows in args.rows:
         found = measure(rows, args.keep, args.train_rows)
         generated, trained = found["generate"], found["train"]
-        timings, replicas = generated["timings_s"], generated["engine"]["replicas"]
-        print(f"{rows:>8,} {generated['rows']['written']:>8,} {timings['tree']:>7.1f} {timings['generate']:>10.1f} "
+        timings, replicas = generated["timings_s"], generated["report"]["engine"]["replicas"]
+        written, data = generated["report"]["rows"]["written"], trained["report"]["data"]
+        print(f"{rows:>8,} {written:>8,} {timings['tree']:>7.1f} {timings['generate']:>10.1f} "
               f"{found['dedup']['timings_s']['total']:>8.1f} {trained['timings_s']['total']:>8.1f} "
-              f"{trained['data']['train_rows']:>10,} {trained['data']['held_out_rows']:>8,} "
-              f"{generated['rows']['written'] / timings['generate']:>7.1f} "
-              f"{generated['llm']['tokens_out'] / timings['generate'] / replicas:>13.0f} {found['rss_mib']:>6.0f} MiB",
+              f"{data['train_rows']:>10,} {data['held_out_rows']:>8,} {written / timings['generate']:>7.1f} "
+              f"{generated['report']['llm']['tokens_out'] / timings['generate'] / replicas:>13.0f} "
+              f"{found['rss_mib']:>6.0f} MiB",
               flush=True)
 
 

@@ -104,6 +104,30 @@ def write_spec(path: Path, raw: dict) -> Path:
     return path
 
 
+# `anyclf-ray plan` in a fresh process, as a user runs it: its figures on stderr, the plan on stdout.
+# The peak is VmHWM, not ru_maxrss: that one starts at the RSS of the parent that forked it.
+PLAN_CHILD = """
+import re, sys, time
+def peak_kib():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+started = time.perf_counter()
+from anyclf_ray import cli
+imported, imports_kib = time.perf_counter(), peak_kib()
+code = cli.main(["plan", "--config", *sys.argv[1:]])
+print(time.perf_counter() - imported, imports_kib, peak_kib(), file=sys.stderr)
+"""
+
+
+def plan_in_fresh_process(spec: Path, *args: str) -> tuple[dict, dict]:
+    """The plan of ``spec`` from the CLI in a new Python, and what it took: the plan's own
+    seconds (imports excluded), the peak RSS after the imports and at the end, in MiB."""
+    done = subprocess.run([sys.executable, "-c", PLAN_CHILD, str(spec), *args], capture_output=True, text=True,
+                          check=True, timeout=120)
+    seconds, imports_kib, peak_kib = done.stderr.strip().splitlines()[-1].split()
+    return json.loads(done.stdout), {"seconds": float(seconds), "imports_mib": int(imports_kib) / 1024,
+                                     "peak_mib": int(peak_kib) / 1024}
+
+
 def free_port() -> int:
     """A free port whose +10000 neighbour (SeaweedFS gRPC) is free too."""
     while True:
@@ -131,7 +155,8 @@ def local_ray():
     """An embedded Ray for one test module (modules that run `ray start` need none alive)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of its own even when a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -221,3 +246,9 @@ def label_scheme(*ids: str, multi: bool = False):
         raw.update(n_record_to_generate=100, languages=["en"], multi_label={"enabled": True, "min_rows": 1},
                    train={"base_model": "builtin:all-minilm-l6-v2", "test_size": 0.1})
     return scheme(loading.parse(raw))
+
+
+def passes(result) -> dict[str, dict[str, int]]:
+    """Each LLM pass's requests and failures in a stage result's engine figures, as plain dicts."""
+    engine = result.report.engine if hasattr(result.report, "engine") else result.report.methods["llm"].engine
+    return {name: counts.model_dump() for name, counts in engine.passes.items()}

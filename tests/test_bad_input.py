@@ -21,12 +21,12 @@ from conftest import REPO, label_scheme, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import cards, config, loading, plots
-from anyclf_ray.core.results import GenerationReport, StageResult
 from anyclf_ray.core.config import EvalSetSpec
 from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.results import GenerationReport, StageResult
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import budgets, engine, items, prompts
 from anyclf_ray.sources import estimate
-from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.sources.generate import Generate
 from anyclf_ray.training.evaluate import load_eval_set
 

@@ -63,6 +63,7 @@ def dropped(tmp_path_factory, local_ray):
     return spec, location, pipeline.run(spec, only="dedup")["dedup"]
 
 
+@pytest.mark.slow
 def test_planted_duplicates_are_removed_and_different_texts_kept(dropped):
     spec, location, manifest = dropped
     kept, removed = read_parts(location, "dedup/data"), read_parts(location, "dedup/removed")
@@ -86,6 +87,7 @@ def test_planted_duplicates_are_removed_and_different_texts_kept(dropped):
     assert Dedup(spec).read(location) == manifest  # the committed manifest reads back as the result
 
 
+@pytest.mark.slow
 def test_embeddings_are_kept_for_reuse(dropped):
     _, location, manifest = dropped
     embeddings = read_parts(location, "dedup/embeddings")
@@ -98,6 +100,7 @@ def test_embeddings_are_kept_for_reuse(dropped):
     )
 
 
+@pytest.mark.slow
 def test_card_offers_the_deduplicated_config(dropped):
     _, location, _ = dropped
     loaded = datasets.load_dataset(location.path(), "deduplicated", split="train")
@@ -105,6 +108,7 @@ def test_card_offers_the_deduplicated_config(dropped):
     assert datasets.load_dataset(location.path(), split="train").num_rows == len(ROWS)
 
 
+@pytest.mark.slow
 def test_finished_dedup_is_reused_and_new_settings_redo_it(dropped):
     spec, location, manifest = dropped
     assert pipeline.run(spec, only="dedup")["dedup"].finished_at == manifest.finished_at
@@ -118,6 +122,7 @@ def test_finished_dedup_is_reused_and_new_settings_redo_it(dropped):
     assert kept_ids() == KEPT_WHEN_DROPPING
 
 
+@pytest.mark.slow
 def test_keepers_are_the_same_in_another_run(dropped, tmp_path):
     _, location, _ = dropped
     other = spec_for(tmp_path, "again")
@@ -146,6 +151,7 @@ def test_missing_run_is_refused(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # refused once the stage runs, after Ray has started
 def test_empty_run_is_refused(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "empty")
     write_generated(loading.parse(raw), [], parts=1)

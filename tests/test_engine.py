@@ -1,7 +1,7 @@
 """The engine seam and the pool, driven by a fake engine: retries, failures, reuse, early stop.
 
 The fake answers in microseconds, so the retry logic is tested without Ray and the pool on an
-embedded Ray in seconds. The same paths run on real vLLM in test_generate.py and test_pool.py.
+embedded Ray in seconds. The same paths run on real vLLM in test_generate.py.
 """
 
 from __future__ import annotations
@@ -9,9 +9,14 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import os
+import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pytest
 import ray
@@ -19,10 +24,12 @@ from conftest import read_parts, tiny_raw
 
 from anyclf_ray import pipeline
 from anyclf_ray.core import config, loading
+from anyclf_ray.core.results import LanguageRows, PassCounts, PlannedRows, Usage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import normalise, word_count
+from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import engine, items, pool
-from anyclf_ray.sources import generate, plan
+from anyclf_ray.sources import generate, parts, plan
 
 # Ray pickles classes by reference; this module is not importable in Ray's workers, so ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -52,6 +59,57 @@ class FakeEngine:
                 items = [{key: f"Item {i} of a fake answer, which the test engine wrote with seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
                 out.append(engine.Completion(json.dumps(items), "stop", 7, 3 * len(items)))
         return out
+
+
+class HeldEngine:
+    """An ``engine.Engine`` around ``inner()`` that logs every prompt it answered to ``answered``
+    (its process and seed, a line each: a request answered twice shows), and whose first call
+    number ``hold_call`` on any replica holds: it writes the replica's pid to ``marker`` and
+    waits to be killed (``kill_held_replica``). Only one call ever holds, so a replacement answers."""
+
+    def __init__(self, inner, marker: Path, answered: Path, hold_call: int = 2):
+        self.inner, self.marker, self.answered, self.hold_call = inner(), marker, answered, hold_call
+        self.calls = 0
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        self.calls += 1
+        if self.calls == self.hold_call and self._claim():
+            time.sleep(120)
+            raise RuntimeError("the held call was never killed")
+        found = self.inner.complete(prompts)
+        with open(self.answered, "a") as log:  # one short append: atomic beside other replicas'
+            log.write("".join(f"{os.getpid()} {prompt.seed}\n" for prompt in prompts))
+        return found
+
+    def _claim(self) -> bool:
+        try:
+            marker = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.write(marker, str(os.getpid()).encode())
+        os.close(marker)
+        return True
+
+
+def kill_held_replica(marker: Path, timeout: float = 300) -> int:
+    """Wait until a ``HeldEngine`` holds a call, then kill its replica's process -9; its pid."""
+    deadline = time.time() + timeout
+    while not (marker.exists() and marker.read_text()):
+        if time.time() > deadline:
+            pytest.fail(f"no replica held a call within {timeout} s")
+        time.sleep(0.1)
+    replica = psutil.Process(int(marker.read_text()))
+    assert "Replica" in " ".join(replica.cmdline())  # an engine actor, nothing else
+    replica.send_signal(signal.SIGKILL)
+    return replica.pid
+
+
+def answered_seeds(answered: Path, killed: int) -> tuple[collections.Counter, set[int]]:
+    """The seeds a ``HeldEngine`` answered: how often on the replicas that lived, and the set
+    the killed one answered (lost with it when its call had not returned)."""
+    lines = [tuple(map(int, line.split())) for line in answered.read_text().splitlines()]
+    return (collections.Counter(seed for pid, seed in lines if pid != killed),
+            {seed for pid, seed in lines if pid == killed})
 
 
 def requests(n: int, n_items: int = 2, name: str = "") -> pa.Table:
@@ -85,9 +143,8 @@ def test_answers_that_always_fail_are_reported_after_max_retries():
     answered = engine.answer(fake, requests(2), SAMPLING).to_pylist()
     assert [(r["ok"], r["attempts"], r["items"]) for r in answered] == [(False, 3, None)] * 2
     assert answered[0]["error"].endswith("(cut off at max_tokens)") and answered[0]["last_output"] == '[{"text": "cut'
-    assert engine.usage(pa.Table.from_pylist(answered)) == {
-        "requests": 2, "failed": 2, "tokens_in": 42, "tokens_out": 384,
-        **{f"refused_{reason}": 0 for reason in items.REASONS}}
+    assert engine.usage(pa.Table.from_pylist(answered)) == Usage(
+        requests=2, failed=2, tokens_in=42, tokens_out=384, refused=dict.fromkeys(items.REASONS, 0))
 
 
 def test_no_retries_means_one_attempt():
@@ -149,7 +206,7 @@ def test_refused_items_are_counted_and_only_the_missing_ones_asked_again():
     assert answered["rejected"] == ["json_syntax", "echo", "too_short", "repeated"]
     assert fake.schemas[0]["items"]["properties"]["text"]["pattern"] == items.text_pattern()
     usage = engine.usage(engine.answer(ScriptedEngine(*[["x y"] * 3] * 3), engine.requests_table([ECHO_REQUEST]), SAMPLING))
-    assert usage["failed"] == 1 and usage["refused_too_short"] == 9
+    assert usage.failed == 1 and usage.refused["too_short"] == 9
 
 
 def test_plain_recipe_takes_items_as_they_come():
@@ -252,14 +309,15 @@ def test_a_part_skips_the_empty_schemaless_blocks_ray_data_hands_over(tmp_path):
         tree = tree.set_column(tree.schema.get_field_index(level), level, pa.array([level] * tree.num_rows))
     answered = engine.answer(FakeEngine(), plan.generation_requests(spec, tree).slice(0, 5), spec.sampling)
     location = RunLocation(spec.output, "sink")
-    sink = generate.ShardSink(location, spec.model.name, multi_label=False, requests_per_part=3)
+    rows_of = functools.partial(generate.examples_from, model_name=spec.model.name, labels=scheme(spec))
+    sink = parts.PartSink(location, "", rows_of, requests_per_part=3)
     sink.write([pa.table({})], ctx=None)
     assert location.list("data") == []
     sink.write([pa.table({}), answered.slice(0, 2), pa.table({}), answered.slice(2)], ctx=None)
     # Parts of 3 and 2 requests, every example once.
-    parts = [generate.committed_parts(location)[path]["request_ids"].tolist() for path in location.list("data")]
-    assert sorted(map(len, parts)) == [2, 3]
-    assert sorted(rid.decode() for part in parts for rid in part) == sorted(answered["request_id"].to_pylist())
+    committed = [part.request_ids.tolist() for part in parts.committed(location).values()]
+    assert sorted(map(len, committed)) == [2, 3]
+    assert sorted(rid.decode() for part in committed for rid in part) == sorted(answered["request_id"].to_pylist())
     ids = read_parts(location)["id"].to_pylist()
     assert len(ids) == len(set(ids)) == sum(answered["n_items"].to_pylist())
 
@@ -280,10 +338,33 @@ def test_one_pool_serves_every_pass_with_one_start_per_replica(local_ray):
         figures = engines.figures()
     assert first["ok"].to_pylist() == [True] * 5 and second["ok"].to_pylist() == [True] * 40
     assert sorted(second["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(40))
-    assert figures["starts"] == 2 and figures["restarts"] == 0 and figures["replicas"] == 2
-    assert figures["passes"] == {"pass/one": {"requests": 5, "failed": 0}, "pass/two": {"requests": 40, "failed": 0}}
+    assert (figures.starts, figures.restarts, figures.replicas) == (2, 0, 2)
+    assert figures.passes == {"pass/one": PassCounts(requests=5, failed=0), "pass/two": PassCounts(requests=40, failed=0)}
     assert set(first["attempts"].to_pylist()) == set(second["attempts"].to_pylist()) == {2}  # fail once, retried
     assert not [a for a in ray.util.list_named_actors() if a.startswith("anyclf-")]  # released
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_pass_is_rebuilt_and_its_call_retried(local_ray, tmp_path):
+    """One of two replicas is killed -9 while it holds a call: Ray rebuilds it, the call runs
+    again on the replacement, and every request is answered once, none lost."""
+    held = functools.partial(HeldEngine, functools.partial(FakeEngine, delay=0.05), tmp_path / "held",
+                             tmp_path / "answered")
+    placed = config.EngineSpec(device="cpu", replicas=2, cpus_per_replica=0.5, batch_size=4)
+    with pool.EnginePool(placed, SAMPLING, held) as engines, ThreadPoolExecutor(1) as background:
+        dataset = engines.answer(engines.requests_dataset(requests(40)), "pass", total=40)
+        running = background.submit(engines.run_pass, "pass", lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
+        killed = kill_held_replica(tmp_path / "held")
+        table = running.result(timeout=120)
+        figures = engines.figures()
+    assert figures.restarts == 1 and figures.starts == 2 + 1
+    assert figures.passes == {"pass": PassCounts(requests=40, failed=0)}
+    assert sorted(table["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(40))
+    assert table["ok"].to_pylist() == [True] * 40 and set(table["attempts"].to_pylist()) == {1}
+    # Every request answered by an engine once: the held call's on the replacement only.
+    lived, lost = answered_seeds(tmp_path / "answered", killed)
+    assert set(lived.values()) == {1} and not set(lived) & lost
+    assert set(lived) | lost == {engine.request_seed(SAMPLING.seed, f"r{i}", 0) for i in range(40)}
 
 
 @pytest.mark.slow
@@ -293,7 +374,7 @@ def test_a_pass_whose_first_answers_mostly_fail_stops_early(local_ray):
         with pytest.raises(pool.EarlyStop, match=r"^generate: stopped early: (\d+) of the first \1 requests failed "
                                                  r"\(most often: not valid JSON .* \(cut off at max_tokens\)\)$"):
             engines.run_pass("generate", dataset.materialize)
-        answered = engines.figures()["passes"]["generate"]["requests"]
+        answered = engines.figures().passes["generate"].requests
     assert 64 <= answered < 400  # stopped, not run to the end
 
 
@@ -308,9 +389,9 @@ def test_small_failing_passes_are_not_stopped(local_ray):
 @pytest.mark.slow
 def test_whole_run_on_a_fake_engine_counts_rows_and_starts(local_ray, tmp_path):
     spec = loading.parse(tiny_raw(tmp_path, "fake", dedup={"enabled": False}, train={"enabled": False}))
-    done = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_first=1))["generate"]
-    assert done["rows"] == {"expected": 96, "written": 96, "missing": 0}
-    assert done["engine"]["starts"] == 1 and set(done["engine"]["passes"]) == {
+    done = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_first=1))["generate"].report
+    assert done.rows == PlannedRows(expected=96, written=96, missing=0)
+    assert done.engine.starts == 1 and set(done.engine.passes) == {
         "tree/source_type", "tree/topic", "tree/subtopic", "generate"}
     location = RunLocation(spec.output, "fake")
     rows = read_parts(location)
@@ -332,21 +413,22 @@ def test_retry_failures_asks_again_for_the_failed_requests_only(local_ray, tmp_p
                                  train={"enabled": False}))
     first = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_on="French"))
     location = RunLocation(spec.output, "retry")
-    parts = location.list("data")
-    assert first["generate"]["status"] == "incomplete" and first["generate"]["rows"]["written"] == 48
-    assert first["generate"]["failures"]["requests"] == 32 and first["language_check"]["rows"]["input"] == 48
-    assert pipeline.run(spec, only="generate", engine_factory=FakeEngine)["generate"] == first["generate"]  # kept as is
+    first_parts = location.list("data")
+    generated = first["generate"]
+    assert generated.status == "incomplete" and generated.report.rows.written == 48
+    assert generated.report.failures.requests == 32 and first["language_check"].rows.input == 48
+    assert pipeline.run(spec, only="generate", engine_factory=FakeEngine)["generate"] == generated  # kept as is
 
     again = pipeline.run(spec, engine_factory=FakeEngine, retry_failures=True)
-    generated = again["generate"]
-    assert generated["engine"]["passes"] == {"generate": {"requests": 32, "failed": 0}}  # the failed ones, no more
-    assert generated["status"] == "complete" and generated["rows"]["written"] == 96
-    assert generated["failures"]["requests"] == 0 and generated["llm"]["requests"] == first["generate"]["llm"]["requests"] + 32
-    assert set(parts) < set(location.list("data"))  # the first parts stay as they were
+    retried = again["generate"]
+    assert retried.report.engine.passes == {"generate": PassCounts(requests=32, failed=0)}  # the failed ones, no more
+    assert retried.status == "complete" and retried.report.rows.written == 96
+    assert retried.report.failures.requests == 0 and retried.report.llm.requests == generated.report.llm.requests + 32
+    assert set(first_parts) < set(location.list("data"))  # the first parts stay as they were
     ids = read_parts(location)["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 96
-    assert again["language_check"]["rows"]["input"] == 96  # redone on the new input
-    assert again["language_check"]["input"]["finished_at"] == generated["finished_at"]
+    assert again["language_check"].rows.input == 96  # redone on the new input
+    assert again["language_check"].inputs == [retried.ref]
 
 
 @pytest.mark.slow
@@ -370,22 +452,22 @@ def test_one_failing_language_of_twelve_holds_up_none_of_the_others(local_ray, t
     spec = loading.parse(tiny_raw(tmp_path, "bulk", languages=BULK_LANGUAGES, tree_languages=tree_languages,
                                  language_check={"enabled": True}, dedup={"enabled": False}, train={"enabled": False}))
     found = pipeline.run(spec, engine_factory=functools.partial(FakeEngine, fail_on="Thai"))
-    generated = found["generate"]
+    generated = found["generate"].report
     # A per-language tree fails at Thai's source types (1 request); a shared tree at Thai's 32 generation requests.
     thai_failures = {"shared": 32, "per_language": 1}[tree_languages]
-    assert generated["languages"] == [
-        {"language": language, "expected": 48, "written": 0 if language == "th" else 48,
-         "missing": 48 if language == "th" else 0, "failed_requests": thai_failures if language == "th" else 0}
+    assert generated.languages == [
+        LanguageRows(language=language, expected=48, written=0 if language == "th" else 48,
+                     missing=48 if language == "th" else 0, failed_requests=thai_failures if language == "th" else 0)
         for language in BULK_LANGUAGES
     ]
-    assert generated["status"] == "incomplete" and generated["rows"]["written"] == 11 * 48
+    assert found["generate"].status == "incomplete" and generated.rows.written == 11 * 48
     location = RunLocation(spec.output, "bulk")
-    failures = pa.concat_tables([location.read_table(path) for path in generated["failures"]["files"]])
+    failures = pa.concat_tables([location.read_table(path) for path in generated.failures.files])
     assert set(failures["language"].to_pylist()) == {"th"} and sum(failures["rows_lost"].to_pylist()) == 48
     # The fake writes English, so the language check keeps English and removes the rest, counted per language.
-    checked = found["language_check"]
-    assert [(row["language"], row["input"]) for row in checked["languages"]] == [
+    checked = found["language_check"].report
+    assert [(row.language, row.input) for row in checked.languages] == [
         (language, 48) for language in sorted(BULK_LANGUAGES) if language != "th"]
-    shares = {row["language"]: row["removed_share"] for row in checked["languages"]}
+    shares = {row.language: row.removed_share for row in checked.languages}
     assert shares.pop("en") == 0.0 and set(shares.values()) == {1.0}
     assert "| th | 48 | 0 | " in location.read_bytes("README.md").decode()

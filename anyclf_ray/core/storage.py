@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from urllib.parse import urlparse
@@ -24,6 +25,9 @@ from anyclf_ray.core.config import OutputSpec
 from anyclf_ray.core.loading import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Where a run's files are staged before their rename into place (local disks).
+STAGING = "_tmp"
 
 
 def _credentials() -> tuple[str | None, str | None, str | None]:
@@ -75,9 +79,25 @@ FINAL = (*REFUSALS, "NoSuchKey", "NoSuchBucket", "does not exist")
 # blip): about two minutes in all, then the error stands.
 S3_BACKOFF = (1, 2, 4, 8, 15, 30, 30, 30)
 
+_retried = 0
+_retried_lock = threading.Lock()
+
+
+def retries() -> int:
+    """S3 calls this process has tried again so far (``retrying``); a stage reports the
+    difference over its run."""
+    return _retried
+
+
+def _count_retry() -> None:
+    global _retried
+    with _retried_lock:  # the driver retries from its progress thread too
+        _retried += 1
+
 
 def retrying(method):
-    """A ``RunLocation`` method whose S3 calls are tried again with backoff (``S3_BACKOFF``).
+    """A ``RunLocation`` method whose S3 calls are tried again with backoff (``S3_BACKOFF``),
+    each retry counted (``retries``).
 
     Safe because every write is atomic: a failed upload leaves no object, and its retry writes
     the whole file again."""
@@ -93,6 +113,7 @@ def retrying(method):
                     raise
                 log.warning("S3: %s failed (%s); trying again in %d s", method.__name__,
                             str(error).splitlines()[0], delay)
+                _count_retry()
                 time.sleep(delay)
 
     return call
@@ -148,9 +169,9 @@ class RunLocation:
             info = self.fs.get_file_info(self.bucket)
             if info.type == pafs.FileType.NotFound:
                 raise ConfigError(f"output.path: bucket {self.bucket!r} does not exist; create it or fix the path")
-            with self.fs.open_output_stream(self.path("_tmp/write-check")):  # not retried: fail fast
+            with self.fs.open_output_stream(self.path(f"{STAGING}/write-check")):  # not retried: fail fast
                 pass
-            self.fs.delete_file(self.path("_tmp/write-check"))
+            self.fs.delete_file(self.path(f"{STAGING}/write-check"))
         except OSError as error:
             text = str(error)
             if any(code in text for code in REFUSALS):
@@ -205,8 +226,8 @@ class RunLocation:
         if self.bucket:  # an S3 object is only visible once complete
             write(final)
             return
-        staging = self.path(f"_tmp/{uuid.uuid4().hex}-{relative.replace('/', '_')}")
-        self.fs.create_dir(self.path("_tmp"))
+        staging = self.path(f"{STAGING}/{uuid.uuid4().hex}-{relative.replace('/', '_')}")
+        self.fs.create_dir(self.path(STAGING))
         self.fs.create_dir(final.rsplit("/", 1)[0])
         write(staging)
         self.fs.move(staging, final)

@@ -25,7 +25,7 @@ from anyclf_ray.core.config import LABEL_SET_SEPARATOR, MAX_LABEL_SETS, JobSpec
 from anyclf_ray.core.loading import ConfigError
 
 # The tree's footer key holding the LLM's pair weights (``pair_prior.py``), when asked for.
-PRIOR_KEY = "anyclf_ray.pair_prior"
+PRIOR_KEY = "anyclf_ray.labels.pair_prior"
 
 
 class LabelSets:

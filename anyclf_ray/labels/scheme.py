@@ -284,6 +284,9 @@ class SingleLabel(LabelScheme):
         keep = samples > 0
         yield lang[keep], row[keep], row_label[row[keep]].astype(np.int32), samples[keep]
 
+    def check(self) -> None:
+        """Nothing to refuse: every label alone is a set."""
+
     def leaf_key(self, labels: list[str], tree_label: str) -> str:
         return tree_label  # the leaf ids of runs before label sets existed
 

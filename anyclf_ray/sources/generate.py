@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from anyclf_ray.core import cards, plots, results, runtime
+from anyclf_ray.core import cards, plots, results, runtime, storage
 from anyclf_ray.core.config import JobSpec
 from anyclf_ray.core.ids import STABLE_ID
 from anyclf_ray.core.loading import ConfigError
@@ -103,9 +103,10 @@ def requests_per_part(spec: JobSpec, tokens_per_second: float | None, replicas: 
 
 
 def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: EnginePool, found: dict[str, parts.Part],
-        tokens_per_second: float | None, retry_failures: bool = False) -> dict[str, parts.Part]:
+        tokens_per_second: float | None, retry_failures: bool = False) -> tuple[dict[str, parts.Part], int]:
     """Generate every example not already in a committed part (``found``) of this run (and,
-    with ``retry_failures``, the requests that failed in one); the parts this pass committed.
+    with ``retry_failures``, the requests that failed in one); the parts this pass committed,
+    and the S3 calls its write tasks tried again.
 
     The driver holds the leaves and the committed request ids; requests are rendered by Ray
     Data tasks, block by block, as the engines take them.
@@ -119,7 +120,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     pending = total - len(committed)
     log.info("generate: %d request(s) to run, %d already committed", pending, len(committed))
     if not pending:
-        return {}
+        return {}, 0
     per_part = requests_per_part(spec, tokens_per_second, pool.engine.replicas)
     log.info("generate: a part commits every %d request(s) (%d rows)", per_part,
              per_part * spec.sampling.examples_per_request)
@@ -140,7 +141,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
         progress.finish("failed")
         raise
     progress.finish("finished")
-    return sink.written
+    return sink.written, sink.s3_retries
 
 
 def user_tree(spec: JobSpec) -> pa.Table:
@@ -276,6 +277,7 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
             location.write_json("spec.json", {"schema_version": results.SCHEMA_VERSION,
                                               "fingerprint": spec.fingerprint(), "spec": spec.model_dump()})
         timings = {}
+        retried_here = storage.retries()
         started = time.perf_counter()
         tree_table = self._tree(ctx, given)
         timings["tree"] = time.perf_counter() - started
@@ -283,7 +285,9 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
         seconds = json.loads(tree_table.schema.metadata[USAGE_KEY.encode()])
         tokens_per_second = seconds["usage"]["tokens_out"] / seconds["seconds"] if seconds["seconds"] else None
         found = parts.committed(location)
-        found |= run(spec, tree_table, location, ctx.engines(), found, tokens_per_second, ctx.retry_failures)
+        written, retried_by_writes = run(spec, tree_table, location, ctx.engines(), found, tokens_per_second,
+                                         ctx.retry_failures)
+        found |= written
         timings["generate"] = time.perf_counter() - started
         summary = summarise(location, spec, tree_table, found)
         if summary["co_occurrence"] is not None:
@@ -297,7 +301,8 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
             prior = PriorSummary(file=pair_prior.FILE, weights=record["weights"], unanswered=record["unanswered"],
                                  usage=record["usage"])
         report = GenerationReport(sizes=spec.sizes(), versions=cards.versions(), plan=estimate.estimate(spec),
-                                  pair_prior=prior, engine=ctx.engine_figures(), **summary)
+                                  pair_prior=prior, engine=ctx.engine_figures(),
+                                  s3_retries=storage.retries() - retried_here + retried_by_writes, **summary)
         return Outcome(report=report, rows=Rows(output=report.rows.written), output=location.uri(),
                        shards=Shards(data=sorted(found)), timings=timings,
                        status="complete" if report.rows.missing == 0 else "incomplete")

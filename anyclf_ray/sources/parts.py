@@ -25,7 +25,7 @@ from pydantic import ConfigDict
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray.core import results
+from anyclf_ray.core import results, storage
 from anyclf_ray.core.ids import STABLE_ID, stable_id
 from anyclf_ray.core.results import Usage
 from anyclf_ray.core.storage import RunLocation
@@ -74,8 +74,9 @@ def failures_from(answered: pa.Table) -> pa.Table:
 
 
 class PartSink(Datasink):
-    """Writes LLM results as one committed part (failures, then data) per write task; the parts
-    written are ``written`` on the driver once the pass is done."""
+    """Writes LLM results as one committed part (failures, then data) per write task; once the
+    pass is done, ``written`` holds the parts written (on the driver) and ``s3_retries`` the S3
+    calls the write tasks tried again."""
 
     def __init__(self, location: RunLocation, folder: str, rows_of: Callable[[pa.Table], pa.Table],
                  requests_per_part: int):
@@ -83,6 +84,7 @@ class PartSink(Datasink):
         self.requests_per_part = requests_per_part
         self.pass_id = uuid.uuid4().hex
         self.written: dict[str, Part] = {}
+        self.s3_retries = 0
 
     @property
     def min_rows_per_write(self) -> int:
@@ -91,16 +93,20 @@ class PartSink(Datasink):
     def path(self, kind: str, name: str) -> str:
         return f"{self.folder}/{kind}/{name}" if self.folder else f"{kind}/{name}"
 
-    def write(self, blocks, ctx) -> dict[str, str]:
+    def write(self, blocks, ctx) -> tuple[dict[str, str], int]:
+        """Commit the blocks' results; the parts' footers by path, and the S3 calls this took
+        again (a write task's process runs one task at a time)."""
+        retried = storage.retries()
         # Ray Data hands over empty blocks without a schema too (a block of leaves all committed
         # before a resume): they hold nothing to write, and would not concatenate.
         tables = [table for table in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if table.num_rows]
         if not tables:
-            return {}
+            return {}, 0
         answered = pa.concat_tables(tables)
         # Ray may hand over more than a part's worth at once; cut so parts stay near the size asked.
-        return dict(self._write_part(answered.slice(start, self.requests_per_part))
-                    for start in range(0, answered.num_rows, self.requests_per_part))
+        footers = dict(self._write_part(answered.slice(start, self.requests_per_part))
+                       for start in range(0, answered.num_rows, self.requests_per_part))
+        return footers, storage.retries() - retried
 
     def _write_part(self, answered: pa.Table) -> tuple[str, str]:
         # Named by this pass and its requests: a write task Ray retries (its node lost) rewrites
@@ -116,9 +122,9 @@ class PartSink(Datasink):
         return self.path("data", name), footer  # the data file above is the commit point of this part
 
     def on_write_complete(self, write_result) -> None:
-        for found in write_result.write_returns:
-            for path, footer in found.items():
-                self.written[path] = read_part(footer)
+        for footers, retried in write_result.write_returns:
+            self.written |= {path: read_part(footer) for path, footer in footers.items()}
+            self.s3_retries += retried
 
 
 def read_part(footer: str) -> Part:

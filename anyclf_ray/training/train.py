@@ -9,8 +9,8 @@ multi-label run) under ``<run>/model/`` in SetFit's format with a model card;
 The rows stream through Ray Data; the driver holds the training sample only, never the run.
 
 1. **Split and sample.** Each row id hashes to a fixed draw in [0, 1): rows under ``test_size``
-   are held out, and of the rest a share is taken so that about ``max_rows`` rows (never more)
-   are trained on. Both are the same on every re-run and independent of shard order.
+   are held out, and of the rest the ``max_rows`` lowest draws (all of them when fewer) are
+   trained on. Both are the same on every re-run and independent of shard order.
 2. **Contrastive fine-tuning** (skipped when ``num_iterations`` is 0): ``num_workers`` Ray Train
    workers run DDP (gloo on CPU, NCCL on GPU). Each samples its own pairs, half same-label and
    half different-label (multi-label: half sharing a label of the anchor's, half lacking it),
@@ -103,14 +103,20 @@ def training_sample(rows: ray.data.Dataset, settings: TrainSpec, total: int) -> 
     """The rows to train on, gathered on the driver: every row past the held-out share while
     they number ``max_rows`` or fewer, else the ``max_rows`` lowest draws, sorted by id."""
     share = min(1.0, settings.max_rows / max(1.0, total * (1 - settings.test_size)))
-    # A little over the expected share, so the cut below rarely falls short of max_rows.
-    high = min(1.0, settings.test_size + (1 - settings.test_size) * min(1.0, share * 1.05))
-    chosen = rows.map_batches(drawn_between, fn_kwargs={"low": settings.test_size, "high": high},
-                              batch_format="pyarrow", batch_size=None)
-    tables = [table for table in ray.get(chosen.to_arrow_refs()) if table.num_rows]
+    while True:
+        # A little over the expected share, so one pass rarely falls short of max_rows; when it
+        # does, the rows are read again with twice the share.
+        high = min(1.0, settings.test_size + (1 - settings.test_size) * min(1.0, share * 1.05))
+        chosen = rows.map_batches(drawn_between, fn_kwargs={"low": settings.test_size, "high": high},
+                                  batch_format="pyarrow", batch_size=None)
+        tables = [table.replace_schema_metadata(None) for table in ray.get(chosen.to_arrow_refs())
+                  if table.num_rows]
+        if high == 1.0 or sum(table.num_rows for table in tables) >= settings.max_rows:
+            break
+        share *= 2
     if not tables:
         return pa.table({column: pa.array([], pa.string()) for column in ROW_COLUMNS})
-    gathered = pa.concat_tables([table.replace_schema_metadata(None) for table in tables])
+    gathered = pa.concat_tables(tables)
     return gathered.sort_by("draw").slice(0, settings.max_rows).drop_columns(["draw"]).sort_by("id")
 
 
@@ -197,9 +203,20 @@ def contrastive_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def scaling_config(settings: TrainSpec):
+    """The Ray Train workers: ``num_workers`` of ``cpus_per_worker`` CPUs, and a GPU each with
+    ``use_gpu`` (NCCL then, gloo on CPU)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+        resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
+    )
+
+
 def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np.ndarray, run_name: str):
     """Run the contrastive phase; the body as a Ray Train checkpoint, and the run's metrics."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     settings = spec.train
@@ -214,10 +231,7 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
             "steps_per_worker": steps, "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate, "max_seq_length": settings.max_seq_length,
         },
-        scaling_config=ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-            resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(settings),
         run_config=RunConfig(name=run_name, storage_path=location.path("train/ray"), storage_filesystem=location.fs),
     )
     result = trainer.fit()
