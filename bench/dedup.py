@@ -156,7 +156,8 @@ def bench_scaling(sizes: list[int], threshold: float, probes: int) -> None:
     if len(results) >= 2:
         logs = np.log([[r["rows"], r["seconds"]] for r in results])
         exponent = np.polyfit(logs[:, 0], logs[:, 1], 1)[0]
-        ends = math.log(results[-1]["seconds"] / results[0]["seconds"]) / math.log(results[-1]["rows"] / results[0]["rows"])
+        first, last = results[0], results[-1]
+        ends = math.log(last["seconds"] / first["seconds"]) / math.log(last["rows"] / first["rows"])
         print(f"    time exponent: {exponent:.3f} (least squares), {ends:.3f} (first to last); goal <= 1.15")
 
 

@@ -61,8 +61,8 @@ def main() -> None:
         spec = loading.parse(raw_spec(folder))
         english = english_texts()
         parts = -(-args.rows // args.per_part)
-        write_generated(spec, [(f"row-{i:09d}", "ab"[i % 2], "en", english[i % len(english)]) for i in range(args.rows)],
-                        parts=parts)
+        rows = [(f"row-{i:09d}", "ab"[i % 2], "en", english[i % len(english)]) for i in range(args.rows)]
+        write_generated(spec, rows, parts=parts)
         print(f"language check of {args.rows:,} rows in {parts:,} parts")
         for way in ("row_by_row", "whole input"):
             done = subprocess.run([sys.executable, "-c", CHILD, spec.model_dump_json(), way],

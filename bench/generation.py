@@ -121,7 +121,8 @@ def in_process(spec, requests: pa.Table, loop_prompts: int, threads: int) -> dic
 
 def steady(args) -> None:
     n_leaves = max(1, args.prompts // 2)  # 2 labels, one request per leaf
-    spec = spec_for(args, n_source_type=1, n_topic=1, n_subtopic=n_leaves, sample_per_subtopic=args.examples_per_request)
+    spec = spec_for(args, n_source_type=1, n_topic=1, n_subtopic=n_leaves,
+                    sample_per_subtopic=args.examples_per_request)
     requests = requests_for(spec)
     (half, full), threads = pooled(spec, requests)
     base = in_process(spec, requests, args.loop_prompts, threads)
@@ -129,9 +130,9 @@ def steady(args) -> None:
     marginal = (full["tokens"] - half["tokens"]) / (full["s"] - half["s"])
     print(f"model {args.model} ({args.dtype}), {requests.num_rows} prompts, batch {args.batch_size}, "
           f"max_tokens {args.max_tokens}, {threads} thread(s)")
-    print(f"  limit: LLM.chat, no schema, one seed {rate['limit']:8.1f} tok/s  ({base['limit_tokens']} tokens in {base['limit_s']:.1f} s)")
-    print(f"  plain: VLLMEngine.complete          {rate['plain']:8.1f} tok/s  ({base['plain_tokens']} tokens in {base['plain_s']:.1f} s)")
-    print(f"  one request at a time ({args.loop_prompts:>3})        {rate['loop']:8.1f} tok/s  ({base['loop_tokens']} tokens in {base['loop_s']:.1f} s)")
+    for side, title in (("limit", "limit: LLM.chat, no schema, one seed"), ("plain", "plain: VLLMEngine.complete"),
+                        ("loop", f"one request at a time ({args.loop_prompts:>3})")):
+        print(f"  {title:<36} {rate[side]:8.1f} tok/s  ({base[f'{side}_tokens']} tokens in {base[f'{side}_s']:.1f} s)")
     for run in (half, full):
         print(f"  pool pass, {run['prompts']:>4} prompts            {run['tokens'] / run['s']:8.1f} tok/s  "
               f"({run['tokens']} tokens in {run['s']:.1f} s; {run['parsed']} parsed)")
@@ -183,7 +184,8 @@ def end_to_end(args) -> None:
     for side, (seconds, found) in results.items():
         report = found.report
         print(f"  {side:16s} {seconds:7.1f} s  {report.rows.written} rows, {report.llm.tokens_out} tokens out, "
-              f"{report.llm.requests} requests, engine starts {4 if side == 'engine per pass' else report.engine.starts}"
+              f"{report.llm.requests} requests, "
+              f"engine starts {4 if side == 'engine per pass' else report.engine.starts}"
               f" ({report.engine.start_seconds:.1f} s starting in the last pool)")
     ratio = results["engine per pass"][0] / results["engine pool"][0]
     print(f"  engine pool speed-up end to end: {ratio:.2f}x  (goal >= 3x)")

@@ -153,7 +153,8 @@ def main() -> None:
           f"{results['train_rows']} trained on; {real.num_rows} real texts {dict(results['real_sets'])} labels each")
     print(f"   {'':<36} {'micro-F1':>9} {'macro-F1':>9} {'subset acc':>11}")
     for name, figures in {"synthetic-only model": results["synthetic_only"], **results["baselines"]}.items():
-        print(f"   {name:<36} {figures['micro_f1']:>9.3f} {figures['macro_f1']:>9.3f} {figures['subset_accuracy']:>11.3f}")
+        print(f"   {name:<36} {figures['micro_f1']:>9.3f} {figures['macro_f1']:>9.3f} "
+              f"{figures['subset_accuracy']:>11.3f}")
     print("   per label (F1, threshold): " + ", ".join(
         f"{label} {figures['f1']:.2f} @{figures['threshold']}" for label, figures in found["per_label"].items()))
     if args.judge:

@@ -168,7 +168,7 @@ def measure(name: str, args, seed: int) -> dict:
     spec = info["spec"]
     real_texts, real_labels = real_set(name, seed)
     reference = [i for label in sorted(set(real_labels))
-                 for i in [j for j, l in enumerate(real_labels) if l == label][:REFERENCE_PER_CLASS]]
+                 for i in [j for j, real in enumerate(real_labels) if real == label][:REFERENCE_PER_CLASS]]
     evaluated = [i for i in range(len(real_texts)) if i not in set(reference)][: args.eval_rows]
 
     body = SentenceTransformer(models.resolve_embedder("builtin:all-minilm-l6-v2"), device="cpu")
@@ -187,7 +187,8 @@ def measure(name: str, args, seed: int) -> dict:
     y = np.asarray([label_ids.index(label) for label in labels])
 
     valid = valid_mask(rows, spec)
-    kept_ids = set(dedup.decide(rows.filter(pa.array(valid)), lambda t: np.stack([by_text[x] for x in t]), spec)["kept"]["id"].to_pylist())
+    decided = dedup.decide(rows.filter(pa.array(valid)), lambda t: np.stack([by_text[x] for x in t]), spec)
+    kept_ids = set(decided["kept"]["id"].to_pylist())
     deduped = valid & np.asarray([i in kept_ids for i in rows["id"].to_pylist()])
     llm_ok = np.asarray([j is None or j == label for j, label in zip(rows["judged_label"].to_pylist(), labels)])
     index = np.flatnonzero(deduped)
@@ -250,8 +251,9 @@ def main() -> None:
               f"{', '.join(str(run['rows']['written']) for run in runs)} written, "
               f"evaluated on {runs[0]['evaluated_rows']} real rows")
         for run in runs:
-            print(f"   seed {run['seed']}: generated and judged in {run['llm_seconds']} s ({run['engine_starts']} engine "
-                  f"start); the llm judge disagreed with {run['judge']['failed']} rows' labels {run['judge']['failed_by_label']}")
+            print(f"   seed {run['seed']}: generated and judged in {run['llm_seconds']} s "
+                  f"({run['engine_starts']} engine start); the llm judge disagreed with "
+                  f"{run['judge']['failed']} rows' labels {run['judge']['failed_by_label']}")
         print(f"   {'variant':<42} {'rows':>9}  {'macro-F1: mean (range)':<24} {'points over plain':>17}")
         plain = [run["results"][0]["macro_f1"] for run in runs]
         for step, first in enumerate(runs[0]["results"]):
@@ -264,7 +266,8 @@ def main() -> None:
             left = f"; one label left in {len(found) - len(scored)} of {len(found)}" if len(scored) < len(found) else ""
             gains = [100 * (f1 - base) for f1, base in scored]
             over_plain = f"{min(gains):+.1f} to {max(gains):+.1f}" if step else ""
-            print(f"   {first['variant']:<42} {rows:>9}  {mean_and_range([f1 for f1, _ in scored]):<24} {over_plain:>17}{left}")
+            mean = mean_and_range([f1 for f1, _ in scored])
+            print(f"   {first['variant']:<42} {rows:>9}  {mean:<24} {over_plain:>17}{left}")
 
 
 if __name__ == "__main__":

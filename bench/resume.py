@@ -40,7 +40,8 @@ else:
     committed = np.array(sorted({rid for part in found for rid in part["request_ids"]}), STABLE_ID)
 print(len(committed), time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-BASELINE = "import resource; from anyclf_ray.sources import parts; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+BASELINE = ("import resource; from anyclf_ray.sources import parts; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
 
 
 def write_parts(folder: str, n_ids: int, per_part: int) -> None:

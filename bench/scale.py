@@ -42,8 +42,9 @@ spec = loading.parse({
 started = time.perf_counter()
 found = pipeline.run(spec)
 wall = time.perf_counter() - started
-print(json.dumps({"rows": rows, "wall": wall, **{name: found[name].model_dump(mode="json") for name in ("generate", "dedup", "train")},
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+stages = {name: found[name].model_dump(mode="json") for name in ("generate", "dedup", "train")}
+rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"rows": rows, "wall": wall, **stages, "rss_mib": rss_mib}))
 """
 
 

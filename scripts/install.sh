@@ -13,7 +13,7 @@ pip install -q -U pip 2>&1 | grep -v '^WARNING: Location' || true
 pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
 pip install -q --no-deps -r constraints/cpu.txt 2>&1 | grep -v '^WARNING: Location' || true
 pip install -q --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
-python -c "import vllm, ray, torch, datasets, pytest, setfit, sentence_transformers, sklearn, matplotlib" 2>/dev/null || {
+python -c "import vllm, ray, torch, datasets, pytest, setfit, sentence_transformers, sklearn, matplotlib, mypy" 2>/dev/null && ruff --version >/dev/null || {
     echo "install.sh: the environment in .venv does not import; see the pip output above" >&2
     exit 1
 }

@@ -89,8 +89,8 @@ def test_a_prompt_over_the_context_at_run_time_is_one_failed_request(tmp_path, l
     location = RunLocation(spec.output, "probe")
     failures = read_parts(location, "failures").to_pylist()
     # The first tree row's leaf only: 3 rows, asked 2 a request.
-    assert len(failures) == 2 and {(f["source_type_index"], f["topic_index"], f["subtopic_index"]) for f in failures} == {
-        (0, 0, 0)}
+    assert len(failures) == 2
+    assert {(f["source_type_index"], f["topic_index"], f["subtopic_index"]) for f in failures} == {(0, 0, 0)}
     assert all(f["attempts"] == 1 and "do not fit the model's context (model.max_model_len)" in f["error"]
                for f in failures)
     found = Generate(spec).read(location)
@@ -120,7 +120,8 @@ def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path,
     code = cli.main(["label-check", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
     assert code == cli.EXIT_INCOMPLETE
     out = capsys.readouterr().out
-    assert "label_check incomplete: flagged 0 of 20 rows (0 by llm), removed none; llm checked only 16 of 20 rows" in out
+    assert ("label_check incomplete: flagged 0 of 20 rows (0 by llm), removed none; "
+            "llm checked only 16 of 20 rows") in out
     found = label_check.LabelCheck(spec).read(RunLocation(spec.output, "silent"))
     assert found.status == "incomplete" and found.report.unchecked == [Unchecked(method="llm", checked=16, rows=20)]
     card = RunLocation(spec.output, "silent").read_bytes("README.md").decode()
@@ -136,4 +137,5 @@ def test_crossfit_that_cannot_fold_leaves_the_stage_incomplete(tmp_path, local_r
                            ("c", "pos", "en", "a lovely day")])
     found = pipeline.run(spec, only="label_check")["label_check"]
     assert found.status == "incomplete" and found.report.methods["crossfit"].checked == 0
-    assert found.rows.output == found.rows.input == 3  # unjudged rows are kept, and the stage says it could not judge them
+    # Unjudged rows are kept, and the stage says it could not judge them.
+    assert found.rows.output == found.rows.input == 3

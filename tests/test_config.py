@@ -49,33 +49,41 @@ def test_integer_label_ids_become_text(raw):
         (lambda r: {**r, "instruction": "  "}, "instruction: must not be blank"),
         (lambda r: {**r, "labels": []}, "labels: needs at least one label"),
         (lambda r: without(r, "labels"), "labels: is required"),
-        (lambda r: {**r, "labels": [{"id": "a", "desc": "x"}, {"id": "a", "desc": "y"}]}, "labels: duplicate label id 'a'"),
-        (lambda r: {**r, "labels": [{"id": "a", "desc": "x"}, {"id": "b", "desc": "x"}]}, "labels: duplicate label desc 'x'"),
+        (lambda r: {**r, "labels": [{"id": "a", "desc": "x"}, {"id": "a", "desc": "y"}]},
+         "labels: duplicate label id 'a'"),
+        (lambda r: {**r, "labels": [{"id": "a", "desc": "x"}, {"id": "b", "desc": "x"}]},
+         "labels: duplicate label desc 'x'"),
         (lambda r: {**r, "labels": [{"id": "a"}]}, "labels[0].desc: is required"),
         (lambda r: {**r, "n_topic": 0}, "n_topic: Input should be greater than 0"),
         (lambda r: {**r, "sample_per_subtopic": -2}, "sample_per_subtopic: Input should be greater than 0"),
         (lambda r: without(r, "n_subtopic"), "n_subtopic is missing; give n_record_to_generate or all of"),
         (lambda r: {**r, "n_record_to_generate": 100}, "n_record_to_generate and n_source_type are both set"),
-        (lambda r: {**r, "n_record_to_generat": 100}, "n_record_to_generat: unknown key; did you mean 'n_record_to_generate'?"),
+        (lambda r: {**r, "n_record_to_generat": 100},
+         "n_record_to_generat: unknown key; did you mean 'n_record_to_generate'?"),
         (lambda r: {**r, "engine": {"bach_size": 4}}, "engine.bach_size: unknown key; did you mean 'batch_size'?"),
         (lambda r: {**r, "labels": [{"id": "a", "desc": "x", "name": "y"}]}, "labels[0].name: unknown key"),
-        (lambda r: {**r, "model": {"name": "./no/such/model"}}, "model.name: model path './no/such/model' does not exist"),
+        (lambda r: {**r, "model": {"name": "./no/such/model"}},
+         "model.name: model path './no/such/model' does not exist"),
         (lambda r: {**r, "model": {"name": "builtin:gpt-9"}}, "model.name: unknown built-in model 'gpt-9'"),
         (lambda r: {**r, "output": {"path": "gs://bucket/x"}}, "output.path: unsupported scheme gs://"),
         (lambda r: {**r, "output": {"path": "s3://"}}, "output.path: s3:// needs a bucket"),
         (lambda r: {**r, "languages": ["en", "xx"]}, "languages: unknown language code 'xx'"),
         (lambda r: {**r, "languages": []}, "languages: needs at least one language code"),
         (lambda r: {**r, "run_id": "../escape"}, "run_id: must be letters, digits"),
-        (lambda r: {**r, "sampling": {"temperature": -1}}, "sampling.temperature: Input should be greater than or equal to 0"),
-        (lambda r: {**r, "engine": {"max_tokens": 64}}, "engine: max_tokens moved to sampling.max_tokens; write it under sampling:"),
+        (lambda r: {**r, "sampling": {"temperature": -1}},
+         "sampling.temperature: Input should be greater than or equal to 0"),
+        (lambda r: {**r, "engine": {"max_tokens": 64}},
+         "engine: max_tokens moved to sampling.max_tokens; write it under sampling:"),
         (lambda r: {**r, "sampling": {"max_tokens": 256, "examples_per_request": 5, "max_text_chars": 1200}},
          "sampling.max_tokens: 256 tokens cannot hold 5 texts of up to 1200 characters (about 2021 tokens); raise "
-         "max_tokens to 2021, lower examples_per_request or max_text_chars, or leave max_text_chars unset to derive it"),
+         "max_tokens to 2021, lower examples_per_request or max_text_chars, or leave max_text_chars unset to "
+         "derive it"),
         (lambda r: {**r, "sampling": {"max_tokens": 32, "examples_per_request": 5}},
          "sampling.max_tokens: 32 tokens leave 6 characters for each of 5 texts; raise max_tokens or lower "
          "examples_per_request"),
         (lambda r: {**r, "sampling": {"max_tokens": 4096}},
-         "sampling.max_tokens: 4096 leaves no room for the prompt in model.max_model_len 2048; lower it or raise max_model_len"),
+         "sampling.max_tokens: 4096 leaves no room for the prompt in model.max_model_len 2048; lower it or raise "
+         "max_model_len"),
     ],
 )
 def test_bad_input_names_field_and_fix(raw, change, expected):
@@ -136,8 +144,9 @@ def test_fingerprint_ignores_placement_but_not_content(raw):
 def test_fingerprints_come_from_the_fields_marked_deciding(raw):
     spec = loading.parse(raw)
     assert set(config.decisive(spec)) == {
-        "instruction", "instruction_by_language", "labels", "n_source_type", "n_topic", "n_subtopic", "sample_per_subtopic",
-        "n_record_to_generate", "languages", "tree_languages", "model", "sampling", "tree_path", "multi_label",
+        "instruction", "instruction_by_language", "labels", "n_source_type", "n_topic", "n_subtopic",
+        "sample_per_subtopic", "n_record_to_generate", "languages", "tree_languages", "model", "sampling", "tree_path",
+        "multi_label",
     }
     assert set(config.decisive(spec)["model"]) == {"name", "dtype", "max_model_len"}
     assert set(config.decisive(spec.dedup)) == {"model", "threshold", "conflicts", "partition_size", "probes", "seed"}
@@ -165,9 +174,11 @@ def test_later_stages_chain_their_own_fingerprints(raw):
     ("train", "message"),
     [
         ({"num_workrs": 2}, "train.num_workrs: unknown key; did you mean 'num_workers'?"),
-        ({"eval_set": {"path": "x.csv", "txt_column": "a"}}, "train.eval_set.txt_column: unknown key; did you mean 'text_column'?"),
+        ({"eval_set": {"path": "x.csv", "txt_column": "a"}},
+         "train.eval_set.txt_column: unknown key; did you mean 'text_column'?"),
         ({"test_size": 1}, "train.test_size: Input should be less than 1"),
-        ({"base_model": "builtin:nope"}, "train.base_model: unknown built-in model 'nope'; use one of builtin:all-minilm-l6-v2"),
+        ({"base_model": "builtin:nope"},
+         "train.base_model: unknown built-in model 'nope'; use one of builtin:all-minilm-l6-v2"),
     ],
 )
 def test_bad_train_settings_name_the_field(raw, train, message):
@@ -208,7 +219,8 @@ def test_run_refuses_a_bad_eval_set_before_any_engine_starts(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "early", train={"base_model": "builtin:all-minilm-l6-v2",
                                                       "eval_set": {"path": str(tmp_path / "missing.csv")}})
     assert cli.main(["run", "--config", str(write_spec(tmp_path / "spec.yaml", raw))]) == cli.EXIT_BAD_INPUT
-    assert capsys.readouterr().err.strip() == f"anyclf-ray: error: train.eval_set.path: {tmp_path / 'missing.csv'}: no such file or folder"
+    assert capsys.readouterr().err.strip() == (
+        f"anyclf-ray: error: train.eval_set.path: {tmp_path / 'missing.csv'}: no such file or folder")
     assert not ray.is_initialized() and not (tmp_path / "runs" / "early").exists()
 
 

@@ -113,7 +113,8 @@ def test_finished_dedup_is_reused_and_new_settings_redo_it(dropped):
     spec, location, manifest = dropped
     assert pipeline.run(spec, only="dedup")["dedup"].finished_at == manifest.finished_at
     kept_ids = lambda: set(read_parts(location, "dedup/data")["id"].to_pylist())  # noqa: E731
-    lenient = pipeline.run(spec.model_copy(update={"dedup": spec.dedup.model_copy(update={"conflicts": "keep"})}), only="dedup")["dedup"]
+    keep = spec.model_copy(update={"dedup": spec.dedup.model_copy(update={"conflicts": "keep"})})
+    lenient = pipeline.run(keep, only="dedup")["dedup"]
     assert lenient.report.conflicts == Conflicts(policy="keep", pairs=3, rows_removed=0)
     # Under "keep", each label keeps its own first copy: a06 (a07 is its near copy), b04, a09, b05.
     assert kept_ids() == KEPT_WHEN_DROPPING | {"a06", "a09", "b04", "b05"}

@@ -56,7 +56,8 @@ class FakeEngine:
             if failing or self.attempts[prompt.text] <= self.fail_first:
                 out.append(engine.Completion(f'[{{"{key}": "cut', "length", 7, prompt.max_tokens))
             else:
-                items = [{key: f"Item {i} of a fake answer, which the test engine wrote with seed {prompt.seed}"} for i in range(prompt.schema["minItems"])]
+                items = [{key: f"Item {i} of a fake answer, which the test engine wrote with seed {prompt.seed}"}
+                         for i in range(prompt.schema["minItems"])]
                 out.append(engine.Completion(json.dumps(items), "stop", 7, 3 * len(items)))
         return out
 
@@ -205,7 +206,8 @@ def test_refused_items_are_counted_and_only_the_missing_ones_asked_again():
     assert answered["items"] == [GOOD[0], GOOD[1], GOOD[2]]
     assert answered["rejected"] == ["json_syntax", "echo", "too_short", "repeated"]
     assert fake.schemas[0]["items"]["properties"]["text"]["pattern"] == items.text_pattern()
-    usage = engine.usage(engine.answer(ScriptedEngine(*[["x y"] * 3] * 3), engine.requests_table([ECHO_REQUEST]), SAMPLING))
+    short = ScriptedEngine(*[["x y"] * 3] * 3)
+    usage = engine.usage(engine.answer(short, engine.requests_table([ECHO_REQUEST]), SAMPLING))
     assert usage.failed == 1 and usage.refused["too_short"] == 9
 
 
@@ -245,7 +247,8 @@ def test_flag_answers_are_one_boolean_per_flag_in_order():
     fake = RawEngine('{"sport": true, "rain": false}')
     answered = engine.answer(fake, engine.requests_table([FLAGS_REQUEST]), SAMPLING).to_pylist()[0]
     assert answered["ok"] and answered["items"] == ["false", "true"] and answered["attempts"] == 1
-    assert fake.schemas[0] == {"type": "object", "properties": {"rain": {"type": "boolean"}, "sport": {"type": "boolean"}},
+    assert fake.schemas[0] == {"type": "object",
+                               "properties": {"rain": {"type": "boolean"}, "sport": {"type": "boolean"}},
                                "required": ["rain", "sport"], "additionalProperties": False}
 
 
@@ -272,7 +275,8 @@ def test_words_are_counted_in_scripts_without_spaces(text, words):
 @pytest.mark.parametrize(
     ("one", "other"),
     [("Great  movie,\nloved it!", "great movie, LOVED it!"), ("ＡＢＣ　１２３ is fine", "abc 123 is fine"),
-     ("这部 电影 很好看", "这部电影很好看"), ("這部電影，很好看", "這部電影,很好看"), ("この映画は 最高", "この映画は最高"),
+     ("这部 电影 很好看", "这部电影很好看"), ("這部電影，很好看", "這部電影,很好看"),
+     ("この映画は 最高", "この映画は最高"),
      ("ภาพยนตร์ เรื่องนี้", "ภาพยนตร์เรื่องนี้"), ("ΟΔΟΣ", "οδος"), ("Straße", "STRASSE"), ("정말 재미있는", "정말 재미있는")],
 )
 def test_texts_that_differ_only_in_form_normalise_alike(one, other):
@@ -339,7 +343,8 @@ def test_one_pool_serves_every_pass_with_one_start_per_replica(local_ray):
     assert first["ok"].to_pylist() == [True] * 5 and second["ok"].to_pylist() == [True] * 40
     assert sorted(second["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(40))
     assert (figures.starts, figures.restarts, figures.replicas) == (2, 0, 2)
-    assert figures.passes == {"pass/one": PassCounts(requests=5, failed=0), "pass/two": PassCounts(requests=40, failed=0)}
+    assert figures.passes == {"pass/one": PassCounts(requests=5, failed=0),
+                              "pass/two": PassCounts(requests=40, failed=0)}
     assert set(first["attempts"].to_pylist()) == set(second["attempts"].to_pylist()) == {2}  # fail once, retried
     assert not [a for a in ray.util.list_named_actors() if a.startswith("anyclf-")]  # released
 
@@ -353,7 +358,8 @@ def test_a_replica_killed_mid_pass_is_rebuilt_and_its_call_retried(local_ray, tm
     placed = config.EngineSpec(device="cpu", replicas=2, cpus_per_replica=0.5, batch_size=4)
     with pool.EnginePool(placed, SAMPLING, held) as engines, ThreadPoolExecutor(1) as background:
         dataset = engines.answer(engines.requests_dataset(requests(40)), "pass", total=40)
-        running = background.submit(engines.run_pass, "pass", lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
+        running = background.submit(engines.run_pass, "pass",
+                                    lambda: pa.concat_tables(ray.get(dataset.to_arrow_refs())))
         killed = kill_held_replica(tmp_path / "held")
         table = running.result(timeout=120)
         figures = engines.figures()

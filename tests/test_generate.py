@@ -322,7 +322,8 @@ def test_bad_tree_path_fails_before_any_work(tmp_path):
 
 def test_replicas_beyond_the_cluster_are_refused(local_ray, tmp_path):
     spec = loading.parse(tiny_raw(tmp_path, "too-big", engine={"replicas": 5}))
-    with pytest.raises(loading.ConfigError, match=r"engine.replicas: 5 replica\(s\) need 5 CPU\(s\) but the cluster has 2"):
+    with pytest.raises(loading.ConfigError,
+                       match=r"engine.replicas: 5 replica\(s\) need 5 CPU\(s\) but the cluster has 2"):
         pipeline.run(spec, only="generate")["generate"]
     pinned = loading.parse(tiny_raw(tmp_path, "pinned", engine={"resources": {"engine_node": 1}}))
     with pytest.raises(loading.ConfigError, match=r"^engine.resources: 1 replica\(s\) need 1 engine_node\(s\) but "
@@ -346,7 +347,8 @@ def test_a_run_whose_first_answers_mostly_fail_stops_early(first_run, tmp_path, 
     assert code == cli.EXIT_STOPPED
     err = capsys.readouterr().err.strip()
     # The verdict comes with the first batch (a part: 12 requests) past the first 64 answers.
-    assert re.match(r"anyclf-ray: error: generate: stopped early: (72) of the first \1 requests failed \(most often: ", err)
+    assert re.match(r"anyclf-ray: error: generate: stopped early: (72) of the first \1 requests failed "
+                    r"\(most often: ", err)
     assert err.endswith("(cut off at max_tokens)); committed parts are kept, fix the spec and re-run to resume")
     doomed = RunLocation(loading.parse(raw).output, "doomed")
     assert not doomed.exists("manifest.json")  # not presented as complete

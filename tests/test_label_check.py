@@ -116,7 +116,7 @@ def test_removed_rows_name_the_first_method_that_failed_them(checked):
 @pytest.mark.slow
 def test_similarity_fails_exactly_the_rows_nearer_another_description(checked):
     _, location, found = checked
-    rows = read_parts(location, "label_check/removed").to_pylist() + read_parts(location, "label_check/data").to_pylist()
+    rows = [row for folder in ("removed", "data") for row in read_parts(location, f"label_check/{folder}").to_pylist()]
     nearer_other = sorted(r["id"] for r in rows if r["nearest_label"] != r["label"])
     assert found.report.methods["similarity"].failed == len(nearer_other)
     assert sorted(r["id"] for r in rows if "similarity" in r["label_check_failed"]) == nearer_other
@@ -329,4 +329,5 @@ def test_label_check_command_on_a_spec_that_turns_it_off(tmp_path, capsys):
     path = write_spec(tmp_path / "spec.yaml", tiny_raw(tmp_path, "off"))
     assert cli.main(["label-check", "--config", str(path)]) == cli.EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip() == (
-        "anyclf-ray: error: label_check.enabled: the label_check stage is off in this spec; set label_check.enabled: true")
+        "anyclf-ray: error: label_check.enabled: the label_check stage is off in this spec; "
+        "set label_check.enabled: true")

@@ -60,7 +60,8 @@ def test_rows_per_set_are_exact_with_floors_weights_and_a_none_share(tmp_path):
     #   the 3 left to the largest remainders (the first three); 52 gives 6.5 x 4 and 26, so the 2
     #   left to the first two. Then + 3 each.
     per_language = [
-        {"": 15, "l0": 17, "l1": 17, "l2": 17, "l3": 17, "l0|l2": 10, "l0|l3": 10, "l1|l2": 10, "l1|l3": 9, "l2|l3": 29},
+        {"": 15, "l0": 17, "l1": 17, "l2": 17, "l3": 17,
+         "l0|l2": 10, "l0|l3": 10, "l1|l2": 10, "l1|l3": 9, "l2|l3": 29},
         {"": 15, "l0": 17, "l1": 17, "l2": 17, "l3": 17, "l0|l2": 10, "l0|l3": 10, "l1|l2": 9, "l1|l3": 9, "l2|l3": 29},
     ]
     assert set_rows(spec) == collections.Counter(per_language[0]) + collections.Counter(per_language[1])
@@ -86,7 +87,8 @@ def test_leaves_and_requests_cover_every_sample_once_with_stable_ids(tmp_path):
     ids = {plan.example_id(r["leaf_id"], r["first_sample"] + k)
            for r in requests.to_pylist() for k in range(r["n_items"])}
     assert len(ids) == 301
-    assert requests["request_id"].to_pylist() == plan.generation_requests(spec, filled_tree(spec))["request_id"].to_pylist()
+    planned = plan.generation_requests(spec, filled_tree(spec))
+    assert requests["request_id"].to_pylist() == planned["request_id"].to_pylist()
     # A set's leaves are its members' (any label's for none), and its prompt names its labels.
     for request in requests.to_pylist():
         assert request["label"] in request["labels"] or not request["labels"]
@@ -136,7 +138,8 @@ def test_a_million_row_plan_counts_every_label_set(tmp_path):
     # A set's rows are cut in requests of 2 (their leaves merge, never splitting a request).
     per_request = spec.sampling.examples_per_request
     assert per_request == 2
-    assert found["requests"]["generate"] == sum(-(-n // per_request) for n in [*singles, *pairs.values(), *triples.values()])
+    sets = [*singles, *pairs.values(), *triples.values()]
+    assert found["requests"]["generate"] == sum(-(-n // per_request) for n in sets)
 
 
 def test_single_label_specs_keep_their_fingerprint(tmp_path):

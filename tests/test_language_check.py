@@ -94,7 +94,8 @@ def test_a_language_outside_the_run_is_named_when_the_detector_also_weighs_it():
 
 def test_an_extra_language_the_detector_does_not_know_fails_before_any_work(tmp_path):
     spec = spec_for(tmp_path, "extra", also_detect=["es", "tlh"])
-    with pytest.raises(loading.ConfigError, match=r"^language_check.also_detect: the language check cannot detect 'tlh'"):
+    with pytest.raises(loading.ConfigError,
+                       match=r"^language_check.also_detect: the language check cannot detect 'tlh'"):
         pipeline.run(spec, only="language_check")
 
 

@@ -112,7 +112,8 @@ def test_rows_carry_label_sets_with_exact_counts_and_planned_ids(multi_run):
     assert "pair_prior" in generated.engine.passes and generated.engine.starts == 1
     names = {label.id: label.desc for label in spec.labels}
     for row in rows.select(["labels", "label_names", "label_set"]).to_pylist():
-        assert row["label_names"] == [names[label] for label in row["labels"]] and row["label_set"] == "|".join(row["labels"])
+        assert row["label_names"] == [names[label] for label in row["labels"]]
+        assert row["label_set"] == "|".join(row["labels"])
     counts = generated.counts
     assert {row["label_set"]: row["rows"] for row in counts.by_label_set} == dict(written)
     assert sum(row["rows"] for row in counts.by_set_size) == ROWS
@@ -147,7 +148,8 @@ def test_dedup_runs_on_label_sets_and_datasets_reads_both_configs(multi_run):
     deduplicated = found["dedup"]
     assert deduplicated.inputs == [found["label_check"].ref]
     assert deduplicated.rows == Rows(input=ROWS, output=kept.num_rows)
-    assert {row["label_set"] for row in deduplicated.report.kept_by_label} <= set(read_parts(location)["label_set"].to_pylist())
+    written_sets = set(read_parts(location)["label_set"].to_pylist())
+    assert {row["label_set"] for row in deduplicated.report.kept_by_label} <= written_sets
     loaded = datasets.load_dataset(location.path(""), split="train")
     assert loaded.num_rows == ROWS and loaded.features["labels"].feature.dtype == "string"
     assert datasets.load_dataset(location.path(""), "deduplicated", split="train").num_rows == kept.num_rows

@@ -81,12 +81,14 @@ def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, loc
     assert {"runs/s3-label-sets/label_prior.json", "runs/s3-label-sets/co_occurrence.png"} <= stored
     location = RunLocation(spec.output, "s3-label-sets")
     rows = read_parts(location)
-    assert rows.num_rows == manifest.report.rows.written and set(rows["label_set"].to_pylist()) <= {"neg", "pos", "neg|pos"}
+    assert rows.num_rows == manifest.report.rows.written
+    assert set(rows["label_set"].to_pylist()) <= {"neg", "pos", "neg|pos"}
     assert location.read_json("label_prior.json")["weights"] == manifest.report.pair_prior.weights
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     loaded = datasets.load_dataset(
         "parquet", data_files=location.uri("data/*.parquet"), storage_options=location.storage_options(), split="train")
-    assert sorted(zip(loaded["id"], loaded["labels"])) == sorted(zip(rows["id"].to_pylist(), rows["labels"].to_pylist()))
+    written = zip(rows["id"].to_pylist(), rows["labels"].to_pylist())
+    assert sorted(zip(loaded["id"], loaded["labels"])) == sorted(written)
 
 
 def test_an_s3_outage_mid_generation_is_ridden_out(s3_server, s3_credentials, local_ray):

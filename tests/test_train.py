@@ -185,14 +185,17 @@ def test_a_missing_text_gets_a_null_prediction_never_one_for_none(trained, tmp_p
     _, location, _ = trained
     source = tmp_path / f"input.{fmt}"
     if fmt == "parquet":
-        pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["I loved this movie", None, "What a terrible meal"]}), source)
+        texts = ["I loved this movie", None, "What a terrible meal"]
+        pq.write_table(pa.table({"id": ["a", "b", "c"], "text": texts}), source)
     elif fmt == "jsonl":
-        source.write_text('{"id": "a", "text": "I loved this movie"}\n{"id": "b"}\n{"id": "c", "text": "What a terrible meal"}\n')
+        source.write_text('{"id": "a", "text": "I loved this movie"}\n{"id": "b"}\n'
+                          '{"id": "c", "text": "What a terrible meal"}\n')
     else:  # the text column of numbers would be read as integers: it stays text
         source.write_text("id,text\na,I loved this movie\nb,NA\nc,What a terrible meal\nd,\ne,12345\n")
     found, summary, out = predict_cli(location, source, tmp_path / "out", capsys)
     rows = {row["id"]: row for row in found.to_pylist()}
-    assert rows["b"]["text"] is None and (rows["b"]["prediction"], rows["b"]["score"], rows["b"]["scores"]) == (None,) * 3
+    absent = rows["b"]
+    assert absent["text"] is None and (absent["prediction"], absent["score"], absent["scores"]) == (None,) * 3
     assert (rows["a"]["prediction"], rows["c"]["prediction"]) == ("pos", "neg")
     missing = 2 if fmt == "csv" else 1
     assert summary["rows"] == len(rows) and summary["null_text"] == missing
@@ -255,7 +258,8 @@ def with_rows(tmp_path, run_id: str, rows: list[tuple], **train_fields) -> dict:
     [
         ({"label_map": {"good": "pos"}},
          "train.eval_set.label_map: value 'bad' of 'kind' maps to no job label; map it to one of ['neg', 'pos']"),
-        ({"text_column": "text"}, "train.eval_set.text_column: {path} has no column 'text'; it has ['review', 'kind', 'lang']"),
+        ({"text_column": "text"},
+         "train.eval_set.text_column: {path} has no column 'text'; it has ['review', 'kind', 'lang']"),
     ],
 )
 def test_eval_set_that_does_not_fit_is_refused(tmp_path, capsys, eval_csv, eval_set, message):
@@ -322,7 +326,8 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
     raw = train_raw(tmp_path / "runs", "sms", num_iterations=5, batch_size=16, max_seq_length=64, test_size=0.0,
                     eval_set={"path": str(rest), "label_column": "spam", "label_map": {"0": "ham", "1": "spam"}})
     raw["instruction"] = "classify an SMS as spam or not"
-    raw["labels"] = [{"id": "ham", "desc": "a normal personal message"}, {"id": "spam", "desc": "unsolicited advertising"}]
+    raw["labels"] = [{"id": "ham", "desc": "a normal personal message"},
+                     {"id": "spam", "desc": "unsolicited advertising"}]
     write_generated(loading.parse(raw), labelled)
     manifest = pipeline.run(loading.parse(raw), only="train")["train"]
     real = manifest.report.metrics["eval_set"]

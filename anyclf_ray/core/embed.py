@@ -10,6 +10,7 @@ to it by Ray Data.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -117,7 +118,7 @@ def write_embeddings(location: RunLocation, folder: str, table: pa.Table, rows_p
                          shards=location.write_shards(folder, table, rows_per_shard))
 
 
-def kept_embeddings(location: RunLocation, finished: list[StageResult], model: str,
+def kept_embeddings(location: RunLocation, finished: Sequence[StageResult], model: str,
                     ids: list[str]) -> np.ndarray | None:
     """Embeddings of ``ids`` by ``model`` that a finished stage kept, or None when no stage kept
     them all."""

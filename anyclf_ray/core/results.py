@@ -296,7 +296,6 @@ class TrainData(Model):
 
 class TrainReport(Model):
     data: TrainData
-    model: str
     files: list[str]
     figures: dict[str, Any]
     metrics: dict[str, Any]

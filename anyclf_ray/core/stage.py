@@ -32,9 +32,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import pyarrow as pa
+from pydantic import BaseModel
 
 from anyclf_ray.core import results
-from anyclf_ray.core.config import JobSpec, StageSpec, decisive, digest
+from anyclf_ray.core.config import JobSpec, decisive, digest
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.results import (
     CountTable,
@@ -51,6 +52,7 @@ from anyclf_ray.core.results import (
 from anyclf_ray.core.storage import STAGING, RunLocation
 
 R = TypeVar("R", bound=results.Model)
+F = TypeVar("F", bound=FilterReport)
 Checked = TypeVar("Checked")
 
 
@@ -163,7 +165,8 @@ class Stage(Generic[R, Checked]):
         return getattr(spec, cls.section).enabled
 
     @property
-    def settings(self) -> StageSpec:
+    def settings(self) -> BaseModel:
+        """The spec's part that decides this stage's output (its section; a source: the whole spec)."""
         return getattr(self.spec, self.section)
 
     @property
@@ -289,7 +292,7 @@ class Decision:
     incomplete: bool = False
 
 
-class FilterStage(Stage[R, Checked]):
+class FilterStage(Stage[F, Checked]):
     """A stage that keeps or removes rows of its input; subclasses define ``decide`` and ``reasons``."""
 
     # A filter whose verdict on a row depends on that row alone: the base hands ``decide`` one
@@ -332,7 +335,7 @@ class FilterStage(Stage[R, Checked]):
         ``rows`` read in all and the summed ``timings``: by default the totals themselves."""
         return totals
 
-    def execute(self, ctx: Context, upstream: Input | None, checked: Checked) -> Outcome[R]:
+    def execute(self, ctx: Context, upstream: Input | None, checked: Checked) -> Outcome[F]:
         assert upstream is not None
         location, per_shard, label = ctx.location, self.spec.output.rows_per_shard, self.spec.label_column
         shards = self.input_shards(location, upstream)
@@ -387,7 +390,7 @@ class FilterStage(Stage[R, Checked]):
                        output=location.uri(self.folder), shards=Shards(**written), embeddings=decision.embeddings,
                        timings=dict(timings), status="incomplete" if incomplete else "complete")
 
-    def describe(self, result: StageResult[R]) -> str:
+    def describe(self, result: StageResult[F]) -> str:
         removed = ", ".join(f"{n} {reason}" for reason, n in result.report.removed.by_reason.items())
         return (f"{self.name} {result.status}: kept {result.rows.output} of {result.rows.input} rows at "
                 f"{result.output} (removed {removed})")

@@ -8,6 +8,7 @@ crash never leaves a half-written file under its final name.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import logging
@@ -32,7 +33,8 @@ STAGING = "_tmp"
 
 def _credentials() -> tuple[str | None, str | None, str | None]:
     """Access key, secret key and session token from the ``AWS_*`` variables."""
-    return tuple(os.environ.get(f"AWS_{name}") for name in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SESSION_TOKEN"))
+    get = os.environ.get
+    return get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"), get("AWS_SESSION_TOKEN")
 
 
 def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
@@ -126,6 +128,7 @@ class RunLocation:
     def __init__(self, output: OutputSpec, run_id: str):
         self.output = output
         self.run_id = run_id
+        self.bucket: str | None
         if output.is_s3:
             parsed = urlparse(output.path)
             self.bucket = parsed.netloc
@@ -180,7 +183,8 @@ class RunLocation:
                     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to a key that may write there"
                 ) from None
             endpoint = self.output.endpoint_url or "AWS S3"
-            raise ConfigError(f"output.path: cannot reach {endpoint} ({text.splitlines()[0]}); check output.endpoint_url") from None
+            raise ConfigError(f"output.path: cannot reach {endpoint} ({text.splitlines()[0]}); "
+                              "check output.endpoint_url") from None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -204,7 +208,7 @@ class RunLocation:
         return json.loads(self.read_bytes(relative))
 
     @retrying
-    def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, relative: str, columns: builtins.list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(relative), columns=columns, filesystem=self.fs)
 
     @retrying
@@ -245,7 +249,7 @@ class RunLocation:
     def write_table(self, relative: str, table: pa.Table) -> None:
         self._atomic(relative, lambda path: pq.write_table(table, path, filesystem=self.fs))
 
-    def write_shards(self, folder: str, table: pa.Table, rows_per_shard: int, first: int = 0) -> list[str]:
+    def write_shards(self, folder: str, table: pa.Table, rows_per_shard: int, first: int = 0) -> builtins.list[str]:
         """``table`` as ``folder/part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows,
         numbered from ``first``."""
         paths = []

@@ -57,7 +57,7 @@ class EarlyStop(RuntimeError):
 class Monitor:
     """Counts engine starts and each pass's answers; judges early stops."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.starts: list[dict] = []
         self.passes: dict[str, dict] = {}
 
@@ -136,7 +136,7 @@ class PoolClient:
         ok = answered["ok"].to_pylist()
         errors = [e for e, good in zip(answered["error"].to_pylist(), ok) if not good]
         items = sum(len(found) for found, good in zip(answered["items"].to_pylist(), ok) if good)
-        verdict = self.monitor.answered.remote(self.name, sum(ok), errors, items, self.total)
+        verdict: ray.ObjectRef = self.monitor.answered.remote(self.name, sum(ok), errors, items, self.total)
         reason = cast("str | None", ray.get(verdict))
         if reason:
             raise EarlyStop(f"{self.name}: stopped early: {reason}")

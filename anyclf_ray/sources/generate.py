@@ -80,11 +80,11 @@ def examples_from(answered: pa.Table, model_name: str, labels: LabelScheme) -> p
                      for field in labels.row_schema], schema=labels.row_schema)
 
 
-def pending_requests(leaves: pa.Table, spec: JobSpec, committed: list) -> pa.Table:
+def pending_requests(leaves: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa.Table:
     """Ray Data map: the generation requests of a block of leaves, less the committed ones
-    (``committed``: one object ref to their sorted ids, fetched zero-copy where the task runs)."""
+    (``committed``: an object ref to their sorted ids, fetched zero-copy where the task runs)."""
     requests = plan.render_requests(spec, leaves)
-    done = ray.get(committed[0])
+    done = ray.get(committed)
     ids = np.array(requests.column("request_id").to_pylist(), dtype=STABLE_ID)
     return requests.filter(pa.array(~np.isin(ids, done, assume_unique=True)))
 
@@ -126,7 +126,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
              per_part * spec.sampling.examples_per_request)
     leaves_per_block = max(1, leaves.num_rows * per_part // total)
     requests = runtime.blocks_dataset(leaves, leaves_per_block, pool.engine.replicas).map_batches(
-        pending_requests, fn_kwargs={"spec": spec, "committed": [ray.put(committed)]},
+        functools.partial(pending_requests, spec=spec, committed=ray.put(committed)),
         batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
     )
     answers = pool.answer(requests, "generate", batch_size=per_part, total=pending)
@@ -257,8 +257,9 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
         if prior is not None:
             location.write_json(pair_prior.FILE, prior)
         weights = prior["weights"] if prior else {}
+        failures: list[dict] = []
         if given is not None:
-            table, failures, usage, seconds = given, [], Usage(), 0.0
+            table, usage, seconds = given, Usage(), 0.0
         else:
             started = time.perf_counter()
             table, failures, usage = tree.expand(self.spec, ctx.engines(), weights)

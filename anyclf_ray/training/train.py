@@ -30,6 +30,7 @@ The rows stream through Ray Data; the driver holds the training sample only, nev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import resource
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +96,7 @@ def input_rows(location: RunLocation, shards: list[str], label_column: str,
     paths = [location.path(shard) for shard in shards]
     dataset = ray.data.read_parquet(paths, filesystem=location.fs, columns=["id", "text", label_column, "language"],
                                     override_num_blocks=max(blocks, len(paths)))
-    rows = dataset.map_batches(with_draws, fn_kwargs={"label_column": label_column}, batch_format="pyarrow",
+    rows = dataset.map_batches(functools.partial(with_draws, label_column=label_column), batch_format="pyarrow",
                                batch_size=None)
     return rows, dataset.count()
 
@@ -107,7 +109,7 @@ def training_sample(rows: ray.data.Dataset, settings: TrainSpec, total: int) -> 
         # A little over the expected share, so one pass rarely falls short of max_rows; when it
         # does, the rows are read again with twice the share.
         high = min(1.0, settings.test_size + (1 - settings.test_size) * min(1.0, share * 1.05))
-        chosen = rows.map_batches(drawn_between, fn_kwargs={"low": settings.test_size, "high": high},
+        chosen = rows.map_batches(functools.partial(drawn_between, low=settings.test_size, high=high),
                                   batch_format="pyarrow", batch_size=None)
         tables = [table.replace_schema_metadata(None) for table in ray.get(chosen.to_arrow_refs())
                   if table.num_rows]
@@ -172,7 +174,7 @@ def contrastive_loop(config: dict) -> None:
     body.max_seq_length = config["max_seq_length"]
     # Data parallel with one gradient all-reduce per step (gloo on CPU, NCCL on GPU). Not DDP's
     # wrapper: sentence-transformers' forward trips its "parameter marked ready twice" check.
-    body = ray.train.torch.prepare_model(body, parallel_strategy=None)
+    ray.train.torch.prepare_model(body, parallel_strategy=None)  # moved to the worker's device, in place
     parameters = [p for p in body.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config["learning_rate"])
     texts, labels, sampler_of = ray.get(config["rows"])
@@ -235,7 +237,7 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
         run_config=RunConfig(name=run_name, storage_path=location.path("train/ray"), storage_filesystem=location.fs),
     )
     result = trainer.fit()
-    return result.checkpoint, {**result.metrics, "pairs": pairs, "steps_per_worker": steps}
+    return result.checkpoint, {**(result.metrics or {}), "pairs": pairs, "steps_per_worker": steps}
 
 
 def _loadable(reference: str) -> str:
@@ -244,7 +246,7 @@ def _loadable(reference: str) -> str:
     return models.resolve_embedder(reference)
 
 
-def reusable_embeddings(location: RunLocation, finished: list[StageResult], settings: TrainSpec,
+def reusable_embeddings(location: RunLocation, finished: Sequence[StageResult], settings: TrainSpec,
                         ids: list[str]) -> np.ndarray | None:
     """Embeddings of ``ids`` a finished stage kept, when they are what the head would compute
     anyway: the body is not fine-tuned and is the model that stage embedded with."""
@@ -252,7 +254,7 @@ def reusable_embeddings(location: RunLocation, finished: list[StageResult], sett
 
 
 def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: str,
-        finished: list[StageResult] = ()) -> dict:
+        finished: Sequence[StageResult] = ()) -> dict:
     """Fine-tune, embed and fit the head (ConfigError first if a label is short of rows).
     Returns the SetFit model, its body's reference (a checkpoint once fine-tuned) and training
     figures."""
@@ -288,7 +290,7 @@ def fit(location: RunLocation, spec: JobSpec, train_rows: pa.Table, run_name: st
 
 def held_out_splits(rows: ray.data.Dataset, splits: dict[str, tuple[float, float]]) -> dict[str, ray.data.Dataset]:
     """The held-out rows by use (``LabelScheme.splits``: its draws' [low, high) by split)."""
-    return {name: rows.map_batches(drawn_between, fn_kwargs={"low": low, "high": high}, batch_format="pyarrow",
+    return {name: rows.map_batches(functools.partial(drawn_between, low=low, high=high), batch_format="pyarrow",
                                    batch_size=None) for name, (low, high) in splits.items()}
 
 
@@ -348,7 +350,8 @@ def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None)
         model.save_pretrained(folder)
         (Path(folder) / "README.md").write_text(card)
         if thresholds is not None:
-            (Path(folder) / THRESHOLDS_FILE).write_text(json.dumps(dict(zip(model.labels, thresholds.tolist())), indent=2))
+            by_label = dict(zip(model.labels, thresholds.tolist()))
+            (Path(folder) / THRESHOLDS_FILE).write_text(json.dumps(by_label, indent=2))
         files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
         for path in files:
             location.write_bytes(f"{MODEL_FOLDER}/{path.relative_to(folder)}", path.read_bytes())
@@ -407,8 +410,9 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
         report = TrainReport(
             data=TrainData(source=upstream.stage, train_rows=train_rows.num_rows,
                            held_out_rows=evaluation.get("held_out", {}).get("rows", 0),
-                           eval_set_rows=len(real.texts) if real else 0, eval_set_skipped=real.skipped if real else None),
-            model=location.uri(MODEL_FOLDER), files=save(location, result["model"], card, thresholds),
+                           eval_set_rows=len(real.texts) if real else 0,
+                           eval_set_skipped=real.skipped if real else None),
+            files=save(location, result["model"], card, thresholds),
             figures=result["figures"], metrics=evaluation)
         return Outcome(report=report, rows=Rows(input=total, output=train_rows.num_rows),
                        output=location.uri(MODEL_FOLDER), timings=result["timings"])
@@ -417,4 +421,4 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
         labels = scheme(self.spec)
         scores = ", ".join(f"{split} " + " ".join(f"{key} {value:.3f}" for key, value in labels.headline(m).items())
                            for split, m in result.report.metrics.items())
-        return f"trained on {result.report.data.train_rows} rows: {result.report.model} ({scores or 'no evaluation rows'})"
+        return f"trained on {result.report.data.train_rows} rows: {result.output} ({scores or 'no evaluation rows'})"
