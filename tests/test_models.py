@@ -103,7 +103,7 @@ def test_demo_model_writes_and_judges_label_sets(local_ray, tmp_path):
     any_removed = checked.rows.output < checked.rows.input
     removed = read_parts(location, "label_check/removed").to_pylist() if any_removed else []
     assert len(kept) + len(removed) == generated.report.rows.written
-    assert checked["relabelled"]["rows"] == sum(row["relabelled_from"] is not None for row in kept)
+    assert checked.report.relabelled.rows == sum(row["relabelled_from"] is not None for row in kept)
     names = {label.id: label.desc for label in spec.labels}
     for row in kept:
         assert row["labels"] == row["judged_labels"]  # agreed with, or relabelled to, the judge

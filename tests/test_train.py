@@ -24,6 +24,7 @@ from setfit import SetFitModel
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import embed, loading, stage
+from anyclf_ray.core.results import StageResult, TrainReport
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.labels import pairs
 from anyclf_ray.sources.generate import Generate
@@ -219,7 +220,12 @@ def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_r
     raw = with_rows(tmp_path, "retrain", reviews(20, 1), num_iterations=0)
     location = RunLocation(loading.parse(raw).output, "retrain")
     location.write_bytes("model/stale.bin", b"a file of a model trained with other settings")
-    location.write_json("train/manifest.json", {"fingerprint": "other settings"})
+    older = StageResult[TrainReport].model_validate({
+        "run_id": "retrain", "stage": "train", "finished_at": "2026-01-01T00:00:00+00:00", "fingerprint": "other settings",
+        "inputs": [], "settings": {}, "output": location.uri("model"), "rows": {"output": 20},
+        "report": {"data": {"source": "generate", "train_rows": 20, "held_out_rows": 0, "eval_set_rows": 0},
+                   "files": ["model/stale.bin"], "figures": {}, "metrics": {}}})
+    train.Train(loading.parse(raw)).commit(location, older)
     manifest = pipeline.run(loading.parse(raw), only="train")["train"]
     assert not location.exists("model/stale.bin")
     assert train.Train(loading.parse(raw)).read(location) == manifest and manifest.report.figures["pairs"] == 0

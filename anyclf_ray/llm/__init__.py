@@ -1,0 +1,2 @@
+"""The LLM side: the engine seam (``engine``), the run's replicated engines (``pool``), the
+prompts and their answer schemas (``prompts``), valid items (``items``) and context budgets."""

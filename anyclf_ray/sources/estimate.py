@@ -126,7 +126,7 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
             "total": int(by_language.sum()),
             "by_label": {label.id: int(n) for label, n in zip(spec.labels, by_label)},
             "label_sets": len(members),
-            "by_set_size": {size: int(n) for size, n in enumerate(by_size) if size in members.sum(axis=1)},
+            "by_set_size": {str(size): int(n) for size, n in enumerate(by_size) if size in members.sum(axis=1)},
             "by_language": dict(zip(spec.languages, by_language.astype(int).tolist())),  # as plan.expected_rows
         },
         "requests": {**requests, "total": sum(requests.values())},

@@ -1,0 +1,1 @@
+"""Training: the SetFit classifier on Ray Train, its evaluation, and batch prediction."""
