@@ -136,9 +136,10 @@ def test_a_job_that_loses_its_engine_node_finishes_on_its_own(cluster, tiny_mode
     node. With no resubmission, the replica restarts there and the job completes: one restart,
     the plan's requests asked once each, every planned row written once."""
     lost = start_worker_node(cluster, engine_node=1)
-    raw = tiny_raw(tmp_path / "out", "node", languages=["en"], n_subtopic=1, sample_per_subtopic=50,
+    raw = tiny_raw(tmp_path / "out", "node", languages=["en"], n_subtopic=1, sample_per_subtopic=30,
                    engine={"resources": {"engine_node": 1}}, dedup={"enabled": False}, train={"enabled": False})
-    raw["sampling"]["examples_per_request"] = 5  # 80 requests, 10 rows a part
+    raw["sampling"]["examples_per_request"] = 5  # 48 requests in parts of 10: the kill comes mid-pass
+    raw["output"]["commit_rows"] = 50
     job = submit(cluster, write_spec(tmp_path / "spec.yaml", raw), "jobs/generate.py")
     run = tmp_path / "out" / "node"
     wait_for(lambda: parts(run / "data"), "the first part")
@@ -154,20 +155,21 @@ def test_a_job_that_loses_its_engine_node_finishes_on_its_own(cluster, tiny_mode
     assert jobs.get_job_status(job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
 
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["rows"]["written"] == 400
+    assert manifest["status"] == "complete" and manifest["rows"]["written"] == 240
     assert manifest["engine"]["starts"] == 2 and manifest["engine"]["restarts"] == 1
-    assert manifest["engine"]["passes"]["generate"] == {"requests": 80, "failed": 0}
+    assert manifest["engine"]["passes"]["generate"] == {"requests": 48, "failed": 0}
     asked = committed_requests(run / "data")
-    assert len(asked) == len(set(asked)) == 80
-    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(50)
+    assert len(asked) == len(set(asked)) == 48
+    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(30)
 
 
 def test_a_killed_driver_is_resubmitted_and_asks_only_for_the_missing_requests(cluster, tiny_model, tmp_path):
     """`ray job submit jobs/pipeline.py`, its driver killed -9 once parts are committed, then the
     same command submitted again: the second job asks for the requests no part holds, and only
     those, then runs generate, dedup and train to the end. Every planned row lands once."""
-    raw = tiny_raw(tmp_path / "out", "driver", languages=["en"], n_subtopic=1, sample_per_subtopic=100, train=TRAIN)
-    raw["sampling"]["examples_per_request"] = 5  # 160 requests: the suite's time is counted
+    raw = tiny_raw(tmp_path / "out", "driver", languages=["en"], n_subtopic=1, sample_per_subtopic=50, train=TRAIN)
+    raw["sampling"]["examples_per_request"] = 5  # 80 requests in parts of 10: the suite's time is counted
+    raw["output"]["commit_rows"] = 50
     spec_file = write_spec(tmp_path / "spec.yaml", raw)
     job = submit(cluster, spec_file)
     run = tmp_path / "out" / "driver"
@@ -181,23 +183,23 @@ def test_a_killed_driver_is_resubmitted_and_asks_only_for_the_missing_requests(c
     assert jobs.get_job_status(job) == JobStatus.FAILED
     before = parts(run / "data")
     committed = committed_requests(run / "data")
-    assert 0 < len(committed) < 160 and not (run / "manifest.json").exists()  # not presented as complete
+    assert 0 < len(committed) < 80 and not (run / "manifest.json").exists()  # not presented as complete
 
     done = submit(cluster, spec_file, wait=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "anyclf-ray: generate complete: 800 of 800 rows" in done.stdout
+    assert "anyclf-ray: generate complete: 400 of 400 rows" in done.stdout
     assert "anyclf-ray: joined the Ray cluster at " in done.stdout  # not "started an embedded"
     assert before < parts(run / "data")  # the first job's parts kept as they were
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["engine"]["starts"] == 1  # the second job's one start
-    assert manifest["engine"]["passes"]["generate"] == {"requests": 160 - len(committed), "failed": 0}
+    assert manifest["engine"]["passes"]["generate"] == {"requests": 80 - len(committed), "failed": 0}
     asked = committed_requests(run / "data")
-    assert len(asked) == len(set(asked)) == 160
-    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(100)
+    assert len(asked) == len(set(asked)) == 80
+    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(50)
     assert manifest["settings"]["sampling"]["seed"] == 3  # the --set override reached the job
     dedup = json.loads((run / "dedup" / "manifest.json").read_text())
     trained = json.loads((run / "train" / "manifest.json").read_text())
-    assert dedup["rows"]["input"] == 800 and trained["data"]["rows"] == dedup["rows"]["kept"]
+    assert dedup["rows"]["input"] == 400 and trained["data"]["rows"] == dedup["rows"]["kept"]
     assert trained["settings"]["num_workers"] == 2 and (run / "model" / "model_head.pkl").is_file()
 
 
