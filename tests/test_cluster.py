@@ -1,25 +1,36 @@
 """The jobs on a real local cluster: `ray start --head`, then `ray job submit jobs/...`.
 
-This module starts no embedded Ray of its own: `ray stop` would end it too.
+This module starts no embedded Ray of its own, and stops only the processes of the cluster it
+started (named by its GCS port), never another Ray on the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, free_port, tiny_raw, write_spec
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from anyclf_ray.core import results
+from anyclf_ray.core.results import DedupReport, GenerationReport, PassCounts, TrainReport
+from anyclf_ray.sources import plan
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+TRAIN = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8,
+         "max_pairs": 64}
 
 
 def ray_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -30,28 +41,56 @@ def ray_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+# A node's ports besides the GCS's and the dashboard's, each given a free one: Ray's defaults
+# would clash with any other cluster on this machine.
+NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+              "dashboard-agent-grpc-port", "runtime-env-agent-port")
+
+
+def free_ports(*names: str) -> list[str]:
+    return [f"--{name}={free_port()}" for name in names]
+
+
+def cluster_processes(gcs_port: int) -> set[psutil.Process]:
+    """The daemons of the cluster whose GCS listens on ``gcs_port`` (each names that port in its
+    arguments), and every process they started."""
+    def ours(arguments: list[str]) -> bool:
+        return any(argument == f"--gcs_server_port={gcs_port}" or argument.endswith(f":{gcs_port}")
+                   for argument in arguments)
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])]
+    return {*roots, *(child for root in roots for child in root.children(recursive=True))}
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     import ray
 
-    assert not ray.is_initialized(), "an embedded Ray is alive; `ray stop` would kill it"
+    assert not ray.is_initialized(), "an embedded Ray is alive in this process"
     dashboard, gcs = free_port(), free_port()
+    # A temp dir of its own (short: it holds Unix sockets), so no other Ray on this machine
+    # finds the cluster through /tmp/ray.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     started = ray_cli(
-        "start", "--head", "--num-cpus=2", "--disable-usage-stats", f"--port={gcs}",
+        "start", "--head", "--num-cpus=2", "--disable-usage-stats", f"--port={gcs}", f"--temp-dir={temp_dir}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+        *free_ports(*NODE_PORTS, "ray-client-server-port"),
     )
     assert started.returncode == 0, started.stderr
-    yield {"dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
-    ray_cli("stop", "--force")
+    yield {"dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
+    processes = cluster_processes(gcs)
+    for process in processes:
+        process.terminate()
+    for process in psutil.wait_procs(processes, timeout=15)[1]:
+        process.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def start_worker_node(cluster: dict, **resources: float) -> psutil.Process:
     """A second node on this machine (ports of its own) holding ``resources``; its raylet."""
-    ports = [f"--{name}={free_port()}" for name in (
-        "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port")]
+    ports = free_ports(*NODE_PORTS)
     started = ray_cli("start", f"--address={cluster['gcs']}", "--num-cpus=2", "--disable-usage-stats",
-                      f"--resources={json.dumps(resources)}", *ports)
+                      f"--temp-dir={cluster['temp_dir']}", f"--resources={json.dumps(resources)}", *ports)
     assert started.returncode == 0, started.stderr
     node_manager = ports[0].split("=")[1]
     (raylet,) = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet"
@@ -59,8 +98,35 @@ def start_worker_node(cluster: dict, **resources: float) -> psutil.Process:
     return raylet
 
 
+def submit(cluster: dict, spec_file: Path, job: str = "jobs/pipeline.py", wait: bool = False):
+    """``ray job submit`` of ``job`` on ``spec_file``: its id, or with ``wait`` its finished CLI run."""
+    job_id = f"anyclf-test-{uuid.uuid4().hex[:8]}"
+    done = ray_cli("job", "submit", "--address", cluster["dashboard"], "--submission-id", job_id,
+                   *([] if wait else ["--no-wait"]), "--working-dir", ".", "--",
+                   "python", job, "--config", str(spec_file), "--set", "sampling.seed=3", timeout=900)
+    assert wait or done.returncode == 0, done.stderr
+    return done if wait else job_id
+
+
 def parts(folder: Path) -> set[str]:
     return {path.name for path in folder.glob("part-*.parquet")}
+
+
+def committed(path: Path, report: type) -> results.StageResult:
+    """A stage's committed result, read as the package reads it."""
+    return results.read(path.read_bytes(), report, str(path))
+
+
+def committed_requests(folder: Path) -> list[str]:
+    """The request ids the committed parts name in their footers."""
+    return [rid for path in sorted(folder.glob("part-*.parquet"))
+            for rid in json.loads(pq.read_metadata(path).metadata[b"anyclf_ray.part"])["request_ids"]]
+
+
+def planned_ids(samples: int) -> list[str]:
+    """The ids of the specs below: English, 2 labels, a 2 x 2 x 1 tree, ``samples`` per leaf."""
+    return sorted(plan.example_id(plan.leaf_id("en", label, s, t, 0), k)
+                  for label in ("neg", "pos") for s in range(2) for t in range(2) for k in range(samples))
 
 
 def wait_for(condition, what: str, timeout: float = 300) -> None:
@@ -70,58 +136,78 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_a_submitted_job_survives_a_lost_engine_node_and_a_killed_driver(cluster, tiny_model, tmp_path):
-    """`ray job submit jobs/pipeline.py` on a two-node cluster, with two faults:
-
-    1. the worker node holding the engine (pinned there by ``engine.resources``) dies once a part
-       is committed, raylet and engine killed -9, and a new node joins, as an autoscaler replaces
-       a lost spot node: the replica restarts there and parts land again;
-    2. then the job's driver is killed -9, and the same command is submitted again: it resumes
-       from the committed parts and runs generate, dedup and train to the end.
-    Every planned row lands exactly once.
-    """
+def test_a_job_that_loses_its_engine_node_finishes_on_its_own(cluster, tiny_model, tmp_path):
+    """`ray job submit jobs/generate.py` on a two-node cluster: the worker node holding the engine
+    (pinned there by ``engine.resources``) dies once a part is committed, its raylet and every
+    process it started killed -9, and a new node joins, as an autoscaler replaces a lost spot
+    node. With no resubmission, the replica restarts there and the job completes: one restart,
+    the plan's requests asked once each, every planned row written once."""
     lost = start_worker_node(cluster, engine_node=1)
-    train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8,
-             "max_pairs": 64}
-    raw = tiny_raw(tmp_path / "out", "faults", languages=["en"], n_subtopic=1, sample_per_subtopic=100, train=train,
-                   engine={"resources": {"engine_node": 1}})
-    raw["sampling"]["examples_per_request"] = 5  # 160 requests: the suite's time is counted
-    spec_file = write_spec(tmp_path / "spec.yaml", raw)
-    command = ("--address", cluster["dashboard"], "--working-dir", ".", "--",
-               "python", "jobs/pipeline.py", "--config", str(spec_file), "--set", "sampling.seed=3")
-    submitted = ray_cli("job", "submit", "--no-wait", *command)
-    assert submitted.returncode == 0, submitted.stderr
-    run = tmp_path / "out" / "faults"
+    raw = tiny_raw(tmp_path / "out", "node", languages=["en"], n_subtopic=1, sample_per_subtopic=30,
+                   engine={"resources": {"engine_node": 1}}, dedup={"enabled": False}, train={"enabled": False})
+    raw["sampling"]["examples_per_request"] = 5  # 48 requests in parts of 10: the kill comes mid-pass
+    raw["output"]["commit_rows"] = 50
+    job = submit(cluster, write_spec(tmp_path / "spec.yaml", raw), "jobs/generate.py")
+    run = tmp_path / "out" / "node"
     wait_for(lambda: parts(run / "data"), "the first part")
 
-    engines = [p for p in psutil.process_iter(["cmdline"]) if "ray::Replica" in " ".join(p.info["cmdline"] or [])]
-    for process in [lost, *engines]:  # the machine is gone: its raylet and the engine on it
+    node = [lost, *lost.children(recursive=True)]
+    engines = [p for p in node if "ray::Replica" in " ".join(p.cmdline())]
+    assert engines, "the engine was not on the node that was lost"
+    for process in node:  # the machine is gone: its raylet and everything on it
         process.kill()
-    before_loss = parts(run / "data")
     start_worker_node(cluster, engine_node=1)
-    wait_for(lambda: parts(run / "data") - before_loss, "a part from the replacement engine")
+    jobs = JobSubmissionClient(cluster["dashboard"])
+    wait_for(lambda: jobs.get_job_status(job).is_terminal(), "the job to end", timeout=600)
+    assert jobs.get_job_status(job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
+
+    manifest = committed(run / "manifest.json", GenerationReport)
+    assert manifest.status == "complete" and manifest.report.rows.written == 240
+    assert manifest.report.engine.starts == 2 and manifest.report.engine.restarts == 1
+    assert manifest.report.engine.passes["generate"] == PassCounts(requests=48, failed=0)
+    asked = committed_requests(run / "data")
+    assert len(asked) == len(set(asked)) == 48
+    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(30)
+
+
+def test_a_killed_driver_is_resubmitted_and_asks_only_for_the_missing_requests(cluster, tiny_model, tmp_path):
+    """`ray job submit jobs/pipeline.py`, its driver killed -9 once parts are committed, then the
+    same command submitted again: the second job asks for the requests no part holds, and only
+    those, then runs generate, dedup and train to the end. Every planned row lands once."""
+    raw = tiny_raw(tmp_path / "out", "driver", languages=["en"], n_subtopic=1, sample_per_subtopic=50, train=TRAIN)
+    raw["sampling"]["examples_per_request"] = 5  # 80 requests in parts of 10: the suite's time is counted
+    raw["output"]["commit_rows"] = 50
+    spec_file = write_spec(tmp_path / "spec.yaml", raw)
+    job = submit(cluster, spec_file)
+    run = tmp_path / "out" / "driver"
+    wait_for(lambda: parts(run / "data"), "the first part")
 
     (driver,) = [p for p in psutil.process_iter(["cmdline"])
                  if "jobs/pipeline.py" in " ".join(p.info["cmdline"] or []) and str(spec_file) in p.info["cmdline"]]
     driver.kill()
-    driver.wait(timeout=30)
-    before_resubmit = parts(run / "data")
-    assert not (run / "manifest.json").exists()  # not presented as complete
+    jobs = JobSubmissionClient(cluster["dashboard"])
+    wait_for(lambda: jobs.get_job_status(job).is_terminal(), "the job to be reported dead")
+    assert jobs.get_job_status(job) == JobStatus.FAILED
+    before = parts(run / "data")
+    asked_before = committed_requests(run / "data")
+    assert 0 < len(asked_before) < 80 and not (run / "manifest.json").exists()  # not presented as complete
 
-    done = ray_cli("job", "submit", *command, timeout=900)
+    done = submit(cluster, spec_file, wait=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "anyclf-ray: generate complete: 800 of 800 rows" in done.stdout
+    assert "anyclf-ray: generate complete: 400 of 400 rows" in done.stdout
     assert "anyclf-ray: joined the Ray cluster at " in done.stdout  # not "started an embedded"
-    assert before_resubmit < parts(run / "data")  # the first job's parts kept as they were
-    ids = pq.read_table(run / "data").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 800
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["engine"]["starts"] == 1  # the second job's one start
-    assert manifest["settings"]["sampling"]["seed"] == 3  # the --set override reached the job
-    dedup = json.loads((run / "dedup" / "manifest.json").read_text())
-    trained = json.loads((run / "train" / "manifest.json").read_text())
-    assert dedup["rows"]["input"] == 800 and trained["data"]["rows"] == dedup["rows"]["kept"]
-    assert trained["settings"]["num_workers"] == 2 and (run / "model" / "model_head.pkl").is_file()
+    assert before < parts(run / "data")  # the first job's parts kept as they were
+    manifest = committed(run / "manifest.json", GenerationReport)
+    assert manifest.status == "complete" and manifest.report.engine.starts == 1  # the second job's one start
+    assert manifest.report.engine.passes["generate"] == PassCounts(requests=80 - len(asked_before), failed=0)
+    asked = committed_requests(run / "data")
+    assert len(asked) == len(set(asked)) == 80
+    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(50)
+    assert manifest.settings["sampling"]["seed"] == 3  # the --set override reached the job
+    dedup = committed(run / "dedup" / "manifest.json", DedupReport)
+    trained = committed(run / "train" / "manifest.json", TrainReport)
+    assert dedup.rows.input == 400 and trained.rows.input == dedup.rows.output
+    assert trained.settings["num_workers"] == 2 and (run / "model" / "model_head.pkl").is_file()
 
 
 def test_bad_spec_fails_the_submitted_job_early(cluster, tmp_path):

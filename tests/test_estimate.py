@@ -16,7 +16,7 @@ def test_the_plan_counts_what_the_run_will_ask_and_write(tmp_path):
     # 2 labels x 2 source types x 2 topics x 2 subtopics, 2 languages, 3 samples at 2 a request.
     assert found["requests"] == {"source_type": 1, "topic": 4, "subtopic": 8, "generate": 64, "total": 77}
     assert found["leaves"] == 32
-    assert found["rows"] == {"total": 96, "by_label": {"neg": 48, "pos": 48}, "label_sets": 2, "by_set_size": {1: 96},
+    assert found["rows"] == {"total": 96, "by_label": {"neg": 48, "pos": 48}, "label_sets": 2, "by_set_size": {"1": 96},
                              "by_language": {"en": 48, "fr": 48}}
     assert found["tokens"]["out_budget"] == 64 * 256 + 13 * 256  # every answer at its budget (max_tokens)
     assert found["tokens"]["in"] > 77 * 100 and "time" not in found

@@ -81,8 +81,8 @@ def test_a_multi_label_run_round_trips_through_s3(s3_server, s3_credentials, loc
     assert {"runs/s3-label-sets/label_prior.json", "runs/s3-label-sets/co_occurrence.png"} <= stored
     location = RunLocation(spec.output, "s3-label-sets")
     rows = read_parts(location)
-    assert rows.num_rows == manifest.report.rows.written
-    assert set(rows["label_set"].to_pylist()) <= {"neg", "pos", "neg|pos"}
+    assert rows.num_rows == manifest.report.rows.written >= 6  # enough rows to read back
+    assert set(rows["label_set"].to_pylist()) == {"neg", "pos", "neg|pos"}
     assert location.read_json("label_prior.json")["weights"] == manifest.report.pair_prior.weights
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     loaded = datasets.load_dataset(

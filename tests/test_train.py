@@ -221,8 +221,9 @@ def test_training_with_new_settings_clears_the_old_model_first(tmp_path, local_r
     location = RunLocation(loading.parse(raw).output, "retrain")
     location.write_bytes("model/stale.bin", b"a file of a model trained with other settings")
     older = StageResult[TrainReport].model_validate({
-        "run_id": "retrain", "stage": "train", "finished_at": "2026-01-01T00:00:00+00:00", "fingerprint": "other settings",
-        "inputs": [], "settings": {}, "output": location.uri("model"), "rows": {"output": 20},
+        "run_id": "retrain", "stage": "train", "finished_at": "2026-01-01T00:00:00+00:00",
+        "fingerprint": "other settings", "inputs": [], "settings": {}, "output": location.uri("model"),
+        "rows": {"output": 20},
         "report": {"data": {"source": "generate", "train_rows": 20, "held_out_rows": 0, "eval_set_rows": 0},
                    "files": ["model/stale.bin"], "figures": {}, "metrics": {}}})
     train.Train(loading.parse(raw)).commit(location, older)

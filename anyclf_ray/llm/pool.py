@@ -10,15 +10,15 @@ Replicas are long-lived Ray actors (``Replica``), one engine each, placed on ``e
 chosen over a Ray Serve deployment: the same start-once reuse, without Serve's controller and
 proxies taking cores from the engines, and with Ray's actor restarts as the fault tolerance.
 
-A pass streams through ``map_batches`` into a few ``PoolClient`` actors that reserve no CPU:
-each splits its batch evenly across the replicas and waits for the parts, so every replica has
-the next part queued while it answers one, and Ray Data's backpressure still bounds what is in
-flight. A replica that dies is restarted by Ray (up to ``engine.restarts`` times) and the call
-it was running is retried on the new one, so its requests are answered once, never lost or
-duplicated. A ``Monitor`` actor, on the driver's node, counts engine starts and answered
-requests; a pass given its ``total`` fails with ``EarlyStop`` once most of its first
-``EARLY_STOP_WINDOW`` answers failed, and ``run_pass`` can hand its counts to a ``report`` at a
-steady interval (``Watcher``, used for ``progress.py``'s status).
+A pass streams through ``map_batches`` into a few ``PoolClient`` actors that reserve no CPU, on
+the driver's node: each splits its batch evenly across the replicas and waits for the parts, so
+every replica has the next part queued while it answers one, and Ray Data's backpressure still
+bounds what is in flight. A replica that dies is restarted by Ray (up to ``engine.restarts``
+times) and the call it was running is retried on the new one, so its requests are answered
+once, never lost or duplicated. A ``Monitor`` actor, on the driver's node, counts engine starts
+and answered requests; a pass given its ``total`` fails with ``EarlyStop`` once most of its
+first ``EARLY_STOP_WINDOW`` answers failed, and ``run_pass`` can hand its counts to a ``report``
+at a steady interval (``Watcher``, used for ``progress.py``'s status).
 """
 
 from __future__ import annotations
@@ -255,6 +255,9 @@ class EnginePool:
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=CLIENTS),
             num_cpus=0,
+            # Beside the monitor, on the driver's node: answered batches wait there for their
+            # writer, so a lost node takes none with it to be asked again, only calls in flight.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         )
 
     def run_pass(self, name: str, consume: Callable[[], Any], report: Callable[[dict], None] | None = None,
