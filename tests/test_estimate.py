@@ -47,8 +47,10 @@ def test_a_million_row_plan_is_exact_and_timed(tmp_path):
     assert found["tokens"]["out_budget"] == 256 * (1 + 240 + 3_120 + generate)
     hours = found["tokens"]["out_budget"] / (500 * 4) / 3600
     assert found["time"] == {"tokens_per_second_per_replica": 500, "replicas": 4, "hours_at_budget": round(hours, 2)}
-    # Measured on this 2-core machine: 0.12 s past the imports, 199 MiB peak, 18 above the imports.
-    assert took["seconds"] < 1.0 and took["peak_mib"] < 240 and took["peak_mib"] - took["imports_mib"] < 40
+    # Measured on this 2-core machine: 0.12 s past the imports, 18 MiB above them. The imports' own
+    # size depends on the machine (CI's ran 30 MiB larger), so only the plan's growth is bounded:
+    # a row or a leaf held per item would take hundreds of MiB here (bench/plan.py prints the peaks).
+    assert took["seconds"] < 2.0 and took["peak_mib"] - took["imports_mib"] < 64
 
 
 def test_plan_command_prints_the_plan_or_refuses_a_bad_spec(tmp_path, capsys):

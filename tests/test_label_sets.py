@@ -118,8 +118,9 @@ def test_a_million_row_plan_counts_every_label_set(tmp_path):
            "model": {"name": "Qwen/Qwen2.5-7B-Instruct"}}
     spec = loading.parse(raw)
     found, took = plan_in_fresh_process(write_spec(tmp_path / "million.yaml", raw))
-    # Measured on this 2-core machine: 0.17 s past the imports, 209 MiB peak, 28 above the imports.
-    assert took["seconds"] < 1.0 and took["peak_mib"] < 250 and took["peak_mib"] - took["imports_mib"] < 50
+    # Measured on this 2-core machine: 0.17 s past the imports, 28 MiB above them; only the plan's
+    # growth is bounded, as in test_estimate (bench/plan.py prints the peaks).
+    assert took["seconds"] < 2.0 and took["peak_mib"] - took["imports_mib"] < 64
     assert found["rows"]["total"] == 1_000_000
     assert found["rows"]["label_sets"] == 20 + 190 + 1140
     # By hand: floors of 5 rows for every label (in its single) and pair (in its pair set), 1,050
