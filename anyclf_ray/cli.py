@@ -5,7 +5,7 @@ on an embedded local Ray, or on the cluster at ``--address`` / ``RAY_ADDRESS``: 
 writes the synthetic data, ``label-check`` removes rows that do not say what their label says,
 ``dedup`` removes duplicates, ``diversity`` reports on the rows kept, ``train`` trains and
 evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``anyclf-ray plan
---config FILE [--tokens-per-second N]`` prints what a spec will generate and cost, with no LLM
+--config FILE [--tokens-per-second N]`` prints what a spec will generate (and annotate) and cost, with no LLM
 time. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a trained
 model.
 
@@ -36,6 +36,7 @@ ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else embedded)"
 # command → (help, the one stage it runs, or None for all of them)
 COMMANDS = {
     "generate": ("generate a synthetic labelled dataset (tree, then examples)", "generate"),
+    "annotate": ("label the texts of the annotate section with the LLM's calibrated judgement", "annotate"),
     "language-check": ("remove rows not written in the language they were asked in", "language_check"),
     "label-check": ("remove (or flag) rows whose text does not say what their label says", "label_check"),
     "dedup": ("remove exact and near-duplicate rows of what the last stage kept", "dedup"),
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     planned.add_argument("--config", required=True, help="job spec YAML file")
     planned.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     planned.add_argument("--tokens-per-second", type=float, help="tokens one replica decodes per second, for the time")
+    planned.add_argument("--prompt-tokens-per-second", type=float,
+                         help="prompt tokens one replica reads per second, for annotation's time")
     predict = commands.add_parser("predict", help="predict labels for a Parquet/CSV/JSONL input with a trained model")
     predict.add_argument("--model", required=True, help="a trained model folder, e.g. runs/<run_id>/model")
     predict.add_argument("--input", required=True, help="Parquet, CSV or JSONL file (or Parquet folder), local or s3://")
@@ -93,7 +96,7 @@ def _plan(args) -> int:
     from anyclf_ray.sources import estimate
 
     spec = loading.load(args.config, args.overrides)
-    found = estimate.estimate(spec, args.tokens_per_second)
+    found = estimate.estimate(spec, args.tokens_per_second, args.prompt_tokens_per_second)
     found["longest_prompt_tokens"] = budgets.check(spec, pipeline.longest_requests(pipeline.stages(spec)))
     print(json.dumps(found, indent=2))
     return 0

@@ -32,6 +32,7 @@ from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import budgets
 from anyclf_ray.llm.pool import EnginePool, vllm_factory
 from anyclf_ray.reports.diversity import Diversity
+from anyclf_ray.sources.annotate import Annotate
 from anyclf_ray.sources.generate import Generate
 from anyclf_ray.training.train import Train
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # Every stage in run order, sources first; the spec enables them. A new stage is one module and
 # one entry here.
-STAGES: list[type[Stage]] = [Generate, LanguageCheck, LabelCheck, Dedup, Diversity, Train]
+STAGES: list[type[Stage]] = [Generate, Annotate, LanguageCheck, LabelCheck, Dedup, Diversity, Train]
 
 
 def stages(spec: JobSpec) -> list[Stage]:

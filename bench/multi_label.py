@@ -14,16 +14,17 @@ macro-F1, subset accuracy and per-label F1 on the real set, against two baseline
 read the text: chance (each text given a label set drawn from the synthetic set's own mix,
 averaged over 50 draws) and every label on every text.
 
-With ``--judge N``, the label check's llm judge (``label_check.judge_requests``: one boolean per
-label, schema-constrained, on the run's model) reads the first N real texts, whose sets are
-known: printed are how often its set is the true one, its micro- and macro-F1 against the truth,
-and the share of rows the check would fail, with and without cause.
+With ``--judge N``, the label check's llm judge (``label_check.judge_questions``: a yes/no
+question per label, read from the option letters' log-probabilities on the run's model) reads the
+first N real texts, whose sets are known: printed are how often its set is the true one and its
+micro- and macro-F1 against the truth, raw and calibrated (``label_check.judge``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 from pathlib import Path
 
@@ -100,27 +101,32 @@ def judge_real(spec, real: pa.Table, count: int) -> dict:
     from anyclf_ray.filters import label_check
     from anyclf_ray.labels.metrics import set_metrics, set_tally
     from anyclf_ray.labels.scheme import scheme
-    from anyclf_ray.llm import engine
+    from anyclf_ray.llm import judgement
 
     rows = real.slice(0, count)
     rows = rows.append_column("id", pa.array([f"real-{i}" for i in range(rows.num_rows)]))
     label_ids = [label.id for label in spec.labels]
     true = np.array([[label in labels for label in label_ids] for labels in rows["labels"].to_pylist()])
     runtime.connect(None, False)
+    labels = scheme(spec)
     engines = pipeline.start_engines(spec)
     try:
-        answers = engines.answer_table(label_check.judge_requests(spec, rows), "label_check/llm")
+        found = judgement.judge(lambda requests: engines.answer_table(requests, "label_check/llm"),
+                                label_check.judge_questions(labels, rows), labels.judge_size, labels.judge_blank,
+                                spec.label_check.judge)
     finally:
         engines.close()
-    judged, answered = label_check.judged_labels(scheme(spec), rows, answers)
-    true, judged = true[answered], judged[answered]
-    scored = set_metrics(set_tally(true, judged), label_ids)
-    return {"texts": rows.num_rows, "answered": int(answered.sum()),
-            "exact_set": float((judged == true).all(axis=1).mean()),
-            "judged_labels_per_text": float(judged.sum(axis=1).mean()),
-            "micro_f1": scored["micro_f1"], "macro_f1": scored["macro_f1"],
-            "per_label_f1": {label: figures["f1"] for label, figures in scored["per_label"].items()},
-            "usage": engine.usage(answers).model_dump()}
+    results: dict = {"texts": rows.num_rows, "calibration": found.calibration, "prior": labels.judge_prior(found),
+                     "usage": found.usage.model_dump()}
+    for name, read in (("raw", dataclasses.replace(found, probabilities=found.raw)), ("calibrated", found)):
+        judged, answered, _ = labels.judged(read)
+        truth, judged = true[answered], judged[answered]
+        scored = set_metrics(set_tally(truth, judged), label_ids)
+        results[name] = {"answered": int(answered.sum()), "exact_set": float((judged == truth).all(axis=1).mean()),
+                         "judged_labels_per_text": float(judged.sum(axis=1).mean()),
+                         "micro_f1": scored["micro_f1"], "macro_f1": scored["macro_f1"],
+                         "per_label_f1": {label: figures["f1"] for label, figures in scored["per_label"].items()}}
+    return results
 
 
 def main() -> None:
@@ -157,10 +163,11 @@ def main() -> None:
               f"{figures['subset_accuracy']:>11.3f}")
     print("   per label (F1, threshold): " + ", ".join(
         f"{label} {figures['f1']:.2f} @{figures['threshold']}" for label, figures in found["per_label"].items()))
-    if args.judge:
-        judge = results["judge"]
-        print(f"   label check's judge on {judge['answered']} of {judge['texts']} real texts: exact set "
-              f"{judge['exact_set']:.3f}, micro-F1 {judge['micro_f1']:.3f}, macro-F1 {judge['macro_f1']:.3f}, "
+    for name in ("raw", "calibrated") if args.judge else ():
+        judge = results["judge"][name]
+        print(f"   label check's judge, {name}, on {judge['answered']} of {results['judge']['texts']} real texts: "
+              f"exact set {judge['exact_set']:.3f}, micro-F1 {judge['micro_f1']:.3f}, "
+              f"macro-F1 {judge['macro_f1']:.3f}, "
               f"{judge['judged_labels_per_text']:.2f} labels judged a text; per label F1: "
               + ", ".join(f"{label} {f1:.2f}" for label, f1 in judge["per_label_f1"].items()))
 

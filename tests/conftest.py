@@ -7,7 +7,9 @@ SeaweedFS is a real S3 server. Nothing here needs the internet.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +24,30 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class OptionJudge:
+    """An ``engine.Engine`` for judgements (``judgement.py``): each question's lettered options
+    get the log of ``weigh(text, options, prompt)``, a weight per option (0: probability 0; None
+    for all: no log-probabilities, a failed answer), where ``text`` is what the prompt holds
+    between <text> tags (None where it holds none). Known weights make calibration exact."""
+
+    def __init__(self, weigh):
+        self.weigh = weigh
+
+    def complete(self, prompts):
+        from anyclf_ray.llm import engine
+
+        out = []
+        for prompt in prompts:
+            assert prompt.options and prompt.max_tokens == 1 and not prompt.schema
+            found = re.search(r"<text>\n(.*)\n</text>", prompt.text, re.S)
+            options = re.findall(r"^[A-Z]\. (.*)$", prompt.text, re.M)
+            assert len(options) == len(prompt.options)
+            weights = self.weigh(found.group(1) if found else None, options, prompt.text)
+            logprobs = None if weights is None else tuple(math.log(w) if w > 0 else -math.inf for w in weights)
+            out.append(engine.Completion(prompt.options[0], "stop", len(prompt.text) // 4, 1, logprobs))
+        return out
 S3_KEY, S3_SECRET = "anyclf-test-key", "anyclf-test-secret"
 
 
@@ -54,6 +80,26 @@ def tiny_raw(output: Path | str, run_id: str, **fields) -> dict:
         else:
             raw[key] = value
     return raw
+
+
+def texts_file(path: Path, rows: list[tuple], **columns) -> str:
+    """A Parquet corpus to annotate at ``path``: ``rid`` and ``review`` from (id, text, ...) rows,
+    plus ``columns``; its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"rid": [row[0] for row in rows], "review": [row[1] for row in rows], **columns},
+                            schema=None if rows else pa.schema([("rid", pa.string()), ("review", pa.string())])),
+                   path)
+    return str(path)
+
+
+def annotate_raw(tmp_path: Path, run_id: str, path: str, **settings) -> dict:
+    """A spec that annotates the corpus at ``path`` (``texts_file``'s columns), every filter and
+    training off, in English."""
+    return tiny_raw(tmp_path / "runs", run_id, languages=["en"], train={"enabled": False},
+                    dedup={"enabled": False}, language_check={"enabled": False},
+                    annotate={"enabled": True, "path": path, "text_column": "review", "id_column": "rid", **settings})
 
 
 def read_parts(location, folder: str = "data"):
@@ -270,3 +316,13 @@ def passes(result) -> dict[str, dict[str, int]]:
     """Each LLM pass's requests and failures in a stage result's engine figures, as plain dicts."""
     engine = result.report.engine if hasattr(result.report, "engine") else result.report.methods["llm"].engine
     return {name: counts.model_dump() for name, counts in engine.passes.items()}
+
+
+def _fakes_by_value() -> None:
+    """Ray workers cannot import this module: its fakes travel by value (after the env above)."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+_fakes_by_value()

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, label_scheme, tiny_raw, write_generated, write_spec
+from conftest import REPO, annotate_raw, label_scheme, texts_file, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import cards, config, loading, plots
@@ -25,7 +25,7 @@ from anyclf_ray.core.config import EvalSetSpec
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.results import GenerationReport, StageResult
 from anyclf_ray.labels.scheme import scheme
-from anyclf_ray.llm import budgets, engine, items, prompts
+from anyclf_ray.llm import budgets, engine, items, judgement
 from anyclf_ray.sources import estimate
 from anyclf_ray.sources.generate import Generate
 from anyclf_ray.training.evaluate import load_eval_set
@@ -257,17 +257,25 @@ HARD_LABELS = [{"id": "q", "desc": 'says "hello" {in} braces'}, {"id": "e", "des
                {"id": "b", "desc": "back\\slash | pipe"}]
 
 
-def test_judge_budgets_hold_the_longest_valid_answer_byte_by_byte(tmp_path):
+def test_judge_questions_keep_hard_names_and_need_one_token(tmp_path):
+    """Issue 26 cut the judge's JSON answers short on names like these; a judgement (issue 28)
+    reads one token, the option letters', whose ids are distinct in the model's tokenizer."""
     from anyclf_ray.filters import label_check
 
     spec = loading.parse(tiny_raw(tmp_path, "hard", labels=HARD_LABELS, multi_label={"enabled": True},
                                  label_check={"enabled": True}, **{k: None for k in config.SIZE_FIELDS},
                                  n_record_to_generate=60))
-    request = label_check.judge_requests(spec, pa.table({"id": ["1"], "text": ["some text"]})).to_pylist()[0]
-    longest = json.dumps({label["desc"]: False for label in HARD_LABELS}, separators=(",", ":"))  # \u escapes: longest
-    assert request["max_tokens"] == len(longest) + prompts.ANSWER_SLACK
+    questions = label_check.judge_questions(label_check.scheme(spec), pa.table({"id": ["1"], "text": ["some text"]}))
+    assert [question.kind for question in questions] == [0, 1, 2]
+    for question, label in zip(questions, HARD_LABELS):
+        assert f"express the label {json.dumps(label['desc'], ensure_ascii=False)}?" in question.prompt
+        assert question.prompt.count("some text") == 1 and "A. yes\nB. no" in question.prompt
+    request = judgement.request(questions[0])
+    assert (request["max_tokens"], request["options"], request["temperature"]) == (1, ["A", "B"], 0.0)
     tokenizer = budgets.tokenizer("builtin:tiny-random")
-    assert len(tokenizer(longest, add_special_tokens=False)["input_ids"]) < request["max_tokens"]
+    assert len(set(engine.option_ids(tokenizer, tuple(judgement.LETTERS)))) == 26
+    with pytest.raises(ValueError, match="do not start with distinct tokens"):
+        engine.option_ids(tokenizer, ("yes", "yes please"))
 
 
 # -- 6. defaults and names that agree -----------------------------------------------------------
@@ -279,14 +287,6 @@ def test_a_multi_label_run_defaults_to_the_llm_judge(tmp_path, capsys):
     assert loading.parse(sized(tmp_path, 60, label_check={"enabled": True})).label_check.methods == ["crossfit"]
     code, out = plan_cli(tmp_path, raw, capsys)
     assert code == 0 and json.loads(out.out)["checks"]["label_check"] == {"methods": ["llm"], "action": "remove"}
-
-
-@pytest.mark.parametrize("desc", ["None", " NONE ", "ｎｏｎｅ"])
-def test_a_label_described_as_none_in_any_form_is_refused_for_the_judge(tmp_path, desc):
-    raw = tiny_raw(tmp_path, "none", label_check={"enabled": True, "methods": ["llm"]},
-                   labels=[{"id": "a", "desc": desc}, {"id": "b", "desc": "something"}])
-    with pytest.raises(ConfigError, match=r"^label_check.methods: the llm check answers 'none' for no label; reword"):
-        loading.parse(raw)
 
 
 def test_the_missing_stage_message_names_the_command(tmp_path, capsys):
@@ -433,3 +433,30 @@ def test_an_address_nobody_answers_is_refused_at_once(tmp_path, capsys):
     code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw)), "--address", "127.0.0.1:9"])
     assert code == cli.EXIT_BAD_INPUT and time.perf_counter() - started < 30  # Ray alone retries for minutes
     assert one_line(capsys).startswith("anyclf-ray: error: --address: no Ray cluster answers at ")
+
+
+# -- 7. corpora to annotate (issue 28) ---------------------------------------------------------------
+
+
+TEXTS = [("r1", "a fine day"), ("r2", "a bad day"), ("r3", "a day")]
+
+
+@pytest.mark.parametrize(("write", "settings", "message"), [
+    (lambda path: texts_file(path, TEXTS), {"text_column": "body"},
+     r"^annotate.text_column: .*texts.parquet has no column 'body'; it has \['rid', 'review'\]$"),
+    (lambda path: texts_file(path, []), {}, r"^annotate.path: .*texts.parquet holds no rows; give a corpus of texts$"),
+    (lambda path: texts_file(path, TEXTS, review=["fine", None, " "]), {},
+     r"^annotate.text_column: 2 of the 3 rows of .* have no text in 'review' \(null, missing or blank\); "),
+    (lambda path: str(path.parent / "nowhere.parquet"), {}, r"^annotate.path: .*nowhere.parquet: no such file"),
+    (lambda path: texts_file(path, TEXTS[:2], lang=["en", "xx"]), {"language_column": "lang"},
+     r"^annotate.language_column: .* has language 'xx', not among languages \['en'\]"),
+])
+def test_bad_corpora_are_refused_in_one_line_before_ray_starts(tmp_path, capsys, write, settings, message):
+    import ray
+
+    raw = annotate_raw(tmp_path, "bad", write(tmp_path / "texts.parquet"), **settings)
+    code = cli.main(["annotate", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and len(err) == 1, err
+    assert re.match(message, err[0].removeprefix("anyclf-ray: error: ")), err[0]
+    assert not ray.is_initialized() and not (tmp_path / "runs" / "bad" / "annotate").exists()

@@ -5,7 +5,7 @@ could not judge its rows, through the CLI (a judge behind the engine seam that f
 
 from __future__ import annotations
 
-import json
+import functools
 import sys
 
 import datasets
@@ -13,14 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import read_parts, tiny_raw, write_generated, write_spec
+from conftest import OptionJudge, read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import cards, config, loading
 from anyclf_ray.core.results import PlannedRows, Unchecked
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.filters import label_check
-from anyclf_ray.llm import engine
 from anyclf_ray.sources import plan
 from anyclf_ray.sources.generate import Generate
 
@@ -33,35 +32,70 @@ HARD = [{"id": "quote", "desc": 'says "hi" {in} braces'}, {"id": "emoji", "desc"
         {"id": "slash", "desc": "back\\slash and a $5 price"}]
 
 
+# Texts of the user's to annotate in the same run (issue 28): the judge's questions name the hard labels too.
+ANNOTATED = {f"u{i:02d}": f"customer message number {i} about a refund" for i in range(12)}
+
+
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory, local_ray, tiny_model):
-    raw = {k: v for k, v in tiny_raw(tmp_path_factory.mktemp("runs"), "hard").items() if k not in config.SIZE_FIELDS}
+    folder = tmp_path_factory.mktemp("runs")
+    pq.write_table(pa.table({"id": list(ANNOTATED), "text": list(ANNOTATED.values())}), folder / "texts.parquet")
+    raw = {k: v for k, v in tiny_raw(folder, "hard").items() if k not in config.SIZE_FIELDS}
     spec = loading.parse({**raw, "languages": ["en"], "labels": HARD, "n_record_to_generate": 24,
                          "multi_label": {"enabled": True, "min_rows": 2},
                          "label_check": {"enabled": True, "action": "flag"},  # the multi-label default: llm
+                         "annotate": {"enabled": True, "path": str(folder / "texts.parquet"), "id_column": "id"},
                          "dedup": {"enabled": False}, "train": {"enabled": False}, "diversity": {"enabled": True}})
     return spec, RunLocation(spec.output, "hard"), pipeline.run(spec)
 
 
-def test_every_judgement_fits_its_budget_whatever_the_names(hard_run):
+def test_every_judgement_is_answered_whatever_the_names(hard_run):
     """Issue 26's input: the judge's answers were cut at 61 tokens where 87 were needed, and the
-    stage said "flagged 0 of 6 rows". The budget now holds the longest answer byte by byte."""
+    stage said "flagged 0 of 6 rows". A judgement is now read from the log-probabilities of its
+    option letters on real vLLM: one token, whatever the names (issue 28)."""
     spec, location, found = hard_run
     checked = found["label_check"]
     judge = checked.report.methods["llm"]
     assert spec.label_check.methods == ["llm"] and checked.status == "complete"
-    assert checked.rows.input == 24 and judge.unanswered == 0
-    assert judge.checked == 24 and judge.usage.failed == 0
+    rows = 24 + found["annotate"].rows.output  # generated and annotated rows
+    assert checked.rows.input == rows and judge.unanswered == 0
+    assert judge.checked == rows and judge.usage.failed == 0 and judge.usage.requests == rows * 3
+    assert judge.calibration == ["batch"] and set(judge.prior) == {label["id"] for label in HARD}
+    assert 0 < min(judge.prior.values()) and max(judge.prior.values()) < 1
+    assert judge.usage.tokens_out == rows * 3  # one token a question
     judged = read_parts(location, "label_check/data")["judged_labels"].to_pylist()
-    assert len(judged) == 24 and all(isinstance(labels, list) for labels in judged)
+    assert len(judged) == rows and all(isinstance(labels, list) for labels in judged)
+
+
+def test_real_vllm_annotates_every_text_once_in_a_mixed_run(hard_run):
+    """The user's 12 texts, labelled on the tiny model beside the generation, on one engine start:
+    its labels are noise (often no label, or all three: no set the run allows, so removed), but
+    every text is asked, answered and accounted for, by its own id."""
+    spec, location, found = hard_run
+    annotated = found["annotate"].report
+    assert found["annotate"].status == "complete" and annotated.engine.starts == 1
+    assert (annotated.rows.expected, annotated.rows.lost, annotated.llm.requests) == (12, 0, 12 * 3 + 3 * 3)
+    assert annotated.calibration == ["content_free"] * 3  # 12 questions a label, below min_batch
+    kept = read_parts(location, "annotate/data").to_pylist() if annotated.rows.written else []
+    removed = read_parts(location, "annotate/removed").to_pylist() if annotated.rows.removed else []
+    assert sorted(row["id"] for row in kept + removed) == sorted(ANNOTATED)
+    assert len(kept) == annotated.rows.written and {row["reason"] for row in removed} <= {"no_allowed_set"}
+    for row in kept:
+        assert row["text"] == ANNOTATED[row["id"]] and row["origin"] == "annotated"
+        assert len(row["probabilities"]) == 3 and 0.5 <= row["confidence"] <= 1
+        assert row["labels"] == [label["id"] for label, p in zip(HARD, row["probabilities"]) if p > 0.5]
+    origins = read_parts(location, "label_check/data")["origin"].to_pylist()
+    assert origins.count("annotated") == annotated.rows.written and origins.count("generated") == 24
 
 
 def test_the_card_and_datasets_keep_the_names(hard_run):
-    spec, location, _ = hard_run
+    spec, location, found = hard_run
     card = location.read_bytes("README.md").decode()
     for label in spec.labels:
         assert f"| {cards.code(label.id)} | {cards.text(label.desc)} |" in card
-    assert datasets.load_dataset(location.uri(), "label_checked", split="train").num_rows == 24
+    checked = datasets.load_dataset(location.uri(), "label_checked", split="train")
+    assert checked.num_rows == found["label_check"].rows.output
+    assert datasets.load_dataset(location.uri(), "annotated", split="train").num_rows == found["annotate"].rows.output
     rows = read_parts(location)
     assert {name for names in rows["label_names"].to_pylist() for name in names} <= {label["desc"] for label in HARD}
 
@@ -98,17 +132,9 @@ def test_a_prompt_over_the_context_at_run_time_is_one_failed_request(tmp_path, l
     assert "generate incomplete: 45 of 48 rows" in capsys.readouterr().out
 
 
-class SilentJudge:
-    """A judge behind the engine seam whose answers to a fifth of the texts are cut off."""
-
-    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
-        out = []
-        for prompt in prompts:
-            text = prompt.text.split("<text>")[1]
-            cut = int(text.split("number ")[1].split()[0]) % 5 == 0
-            answer = '[{"label": "nega' if cut else json.dumps([{"label": "negative sentiment"}])
-            out.append(engine.Completion(answer, "length" if cut else "stop", 20, 6))
-        return out
+def silent_on_fifths(text: str, options: list[str], prompt: str) -> list[float] | None:
+    """A judge that gives no log-probabilities for a fifth of the texts."""
+    return None if int(text.split("number ")[1].split()[0]) % 5 == 0 else [0.9, 0.1]
 
 
 def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path, local_ray, monkeypatch, capsys):
@@ -116,7 +142,7 @@ def test_a_method_that_judged_too_few_rows_leaves_the_stage_incomplete(tmp_path,
                    sampling={"max_retries": 0})
     spec = loading.parse(raw)
     write_generated(spec, [(f"r{i}", "neg", "en", f"review number {i} of a hotel") for i in range(20)])
-    monkeypatch.setattr(pipeline, "vllm_factory", lambda *settings: SilentJudge)
+    monkeypatch.setattr(pipeline, "vllm_factory", lambda *settings: functools.partial(OptionJudge, silent_on_fifths))
     code = cli.main(["label-check", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
     assert code == cli.EXIT_INCOMPLETE
     out = capsys.readouterr().out

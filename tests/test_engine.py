@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pytest
@@ -28,7 +29,7 @@ from anyclf_ray.core.results import LanguageRows, PassCounts, PlannedRows, Usage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import normalise, word_count
 from anyclf_ray.labels.scheme import scheme
-from anyclf_ray.llm import engine, items, pool
+from anyclf_ray.llm import engine, items, judgement, pool
 from anyclf_ray.sources import generate, parts, plan
 
 # Ray pickles classes by reference; this module is not importable in Ray's workers, so ship it by value.
@@ -51,6 +52,9 @@ class FakeEngine:
         out = []
         for prompt in prompts:
             self.attempts[prompt.text] += 1
+            if prompt.options:  # a judgement: every option alike
+                out.append(engine.Completion("A", "stop", 7, 1, (0.0,) * len(prompt.options)))
+                continue
             key = next(iter(prompt.schema["items"]["properties"]))
             failing = self.always_fail or (self.fail_on is not None and self.fail_on in prompt.text)
             if failing or self.attempts[prompt.text] <= self.fail_first:
@@ -240,28 +244,37 @@ class RawEngine:
         return [engine.Completion(self.outputs[self.calls - 1], "stop", 5, 5) for _ in prompts]
 
 
-FLAGS_REQUEST = {"request_id": "f", "prompt": "Which of these?", "item_key": "label", "n_items": 2, "max_chars": 20,
-                 "max_tokens": 32, "flags": ["rain", "sport"], "temperature": 0.0}
+CHOICE = judgement.request(judgement.Question("c", "Which one?\nA. rain\nB. sport\nC. vote", 3))
 
 
-def test_flag_answers_are_one_boolean_per_flag_in_order():
-    fake = RawEngine('{"sport": true, "rain": false}')
-    answered = engine.answer(fake, engine.requests_table([FLAGS_REQUEST]), SAMPLING).to_pylist()[0]
-    assert answered["ok"] and answered["items"] == ["false", "true"] and answered["attempts"] == 1
-    assert fake.schemas[0] == {"type": "object",
-                               "properties": {"rain": {"type": "boolean"}, "sport": {"type": "boolean"}},
-                               "required": ["rain", "sport"], "additionalProperties": False}
+class LogprobEngine:
+    """An ``engine.Engine`` whose n-th answer to every prompt has the n-th of ``logprobs``."""
+
+    def __init__(self, *logprobs: tuple[float, ...] | None):
+        self.logprobs, self.prompts = logprobs, []
+
+    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
+        self.prompts += prompts
+        found = self.logprobs[len(self.prompts) - 1]
+        return [engine.Completion("A", "stop", 5, 1, found) for _ in prompts]
 
 
-def test_flag_answers_that_miss_a_flag_are_retried_then_reported():
-    fake = RawEngine('[{"label": "rain"}]', '{"rain": "yes", "sport": false}', '{"rain": true}')
-    answered = engine.answer(fake, engine.requests_table([FLAGS_REQUEST]), SAMPLING).to_pylist()[0]
-    assert not answered["ok"] and answered["items"] is None and answered["attempts"] == 3
-    assert answered["error"] == "no true or false under 'sport'" and answered["last_output"] == '{"rain": true}'
-    with pytest.raises(ValueError, match="not a JSON object"):
-        engine.parse_flags('[{"label": "rain"}]', ["rain"])
-    with pytest.raises(ValueError, match="no true or false under 'rain'"):
-        engine.parse_flags('{"rain": "yes"}', ["rain"])
+def test_a_choice_reads_each_options_log_probability_from_one_token():
+    fake = LogprobEngine((-2.0, -0.5, -3.0))
+    answered = engine.answer(fake, engine.requests_table([CHOICE]), SAMPLING).to_pylist()[0]
+    assert answered["ok"] and answered["option_logprobs"] == [-2.0, -0.5, -3.0] and answered["items"] == ["B"]
+    asked = fake.prompts[0]
+    assert (asked.options, asked.max_tokens, asked.temperature, asked.schema) == (("A", "B", "C"), 1, 0.0, {})
+    probabilities = judgement.probabilities([answered["option_logprobs"]], 3)[0]
+    assert probabilities == pytest.approx(np.exp([-2.0, -0.5, -3.0]) / np.exp([-2.0, -0.5, -3.0]).sum(), abs=1e-15)
+
+
+def test_a_choice_without_log_probabilities_is_retried_then_reported():
+    fake = LogprobEngine(None, (-1.0, -2.0), (float("-inf"),) * 3)
+    answered = engine.answer(fake, engine.requests_table([CHOICE]), SAMPLING).to_pylist()[0]
+    assert not answered["ok"] and answered["option_logprobs"] is None and answered["attempts"] == 3
+    assert answered["error"] == "every option has probability 0"
+    assert len({prompt.seed for prompt in fake.prompts}) == 3  # a new seed each attempt, as for items
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ test_models.py (SmolLM2).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import re
 import sys
@@ -17,7 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import ray
-from conftest import read_parts, tiny_raw, write_generated, write_spec
+from conftest import OptionJudge, read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import config, loading
@@ -46,21 +47,17 @@ FLIPPED = [
     ("x4", "pos", "en", "What a terrible garden, I am furious", "topic 2"),
 ]
 FLIPPED_IDS = {row[0] for row in FLIPPED}
-CHOICES = ["negative sentiment", "positive sentiment", "none"]  # the judge reads descriptions, not ids
+OPTIONS = ["negative sentiment", "positive sentiment"]  # the judge reads descriptions, not ids
 CUES = re.compile(r"loved|wonderful|excellent|fantastic", re.I)
 
 
-class CueJudge:
-    """A judge behind the engine seam: positive for a text with a positive cue word, else negative."""
+def cue_weights(text: str, options: list[str], prompt: str) -> list[float]:
+    """The judge's weights: 0.9 on positive for a text with a positive cue word, else on negative."""
+    assert options == OPTIONS
+    return [0.1, 0.9] if CUES.search(text) else [0.9, 0.1]
 
-    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
-        out = []
-        for prompt in prompts:
-            text = prompt.text.split("<text>")[1].split("</text>")[0]
-            assert prompt.schema["items"]["properties"]["label"]["enum"] == CHOICES
-            answer = [{"label": "positive sentiment" if CUES.search(text) else "negative sentiment"}]
-            out.append(engine.Completion(json.dumps(answer), "stop", len(prompt.text) // 4, 6))
-        return out
+
+CueJudge = functools.partial(OptionJudge, cue_weights)
 
 
 def check_spec(output, run_id: str, **fields) -> config.JobSpec:
@@ -108,9 +105,10 @@ def test_removed_rows_name_the_first_method_that_failed_them(checked):
     assert kept.num_rows + len(removed) == 52 == found.rows.input
     assert found.rows.output == kept.num_rows
     assert found.report.removed.by_reason == {
-        "label_mismatch": 4, "low_own_probability": 0, "nearer_another_label": len(others)}
+        "label_mismatch": 4, "low_confidence": 0, "low_own_probability": 0, "nearer_another_label": len(others)}
     assert not any(kept["label_check_failed"].to_pylist())
-    assert kept.column_names[-4:] == ["judged_label", "own_probability", "nearest_label", "label_check_failed"]
+    assert kept.column_names[-5:] == ["judged_label", "judge_confidence", "own_probability", "nearest_label",
+                                      "label_check_failed"]
 
 
 @pytest.mark.slow
@@ -186,6 +184,60 @@ def test_a_check_that_fails_nothing_says_so(tmp_path):
     assert fields["methods"]["llm"].failed == 0 and fields["methods"]["llm"].failed_by_label == {}
 
 
+def biased_weights(text: str, options: list[str], prompt: str) -> list[float]:
+    """A judge that leans to the first option, as small models do: wrong on every positive text
+    when read raw (0.6 on negative), right once its prior is divided out."""
+    return [0.6, 0.4] if CUES.search(text) else [0.9, 0.1]
+
+
+@pytest.mark.parametrize(("calibration", "prior", "positive", "negative"), [
+    ("none", {"neg": 0.5, "pos": 0.5}, 0.6, 0.9),  # positive texts: 0.6 on the wrong label
+    # The mean over 24 texts of each kind: 0.75 on negative. Positive: 0.4/0.25 against 0.6/0.75.
+    ("batch", {"neg": 0.75, "pos": 0.25}, 2 / 3, 3 / 4),
+    # N/A, "" and [MASK] have no cue: 0.9 on negative. A negative text then reads as a blank: 1/2.
+    ("content_free", {"neg": 0.9, "pos": 0.1}, 6 / 7, 1 / 2),
+])
+def test_calibration_divides_the_judges_prior_out(tmp_path, calibration, prior, positive, negative):
+    spec = check_spec(tmp_path, calibration, methods=["llm"], action="flag", judge={"calibration": calibration})
+    kept, _, fields, _ = judged(spec, CLEAN, functools.partial(OptionJudge, biased_weights))
+    llm = fields["methods"]["llm"]
+    assert (llm.calibration, llm.prior, llm.usage.requests) == (
+        [calibration], prior, 48 + 3 * (calibration == "content_free"))
+    rows = kept.to_pylist()
+    judged_positive = [row["judged_label"] == "pos" for row in rows if row["label"] == "pos"]
+    assert sum(judged_positive) == (0 if calibration == "none" else 24)
+    assert all(row["judged_label"] == "neg" for row in rows if row["label"] == "neg")
+    confidence = {row["label"]: set() for row in rows}
+    for row in rows:
+        confidence[row["label"]].add(round(row["judge_confidence"], 6))
+    own = {"pos": positive, "neg": negative}
+    assert confidence == {label: {round(np.float32(value).item(), 6)} for label, value in own.items()}
+
+
+def test_a_judgement_below_min_confidence_abstains(tmp_path):
+    spec = check_spec(tmp_path, "abstain", methods=["llm"], judge={"min_confidence": 0.7})
+    kept, removed, fields, _ = judged(spec, CLEAN, functools.partial(OptionJudge, biased_weights))
+    # Positive texts are judged right, with 2/3 (below 0.7): they abstain; negative ones, 3/4.
+    assert (kept.num_rows, removed.num_rows) == (24, 24)
+    assert set(kept["label"].to_pylist()) == {"neg"} and set(removed["reason"].to_pylist()) == {"low_confidence"}
+    assert set(removed["judged_label"].to_pylist()) == {"pos"}  # abstained, though right
+    assert fields["methods"]["llm"].abstained == fields["methods"]["llm"].failed == 24
+
+
+def test_an_unanswered_judgement_is_counted_and_fails_no_row(tmp_path):
+    def silent_on_hotels(text, options, prompt):
+        return None if "hotel" in text else cue_weights(text, options, prompt)
+
+    spec = check_spec(tmp_path, "unanswered", methods=["llm"], action="flag")
+    kept, _, fields, _ = judged(spec, CLEAN + FLIPPED, functools.partial(OptionJudge, silent_on_hotels))
+    hotels = [row for row in kept.to_pylist() if "hotel" in row["text"]]
+    llm = fields["methods"]["llm"]
+    assert llm.unanswered == len(hotels) > 0 and llm.checked == 52 - len(hotels)
+    assert llm.usage.failed == len(hotels) and llm.usage.requests == 52
+    assert all(row["judged_label"] is None and row["judge_confidence"] is None and not row["label_check_failed"]
+               for row in hotels)
+
+
 # -- multi-label rows: one boolean per label -------------------------------------------------------
 
 SET_LABELS = [{"id": "rain", "desc": "weather"}, {"id": "vote", "desc": "politics"}, {"id": "goal", "desc": "sport"}]
@@ -204,24 +256,22 @@ SET_ROWS = [
 ]
 
 
-class FlagJudge:
-    """A multi-label judge behind the engine seam: each label true when its cue words appear."""
+def set_weights(text: str, options: list[str], prompt: str) -> list[float]:
+    """A multi-label judge's weights on yes and no: 0.9 on yes when the label's cue words appear."""
+    label = json.loads(prompt.split("express the label ")[1].split("?")[0])
+    assert options == ["yes", "no"]
+    return [0.9, 0.1] if SET_CUES[label].search(text) else [0.1, 0.9]
 
-    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
-        out = []
-        for prompt in prompts:
-            text = prompt.text.split("<text>")[1].split("</text>")[0]
-            assert prompt.schema["required"] == ["weather", "politics", "sport"]
-            answer = {flag: bool(SET_CUES[flag].search(text)) for flag in prompt.schema["required"]}
-            out.append(engine.Completion(json.dumps(answer), "stop", len(prompt.text) // 4, 12))
-        return out
+
+FlagJudge = functools.partial(OptionJudge, set_weights)
 
 
 def set_check_spec(output, run_id: str, **fields) -> config.JobSpec:
     raw = {k: v for k, v in tiny_raw(output, run_id).items() if k not in config.SIZE_FIELDS}
     return loading.parse({**raw, "labels": SET_LABELS, "n_record_to_generate": 20, "train": {"enabled": False},
                          "multi_label": {"enabled": True, "max_labels": 2, "min_rows": 1},
-                         "label_check": {"enabled": True, "methods": ["llm"], **fields}})
+                         # 9 rows: batch calibration asked to estimate the prior from them.
+                         "label_check": {"enabled": True, "methods": ["llm"], "judge": {"min_batch": 2}, **fields}})
 
 
 @pytest.mark.slow
@@ -231,7 +281,12 @@ def test_label_sets_are_judged_label_by_label(tmp_path, local_ray, action):
     location = write_generated(spec, SET_ROWS)
     found = pipeline.run(spec, only="label_check", engine_factory=FlagJudge)["label_check"]
     llm = found.report.methods["llm"]
-    assert llm.failed == 4 and llm.unanswered == 0 and llm.usage.requests == 9
+    assert llm.failed == 4 and llm.unanswered == 0 and llm.usage.requests == 9 * 3  # a question per label
+    assert llm.calibration == ["batch"] and llm.abstained == 0
+    # The prior divided out: each label's mean p(yes) over the 9 rows, 0.9 on its cued rows.
+    cued = {label: sum(bool(SET_CUES[desc].search(text)) for *_, text in SET_ROWS)
+            for label, desc in (("rain", "weather"), ("vote", "politics"), ("goal", "sport"))}
+    assert llm.prior == {label: round((0.9 * n + 0.1 * (9 - n)) / 9, 4) for label, n in cued.items()}
     assert llm.missing_by_label == {"rain": 1, "vote": 1}
     assert llm.extra_by_label == {"rain": 1, "vote": 1, "goal": 1}
     kept = {row["id"]: row for row in read_parts(location, "label_check/data").to_pylist()}
@@ -241,8 +296,8 @@ def test_label_sets_are_judged_label_by_label(tmp_path, local_ray, action):
     assert "| `vote` | 1 | 1 |" in card
     if action == "remove":
         assert removed == {"x1": "label_missing", "x2": "label_extra", "x3": "label_extra", "x4": "label_missing"}
-        assert found.report.removed.by_reason == {"label_missing": 2, "label_extra": 2, "low_own_probability": 0,
-                                                  "nearer_another_label": 0}
+        assert found.report.removed.by_reason == {"label_missing": 2, "label_extra": 2, "low_confidence": 0,
+                                                  "low_own_probability": 0, "nearer_another_label": 0}
         assert sorted(kept) == ["m1", "m2", "m3", "m4", "m5"]
         return
     assert removed == {"x3": "label_extra", "x4": "label_missing"}
@@ -277,10 +332,21 @@ def test_label_sets_are_checked_by_the_llm_judge_only(tmp_path):
         set_check_spec(tmp_path, "bad", methods=["llm", "crossfit"])
 
 
-def test_a_label_described_as_none_is_refused_for_the_llm_check(tmp_path):
-    raw = tiny_raw(tmp_path, "none", label_check={"enabled": True, "methods": ["llm"]},
-                   labels=[{"id": "0", "desc": "none"}, {"id": "sport", "desc": "sport"}])
-    with pytest.raises(loading.ConfigError, match="label_check.methods: the llm check answers 'none'"):
+def test_a_label_described_as_none_is_judged_as_any_other(tmp_path):
+    # The judge's options are lettered: a label written "none" is an option like the others.
+    spec = check_spec(tmp_path, "none", methods=["llm"], action="flag")
+    spec = spec.model_copy(update={"labels": [config.Label(id="neg", desc="none"), spec.labels[1]]})
+    kept, _, fields, _ = judged(spec, CLEAN, functools.partial(OptionJudge, lambda text, options, prompt: (
+        [0.1, 0.9] if CUES.search(text) else [0.9, 0.1])))
+    assert fields["flagged"] == 0 and "A. none\nB. positive sentiment" in label_check.judge_questions(
+        label_check.scheme(spec), kept.slice(0, 1))[0].prompt
+
+
+def test_more_labels_than_letters_are_refused_for_the_llm_check(tmp_path):
+    labels = [{"id": f"l{i}", "desc": f"topic {i}"} for i in range(27)]
+    raw = tiny_raw(tmp_path, "many", label_check={"enabled": True, "methods": ["llm"]}, labels=labels)
+    with pytest.raises(loading.ConfigError, match="^label_check.methods: the llm judge letters its options A to Z, "
+                                                  "and there are 27 labels; use crossfit or similarity$"):
         loading.parse(raw)
 
 

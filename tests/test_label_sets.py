@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import re
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import plan_in_fresh_process, tiny_raw, write_spec
+from conftest import OptionJudge, plan_in_fresh_process, tiny_raw, write_spec
 
 from anyclf_ray import cli
 from anyclf_ray.core import config, loading
@@ -199,23 +198,21 @@ def test_label_sets_are_enumerated_in_size_then_label_order(tmp_path):
 # -- the LLM's co-occurrence prior ---------------------------------------------------------------
 
 
-class PriorJudge:
-    """An ``engine.Engine`` answering the prior's question by the pair it names; ``subject 3``
-    pairs come back cut off, every time."""
+PRIOR_ANSWERS = {("subject 0", "subject 1"): "often", ("subject 0", "subject 2"): "never"}
 
-    ANSWERS = {("subject 0", "subject 1"): "often", ("subject 0", "subject 2"): "never"}
 
-    def complete(self, prompts: list[engine.Prompt]) -> list[engine.Completion]:
-        out = []
-        for prompt in prompts:
-            first, second = re.search(r'both "(.+?)" and "(.+?)"\?', prompt.text).groups()
-            assert prompt.schema["items"]["properties"]["frequency"]["enum"] == list(pair_prior.WEIGHTS)
-            if "subject 3" in (first, second):
-                out.append(engine.Completion('[{"frequency": "so', "length", 9, prompt.max_tokens))
-            else:
-                answer = self.ANSWERS.get((first, second), "sometimes")
-                out.append(engine.Completion(json.dumps([{"frequency": answer}]), "stop", 9, 4))
-        return out
+def prior_weights(text: str | None, options: list[str], prompt: str) -> list[float] | None:
+    """The prior's judge: 0.7 on the answer ``PRIOR_ANSWERS`` gives the pair it names (else
+    sometimes), 0.1 on the others; uniform about content-free labels (N/A...); no answer about
+    ``subject 3``, every time."""
+    first, second = re.search(r'both "(.*?)" and "(.*?)"\?', prompt).groups()
+    assert text is None and options == pair_prior.ANSWERS
+    if "subject 3" in (first, second):
+        return None
+    if first == second:  # content-free: both labels "N/A", "" or "[MASK]"
+        return [0.25] * 4
+    answer = PRIOR_ANSWERS.get((first, second), "sometimes")
+    return [0.7 if option == answer else 0.1 for option in options]
 
 
 class InProcessPool:
@@ -226,16 +223,20 @@ class InProcessPool:
 
     def answer_table(self, requests: pa.Table, name: str) -> pa.Table:
         self.passes.append((name, requests.num_rows))
-        return engine.answer(PriorJudge(), requests, self.spec.sampling)
+        return engine.answer(OptionJudge(prior_weights), requests, self.spec.sampling)
 
 
 def test_the_llm_prior_weighs_pairs_it_was_asked_and_never_forbids_one(tmp_path):
     spec = loading.parse(multi_raw(tmp_path, pair_prior="llm", pair_weights={"l1|l2": 3}))
     pool = InProcessPool(spec)
     record = pair_prior.ask(spec, lambda: pool)
-    assert pool.passes == [("pair_prior", 5)]  # 6 pairs, less the one the user weighed
+    # 6 pairs, less the one the user weighed; fewer than judge.min_batch, so calibrated on the
+    # 3 content-free questions asked beside them (a uniform prior here).
+    assert pool.passes == [("pair_prior", 5 + 3)]
+    assert record["calibration"] == "content_free" and record["prior"] == dict.fromkeys(pair_prior.ANSWERS, 0.25)
     assert record["weights"] == {"l0|l1": 2.0, "l0|l2": 0.1, "l0|l3": 1.0, "l1|l3": 1.0, "l2|l3": 1.0}
     assert [row["answer"] for row in record["pairs"]] == ["often", "never", None, None, None]
+    assert record["pairs"][0]["probabilities"] == [0.1, 0.1, 0.1, 0.7]
     assert record["unanswered"] == 3 and record["usage"]["failed"] == 3
     tree = label_sets.with_prior(plan.full_tree(spec), record["weights"])
     assert label_sets.prior(tree) == record["weights"]
@@ -252,4 +253,4 @@ def test_the_llm_prior_weighs_pairs_it_was_asked_and_never_forbids_one(tmp_path)
     for labels, n in zip(leaves["labels"].to_pylist(), leaves["n_samples"].to_pylist()):
         with_prior["|".join(labels)] += n
     assert sum(with_prior.values()) == sum(planned.values()) == 301 and with_prior != planned
-    assert estimate.estimate(spec)["requests"]["pair_prior"] == 5
+    assert estimate.estimate(spec)["requests"]["pair_prior"] == 5 + 3

@@ -101,7 +101,10 @@ def test_rows_carry_label_sets_with_exact_counts_and_planned_ids(multi_run):
     prior = location.read_json(pair_prior.FILE)
     assert [row["pair"] for row in prior["pairs"]] == PAIRS
     assert all(row["weight"] == pair_prior.WEIGHTS.get(row["answer"], 1.0) for row in prior["pairs"])
-    assert prior["unanswered"] == prior["usage"]["failed"] and prior["usage"]["requests"] == 3
+    # 3 pairs, fewer than judge.min_batch: calibrated on 3 content-free questions beside them.
+    assert prior["unanswered"] == prior["usage"]["failed"] and prior["usage"]["requests"] == 3 + 3
+    assert prior["calibration"] == "content_free" and sum(prior["prior"].values()) == pytest.approx(1, abs=1e-3)
+    assert all(row["answer"] in pair_prior.WEIGHTS for row in prior["pairs"])  # read from log-probabilities
     tree = location.read_table("tree.parquet")
     assert generated.pair_prior.weights == prior["weights"] == label_sets.prior(tree)
     assert all(tree[level].null_count == 0 for level in plan.TREE_LEVELS)  # every leaf can take rows
@@ -127,11 +130,12 @@ def test_rows_carry_label_sets_with_exact_counts_and_planned_ids(multi_run):
     assert "![co-occurrence](co_occurrence.png)" in location.read_bytes("README.md").decode()
 
 
-def test_the_llm_judge_answers_one_boolean_per_label_on_the_same_engine(multi_run):
+def test_the_llm_judge_asks_one_question_per_label_on_the_same_engine(multi_run):
     _, location, found = multi_run
     checked = found["label_check"]
     llm = checked.report.methods["llm"]
-    assert checked.rows == Rows(input=ROWS, output=ROWS) and llm.usage.requests == ROWS
+    assert checked.rows == Rows(input=ROWS, output=ROWS) and llm.usage.requests == ROWS * 3
+    assert llm.calibration == ["batch"] and llm.unanswered == 0  # a real vLLM gives every letter's log-probability
     assert llm.engine.starts == 1 and "label_check/llm" in llm.engine.passes
     rows = read_parts(location, "label_check/data").to_pylist()
     answered = [row for row in rows if row["judged_labels"] is not None]
@@ -139,6 +143,7 @@ def test_the_llm_judge_answers_one_boolean_per_label_on_the_same_engine(multi_ru
     for row in answered:
         assert set(row["judged_labels"]) <= {"rain", "vote", "goal"}
         assert bool(row["label_check_failed"]) == (row["judged_labels"] != row["labels"])
+        assert 0.5 <= row["judge_confidence"] <= 1  # the least sure of its three yes/no answers
     assert checked.report.flagged == llm.failed == sum(bool(row["label_check_failed"]) for row in rows)
 
 

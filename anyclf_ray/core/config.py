@@ -26,7 +26,6 @@ from pydantic import (
 )
 
 from anyclf_ray.core import models
-from anyclf_ray.core.text import normalise
 from anyclf_ray.core.tokens import ITEM_OVERHEAD_CHARS, MIN_TEXT_CHARS, answer_tokens, chars_per_token
 
 
@@ -238,8 +237,24 @@ class DedupSpec(ActorPlacement, StageSpec):
 
 
 LABEL_CHECK_METHODS = ("llm", "crossfit", "similarity")
-# The llm judge's answer for a text that expresses none of the labels.
-NO_LABEL = "none"
+# A judgement's options are lettered A, B, ...: one token each in every tokenizer we know of.
+MAX_OPTIONS = 26
+
+
+class JudgeSpec(_Strict):
+    """How an LLM choice is read (``judgement.py``): the options' probabilities at the answer's
+    first token, with the model's prior over them divided out (calibration), and a confidence."""
+
+    calibration: Annotated[Literal["batch", "content_free", "none"], DECIDES, Field(
+        description="batch: divide by the mean probabilities over the pass (Zhou et al. 2023); content_free: by "
+                    "the probabilities for content-free inputs such as N/A (Zhao et al. 2021); none: raw.")] = "batch"
+    min_batch: Annotated[int, DECIDES, Field(
+        ge=2, description="batch calibration needs this many questions of a kind in a pass; a smaller pass is "
+                          "calibrated content_free (and says so).")] = 16
+    min_confidence: Annotated[float, DECIDES, Field(
+        ge=0, lt=1, description="A judgement whose calibrated probability of its choice (in a multi-label run, of "
+                                "its least sure label) is below this abstains: the row is removed as "
+                                "low_confidence. 0: never.")] = 0.0
 
 
 class LabelCheckSpec(ActorPlacement, StageSpec):
@@ -268,6 +283,7 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
                                 "other's (cosine).")] = 0.0
     batch_size: int = Field(128, gt=0, description="Texts per embedding batch.")
     seed: Annotated[int, DECIDES, Field(description="Seed of crossfit's folds.")] = 0
+    judge: Annotated[JudgeSpec, DECIDES, Field(description="How the llm method's judgement is read.")] = JudgeSpec()
 
     @field_validator("methods")
     @classmethod
@@ -335,6 +351,24 @@ class EvalSetSpec(_Strict):
         return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
+class AnnotateSpec(StageSpec):
+    """The user's own unlabeled texts, labelled by the run's LLM (``annotate.py``): a source of
+    rows beside generation, each text's label the calibrated judgement's choice."""
+
+    enabled: bool = Field(False, description="Annotate the texts at path (a source of rows beside generation).")
+    path: Annotated[str | None, DECIDES, Field(
+        description="A .parquet, .csv or .jsonl file, a Parquet folder or a datasets folder, local or s3://; "
+                    "read as it stands when the run starts (a changed file at the same path is not noticed).")] = None
+    text_column: Annotated[str, DECIDES, Field(description="The column of texts.")] = "text"
+    id_column: Annotated[str | None, DECIDES, Field(
+        description="A column of unique row ids, kept as the rows' ids; null: a stable hash of the text.")] = None
+    language_column: Annotated[str | None, DECIDES, Field(
+        description="A column of language codes (among languages); null: every text is in the first language.")
+    ] = None
+    max_rows: Annotated[int | None, DECIDES, Field(gt=0, description="Annotate the first this many rows only.")] = None
+    judge: Annotated[JudgeSpec, DECIDES, Field(description="How each text's judgement is read.")] = JudgeSpec()
+
+
 class TrainSpec(StageSpec):
     """SetFit training on Ray Train (``train.py``) and evaluation (``evaluate.py``)."""
 
@@ -396,6 +430,7 @@ class MultiLabelSpec(_Strict):
                                                                         "the labels.")] = 0.0
     min_rows: Annotated[int, DECIDES, Field(ge=1, description="Rows each label and each allowed pair gets before the "
                                                               "weights share out the rest.")] = 5
+    judge: Annotated[JudgeSpec, DECIDES, Field(description="How the pair prior's judgement is read.")] = JudgeSpec()
 
     @field_validator("size_weights")
     @classmethod
@@ -511,6 +546,7 @@ class JobSpec(_Strict):
     dedup: DedupSpec = Field(DedupSpec(), description="Exact and near-duplicate removal.")
     diversity: DiversitySpec = Field(DiversitySpec(), description="The diversity report.")
     train: TrainSpec = Field(TrainSpec(), description="SetFit training and evaluation.")
+    annotate: AnnotateSpec = Field(AnnotateSpec(), description="Label the user's own texts with the LLM.")
     multi_label: MultiLabelSpec = Field(MultiLabelSpec(), description="Rows that carry label sets.")
     run_id: str | None = Field(None, description="Names the run's folder; default: run-<digest of the spec>.")
     tree_path: Annotated[str | None, DECIDES, Field(
@@ -609,10 +645,15 @@ class JobSpec(_Strict):
             raise ValueError("label_check.methods: a multi-label run is checked by the llm judge only (crossfit and "
                              "similarity read one label a row); set methods: [llm]")
         single_judge = self.label_check.enabled and "llm" in self.label_check.methods and not self.multi_label.enabled
-        reserved = [label.desc for label in self.labels if normalise(label.desc) == NO_LABEL]
-        if single_judge and reserved:
-            raise ValueError(f"label_check.methods: the llm check answers {NO_LABEL!r} for no label; reword the "
-                             f"label desc {reserved[0]!r}")
+        if single_judge and len(self.labels) > MAX_OPTIONS:
+            raise ValueError(f"label_check.methods: the llm judge letters its options A to Z, and there are "
+                             f"{len(self.labels)} labels; use crossfit or similarity")
+        if self.annotate.enabled:
+            if not self.annotate.path:
+                raise ValueError("annotate.path: name the texts to annotate (a Parquet, CSV or JSONL file or folder)")
+            if len(self.labels) > MAX_OPTIONS and not self.multi_label.enabled:
+                raise ValueError(f"annotate.enabled: a judgement letters its options A to Z, and there are "
+                                 f"{len(self.labels)} labels; annotate with at most {MAX_OPTIONS}")
         multi = self.multi_label
         if multi.enabled and self.train.enabled and not multi.none_share and multi.min_labels == len(self.labels):
             raise ValueError("multi_label.min_labels: every row would carry every label, so no label has negatives "
@@ -696,6 +737,8 @@ class JobSpec(_Strict):
         found = decisive(self)
         if not self.multi_label.enabled:  # so single-label runs keep the ids they had before it
             del found["multi_label"]
+        if self.annotate.enabled:  # generated rows then carry the columns annotated rows have
+            found["row_origin"] = True
         return digest(found)
 
     def resolved_run_id(self) -> str:

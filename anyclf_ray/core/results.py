@@ -26,14 +26,15 @@ CountTable = list[dict[str, Any]]
 
 
 def counts(table: pa.Table, keys: list[str], weights: str | None = None) -> CountTable:
-    """Rows per combination of ``keys`` (or, given ``weights``, the sum of that column), sorted."""
+    """Rows per combination of ``keys`` (or, given ``weights``, the sum of that column), sorted
+    (nulls last: an annotated row has no topic)."""
     if not table.num_rows:
         return []
     # On the calling thread only: a threaded plan run from a thread other than the main one can
     # touch more threads than Acero's per-plan index holds ("thread index 11 is out of range").
     aggregate: list = [(weights, "sum")] if weights else [([], "count_all")]
     grouped = table.group_by(keys, use_threads=False).aggregate(aggregate).rename_columns([*keys, "rows"])
-    return sorted(grouped.to_pylist(), key=lambda row: [row[k] for k in keys])
+    return sorted(grouped.to_pylist(), key=lambda row: [(row[k] is None, row[k]) for k in keys])
 
 
 def added(*tables: CountTable) -> CountTable:
@@ -42,7 +43,7 @@ def added(*tables: CountTable) -> CountTable:
     for row in itertools.chain(*tables):
         total[tuple((key, value) for key, value in row.items() if key != "rows")] += row["rows"]
     return sorted(({**dict(key), "rows": n} for key, n in total.items()),
-                  key=lambda row: [value for key, value in row.items() if key != "rows"])
+                  key=lambda row: [(value is None, value) for key, value in row.items() if key != "rows"])
 
 
 class Model(BaseModel):
@@ -181,6 +182,31 @@ class GenerationReport(Model):
     s3_retries: int = 0
 
 
+class AnnotatedRows(Model):
+    """The texts annotation read (``expected``, after ``max_rows``), the rows it wrote, those it
+    removed (the judgement abstained, or its labels make no allowed set) and those lost to
+    questions that failed after their retries."""
+
+    expected: int
+    written: int
+    removed: int
+    lost: int
+
+
+class AnnotationReport(Model):
+    input: str
+    rows: AnnotatedRows
+    counts: Counts
+    removed: dict[str, int]
+    # The judgement's calibration per kind of question and the prior it divided out, by label.
+    calibration: list[str]
+    prior: dict[str, float]
+    failures: Failures
+    llm: Usage
+    engine: EngineFigures
+    s3_retries: int = 0
+
+
 # -- filters ------------------------------------------------------------------------------------
 
 
@@ -224,6 +250,11 @@ class MethodReport(Model):
     extra_by_label: dict[str, int] | None = None
     usage: Usage | None = None
     engine: EngineFigures | None = None
+    # llm: the calibration methods used (``judgement.py``), the prior they divided out by label,
+    # and the rows that abstained (below judge.min_confidence).
+    calibration: list[str] | None = None
+    prior: dict[str, float] | None = None
+    abstained: int | None = None
     folds: int | None = None
     threshold: float | None = None
     skipped: str | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -191,6 +191,79 @@ def columns(path: str, field: str) -> list[str]:
                 return list(dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row))
             return list(pq.ParquetFile(stream).schema_arrow.names)
     except (pa.ArrowInvalid, OSError, ValueError) as error:
+        raise ConfigError(f"{field}: cannot read {path} ({str(error).splitlines()[0]})") from None
+
+
+def metadata_size(path: str, field: str, text_column: str) -> tuple[int | None, int]:
+    """Rows and bytes of the text column at ``path`` from metadata alone: a Parquet file's or
+    folder's footers (rows; the column's uncompressed bytes); for other formats, None rows and
+    the files' bytes. Reads no row."""
+    filesystem, resolved, kind = located(path, field)
+    if not is_datasets_folder(filesystem, resolved, kind) and input_format(resolved, field) == "parquet":
+        files = pq.ParquetDataset(resolved, filesystem=filesystem).files if kind == pafs.FileType.Directory \
+            else [resolved]
+        rows = size = 0
+        for file in files:
+            with filesystem.open_input_file(file) as stream:
+                footer = pq.ParquetFile(stream).metadata
+            column = footer.schema.to_arrow_schema().get_field_index(text_column)
+            rows += footer.num_rows
+            size += sum(footer.row_group(g).column(column).total_uncompressed_size
+                        for g in range(footer.num_row_groups)) if column >= 0 else 0
+        return rows, size
+    selector = pafs.FileSelector(resolved, recursive=True) if kind == pafs.FileType.Directory else None
+    infos = filesystem.get_file_info(selector) if selector else [filesystem.get_file_info(resolved)]
+    return None, sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+
+
+def scan(path: str, field: str, names: Sequence[str], batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """The columns ``names`` of the input at ``path``, a batch of at most ``batch_rows`` rows at a
+    time, each column as text (``text_values``: null where missing), so the driver holds one batch
+    of a corpus of any size. ConfigError naming ``field`` when it cannot be read."""
+    filesystem, resolved, kind = located(path, field)
+
+    def as_texts(table: pa.Table) -> pa.Table:
+        return pa.table({name: pa.array(text_values(table, name) if name in table.column_names
+                                        else [None] * table.num_rows, pa.string()) for name in names})
+
+    try:
+        if is_datasets_folder(filesystem, resolved, kind):
+            for batch in _read_datasets_folder(resolved)[0].select(list(names)).to_batches(batch_rows):
+                yield as_texts(pa.Table.from_batches([batch]))
+            return
+        fmt = input_format(resolved, field)
+        if kind == pafs.FileType.Directory or fmt == "parquet":
+            source = pq.ParquetDataset(resolved, filesystem=filesystem) if kind == pafs.FileType.Directory else None
+            files = source.files if source is not None else [resolved]
+            for file in files:
+                with filesystem.open_input_file(file) as stream:
+                    for batch in pq.ParquetFile(stream).iter_batches(batch_rows, columns=list(names)):
+                        yield as_texts(pa.Table.from_batches([batch]))
+            return
+        with filesystem.open_input_file(resolved) as stream:
+            if fmt == "csv":
+                options = pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
+                                               include_columns=list(names), null_values=list(NULL_MARKERS),
+                                               strings_can_be_null=True)
+                for batch in pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                            convert_options=options):
+                    yield as_texts(pa.Table.from_batches([batch]))
+                return
+            rows: list[dict] = []
+            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+                if line.strip():
+                    value = json.loads(line, parse_int=str, parse_float=str)
+                    if not isinstance(value, dict):
+                        raise ValueError(f"line {number} is not a JSON object")
+                    rows.append({name: _json_text(value.get(name)) for name in names})
+                if len(rows) == batch_rows:
+                    yield pa.Table.from_pylist(rows, schema=pa.schema({name: pa.string() for name in names}))
+                    rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=pa.schema({name: pa.string() for name in names}))
+    except (pa.ArrowInvalid, OSError, ValueError, UnicodeDecodeError) as error:
+        if isinstance(error, ConfigError):
+            raise
         raise ConfigError(f"{field}: cannot read {path} ({str(error).splitlines()[0]})") from None
 
 

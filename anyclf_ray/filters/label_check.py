@@ -6,22 +6,25 @@ A ``FilterStage`` (``stage.py``). In: the rows the stage before it committed. Ou
 - ``data/part-*.parquet``: the kept rows (with ``action: flag``, every row; with ``relabel``,
   the failing rows whose judged labels make an allowed set, carrying those labels);
 - ``removed/part-*.parquet``: the failing rows, with ``reason`` (the first method, in the spec's
-  order, that failed them: ``REASONS``, the judge's from the label scheme);
+  order, that failed them: ``REASONS``, the judge's from the label scheme; ``low_confidence``
+  where the judge abstained);
 - ``embeddings/part-*.parquet``: every row's embedding by the check's embedder, when a method
   needed one (training reuses them);
-- ``manifest.json``: per method and label, the rows that failed; the judged-by-intended counts;
-  the rows relabelled, by reason.
+- ``manifest.json``: per method and label, the rows that failed; the judged-by-intended counts,
+  the judge's calibration and the prior it divided out; the rows relabelled, by reason.
 
 Every row out carries the audit columns of the methods run: ``judged_label`` (llm;
 ``judged_labels`` in a multi-label run; null when the judge's answer failed after its retries,
-and the row is then not failed by it), ``own_probability`` (crossfit), ``nearest_label``
-(similarity), ``relabelled_from`` (relabel) and ``label_check_failed``, the methods that failed
-it. The methods:
+and the row is then not failed by it) and ``judge_confidence``, ``own_probability``
+(crossfit), ``nearest_label`` (similarity), ``relabelled_from`` (relabel) and
+``label_check_failed``, the methods that failed it. The methods:
 
-- ``llm``: the run's engine pool reads each text and answers which label it expresses,
-  constrained to the labels' descriptions and ``none`` (at temperature 0). Any other label than
-  the row's own, or none, fails the row. In a multi-label run it answers a JSON object with one
-  boolean per label; any difference from the row's set fails it.
+- ``llm``: the run's engine pool is asked which label each text expresses, the labels'
+  descriptions lettered as options, and the answer read as calibrated probabilities
+  (``judgement.py``, ``label_check.judge``). Any other label than the row's own fails the row.
+  In a multi-label run it is asked one yes/no question per label; any difference from the row's
+  set fails it. A judgement less sure than ``judge.min_confidence`` abstains: the row is
+  removed as ``low_confidence`` (kept, with ``action: flag``).
 - ``crossfit``: k-fold logistic regression over the rows' embeddings; a row fails when its
   out-of-fold probability of its own label is below the threshold (no LLM time).
 - ``similarity``: a row fails unless its embedding is nearer its own label's description than
@@ -39,44 +42,31 @@ import pyarrow as pa
 
 from anyclf_ray.core import cards, embed, runtime
 from anyclf_ray.core.config import JobSpec, LabelCheckSpec
-from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.results import LabelCheckReport, MethodReport, Relabelled, StageResult, Unchecked
 from anyclf_ray.core.stage import Context, Decision, FilterStage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.labels.scheme import LabelScheme, scheme
-from anyclf_ray.llm import engine
+from anyclf_ray.llm import engine, judgement
+from anyclf_ray.llm.judgement import Question
 
 log = logging.getLogger(__name__)
 
 # Why the embedding methods fail a row (the llm judge's reasons are the label scheme's).
 REASONS = {"crossfit": "low_own_probability", "similarity": "nearer_another_label"}
+# A row the judge was not sure enough about (below ``judge.min_confidence``).
+ABSTAINED = "low_confidence"
 # Below this share of rows checked, a method's verdict is missing work: the stage is incomplete
 # (exit code 3), not clean.
 MIN_CHECKED = 0.9
 
 
-def judge_requests(spec: JobSpec, rows: pa.Table) -> pa.Table:
-    """One request per row: which label (or none) does its text express; or, for label sets,
-    does it express each label, one boolean per label (``LabelScheme.judge_request``).
+def judge_questions(labels: LabelScheme, rows: pa.Table) -> list[Question]:
+    """The judge's questions of ``rows`` (``LabelScheme.judge_questions``), row by row.
 
     The labels are named by their descriptions, as in every other prompt: ids can be codes the
-    model cannot read (``ham``, ``LOC``); ``judged_labels`` maps the answer back to the ids."""
-    labels = scheme(spec)
-    return engine.requests_table([{"request_id": stable_id("label_check", row_id), **labels.judge_request(text)}
-                                  for row_id, text in zip(rows["id"].to_pylist(), rows["text"].to_pylist())])
-
-
-def judged_labels(labels: LabelScheme, rows: pa.Table, answers: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's labels as judged (rows × labels, in spec order) and whether the judge answered
-    it at all."""
-    by_request = dict(zip(answers["request_id"].to_pylist(), answers["items"].to_pylist()))
-    judged = np.zeros((rows.num_rows, len(labels.ids)), bool)
-    answered = np.zeros(rows.num_rows, bool)
-    for i, row_id in enumerate(rows["id"].to_pylist()):
-        items = by_request[stable_id("label_check", row_id)]
-        if items is not None:
-            answered[i], judged[i] = True, labels.judged(items)
-    return judged, answered
+    model cannot read (``ham``, ``LOC``); the verdicts map the answers back to the ids."""
+    return [question for row_id, text in zip(rows["id"].to_pylist(), rows["text"].to_pylist())
+            for question in labels.judge_questions(row_id, text)]
 
 
 def relabelled(labels: LabelScheme, rows: pa.Table, judged: np.ndarray, mask: np.ndarray) -> pa.Table:
@@ -146,15 +136,20 @@ def check(spec: JobSpec, rows: pa.Table, answer: Callable[[pa.Table], pa.Table] 
 
     if "llm" in settings.methods:
         assert answer is not None, "the llm method asks the judge"
-        answers = answer(judge_requests(spec, rows))
-        judged, answered = judged_labels(labels, rows, answers)
+        judgements = judgement.judge(answer, judge_questions(labels, rows), labels.judge_size, labels.judge_blank,
+                                settings.judge)
+        judged, answered, confidence = labels.judged(judgements)
+        abstained = answered & (confidence < settings.judge.min_confidence)
         missing, extra = intended & ~judged, judged & ~intended
-        failed["llm"] = answered & (missing | extra).any(axis=1)
-        reasons["llm"] = labels.judge_reason(missing, extra)
+        failed["llm"] = answered & ((missing | extra).any(axis=1) | abstained)
+        reasons["llm"] = np.where(abstained, ABSTAINED, labels.judge_reason(missing, extra))
         name, verdicts = labels.verdicts(judged, answered)
         columns[name] = verdicts
+        columns["judge_confidence"] = pa.array(confidence, pa.float32(), mask=~answered)
         figures["llm"] = {"checked": int(answered.sum()), "unanswered": int((~answered).sum()),
-                          **labels.judge_figures(intended, judged, answered), "usage": engine.usage(answers)}
+                          **labels.judge_figures(intended, judged, answered), "usage": judgements.usage,
+                          "calibration": sorted(set(judgements.calibration)), "prior": labels.judge_prior(judgements),
+                          "abstained": int(abstained.sum())}
 
     if {"crossfit", "similarity"} & set(settings.methods):
         assert embed_texts is not None, "crossfit and similarity read embeddings"
@@ -194,7 +189,7 @@ def check(spec: JobSpec, rows: pa.Table, answer: Callable[[pa.Table], pa.Table] 
                                   for m in settings.methods if figures[m]["checked"] < MIN_CHECKED * rows.num_rows]}
     removing = any_failed if settings.action != "flag" else np.zeros(rows.num_rows, bool)
     if settings.action == "relabel":  # methods are [llm]: every failed row was judged
-        relabelling = any_failed & labels.allowed(judged)
+        relabelling = any_failed & labels.allowed(judged) & (reason != ABSTAINED)
         removing = any_failed & ~relabelling
         out = relabelled(labels, out, judged, relabelling)
         by_reason = np.unique(reason[relabelling].astype(str), return_counts=True)
@@ -218,7 +213,7 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
 
     @property
     def reasons(self) -> tuple[str, ...]:
-        return (*scheme(self.spec).judge_reasons, *REASONS.values())
+        return (*scheme(self.spec).judge_reasons, ABSTAINED, *REASONS.values())
 
     @property
     def uses_llm(self) -> bool:
@@ -240,7 +235,8 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
         longest = self.spec.sampling.text_chars(self.spec.languages)
         filler = "字" if any(code[:2] in ("zh", "ja", "ko") for code in self.spec.languages) else "x "
         text = (filler * longest)[:longest]
-        return {"label_check/llm": judge_requests(self.spec, pa.table({"id": ["0"], "text": [text]}))}
+        questions = judge_questions(scheme(self.spec), pa.table({"id": ["0"], "text": [text]}))
+        return {"label_check/llm": engine.requests_table([judgement.request(question) for question in questions])}
 
     def decide(self, ctx: Context, rows: pa.Table, checked: None) -> Decision:
         settings, timings = self.settings, {}

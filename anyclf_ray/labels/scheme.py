@@ -7,7 +7,7 @@ In: the spec (its label set and its ``multi_label`` section). Out: the run's ``L
   the one string column rows are grouped and counted by (``key``), the run's counts;
 - planning: the label sets rows are planned for (each label alone, or the allowed sets of
   ``label_sets``), every leaf's samples, the leaves' ids and the generation prompt's label lines;
-- judging: the llm judge's question, its answer schema and budget, and why a row fails;
+- judging: the llm judge's questions (``judgement.py``), their verdicts, and why a row fails;
 - training: the targets (a label's position, or a 0/1 row per label: the two target types of
   SetFit's models), the pair sampler, the head (SetFit's ``one-vs-rest`` for sets), the
   held-out splits (a set's thresholds are tuned on half of them), tallies and figures;
@@ -29,10 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from anyclf_ray.core import plots
-from anyclf_ray.core.config import LABEL_SET_SEPARATOR, NO_LABEL, EvalSetSpec, JobSpec
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, EvalSetSpec, JobSpec
+from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.labels import label_sets, metrics, pairs
-from anyclf_ray.llm import prompts
+from anyclf_ray.llm import judgement, prompts
+from anyclf_ray.llm.judgement import Judgement, Question
 
 # Tallies of one batch, to add up: a confusion matrix, or counts per label (``metrics``).
 Tally = np.ndarray
@@ -40,6 +42,13 @@ Tally = np.ndarray
 ROW_FIELDS = [pa.field("language", pa.string()), pa.field("source_type", pa.string()), pa.field("topic", pa.string()),
               pa.field("subtopic", pa.string()), pa.field("leaf_id", pa.string()), pa.field("sample_index", pa.int32()),
               pa.field("model", pa.string())]
+# A run with annotation (``annotate.py``) has two sources; its rows say which one wrote them, and
+# an annotated row carries the judgement it was labelled by (null for a generated row).
+ORIGINS = ("generated", "annotated")
+ORIGIN_FIELDS = [pa.field("origin", pa.string()),
+                 # The calibrated probability of each label (one label a row), or of yes to it (sets).
+                 pa.field("probabilities", pa.list_(pa.float32())),
+                 pa.field("confidence", pa.float32())]
 
 
 class LabelScheme(abc.ABC):
@@ -67,8 +76,11 @@ class LabelScheme(abc.ABC):
 
     @property
     def row_schema(self) -> pa.Schema:
-        """The run's rows: ``id``, ``text``, the label columns, then ``ROW_FIELDS``."""
-        return pa.schema([pa.field("id", pa.string()), pa.field("text", pa.string()), *self.fields, *ROW_FIELDS])
+        """The run's rows: ``id``, ``text``, the label columns, ``ROW_FIELDS``, and in a run that
+        annotates, ``ORIGIN_FIELDS``."""
+        origin = ORIGIN_FIELDS if self.spec.annotate.enabled else []
+        return pa.schema([pa.field("id", pa.string()), pa.field("text", pa.string()), *self.fields, *ROW_FIELDS,
+                          *origin])
 
     @abc.abstractmethod
     def columns(self, labels: list[list[str]]) -> dict[str, pa.Array]:
@@ -165,13 +177,36 @@ class LabelScheme(abc.ABC):
 
     # -- the llm judge -----------------------------------------------------------------------------
 
+    @property
     @abc.abstractmethod
-    def judge_request(self, text: str) -> dict:
-        """The request fields of the question ``text`` is asked (``engine.REQUEST_FIELDS``)."""
+    def judge_size(self) -> int:
+        """Questions the judge asks of a row, each of its own kind (``Question.kind``: calibrated
+        on its own)."""
 
     @abc.abstractmethod
-    def judged(self, items: list[str]) -> np.ndarray:
-        """The labels an answer's items say the text expresses, a boolean per label."""
+    def judge_questions(self, row_id: str, text: str, asker: str = "label_check") -> list[Question]:
+        """The questions the judge is asked of a row's text, kinds 0 to ``judge_size - 1``; their
+        request ids are the ``asker``'s."""
+
+    @abc.abstractmethod
+    def judge_blank(self, kind: int, text: str) -> str:
+        """A question of ``kind`` asked of the content-free input ``text``."""
+
+    @abc.abstractmethod
+    def judged(self, found: Judgement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """From the judgements of rows' questions (``judge_size`` a row, in order): the labels each
+        row's text is judged to express (rows × labels booleans), whether every question of the
+        row was answered, and the row's confidence (NaN where unanswered)."""
+
+    @abc.abstractmethod
+    def label_probabilities(self, found: Judgement) -> np.ndarray:
+        """``(rows, labels)``: each row's calibrated probability of each label (one label a row)
+        or of yes to each label (sets), from its questions' judgements."""
+
+    @abc.abstractmethod
+    def judge_prior(self, found: Judgement) -> dict[str, float]:
+        """The prior calibration divided out, by label: the probability of answering it (one
+        label a row) or of answering yes to it (sets)."""
 
     @abc.abstractmethod
     def judge_reason(self, missing: np.ndarray, extra: np.ndarray) -> np.ndarray:
@@ -184,10 +219,6 @@ class LabelScheme(abc.ABC):
     @abc.abstractmethod
     def judge_figures(self, intended: np.ndarray, judged: np.ndarray, answered: np.ndarray) -> dict:
         """What the manifest shows of the verdicts against the rows' own labels."""
-
-    def _answer_request(self, template: str, text: str) -> dict:
-        prompt = prompts.render(template, instruction=self.spec.instruction, labels=self.labels_text(), text=text)
-        return {"prompt": prompt, "item_key": "label", "temperature": 0.0}
 
     # -- training and evaluation -------------------------------------------------------------------
 
@@ -293,23 +324,34 @@ class SingleLabel(LabelScheme):
     def prompt(self, labels: list[str], language: str | None) -> tuple[str, dict[str, str]]:
         return prompts.GENERATE, {"label": self.label_text(labels[0], language)}
 
-    def judge_request(self, text: str) -> dict:
-        choices = [*self.descs, NO_LABEL]
-        return {**self._answer_request(prompts.JUDGE, text), "n_items": 1, "max_chars": max(map(len, choices)),
-                "choices": choices, "max_tokens": prompts.answer_budget(prompts.longest_choice("label", choices))}
+    @property
+    def judge_size(self) -> int:
+        return 1
 
-    def judged(self, items: list[str]) -> np.ndarray:
-        found = np.zeros(len(self.ids), bool)
-        if items[0] != NO_LABEL:
-            found[self.descs.index(items[0])] = True
-        return found
+    def judge_blank(self, kind: int, text: str) -> str:
+        return prompts.render(prompts.JUDGE, instruction=self.spec.instruction, text=text,
+                              options=judgement.lettered(self.descs))
+
+    def judge_questions(self, row_id: str, text: str, asker: str = "label_check") -> list[Question]:
+        return [Question(stable_id(asker, row_id), self.judge_blank(0, text), len(self.ids))]
+
+    def judged(self, found: Judgement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        answered = found.answered
+        judged = np.zeros((len(answered), len(self.ids)), bool)
+        judged[np.flatnonzero(answered), found.choice[answered]] = True
+        return judged, answered, found.confidence
+
+    def label_probabilities(self, found: Judgement) -> np.ndarray:
+        return found.probabilities
+
+    def judge_prior(self, found: Judgement) -> dict[str, float]:
+        return {label: round(float(p), 4) for label, p in zip(self.ids, found.priors[0])}
 
     def judge_reason(self, missing: np.ndarray, extra: np.ndarray) -> np.ndarray:
         return np.full(len(missing), self.judge_reasons[0], dtype=object)
 
     def verdicts(self, judged: np.ndarray, answered: np.ndarray) -> tuple[str, pa.Array]:
-        found = [(self.ids[row.argmax()] if row.any() else NO_LABEL) if ok else None
-                 for row, ok in zip(judged, answered)]
+        found = [self.ids[row.argmax()] if ok else None for row, ok in zip(judged, answered)]
         return "judged_label", pa.array(found, pa.string())
 
     def judge_figures(self, intended: np.ndarray, judged: np.ndarray, answered: np.ndarray) -> dict:
@@ -422,13 +464,34 @@ class MultiLabel(LabelScheme):
         others = [self.label_text(label, language) for label in self.ids if label not in labels]
         return prompts.GENERATE_MULTI, {"label_rules": prompts.label_set_rules(wanted, others)}
 
-    def judge_request(self, text: str) -> dict:
-        return {**self._answer_request(prompts.JUDGE_SET, text), "n_items": len(self.descs),
-                "max_chars": max(map(len, self.descs)) + len("false"), "flags": self.descs,
-                "max_tokens": prompts.answer_budget(prompts.longest_flags(self.descs))}
+    # A yes/no question per label; a kind per label, each with its own prior.
+    ANSWERS = ["yes", "no"]
 
-    def judged(self, items: list[str]) -> np.ndarray:
-        return np.array([item == "true" for item in items], bool)
+    @property
+    def judge_size(self) -> int:
+        return len(self.ids)
+
+    def judge_blank(self, kind: int, text: str) -> str:
+        return prompts.render(prompts.JUDGE_LABEL, instruction=self.spec.instruction, labels=self.labels_text(),
+                              text=text, label=json.dumps(self.descs[kind], ensure_ascii=False),
+                              options=judgement.lettered(self.ANSWERS))
+
+    def judge_questions(self, row_id: str, text: str, asker: str = "label_check") -> list[Question]:
+        return [Question(stable_id(asker, row_id, label), self.judge_blank(kind, text), 2, kind)
+                for kind, label in enumerate(self.ids)]
+
+    def judged(self, found: Judgement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        by_row = found.probabilities.reshape(-1, len(self.ids), 2)
+        answered = ~np.isnan(by_row).any(axis=(1, 2))
+        confidence = np.full(len(by_row), np.nan)
+        confidence[answered] = by_row[answered].max(axis=2).min(axis=1)  # the least sure label's
+        return np.nan_to_num(by_row[..., 0]) > np.nan_to_num(by_row[..., 1]), answered, confidence
+
+    def label_probabilities(self, found: Judgement) -> np.ndarray:
+        return found.probabilities.reshape(-1, len(self.ids), 2)[..., 0]
+
+    def judge_prior(self, found: Judgement) -> dict[str, float]:
+        return {label: round(float(p), 4) for label, p in zip(self.ids, found.priors[:, 0])}
 
     def judge_reason(self, missing: np.ndarray, extra: np.ndarray) -> np.ndarray:
         return np.where(missing.any(axis=1), *self.judge_reasons)

@@ -1,18 +1,18 @@
-"""The engine seam: an LLM that answers prompts under a JSON schema, and the retries over it.
+"""The engine seam: an LLM that answers prompts under a JSON schema or reads option letters.
 
 In: a table of requests (``REQUEST_FIELDS``: the prompt, the items wanted and the rules they
-must meet, or the flags of a yes/no answer). Out: the same rows plus ``RESULT_FIELDS``:
-``items`` (exactly ``n_items`` valid strings when ``ok``; ``"true"`` or ``"false"`` per flag
-for a yes/no answer), ``ok``, ``attempts``, ``error``, ``last_output``, ``rejected`` (the
-reasons items were refused) and the tokens spent.
+must meet, or the lettered options of a choice). Out: the same rows plus ``RESULT_FIELDS``:
+``items`` (exactly ``n_items`` valid strings when ``ok``; for a choice, the likeliest option),
+``option_logprobs`` (a choice's log-probability of each option as the answer's first token),
+``ok``, ``attempts``, ``error``, ``last_output``, ``rejected`` (the reasons items were refused)
+and the tokens spent.
 
 ``Engine`` is the whole interface an LLM must offer: ``complete(prompts) -> completions``.
 ``VLLMEngine`` is the real one; tests put a fake behind the same seam. ``answer`` is the logic
 above it: each request's answer must parse as ``n_items`` items that pass ``items.py``'s rules
-(or as a JSON object with a boolean under each flag);
-what is missing (cut off at its token budget, refused items) is asked again with a new seed, up
-to ``max_retries`` times, then reported as failed, never dropped. Where engines run and how many
-is ``pool.py``'s business.
+(a choice's, as a log-probability for every option); what is missing (cut off at its token
+budget, refused items) is asked again with a new seed, up to ``max_retries`` times, then
+reported as failed, never dropped. Where engines run and how many is ``pool.py``'s business.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 from collections.abc import Mapping
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,7 +36,8 @@ from anyclf_ray.llm import prompts
 
 # A request: its prompt, and the rules its ``n_items`` items must meet (``items.py``):
 # ``min_words``, ``echoes`` (strings an item must not merely repeat) and ``choices`` (the only
-# values allowed, for answers that pick one; null for free text).
+# values allowed, for answers that pick one; null for free text); or, for a choice read from
+# log-probabilities (``judgement.py``), its ``options``.
 REQUEST_FIELDS = {
     "request_id": pa.string(),
     "prompt": pa.string(),
@@ -48,15 +50,17 @@ REQUEST_FIELDS = {
     "choices": pa.list_(pa.string()),
     # Overrides sampling.temperature (0 for a judge's answer); null keeps it.
     "temperature": pa.float32(),
-    # A yes/no answer instead of items: a JSON object with a boolean under each of these keys
-    # (``n_items`` of them); null for items.
-    "flags": pa.list_(pa.string()),
+    # A choice instead of items: the option letters whose log-probabilities as the answer's first
+    # token are wanted (no text is generated); null for items.
+    "options": pa.list_(pa.string()),
     # The items name tree nodes: placeholders, identifiers, paths and URLs are refused.
     "names": pa.bool_(),
 }
 REQUEST_COLUMNS = list(REQUEST_FIELDS)
 RESULT_FIELDS = {
     "items": pa.list_(pa.string()),
+    # A choice's log-probability of each option (natural log, unnormalised); null otherwise.
+    "option_logprobs": pa.list_(pa.float64()),
     "ok": pa.bool_(),
     "attempts": pa.int32(),
     "error": pa.string(),
@@ -72,13 +76,16 @@ KEPT_OUTPUT_CHARS = 2000
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """One user message to answer as JSON matching ``schema``, within ``max_tokens``."""
+    """One user message to answer as JSON matching ``schema``, within ``max_tokens``; or, with
+    ``options``, to read the log-probability of each option string as the answer's first token
+    (no schema, nothing sampled past that token)."""
 
     text: str
     schema: dict
     seed: int
     max_tokens: int
     temperature: float | None = None  # None: the engine's sampling.temperature
+    options: tuple[str, ...] = ()
 
 
 # A completion's finish reason when its prompt and answer budget do not fit the model's context:
@@ -92,6 +99,8 @@ class Completion:
     finish_reason: str  # "stop"; "length" when cut off at max_tokens; PROMPT_TOO_LONG (tokens_in: the prompt's)
     tokens_in: int
     tokens_out: int
+    # With ``Prompt.options``: each option's log-probability as the first answer token, in order.
+    option_logprobs: tuple[float, ...] | None = None
 
 
 class Engine(Protocol):
@@ -111,7 +120,7 @@ def requests_table(requests: list[dict], fields: dict[str, pa.DataType] | None =
     ``fields``: what a pass keeps beside each request (its place in the tree...), typed; given,
     the table has exactly these columns, even with no requests.
     """
-    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None, "flags": None, "names": False}
+    defaults = {"min_words": 0, "echoes": [], "choices": None, "temperature": None, "options": None, "names": False}
     if fields is not None:
         schema = pa.schema({**REQUEST_FIELDS, **fields})
         return pa.Table.from_pylist([{**defaults, **r} for r in requests], schema=schema)
@@ -147,20 +156,19 @@ def parse_items(text: str, key: str, n_items: int) -> list[str]:
     return found
 
 
-def parse_flags(text: str, flags: list[str]) -> list[str]:
-    """A yes/no answer's ``"true"`` or ``"false"`` per flag, in order, or ValueError."""
-    value = _json(text)
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    for flag in flags:
-        if not isinstance(value.get(flag), bool):
-            raise ValueError(f"no true or false under {flag!r}")
-    return ["true" if value[flag] else "false" for flag in flags]
+def parse_options(completion: Completion, options: list[str]) -> list[float]:
+    """A choice's log-probability per option, or ValueError when the engine gave none."""
+    found = completion.option_logprobs
+    if found is None or len(found) != len(options):
+        raise ValueError(f"no log-probability for each of the options {options}")
+    if not max(found) > float("-inf"):
+        raise ValueError("every option has probability 0")
+    return list(found)
 
 
 def _schema(request: dict, sampling: SamplingSpec) -> dict:
-    if request["flags"]:
-        return prompts.flags_schema(request["flags"])
+    if request["options"]:
+        return {}
     pattern = valid.text_pattern() if sampling.valid_items else None
     return prompts.items_schema(request["item_key"], request["n_items"], request["max_chars"], pattern,
                                 request["choices"])
@@ -173,9 +181,7 @@ def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSp
     for item in found:
         if len(kept) == request["n_items"]:
             break
-        if request["flags"]:
-            reason = None  # parse_flags took booleans only
-        elif request["choices"]:
+        if request["choices"]:
             reason = None if item in request["choices"] else "not_a_choice"
         elif sampling.valid_items:
             reason = valid.problem(item, request["min_words"], request["echoes"], request["prompt"], request["names"])
@@ -192,10 +198,12 @@ def _take(request: dict, found: list[str], kept: list[str], sampling: SamplingSp
 
 @dataclasses.dataclass
 class Answer:
-    """One request's answer so far (``RESULT_FIELDS``): the valid items kept, the attempts, the
-    last error and output, the reasons items were refused, the tokens spent."""
+    """One request's answer so far (``RESULT_FIELDS``): the valid items kept (a choice's
+    log-probabilities), the attempts, the last error and output, the reasons items were
+    refused, the tokens spent."""
 
     items: list[str] = dataclasses.field(default_factory=list)
+    option_logprobs: list[float] | None = None
     ok: bool = False
     attempts: int = 0
     error: str | None = None
@@ -224,6 +232,7 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
                 seed=request_seed(sampling.seed, rows[i]["request_id"], attempt),
                 max_tokens=rows[i]["max_tokens"],
                 temperature=rows[i]["temperature"],
+                options=tuple(rows[i]["options"] or ()),
             )
             for i in pending
         ]
@@ -238,8 +247,9 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
             result.tokens_in += completion.tokens_in
             result.tokens_out += completion.tokens_out
             try:
-                if request["flags"]:
-                    found = parse_flags(completion.text, request["flags"])
+                if request["options"]:
+                    result.option_logprobs = parse_options(completion, request["options"])
+                    found = [request["options"][int(np.argmax(result.option_logprobs))]]
                 else:
                     found = parse_items(completion.text, request["item_key"], request["n_items"])
             except ValueError as error:
@@ -258,7 +268,8 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
                 still_pending.append(i)
         pending = still_pending
     for name, dtype in RESULT_FIELDS.items():
-        values = [getattr(result, name) if name != "items" or result.ok else None for result in results]
+        values = [getattr(result, name) if name not in ("items", "option_logprobs") or result.ok else None
+                  for result in results]
         requests = requests.append_column(name, pa.array(values, type=dtype))
     return requests
 
@@ -277,6 +288,15 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                         add_generation_prompt=True)
     return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
+def option_ids(tokenizer, options: tuple[str, ...]) -> list[int]:
+    """The token each option's answer starts with in ``tokenizer``; ValueError when two options
+    start with the same one (their probabilities could not be told apart)."""
+    found = [tokenizer.encode(option, add_special_tokens=False)[0] for option in options]
+    if len(set(found)) != len(found):
+        raise ValueError(f"the options {list(options)} do not start with distinct tokens")
+    return found
 
 
 def engine_env(engine: EngineSpec) -> dict[str, str]:
@@ -326,10 +346,24 @@ class VLLMEngine:
             structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
         )
 
-    def complete(self, prompts: list[Prompt]) -> list[Completion]:
+    def _params(self, prompt: Prompt):
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
+
+        if prompt.options:  # one greedy token; the options' raw log-probabilities are read at it
+            return SamplingParams(max_tokens=1, temperature=0.0, seed=prompt.seed,
+                                  logprob_token_ids=option_ids(self.llm.get_tokenizer(), prompt.options))
+        return SamplingParams(
+            max_tokens=prompt.max_tokens,
+            temperature=self.sampling.temperature if prompt.temperature is None else prompt.temperature,
+            top_p=self.sampling.top_p,
+            repetition_penalty=self.sampling.repetition_penalty,
+            seed=prompt.seed,
+            structured_outputs=StructuredOutputsParams(json=prompt.schema),
+        )
+
+    def complete(self, prompts: list[Prompt]) -> list[Completion]:
+        from vllm.inputs import TokensPrompt
 
         # Tokenised here, in the chat template vLLM would apply, so that a prompt too long for the
         # context fails alone (vLLM refuses the whole call) and is not tokenised twice.
@@ -337,24 +371,20 @@ class VLLMEngine:
         ids = [chat_ids(tokenizer, prompt.text) for prompt in prompts]
         fits = [len(found) + prompt.max_tokens <= self.max_model_len for found, prompt in zip(ids, prompts)]
         asked = [i for i, ok in enumerate(fits) if ok]
-        params = [
-            SamplingParams(
-                max_tokens=prompt.max_tokens,
-                temperature=self.sampling.temperature if prompt.temperature is None else prompt.temperature,
-                top_p=self.sampling.top_p,
-                repetition_penalty=self.sampling.repetition_penalty,
-                seed=prompt.seed,
-                structured_outputs=StructuredOutputsParams(json=prompt.schema),
-            )
-            for prompt in (prompts[i] for i in asked)
-        ]
+        params = [self._params(prompts[i]) for i in asked]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in asked], params, use_tqdm=False)
         found = [Completion("", PROMPT_TOO_LONG, len(prompt_ids), 0) for prompt_ids in ids]
-        for i, output in zip(asked, outputs):
+        for i, output, param in zip(asked, outputs, params):
+            sample = output.outputs[0]
+            logprobs = None
+            if param.logprob_token_ids:  # the first (only) position's log-probabilities, by token id
+                first = sample.logprobs[0] if sample.logprobs else {}
+                logprobs = tuple(first[t].logprob if t in first else float("-inf") for t in param.logprob_token_ids)
             found[i] = Completion(
-                text=output.outputs[0].text,
-                finish_reason=output.outputs[0].finish_reason or "stop",
+                text=sample.text,
+                finish_reason=sample.finish_reason or "stop",
                 tokens_in=len(output.prompt_token_ids or ()),
-                tokens_out=len(output.outputs[0].token_ids),
+                tokens_out=len(sample.token_ids),
+                option_logprobs=logprobs,
             )
         return found

@@ -133,57 +133,31 @@ def answer_budget(answer: object) -> int:
     return max(len(escaped), len(json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode())) + ANSWER_SLACK
 
 
-def longest_choice(key: str, choices: list[str]) -> list[dict]:
-    """The longest answer ``items_schema(key, 1, ..., choices=choices)`` allows."""
-    return [{key: max(choices, key=lambda choice: len(json.dumps(choice)))}]
+# The judgements (``judgement.py``): the text first, so that the questions asked of one text
+# share their prefix (vLLM's prefix cache), then lettered {options}; the answer's first token
+# is read, never generated past.
 
-
-def longest_flags(flags: list[str]) -> dict:
-    """The longest answer ``flags_schema(flags)`` allows."""
-    return dict.fromkeys(flags, False)
-
-
-def flags_schema(flags: list[str]) -> dict:
-    """A JSON object with exactly one boolean under each of ``flags``, in that order."""
-    return {
-        "type": "object",
-        "properties": {flag: {"type": "boolean"} for flag in flags},
-        "required": list(flags),
-        "additionalProperties": False,
-    }
-
-
-# The label check's question (``label_check.py``); the answer is constrained to the labels
-# as written in {labels} and "none", so it is one short JSON item.
+# Which label does a text express (the label check's llm method, annotation).
 JUDGE = (
-    "I am building a document classifier to {instruction} with labels {labels}.\n\n"
+    "I am building a document classifier to {instruction}.\n\n"
     "<text>\n{text}\n</text>\n\n"
-    "<instruction>\n"
-    "- Which label does the text above express? Answer with one of the labels, "
-    'or "none" if it expresses none of them.\n'
-    '- Output JSON array with one item. The item contains key "label".\n'
-    "</instruction>"
+    "Which of these labels does the text above express?\n{options}\n\n"
+    "Answer with the letter of one label."
 )
 
-# A multi-label run's question: each label, expressed or not, as one boolean per label
-# (keyed by the labels as written in {labels}).
-JUDGE_SET = (
+# Does a text express one label (a multi-label run: one question per label).
+JUDGE_LABEL = (
     "I am building a multi-label document classifier to {instruction} with labels {labels}. "
     "A text may express several labels at once, or none of them.\n\n"
     "<text>\n{text}\n</text>\n\n"
-    "<instruction>\n"
-    "- For each label, does the text above clearly express it? Answer true or false for every label.\n"
-    "- Output a JSON object with one key per label, written exactly as above, and true or false as its value.\n"
-    "</instruction>"
+    "Does the text above clearly express the label {label}?\n{options}\n\n"
+    "Answer with the letter of one option."
 )
 
 # A multi-label run's prior (``pair_prior.py``): how often real texts carry two labels at once.
 PAIR_PRIOR = (
     "I am building a multi-label document classifier to {instruction} with labels {labels}. "
     "A text may carry several labels at once.\n\n"
-    "<instruction>\n"
-    "- How often does a real text express both {first} and {second}? "
-    "Answer with one of: {choices}.\n"
-    '- Output JSON array with one item. The item contains key "frequency".\n'
-    "</instruction>"
+    "How often does a real text express both {first} and {second}?\n{options}\n\n"
+    "Answer with the letter of one option."
 )

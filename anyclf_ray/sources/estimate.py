@@ -12,6 +12,7 @@ measured.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.tokens import CHARS_PER_TOKEN
 from anyclf_ray.labels import pair_prior
 from anyclf_ray.labels.scheme import scheme
-from anyclf_ray.sources import plan
+from anyclf_ray.sources import annotate, plan
 
 
 def one_leaf_each(spec: JobSpec) -> pa.Table:
@@ -80,8 +81,11 @@ def check_rows(spec: JobSpec, by_label: np.ndarray) -> None:
                 f"train.test_size {spec.train.test_size}, and training needs 2; {fix} or lower train.test_size")
 
 
-def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
-    """The plan of ``spec``; with ``tokens_per_second`` (decoded per replica), its time too.
+def estimate(spec: JobSpec, tokens_per_second: float | None = None,
+             prompt_tokens_per_second: float | None = None) -> dict:
+    """The plan of ``spec``; with ``tokens_per_second`` (decoded per replica), its time too; with
+    annotation on, ``annotate``: what it asks of the input, read from its metadata
+    (``annotate.plan``; its time from ``prompt_tokens_per_second``).
 
     Counted from arrays over the leaves, never a row or request each, so planning 10M rows
     takes about what planning 1M does.
@@ -118,7 +122,7 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
     requests["generate"] = generate
     tokens_in += math.ceil(prompt_tokens(sample) / len(sample) * generate)
     tokens_out += generate * spec.sampling.max_tokens
-    found = {
+    found: dict[str, Any] = {
         "sizes": sizes,
         "tree_languages": spec.tree_languages,
         "leaves": int(plan.on_leaf(spec, tree).sum()),
@@ -135,6 +139,11 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None) -> dict:
                    for section, keys in CHECKS.items() if getattr(spec, section).enabled},
         "tokens": {"in": tokens_in, "out_budget": tokens_out},
     }
+    if spec.annotate.enabled:
+        found["annotate"] = annotate.plan(spec, prompt_tokens_per_second)
+        # Unknown (null) until the run reads a CSV or JSONL corpus: the total leaves it out.
+        found["requests"] = {**requests, "annotate": found["annotate"]["questions"],
+                             "total": sum(requests.values()) + (found["annotate"]["questions"] or 0)}
     if tokens_per_second:
         replicas = spec.engine.replicas
         found["time"] = {

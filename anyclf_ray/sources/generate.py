@@ -60,8 +60,6 @@ USAGE_KEY = "anyclf_ray.usage"
 # Requests per replica below which a part's time bound does not cut it: a smaller batch leaves
 # an engine idle between parts.
 PART_FLOOR = 16
-# Render and write tasks only move bytes; a small CPU share keeps them schedulable next to busy engines.
-TASK_CPUS = 0.25
 CO_OCCURRENCE_PNG = "co_occurrence.png"
 
 
@@ -72,7 +70,7 @@ def examples_from(answered: pa.Table, model_name: str, labels: LabelScheme) -> p
         [{"id": plan.example_id(result["leaf_id"], result["first_sample"] + offset), "text": text,
           "language": result["language"], "source_type": result["source_type"], "topic": result["topic"],
           "subtopic": result["subtopic"], "leaf_id": result["leaf_id"], "sample_index": result["first_sample"] + offset,
-          "model": model_name}
+          "model": model_name, "origin": "generated"}
          for result in good for offset, text in enumerate(result["items"])],
         schema=pa.schema([field for field in labels.row_schema if field not in labels.fields]))
     columns = labels.columns([result["labels"] for result in good for _ in result["items"]])
@@ -127,21 +125,13 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     leaves_per_block = max(1, leaves.num_rows * per_part // total)
     requests = runtime.blocks_dataset(leaves, leaves_per_block, pool.engine.replicas).map_batches(
         functools.partial(pending_requests, spec=spec, committed=ray.put(committed)),
-        batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
+        batch_size=None, batch_format="pyarrow", num_cpus=parts.TASK_CPUS,
     )
-    answers = pool.answer(requests, "generate", batch_size=per_part, total=pending)
     sink = parts.PartSink(location, "", functools.partial(examples_from, model_name=spec.model.name,
                                                           labels=scheme(spec)), per_part)
     progress = Progress(location, "generate", pending, int(pc.sum(leaves.column("n_samples")).as_py()),
                         sum(part.rows for part in found.values()))
-    try:
-        pool.run_pass("generate", lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS}),
-                      report=progress, interval=spec.output.status_seconds)
-    except BaseException:
-        progress.finish("failed")
-        raise
-    progress.finish("finished")
-    return sink.written, sink.s3_retries
+    return parts.commit_pass(pool, "generate", requests, sink, pending, progress, spec.output.status_seconds)
 
 
 def user_tree(spec: JobSpec) -> pa.Table:

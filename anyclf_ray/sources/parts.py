@@ -21,15 +21,18 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 from pydantic import ConfigDict
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from anyclf_ray.core import results, storage
 from anyclf_ray.core.ids import STABLE_ID, stable_id
+from anyclf_ray.core.progress import Progress
 from anyclf_ray.core.results import Usage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.llm import engine
+from anyclf_ray.llm.pool import EnginePool
 
 # One row per LLM request that still failed after its retries, and the rows it cost.
 FAILURE_SCHEMA = pa.schema(
@@ -50,6 +53,9 @@ FAILURE_SCHEMA = pa.schema(
     ]
 )
 PART_METADATA_KEY = "anyclf_ray.part"
+# Request-making and write tasks only move bytes; a small CPU share keeps them schedulable next
+# to busy engines.
+TASK_CPUS = 0.25
 
 
 class Part(results.Model):
@@ -125,6 +131,22 @@ class PartSink(Datasink):
         for footers, retried in write_result.write_returns:
             self.written |= {path: read_part(footer) for path, footer in footers.items()}
             self.s3_retries += retried
+
+
+def commit_pass(pool: EnginePool, name: str, requests: ray.data.Dataset, sink: PartSink, total: int,
+                progress: Progress, interval: float) -> tuple[dict[str, Part], int]:
+    """The LLM pass ``name``: ``requests`` (``total`` of them) answered by the engine pool and
+    committed part by part by ``sink``, ``progress`` written every ``interval`` seconds (and
+    marked failed if the pass fails); the parts written and the S3 calls their writes retried."""
+    answers = pool.answer(requests, name, batch_size=sink.requests_per_part, total=total)
+    try:
+        pool.run_pass(name, lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS}),
+                      report=progress, interval=interval)
+    except BaseException:
+        progress.finish("failed")
+        raise
+    progress.finish("finished")
+    return sink.written, sink.s3_retries
 
 
 def read_part(footer: str) -> Part:

@@ -1,0 +1,368 @@
+"""Annotation stage: the user's own unlabeled texts, each labelled by a calibrated LLM judgement.
+
+AnyClassifier's other path (the seed's section 5: the LLM labels real texts, a classifier is
+trained on them). A source (``stage.SourceStage``) beside generation. In: the texts at
+``annotate.path`` (Parquet, CSV, JSONL, a Parquet or ``datasets`` folder; local or ``s3://``;
+streamed by Ray Data) and the run's engine pool. Out, under ``<run>/annotate/``:
+
+- ``answers/data/part-*.parquet``: committed parts (``parts.py``) of answered questions, one row
+  a question (``ANSWER_SCHEMA``: the text's row id, text and language, the question's kind, the
+  raw probabilities of its options); ``answers/failures/``: the questions that failed after
+  their retries;
+- ``prior.json``: each kind's calibration and the prior it divides out (``judgement.py``), from
+  every committed answer (batch) or from content-free questions;
+- ``data/part-*.parquet``: the annotated rows in the run's row schema (``origin: annotated``),
+  labelled by the calibrated judgement, with its ``probabilities`` and ``confidence``;
+- ``removed/part-*.parquet``: the rows whose judgement abstained (``low_confidence``, below
+  ``annotate.judge.min_confidence``) or whose labels make no set the run allows
+  (``no_allowed_set``), with ``reason``;
+- ``manifest.json`` (an ``AnnotationReport``), last.
+
+Each text is asked its label scheme's questions (one lettered question; for label sets, a yes/no
+question per label) in one pass that commits parts as the answers stream out; a re-run of the same
+run id asks only what no committed part answered, so every text is annotated once. Batch
+calibration needs the whole pass, so the rows are written after it, a committed part at a time
+(the driver holds one part, and the rows whose questions it has not all seen yet). A row id is
+``annotate.id_column``'s value, else a stable hash of the text: two equal texts are one row
+twice, which dedup's exact pass removes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from anyclf_ray.core import cards, results, storage, tables
+from anyclf_ray.core.config import AnnotateSpec, JobSpec, decisive, digest
+from anyclf_ray.core.ids import STABLE_ID, stable_id
+from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.progress import Progress
+from anyclf_ray.core.results import AnnotatedRows, AnnotationReport, Counts, Failures, Rows, Shards, StageResult, Usage
+from anyclf_ray.core.stage import Context, Input, Outcome, SourceStage
+from anyclf_ray.core.storage import RunLocation
+from anyclf_ray.core.tokens import CHARS_PER_TOKEN
+from anyclf_ray.labels.scheme import LabelScheme, scheme
+from anyclf_ray.llm import engine, judgement
+from anyclf_ray.llm.judgement import Judgement
+from anyclf_ray.sources import parts
+
+log = logging.getLogger(__name__)
+
+FOLDER = "annotate"
+ANSWERS = f"{FOLDER}/answers"
+PRIOR_FILE = f"{FOLDER}/prior.json"
+# What a question request carries beside ``engine.REQUEST_FIELDS`` (``parts.FAILURE_SCHEMA``
+# keeps its stage and language when it fails).
+QUESTION_FIELDS = {"stage": pa.string(), "row_id": pa.string(), "kind": pa.int32(), "text": pa.string(),
+                   "language": pa.string()}
+ANSWER_SCHEMA = pa.schema([("row_id", pa.string()), ("kind", pa.int32()), ("text", pa.string()),
+                           ("language", pa.string()), ("raw", pa.list_(pa.float64()))])
+ABSTAINED, NOT_ALLOWED = "low_confidence", "no_allowed_set"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """What ``Annotate.check`` learned of the input: its rows (at most ``max_rows``)."""
+
+    rows: int
+
+
+def survey(spec: JobSpec) -> Corpus:
+    """The input's rows, scanned a batch at a time before any engine starts; ConfigError in one
+    line for a column it lacks, no rows, a row without a text, or a language not in the run's."""
+    settings = spec.annotate
+    path = str(settings.path)
+    found = tables.columns(path, "annotate.path")
+    for field in ("text_column", "id_column", "language_column"):
+        column = getattr(settings, field)
+        if column is not None and column not in found:
+            raise ConfigError(f"annotate.{field}: {path} has no column {column!r}; it has {found}")
+    names = [name for name in (settings.text_column, settings.language_column) if name]
+    rows = missing = 0
+    foreign: set[str] = set()
+    for batch in tables.scan(path, "annotate.path", names):
+        if settings.max_rows is not None:
+            batch = batch.slice(0, settings.max_rows - rows)
+        texts = batch[settings.text_column]
+        missing += texts.null_count + pc.sum(pc.equal(pc.utf8_trim_whitespace(texts), "")).as_py() or 0
+        if settings.language_column:
+            foreign |= set(batch[settings.language_column].to_pylist()) - set(spec.languages)
+        rows += batch.num_rows
+        if rows == settings.max_rows:
+            break
+    if not rows:
+        raise ConfigError(f"annotate.path: {path} holds no rows; give a corpus of texts")
+    if missing:
+        raise ConfigError(f"annotate.text_column: {missing} of the {rows} rows of {path} have no text in "
+                          f"{settings.text_column!r} (null, missing or blank); drop or fill them")
+    if foreign:
+        raise ConfigError(f"annotate.language_column: {path} has language {min(map(str, foreign))!r}, not among "
+                          f"languages {spec.languages}; add it there or drop those rows")
+    return Corpus(rows=rows)
+
+
+def questions_of(batch: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa.Table:
+    """Ray Data map: a batch of the input → its texts' questions (``judgement.request`` rows with
+    ``QUESTION_FIELDS``), less the committed ones (``committed``: their sorted ids)."""
+    settings, labels = spec.annotate, scheme(spec)
+    texts = tables.text_values(batch, settings.text_column)
+    ids = tables.text_values(batch, settings.id_column) if settings.id_column else [None] * len(texts)
+    languages = (tables.text_values(batch, settings.language_column) if settings.language_column
+                 else [spec.languages[0]] * len(texts))
+    rows = []
+    for row_id, text, language in zip(ids, texts, languages):
+        if text is None or not text.strip():  # refused by survey; a file changed since is counted lost
+            continue
+        row_id = row_id or stable_id("annotated", text)
+        rows += [{**judgement.request(question), "stage": "annotate", "row_id": row_id, "kind": question.kind,
+                  "text": text if question.kind == 0 else None, "language": language}
+                 for question in labels.judge_questions(row_id, text, "annotate")]
+    questions = engine.requests_table(rows, QUESTION_FIELDS)
+    done = ray.get(committed)
+    ids_ = np.array(questions.column("request_id").to_pylist(), dtype=STABLE_ID)
+    return questions.filter(pa.array(~np.isin(ids_, done, assume_unique=True)))
+
+
+def answer_rows(answered: pa.Table) -> pa.Table:
+    """A part's answered questions → ``ANSWER_SCHEMA`` rows with their raw probabilities."""
+    good = answered.filter(pc.field("ok"))
+    logprobs = good["option_logprobs"].to_pylist()
+    raw = judgement.probabilities(logprobs, len(logprobs[0]) if logprobs else 2)
+    return pa.table({"row_id": good["row_id"], "kind": good["kind"], "text": good["text"],
+                     "language": good["language"], "raw": pa.array(list(raw), pa.list_(pa.float64()))},
+                    schema=ANSWER_SCHEMA)
+
+
+def means(location: RunLocation, found: dict[str, parts.Part], kinds: int, options: int) -> tuple[np.ndarray, ...]:
+    """Questions per kind and their mean raw probabilities over every committed part (NaN rows
+    for a kind without answers), read a part at a time."""
+    counts, sums = np.zeros(kinds, np.int64), np.zeros((kinds, options))
+    for path in found:
+        table = location.read_table(path, columns=["kind", "raw"])
+        if table.num_rows:
+            kind = table["kind"].to_numpy()
+            np.add.at(counts, kind, 1)
+            np.add.at(sums, kind, np.array(table["raw"].to_pylist()))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return counts, sums / counts[:, None]
+
+
+def labelled(labels: LabelScheme, spec: JobSpec, questions: list[dict], found_priors: np.ndarray,
+             kinds: list[str]) -> tuple[pa.Table, pa.Table]:
+    """Rows whose every question was answered (``questions``: their ``ANSWER_SCHEMA`` rows, a
+    row's kinds in order) → the annotated rows kept and removed (with ``reason``)."""
+    size = labels.judge_size
+    raw = np.array([question["raw"] for question in questions]).reshape(-1, found_priors.shape[1])
+    of_kind = np.tile(np.arange(size), len(questions) // size)
+    calibrating = np.array([kinds[kind] != "none" for kind in of_kind], bool)
+    probabilities = np.where(calibrating[:, None], judgement.calibrated(raw, found_priors[of_kind]), raw)
+    found = Judgement(raw=raw, probabilities=probabilities, priors=found_priors, calibration=kinds, usage=Usage())
+    judged, _, confidence = labels.judged(found)
+    firsts = questions[::size]
+    columns = labels.columns(labels.ids_of(judged))
+    n = len(firsts)
+    values = {"id": [q["row_id"] for q in firsts], "text": [q["text"] for q in firsts],
+              "language": [q["language"] for q in firsts], "model": [spec.model.name] * n, "origin": ["annotated"] * n,
+              "probabilities": [list(row) for row in labels.label_probabilities(found)], "confidence": confidence}
+    rows = pa.table([columns[field.name] if field.name in columns
+                     else pa.array(values.get(field.name, [None] * n), field.type) for field in labels.row_schema],
+                    schema=labels.row_schema)
+    reason = np.where(confidence < spec.annotate.judge.min_confidence, ABSTAINED,
+                      np.where(labels.allowed(judged), "", NOT_ALLOWED))
+    keep = pa.array(reason == "")
+    removed = rows.filter(pc.invert(keep)).append_column("reason", pa.array(reason[reason != ""].tolist(), pa.string()))
+    return rows.filter(keep), removed
+
+
+def plan(spec: JobSpec, prompt_tokens_per_second: float | None = None) -> dict:
+    """What annotation will ask and cost, from the input's metadata alone (Parquet footers: rows
+    and the text column's uncompressed bytes; other formats: the file's bytes, rows unknown
+    until read): texts, questions, prompt tokens (estimated at ``CHARS_PER_TOKEN``, a text's
+    bytes counted in each of its questions), answer tokens (one a question) and, given
+    ``prompt_tokens_per_second`` (per replica: a judgement is prefill), hours."""
+    settings, labels = spec.annotate, scheme(spec)
+    rows, text_bytes = tables.metadata_size(str(settings.path), "annotate.path", settings.text_column)
+    if rows is not None and settings.max_rows is not None and rows > settings.max_rows:
+        text_bytes, rows = text_bytes * settings.max_rows // rows, settings.max_rows
+    empty = sum(len(question.prompt) for question in labels.judge_questions("0", "", "annotate"))
+    questions = None if rows is None else rows * labels.judge_size
+    prompt_tokens = None if rows is None else math.ceil((rows * empty + text_bytes * labels.judge_size)
+                                                        / CHARS_PER_TOKEN)
+    found: dict = {"input": settings.path, "texts": rows, "text_bytes": text_bytes, "questions": questions,
+                   "prompt_tokens": prompt_tokens, "answer_tokens": questions}
+    if prompt_tokens is not None and prompt_tokens_per_second:
+        found["hours_at_rate"] = round(prompt_tokens / (prompt_tokens_per_second * spec.engine.replicas) / 3600, 2)
+    return found
+
+
+class Annotate(SourceStage[AnnotationReport, Corpus]):
+    """The annotation source: it writes under ``annotate/`` and resumes rather than redoes."""
+
+    name = "annotate"
+    section = "annotate"
+    report_type = AnnotationReport
+    card_config = "annotated"
+
+    @property
+    def settings(self) -> AnnotateSpec:
+        return self.spec.annotate
+
+    @property
+    def uses_llm(self) -> bool:
+        return True
+
+    def fingerprint(self, upstream: str | None) -> str:
+        # What decides the labels beside the section: the task, the label set and the model.
+        spec = self.spec
+        return digest({"stage": self.name, "settings": decisive(self.settings), "instruction": spec.instruction,
+                       "labels": [label.model_dump() for label in spec.labels], "model": decisive(spec.model),
+                       "multi_label": decisive(spec.multi_label) if spec.multi_label.enabled else None,
+                       "languages": spec.languages})
+
+    def check(self, location: RunLocation) -> Corpus:
+        return survey(self.spec)
+
+    def longest_requests(self) -> dict[str, pa.Table]:
+        """The questions about an empty text: what every question holds besides its text. The
+        user's texts are as long as they are; one too long for the context fails alone, counted
+        (``lost``), never a crash."""
+        questions = scheme(self.spec).judge_questions("0", "", "annotate")
+        return {"annotate": engine.requests_table([judgement.request(question) for question in questions])}
+
+    def retries(self, result: StageResult[AnnotationReport]) -> bool:
+        return result.report.rows.lost > 0
+
+    def _ask(self, ctx: Context, corpus: Corpus, found: dict[str, parts.Part]) -> tuple[dict[str, parts.Part], int]:
+        """Ask every question no committed part answered (and, with ``--retry-failures``, those
+        that failed); the parts this pass committed and the S3 calls its writes tried again."""
+        spec, location, labels = self.spec, ctx.location, scheme(self.spec)
+        retry = parts.failures(location, found)[0]["request_id"].to_pylist() if ctx.retry_failures else []
+        committed = np.setdiff1d(np.concatenate([np.empty(0, STABLE_ID), *(p.request_ids for p in found.values())]),
+                                 np.array(retry, STABLE_ID))
+        total = corpus.rows * labels.judge_size
+        pending = total - len(committed)
+        log.info("annotate: %d question(s) of %d text(s) to ask, %d already committed", pending, corpus.rows,
+                 len(committed))
+        if pending <= 0:
+            return {}, 0
+        pool = ctx.engines()
+        per_part = max(spec.output.commit_rows, pool.engine.replicas)
+        texts = tables.dataset(str(self.settings.path), "annotate.path", self.settings.text_column)
+        if self.settings.max_rows is not None:
+            texts = texts.limit(self.settings.max_rows)
+        questions = texts.map_batches(functools.partial(questions_of, spec=spec, committed=ray.put(committed)),
+                                      batch_format="pyarrow", num_cpus=parts.TASK_CPUS)
+        sink = parts.PartSink(location, ANSWERS, answer_rows, per_part)
+        progress = Progress(location, "annotate", pending, total, len(committed))
+        return parts.commit_pass(pool, "annotate", questions, sink, pending, progress, spec.output.status_seconds)
+
+    def _priors(self, ctx: Context, found: dict[str, parts.Part]) -> tuple[np.ndarray, list[str], Usage]:
+        """Each kind's prior and calibration over every committed answer (``prior.json``), and
+        what the content-free questions cost."""
+        labels, settings = scheme(self.spec), self.settings.judge
+        options = 2 if labels.judge_size > 1 else len(labels.ids)
+        counts, batch_means = means(ctx.location, found, labels.judge_size, options)
+        kinds = judgement.methods(counts, settings)
+        blanks = judgement.blank_questions(kinds, counts, labels.judge_blank, options)
+        blank_raw, usage = np.zeros((0, options)), Usage()
+        if blanks:
+            answered = ctx.engines().answer_table(
+                engine.requests_table([judgement.request(question) for question in blanks]), "annotate/content_free")
+            by_id = dict(zip(answered["request_id"].to_pylist(), answered["option_logprobs"].to_pylist()))
+            blank_raw = judgement.probabilities([by_id[question.request_id] for question in blanks], options)
+            usage = engine.usage(answered)
+        found_priors, used = judgement.priors(kinds, batch_means, blank_raw,
+                                              np.array([question.kind for question in blanks], int))
+        ctx.location.write_json(PRIOR_FILE, {"calibration": used, "priors": found_priors.tolist(),
+                                             "questions": counts.tolist()})
+        return found_priors, used, usage
+
+    def _write_rows(self, location: RunLocation, found: dict[str, parts.Part], found_priors: np.ndarray,
+                    kinds: list[str]) -> tuple[list[str], list[str], list, dict[str, int]]:
+        """The rows of every text whose questions were all answered, written a committed part at a
+        time: the data and removed shards, rows per (label key, language) and removed by reason."""
+        labels, size = scheme(self.spec), scheme(self.spec).judge_size
+        for folder in ("data", "removed"):
+            location.delete(f"{FOLDER}/{folder}")  # a crash mid-way leaves no stale shard to mix in
+        waiting: dict[str, dict[int, dict]] = {}
+        data, removed_shards, counted, removed = [], [], [], {ABSTAINED: 0, NOT_ALLOWED: 0}
+        for number, path in enumerate(sorted(found)):
+            for question in location.read_table(path).to_pylist():
+                waiting.setdefault(question["row_id"], {})[question["kind"]] = question
+            whole = [row_id for row_id, kinds_seen in waiting.items() if len(kinds_seen) == size]
+            if not whole:
+                continue
+            questions = [waiting[row_id][kind] for row_id in whole for kind in range(size)]
+            for row_id in whole:
+                del waiting[row_id]
+            kept, dropped = labelled(labels, self.spec, questions, found_priors, kinds)
+            name = f"part-{number:05d}.parquet"
+            if kept.num_rows:
+                location.write_table(f"{FOLDER}/data/{name}", kept)
+                data.append(f"{FOLDER}/data/{name}")
+                counted.append(results.counts(kept, [labels.key, "language"]))
+            if dropped.num_rows:
+                location.write_table(f"{FOLDER}/removed/{name}", dropped)
+                removed_shards.append(f"{FOLDER}/removed/{name}")
+                for reason in dropped["reason"].to_pylist():
+                    removed[reason] += 1
+        return data, removed_shards, results.added(*counted), removed
+
+    def execute(self, ctx: Context, upstream: Input | None, corpus: Corpus) -> Outcome[AnnotationReport]:
+        location, labels, timings = ctx.location, scheme(self.spec), {}
+        retried_here = storage.retries()
+        started = time.perf_counter()
+        found = parts.committed(location, ANSWERS)
+        written, retried_by_writes = self._ask(ctx, corpus, found)
+        found |= written
+        timings["ask"] = time.perf_counter() - started
+        started = time.perf_counter()
+        found_priors, kinds, blank_usage = self._priors(ctx, found)
+        data, removed_shards, by_key, removed = self._write_rows(location, found, found_priors, kinds)
+        timings["label"] = time.perf_counter() - started
+        rows = sum(row["rows"] for row in by_key)
+        failures, files = parts.failures(location, found)
+        lost = corpus.rows - rows - sum(removed.values())
+        options = 2 if labels.judge_size > 1 else len(labels.ids)
+        prior_of = Judgement(raw=np.zeros((0, options)), probabilities=np.zeros((0, options)), priors=found_priors,
+                             calibration=kinds, usage=Usage())
+        written_table = pa.Table.from_pylist(by_key, schema=pa.schema(
+            [(labels.key, pa.string()), ("language", pa.string()), ("rows", pa.int64())]))
+        report = AnnotationReport(
+            input=str(self.settings.path),
+            rows=AnnotatedRows(expected=corpus.rows, written=rows, removed=sum(removed.values()), lost=lost),
+            counts=Counts(**labels.counts(written_table)), removed=removed, calibration=kinds,
+            prior=labels.judge_prior(prior_of),
+            failures=Failures(requests=failures.num_rows, rows_lost=lost, by_stage=results.counts(failures, ["stage"]),
+                              files=files),
+            llm=sum((part.usage for part in found.values()), blank_usage), engine=ctx.engine_figures(),
+            s3_retries=storage.retries() - retried_here + retried_by_writes)
+        return Outcome(report=report, rows=Rows(output=rows), output=location.uri(FOLDER),
+                       shards=Shards(data=data, removed=removed_shards), timings=timings,
+                       status="complete" if lost == 0 else "incomplete")
+
+    def describe(self, result: StageResult[AnnotationReport]) -> str:
+        found = result.report
+        calibration = ", ".join(sorted(set(found.calibration)))
+        return (f"annotate {result.status}: {found.rows.written} of {found.rows.expected} texts labelled at "
+                f"{result.output} ({found.rows.removed} removed; {found.rows.lost} lost to "
+                f"{found.failures.requests} failed question(s); calibration {calibration})")
+
+    def card_section(self, result: StageResult[AnnotationReport]) -> str:
+        found = result.report
+        prior = ", ".join(f"{cards.code(label)} {p}" for label, p in found.prior.items())
+        removed = ", ".join(f"{n} {reason}" for reason, n in found.removed.items())
+        return (f"### Annotated texts\n\nThe `annotated` config holds {found.rows.written} of the "
+                f"{found.rows.expected} texts of `{found.input}`, written by people or systems other than the LLM "
+                f"and labelled by it (`origin: annotated`), each with its calibrated `probabilities` and "
+                f"`confidence`; {found.rows.removed} were removed ({removed}) and {found.rows.lost} lost to "
+                f"failed questions. Calibration: {', '.join(sorted(set(found.calibration)))}; the prior it divided "
+                f"out: {prior}.\n")
