@@ -26,6 +26,7 @@ import sys
 
 from anyclf_ray import pipeline
 from anyclf_ray.core import loading
+from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.llm.pool import EarlyStop
 
 EXIT_BAD_INPUT = 2
@@ -97,7 +98,12 @@ def _plan(args) -> int:
 
     spec = loading.load(args.config, args.overrides)
     found = estimate.estimate(spec, args.tokens_per_second, args.prompt_tokens_per_second)
-    found["longest_prompt_tokens"] = budgets.check(spec, pipeline.longest_requests(pipeline.stages(spec)))
+    stages = pipeline.stages(spec)
+    location = RunLocation(spec.output, spec.resolved_run_id())
+    for stage in stages:  # as every command checks them; a source's check is the plan above (metadata only)
+        if not stage.source:
+            stage.check(location)
+    found["longest_prompt_tokens"] = budgets.check(spec, pipeline.longest_requests(stages))
     print(json.dumps(found, indent=2))
     return 0
 

@@ -66,6 +66,13 @@ def test_eval_rows_without_a_text_or_label_are_skipped_and_counted(tmp_path, fmt
     assert "None" not in found.texts
 
 
+def test_a_csv_cell_none_is_a_missing_text_as_pandas_reads_it(tmp_path):
+    path = tmp_path / "real.csv"
+    path.write_text("text,label\nNone,pos\n<NA>,neg\nfine,neg\n")
+    found = load_eval_set(EvalSetSpec(path=str(path)), label_scheme("neg", "pos"))
+    assert found.texts == ["fine"] and found.skipped == {"null_text": 2, "null_label": 0}
+
+
 def test_an_eval_set_with_no_usable_row_is_refused(tmp_path):
     path = tmp_path / "real.csv"
     path.write_text("text,label\nNA,pos\n,neg\n")
@@ -433,6 +440,57 @@ def test_an_address_nobody_answers_is_refused_at_once(tmp_path, capsys):
     code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw)), "--address", "127.0.0.1:9"])
     assert code == cli.EXIT_BAD_INPUT and time.perf_counter() - started < 30  # Ray alone retries for minutes
     assert one_line(capsys).startswith("anyclf-ray: error: --address: no Ray cluster answers at ")
+
+
+def test_something_else_at_the_address_is_not_taken_for_a_cluster(tmp_path, capsys):
+    """A web server, not a Ray GCS, at the address: refused in one line, as the user typed it."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's log is not the command's output
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    raw = tiny_raw(tmp_path, "web")
+    write_generated(loading.parse(raw), [("1", "neg", "en", "text")])
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw)), "--address", address])
+    finally:
+        server.shutdown()
+    assert code == cli.EXIT_BAD_INPUT
+    assert one_line(capsys) == (f"anyclf-ray: error: --address: something answers at {address}, but not a Ray "
+                                "cluster's GCS; start one (`ray start --head`), fix the address, or leave it out for "
+                                "an embedded Ray")
+
+
+def test_a_ray_client_address_is_refused_in_one_line(tmp_path, capsys):
+    raw = tiny_raw(tmp_path, "client")
+    write_generated(loading.parse(raw), [("1", "neg", "en", "text")])
+    code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw)), "--address",
+                     "ray://127.0.0.1:10001"])
+    assert code == cli.EXIT_BAD_INPUT
+    assert one_line(capsys).startswith("anyclf-ray: error: --address: ray://127.0.0.1:10001 is a Ray Client address")
+
+
+def test_plan_checks_every_stage_as_the_run_would(tmp_path, capsys):
+    raw = tiny_raw(tmp_path, "plan-eval", train={"eval_set": {"path": str(tmp_path / "missing.csv")}})
+    code = cli.main(["plan", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    assert code == cli.EXIT_BAD_INPUT and "train.eval_set" in one_line(capsys)
+
+
+def test_an_oversized_tree_is_refused_naming_the_size_that_made_it(tmp_path):
+    raw = tiny_raw(tmp_path, "big", n_source_type=100_000, n_topic=100_000)
+    with pytest.raises(ConfigError, match=r"^n_source_type: 240,000,000,000 rows is more than"):
+        loading.parse(raw)
+
+
+def test_malformed_yaml_says_where(tmp_path, capsys):
+    (tmp_path / "spec.yaml").write_text("instruction: x\nlabels: [{id: a, desc: b]\n")
+    assert cli.main(["plan", "--config", str(tmp_path / "spec.yaml")]) == cli.EXIT_BAD_INPUT
+    assert "not valid YAML at line 2, column " in one_line(capsys)
 
 
 # -- 7. corpora to annotate (issue 28) ---------------------------------------------------------------

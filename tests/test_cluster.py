@@ -23,16 +23,12 @@ from conftest import REPO, free_port, tiny_raw, write_spec
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from anyclf_ray.core import results
-from anyclf_ray.core.results import DedupReport, GenerationReport, PassCounts, TrainReport
+from anyclf_ray.core.results import DedupReport, GenerationReport, PassCounts
 from anyclf_ray.sources import plan
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-TRAIN = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8,
-         "max_pairs": 64}
-
-
 def ray_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     # As on a real node, the cluster's Python environment comes first on PATH: `ray job submit
     # -- python ...` runs the entrypoint with whatever `python` the cluster's daemons find.
@@ -173,9 +169,12 @@ def test_a_job_that_loses_its_engine_node_finishes_on_its_own(cluster, tiny_mode
 def test_a_killed_driver_is_resubmitted_and_asks_only_for_the_missing_requests(cluster, tiny_model, tmp_path):
     """`ray job submit jobs/pipeline.py`, its driver killed -9 once parts are committed, then the
     same command submitted again: the second job asks for the requests no part holds, and only
-    those, then runs generate, dedup and train to the end. Every planned row lands once."""
-    raw = tiny_raw(tmp_path / "out", "driver", languages=["en"], n_subtopic=1, sample_per_subtopic=50, train=TRAIN)
-    raw["sampling"]["examples_per_request"] = 5  # 80 requests in parts of 10: the suite's time is counted
+    those, then runs generate and dedup to the end. Every planned row lands once. (Training on
+    a cluster's workers is the one step left out: the suite's time is counted, and test_train
+    and test_s3 train on Ray Train's workers the same way.)"""
+    raw = tiny_raw(tmp_path / "out", "driver", languages=["en"], n_subtopic=1, sample_per_subtopic=40,
+                   train={"enabled": False})
+    raw["sampling"]["examples_per_request"] = 5  # 64 requests in parts of 10
     raw["output"]["commit_rows"] = 50
     spec_file = write_spec(tmp_path / "spec.yaml", raw)
     job = submit(cluster, spec_file)
@@ -190,24 +189,22 @@ def test_a_killed_driver_is_resubmitted_and_asks_only_for_the_missing_requests(c
     assert jobs.get_job_status(job) == JobStatus.FAILED
     before = parts(run / "data")
     asked_before = committed_requests(run / "data")
-    assert 0 < len(asked_before) < 80 and not (run / "manifest.json").exists()  # not presented as complete
+    assert 0 < len(asked_before) < 64 and not (run / "manifest.json").exists()  # not presented as complete
 
     done = submit(cluster, spec_file, wait=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "anyclf-ray: generate complete: 400 of 400 rows" in done.stdout
+    assert "anyclf-ray: generate complete: 320 of 320 rows" in done.stdout
     assert "anyclf-ray: joined the Ray cluster at " in done.stdout  # not "started an embedded"
     assert before < parts(run / "data")  # the first job's parts kept as they were
     manifest = committed(run / "manifest.json", GenerationReport)
     assert manifest.status == "complete" and manifest.report.engine.starts == 1  # the second job's one start
-    assert manifest.report.engine.passes["generate"] == PassCounts(requests=80 - len(asked_before), failed=0)
+    assert manifest.report.engine.passes["generate"] == PassCounts(requests=64 - len(asked_before), failed=0)
     asked = committed_requests(run / "data")
-    assert len(asked) == len(set(asked)) == 80
-    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(50)
+    assert len(asked) == len(set(asked)) == 64
+    assert sorted(pq.read_table(run / "data").column("id").to_pylist()) == planned_ids(40)
     assert manifest.settings["sampling"]["seed"] == 3  # the --set override reached the job
     dedup = committed(run / "dedup" / "manifest.json", DedupReport)
-    trained = committed(run / "train" / "manifest.json", TrainReport)
-    assert dedup.rows.input == 400 and trained.rows.input == dedup.rows.output
-    assert trained.settings["num_workers"] == 2 and (run / "model" / "model_head.pkl").is_file()
+    assert dedup.status == "complete" and dedup.rows.input == 320 and not (run / "train").exists()
 
 
 def test_bad_spec_fails_the_submitted_job_early(cluster, tmp_path):

@@ -241,10 +241,11 @@ def test_run_id_reused_with_another_spec_is_refused(first_run):
         pipeline.run(other, only="generate")["generate"]
 
 
-def test_record_count_mode_is_exact_with_a_tree_per_language(local_ray, tiny_model, tmp_path):
+def test_record_count_mode_is_exact_with_a_tree_per_language(local_ray, tmp_path):
+    # Counting, not writing: the fake engine (this module's other runs are real vLLM's).
     raw = {k: v for k, v in tiny_raw(tmp_path, "records").items() if k not in config.SIZE_FIELDS}
     spec = loading.parse({**raw, "n_record_to_generate": 25, "tree_languages": "per_language"})
-    manifest = pipeline.run(spec, only="generate")["generate"]
+    manifest = pipeline.run(spec, only="generate", engine_factory=FakeEngine)["generate"]
     assert manifest.report.rows.written == 25
     assert [(row.language, row.written, row.missing) for row in manifest.report.languages] == [
         ("en", 13, 0), ("fr", 12, 0)]
@@ -263,7 +264,7 @@ def test_edited_tree_drives_generation(first_run, tmp_path):
             row["topic"] = "EDITED topic"
     pq.write_table(pa.Table.from_pylist(tree, schema=plan.TREE_SCHEMA), tmp_path / "tree.parquet")
     edited = loading.parse(tiny_raw(tmp_path, "edited", tree_path=str(tmp_path / "tree.parquet")))
-    manifest = pipeline.run(edited, only="generate")["generate"]
+    manifest = pipeline.run(edited, only="generate", engine_factory=FakeEngine)["generate"]  # the tree's effect
     rows = read_parts(RunLocation(edited.output, "edited"))
     assert manifest.report.llm.requests == manifest.report.plan["requests"]["total"] == GENERATION_REQUESTS  # no tree
     assert set(rows.filter(pa.compute.field("label") == "pos")["topic"].to_pylist()) == {"EDITED topic"}

@@ -671,14 +671,15 @@ class JobSpec(_Strict):
         sizes, trees = self.sizes(), len(self.languages) if self.tree_languages == "per_language" else 1
         leaves = trees * len(self.labels) * sizes["n_source_type"] * sizes["n_topic"] * sizes["n_subtopic"]
         rows = self.n_record_to_generate or leaves // trees * len(self.languages) * sizes["sample_per_subtopic"]
-        if rows > MAX_ROWS:
-            field = "n_record_to_generate" if self.n_record_to_generate else "sample_per_subtopic"
+        if rows > MAX_ROWS:  # named by the size that weighs most in it
+            field = "n_record_to_generate" if self.n_record_to_generate else max(SIZE_FIELDS, key=sizes.__getitem__)
             raise ValueError(f"{field}: {rows:,} rows is more than the {MAX_ROWS:,} one run plans; split the job "
                              "into several runs (each with its own run_id and sampling.seed)")
         if leaves <= MAX_TREE_LEAVES:
             return
         if self.n_record_to_generate is None:
-            raise ValueError(f"n_subtopic: the tree would hold {leaves:,} leaves, more than the {MAX_TREE_LEAVES:,} "
+            field = max(SIZE_FIELDS[:3], key=sizes.__getitem__)
+            raise ValueError(f"{field}: the tree would hold {leaves:,} leaves, more than the {MAX_TREE_LEAVES:,} "
                              "one run expands; lower n_source_type, n_topic or n_subtopic")
         low, high = 1, self.n_record_to_generate  # the most rows whose derived tree still fits
         while low < high:

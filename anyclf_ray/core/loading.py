@@ -124,7 +124,10 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     try:
         raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(error, 'problem', None) or error})"
+                          ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text; save the spec as UTF-8 YAML") from None
     if not isinstance(raw, dict):

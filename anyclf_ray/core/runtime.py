@@ -35,9 +35,14 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
 
     # The address ray.init() itself would join: given, RAY_ADDRESS, or a local `ray start` cluster.
     given = address or os.environ.get("RAY_ADDRESS")
+    field = "--address" if address else "RAY_ADDRESS"
+    if given and given.startswith("ray://"):
+        raise ConfigError(f"{field}: {given} is a Ray Client address; give the cluster's GCS address (host:6379), "
+                          "or submit the job with `ray job submit`")
     found = canonicalize_bootstrap_address(given)  # type: ignore[arg-type]  # None: a local cluster, if any
     if found:
-        reachable(found, "--address" if address else "RAY_ADDRESS")
+        # Probed as given: Ray rewrites a loopback host to this node's address.
+        reachable(given if given and ":" in given else found, field)
         ray.init(address=found, log_to_driver=verbose)
         log.info("joined the Ray cluster at %s (%g CPUs, %g GPUs)", found, *_cores())
     else:
@@ -50,16 +55,29 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
 PROBE_SECONDS = 5
 
 
+# The start of an HTTP/2 connection and an empty SETTINGS frame: a cluster's GCS speaks gRPC, so
+# it answers with a SETTINGS frame of its own (frame type 4, the fourth byte of its header).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def reachable(address: str, field: str) -> None:
-    """ConfigError naming ``field`` unless something listens at ``address`` (``host:port``): Ray
-    itself would retry an address nobody answers for minutes, logging as it goes."""
+    """ConfigError naming ``field`` unless a gRPC server, as a cluster's GCS is, answers at
+    ``address`` (``host:port``) within ``PROBE_SECONDS``: Ray itself would retry an address
+    nobody answers, or something else answers, for minutes."""
     host, _, port = address.rpartition(":")
+    fix = "start one (`ray start --head`), fix the address, or leave it out for an embedded Ray"
     try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS):
-            return
+        probe = socket.create_connection((host, int(port)), timeout=PROBE_SECONDS)
     except (OSError, ValueError):
-        raise ConfigError(f"{field}: no Ray cluster answers at {address}; start one (`ray start --head`), fix the "
-                          "address, or leave it out for an embedded Ray") from None
+        raise ConfigError(f"{field}: no Ray cluster answers at {address}; {fix}") from None
+    with probe:
+        try:
+            probe.sendall(HTTP2_PREFACE)
+            answer = probe.recv(9)
+        except OSError:  # reset or silent: whatever listens there is not a GCS
+            answer = b""
+    if len(answer) < 4 or answer[3] != 4:
+        raise ConfigError(f"{field}: something answers at {address}, but not a Ray cluster's GCS; {fix}")
 
 
 def _cores() -> tuple[float, float]:

@@ -28,8 +28,9 @@ from anyclf_ray.core import storage
 from anyclf_ray.core.loading import ConfigError
 
 FORMATS = ("parquet", "csv", "jsonl", "json")
-# The cells pandas and pyarrow read as missing: a text cell holding one of them has no text.
-NULL_MARKERS = tuple(pacsv.ConvertOptions().null_values)
+# The cells pandas reads as missing (pyarrow's list lacks the last two): a text cell holding one
+# of them has no text.
+NULL_MARKERS = (*pacsv.ConvertOptions().null_values, "None", "<NA>")
 # Bytes of a JSONL file read to learn its keys before any cluster time.
 PEEK_BYTES = 1 << 20
 
