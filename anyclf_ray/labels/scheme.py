@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from anyclf_ray.core import plots
-from anyclf_ray.core.config import LABEL_SET_SEPARATOR, EvalSetSpec, JobSpec
+from anyclf_ray.core.config import LABEL_SET_SEPARATOR, EvalSetSpec, JobSpec, decisive
 from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.labels import label_sets, metrics, pairs
@@ -107,6 +107,12 @@ class LabelScheme(abc.ABC):
     @abc.abstractmethod
     def allowed(self, members: np.ndarray) -> np.ndarray:
         """Whether each row's labels make a set the run writes (one label; an allowed set)."""
+
+    @property
+    @abc.abstractmethod
+    def decisive(self) -> dict:
+        """What of the spec, beyond the label set, decides which labels a row may carry (a
+        fingerprint's part)."""
 
     def per_label(self, rows: pa.Table) -> pa.Table:
         """``rows`` once for each label they hold, under ``label`` (a row of no label is in no
@@ -291,6 +297,10 @@ class SingleLabel(LabelScheme):
     def allowed(self, members: np.ndarray) -> np.ndarray:
         return members.sum(axis=1) == 1
 
+    @property
+    def decisive(self) -> dict:
+        return {"scheme": "single"}
+
     def sets(self, prior: dict[str, float] | None = None) -> list[tuple[int, ...]]:
         return [(i,) for i in range(len(self.ids))]
 
@@ -423,6 +433,10 @@ class MultiLabel(LabelScheme):
     def allowed(self, members: np.ndarray) -> np.ndarray:
         allowed = {row.tobytes() for row in label_sets.LabelSets(self.spec).members}
         return np.array([row.tobytes() in allowed for row in members], bool)
+
+    @property
+    def decisive(self) -> dict:
+        return {"scheme": "multi", **decisive(self.spec.multi_label)}
 
     def co_occurrence(self, written: pa.Table) -> np.ndarray | None:
         found = np.zeros((len(self.ids), len(self.ids)), np.int64)

@@ -224,7 +224,7 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         spec = self.spec
         return digest({"stage": self.name, "settings": decisive(self.settings), "instruction": spec.instruction,
                        "labels": [label.model_dump() for label in spec.labels], "model": decisive(spec.model),
-                       "multi_label": decisive(spec.multi_label) if spec.multi_label.enabled else None,
+                       "scheme": scheme(spec).decisive,
                        "languages": spec.languages})
 
     def check(self, location: RunLocation) -> Corpus:
