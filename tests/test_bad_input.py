@@ -296,6 +296,24 @@ def test_a_multi_label_run_defaults_to_the_llm_judge(tmp_path, capsys):
     assert code == 0 and json.loads(out.out)["checks"]["label_check"] == {"methods": ["llm"], "action": "remove"}
 
 
+@pytest.mark.parametrize(("raw", "message"), [
+    (b'{"schema_version": 1, "stage": "gen', r"is not a manifest this anyclf-ray can read \(Unterminated string"),
+    (b"", r"is not a manifest this anyclf-ray can read \(Expecting value"),
+    (b'{"schema_version": "1"}', r"was written by another anyclf-ray \(manifest schema '1', this one reads 1\)"),
+])
+def test_a_cut_or_foreign_manifest_is_refused_in_one_line(raw, message):
+    from anyclf_ray.core import results
+
+    with pytest.raises(ConfigError, match=f"^run_id: runs/x/manifest.json {message}"):
+        results.read(raw, GenerationReport, "runs/x/manifest.json")
+
+
+def test_every_stage_has_its_command():
+    commands = {stage: command for command, (_, stage) in cli.COMMANDS.items() if stage}
+    assert set(commands) == {cls.name for cls in pipeline.STAGES}
+    assert all(cls(loading.parse(tiny_raw("runs", "x"))).command == commands[cls.name] for cls in pipeline.STAGES)
+
+
 def test_the_missing_stage_message_names_the_command(tmp_path, capsys):
     raw = tiny_raw(tmp_path, "nothing", label_check={"enabled": True})
     code = cli.main(["dedup", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])

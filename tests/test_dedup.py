@@ -161,6 +161,7 @@ def test_empty_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs" / "empty" / "dedup").exists()
 
 
+@pytest.mark.slow  # the refusal comes once Ray has read the input shards
 def test_shards_without_the_text_column_are_refused(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "runs", "foreign")
     location = write_generated(loading.parse(raw), [], parts=1)

@@ -56,8 +56,8 @@ def dataset_card(spec: JobSpec, run_id: str, stages: list, columns_text: str) ->
     later = [(stage, found) for stage, found in stages if stage.card_config and not stage.source]
     by_label: dict[str, int] = {}
     for report in sources:
-        for row in report.counts.by_label:
-            by_label[row["label"]] = by_label.get(row["label"], 0) + row["rows"]
+        for label, n in report.counts.per_label().items():
+            by_label[label] = by_label.get(label, 0) + n
     label_rows = "\n".join(
         f"| {code(label.id)} | {text(label.desc)} | {by_label.get(label.id, 0)} |" for label in spec.labels
     )

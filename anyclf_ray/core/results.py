@@ -37,6 +37,15 @@ def counts(table: pa.Table, keys: list[str], weights: str | None = None) -> Coun
     return sorted(grouped.to_pylist(), key=lambda row: [(row[k] is None, row[k]) for k in keys])
 
 
+def rows_by(table: CountTable, key: str) -> dict[Any, int]:
+    """A count table's rows added up per value of its column ``key``: what readers of a result
+    ask of its tables, so that none indexes their rows."""
+    found: collections.Counter = collections.Counter()
+    for row in table:
+        found[row[key]] += row["rows"]
+    return dict(found)
+
+
 def added(*tables: CountTable) -> CountTable:
     """Tables of ``counts`` added up, in its order."""
     total: collections.Counter = collections.Counter()
@@ -142,6 +151,10 @@ class Failures(Model):
     by_stage: CountTable = []
     files: list[str] = []
 
+    def of_stage(self, stage: str) -> int:
+        """Requests of ``stage`` that failed."""
+        return rows_by(self.by_stage, "stage").get(stage, 0)
+
 
 class Counts(Model):
     """Rows per label and (label, language), a row counting once for each of its labels; for
@@ -153,6 +166,12 @@ class Counts(Model):
     by_label_set_language: CountTable | None = None
     by_set_size: CountTable | None = None
 
+    def per_label(self) -> dict[str, int]:
+        return rows_by(self.by_label, "label")
+
+    def per_set_size(self) -> dict[str, int]:
+        return rows_by(self.by_set_size or [], "size")
+
 
 class CoOccurrence(Model):
     labels: list[str]
@@ -160,10 +179,21 @@ class CoOccurrence(Model):
 
 
 class PriorSummary(Model):
+    """The pair prior's record (``label_prior.json``) in the generation's result: its weights, the
+    pairs unanswered, the calibration and the prior it divided out, and what it cost."""
+
     file: str
     weights: dict[str, float]
     unanswered: int
+    calibration: str | None = None
+    prior: dict[str, float] | None = None
     usage: Usage
+
+    @classmethod
+    def of(cls, record: dict, file: str) -> PriorSummary:
+        """The summary of a prior's record (its per-pair rows stay in the file)."""
+        return cls.model_validate({**{name: record[name] for name in cls.model_fields if name in record},
+                                   "file": file})
 
 
 class GenerationReport(Model):
@@ -378,10 +408,14 @@ def read(raw: bytes, report: type[ReportT], where: str) -> StageResult[ReportT]:
     manifest of another schema version or form."""
     import json
 
-    found = json.loads(raw)
+    try:
+        found = json.loads(raw)
+    except ValueError as error:  # cut short, or not JSON at all
+        raise ConfigError(f"run_id: {where} is not a manifest this anyclf-ray can read ({error}); delete the stage's "
+                          "folder to run it again") from None
     version = found.get("schema_version", 0) if isinstance(found, dict) else None
     if version != SCHEMA_VERSION:
-        raise ConfigError(f"run_id: {where} was written by another anyclf-ray (manifest schema {version}, this one "
+        raise ConfigError(f"run_id: {where} was written by another anyclf-ray (manifest schema {version!r}, this one "
                           f"reads {SCHEMA_VERSION}); use a new run_id, or delete the run folder to start it again")
     try:
         return result_type(report).model_validate(found)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from anyclf_ray.core import cards, embed, runtime
+from anyclf_ray.core import cards, embed, results, runtime
 from anyclf_ray.core.config import JobSpec, LabelCheckSpec
 from anyclf_ray.core.results import LabelCheckReport, MethodReport, Relabelled, StageResult, Unchecked
 from anyclf_ray.core.stage import Context, Decision, FilterStage
@@ -285,16 +285,12 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
         rows whose set holds it but the judge says not, and the reverse."""
         found, methods = result.report, list(result.report.methods)
         llm = found.methods.get("llm")
-        if llm is not None and llm.missing_by_label is not None:
-            header = "| label | in the set, judged absent | outside the set, judged present |\n|---|---|---|\n"
-            lines = "".join(f"| {cards.code(label.id)} | {llm.missing_by_label.get(label.id, 0)} | "
-                            f"{(llm.extra_by_label or {}).get(label.id, 0)} |\n" for label in self.spec.labels)
-            return f"### Label check ({found.action})\n\n{header}{lines}"
+        table = scheme(self.spec).judge_table(llm.missing_by_label, llm.extra_by_label) if llm else None
+        if table is not None:
+            return f"### Label check ({found.action})\n\n{table}"
         key = self.spec.label_column
-        kept = {row[key]: row["rows"] for row in found.kept_by_label}
-        removed: dict[str, int] = {}
-        for row in found.removed.by_label_reason:
-            removed[row[key]] = removed.get(row[key], 0) + row["rows"]
+        kept = results.rows_by(found.kept_by_label, key)
+        removed = results.rows_by(found.removed.by_label_reason, key)
         header = "| label | rows | " + " | ".join(f"failed {m}" for m in methods) + " | kept |\n"
         header += "|---" * (len(methods) + 3) + "|\n"
         lines = "".join(

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anyclf_ray.core import plots
+from anyclf_ray.core import cards, plots
 from anyclf_ray.core.config import LABEL_SET_SEPARATOR, EvalSetSpec, JobSpec, decisive
 from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.loading import ConfigError
@@ -65,6 +65,9 @@ class LabelScheme(abc.ABC):
     # SetFit's multi_target_strategy, and the evaluation figure's name.
     strategy: ClassVar[str | None]
     figure: ClassVar[str]
+    # The model card's words for the head and the line that predicts with it.
+    head_text: ClassVar[str]
+    usage_text: ClassVar[str]
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
@@ -209,6 +212,12 @@ class LabelScheme(abc.ABC):
         """``(rows, labels)``: each row's calibrated probability of each label (one label a row)
         or of yes to each label (sets), from its questions' judgements."""
 
+    def judge_table(self, missing: dict[str, int] | None, extra: dict[str, int] | None) -> str | None:
+        """The card's table of the judge's verdicts against the rows' sets, by label (rows whose set
+        holds a label the judge finds absent, ``missing``, and the reverse, ``extra``); None where a
+        row carries one label (the card's per-method table says it)."""
+        return None
+
     @abc.abstractmethod
     def judge_prior(self, found: Judgement) -> dict[str, float]:
         """The prior calibration divided out, by label: the probability of answering it (one
@@ -285,6 +294,8 @@ class SingleLabel(LabelScheme):
     judge_reasons = ("label_mismatch",)
     strategy = None
     figure = "confusion"
+    head_text = "logistic regression"
+    usage_text = 'model.predict(["some text"])'
 
     def columns(self, labels: list[list[str]]) -> dict[str, pa.Array]:
         ids = [found[0] if found else None for found in labels]
@@ -419,6 +430,14 @@ class MultiLabel(LabelScheme):
     judge_reasons = ("label_missing", "label_extra")
     strategy = "one-vs-rest"
     figure = "per-label"
+    head_text = ("one-vs-rest logistic regression, each label's threshold tuned for F1 on held-out rows "
+                 "(`thresholds.json`)")
+    usage_text = 'model.predict_proba(["some text"])  # a score per label; cut at thresholds.json'
+
+    def judge_table(self, missing: dict[str, int] | None, extra: dict[str, int] | None) -> str | None:
+        header = "| label | in the set, judged absent | outside the set, judged present |\n|---|---|---|\n"
+        return header + "".join(f"| {cards.code(label)} | {(missing or {}).get(label, 0)} | "
+                                f"{(extra or {}).get(label, 0)} |\n" for label in self.ids)
 
     def columns(self, labels: list[list[str]]) -> dict[str, pa.Array]:
         ordered = [sorted(found, key=self.position.__getitem__) for found in labels]

@@ -209,7 +209,7 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
         return self.spec.fingerprint()  # the run id's default is derived from it
 
     def retries(self, result: StageResult[GenerationReport]) -> bool:
-        return any(row["stage"] == "generate" for row in result.report.failures.by_stage)
+        return result.report.failures.of_stage("generate") > 0
 
     def check(self, location: RunLocation) -> pa.Table | None:
         """The plan (a label without the rows it needs is refused), the sets' floors, that the
@@ -288,9 +288,7 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
                 "rows holding both labels (diagonal: rows holding the label)"))
         prior = None
         if location.exists(pair_prior.FILE):
-            record = location.read_json(pair_prior.FILE)
-            prior = PriorSummary(file=pair_prior.FILE, weights=record["weights"], unanswered=record["unanswered"],
-                                 usage=record["usage"])
+            prior = PriorSummary.of(location.read_json(pair_prior.FILE), pair_prior.FILE)
         report = GenerationReport(sizes=spec.sizes(), versions=cards.versions(), plan=estimate.estimate(spec),
                                   pair_prior=prior, engine=ctx.engine_figures(),
                                   s3_retries=storage.retries() - retried_here + retried_by_writes, **summary)
@@ -307,7 +305,7 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
                             for row in found.languages)
             section = f"| language | planned | written | failed requests |\n|---|---|---|---|\n{lines}"
         if found.co_occurrence is not None:
-            sizes = ", ".join(f"{row['rows']} with {row['size']}" for row in found.counts.by_set_size or [])
+            sizes = ", ".join(f"{n} with {size}" for size, n in found.counts.per_set_size().items())
             section += (f"\nRows by number of labels: {sizes}. Labels written together "
                         f"(`manifest.json` holds the counts):\n\n![co-occurrence]({CO_OCCURRENCE_PNG})\n")
         if found.pair_prior is not None:

@@ -402,11 +402,8 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
             location.write_bytes(f"eval/{labels.figure}-{name}.png", labels.split_png(figures, name))
         location.write_json("eval/metrics.json", evaluation)
         headlines = {split: {"rows": m["rows"], **labels.headline(m)} for split, m in evaluation.items()}
-        head = (f"one-vs-rest logistic regression, each label's threshold tuned for F1 on held-out rows "
-                f"(`{THRESHOLDS_FILE}`)" if thresholds is not None else "logistic regression")
-        usage = (f"model.predict_proba([\"some text\"])  # a score per label; cut at {THRESHOLDS_FILE}"
-                 if thresholds is not None else 'model.predict(["some text"])')
-        card = cards.model_card(spec, location.run_id, upstream.stage, result["figures"], headlines, head, usage)
+        card = cards.model_card(spec, location.run_id, upstream.stage, result["figures"], headlines, labels.head_text,
+                                labels.usage_text)
         report = TrainReport(
             data=TrainData(source=upstream.stage, train_rows=train_rows.num_rows,
                            held_out_rows=evaluation.get("held_out", {}).get("rows", 0),
