@@ -29,6 +29,11 @@ from anyclf_ray.core import models
 from anyclf_ray.core.tokens import ITEM_OVERHEAD_CHARS, MIN_TEXT_CHARS, answer_tokens, chars_per_token
 
 
+class ConfigError(ValueError):
+    """A job spec (or an input it names) that cannot run; ``str(error)`` is the one line to show
+    the user, naming the field and the fix."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

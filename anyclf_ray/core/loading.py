@@ -14,11 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from anyclf_ray.core.config import JobSpec
-
-
-class ConfigError(ValueError):
-    """A job spec that cannot run; ``str(error)`` is the one line to show the user."""
+from anyclf_ray.core.config import ConfigError, JobSpec
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

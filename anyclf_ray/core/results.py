@@ -19,7 +19,7 @@ from typing import Any, Generic, Literal, TypeVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.config import ConfigError
 
 SCHEMA_VERSION = 1
 CountTable = list[dict[str, Any]]

@@ -35,8 +35,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from anyclf_ray.core import results
-from anyclf_ray.core.config import JobSpec, decisive, digest
-from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.config import ConfigError, JobSpec, decisive, digest
 from anyclf_ray.core.results import (
     CountTable,
     EmbeddingsRef,

@@ -22,8 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from anyclf_ray.core.config import OutputSpec
-from anyclf_ray.core.loading import ConfigError
+from anyclf_ray.core.config import ConfigError, OutputSpec
 
 log = logging.getLogger(__name__)
 
