@@ -32,6 +32,20 @@ def spec_for(tmp_path, run_id: str, **fields) -> config.JobSpec:
                                  language_check={"enabled": True, **fields}))
 
 
+def test_the_decision_on_a_table_needs_no_ray(tmp_path):
+    """``decide`` alone, on the rows as a table: the detector's verdicts and the counts the base adds up."""
+    import pyarrow as pa
+
+    spec = spec_for(tmp_path, "decide")
+    rows = pa.table({"id": [r[0] for r in ROWS], "language": [r[2] for r in ROWS], "text": [r[3] for r in ROWS]})
+    found = language_check.LanguageCheck(spec).decide(None, rows, None)  # type: ignore[arg-type]  # no context used
+    assert {r["id"]: (r["reason"], r["detected_language"]) for r in found.removed.to_pylist()} == {
+        i: ("wrong_language", language) for i, language in WRONG.items()}
+    kept = found.kept
+    assert kept.num_rows == 9 and kept["detected_language"].to_pylist() == kept["language"].to_pylist()
+    assert {"language": "fr", "detected_language": "en", "rows": 1} in found.counts["requested_by_detected"]
+
+
 # Tests that run the stage take the module's embedded Ray (a Ray started by the pipeline itself
 # would outlive the module and clash with the next module's).
 
