@@ -126,7 +126,9 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
         for stage in targets:
             result = done[stage.name]
             if result:
-                log.info("%s: already complete for this input and these settings; skipped", stage.name)
+                log.info("%s: already %s for this input and these settings%s; skipped", stage.name,
+                         "finished" if result.complete else "finished, incomplete",
+                         "; nothing of it can be asked again" if retry_failures and not result.complete else "")
             else:
                 runtime.connect(address, verbose)
                 log.info("%s: running", stage.name)

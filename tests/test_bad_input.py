@@ -408,7 +408,8 @@ def test_plots_draw_names_verbatim(monkeypatch):
 
 
 @pytest.mark.parametrize("item", ["source_type1", "text2,", "./subfolder/text01.json,", "https://www.example.com/a",
-                                  "www.example.org", "item 3", "Topic2", "customer_reviews", "C:/docs/report", "a/b/c"])
+                                  "www.example.org", "item 3", "Topic2", "customer_reviews", "C:/docs/report", "a/b/c",
+                                  "source-type1", "text", "Topic"])
 def test_placeholders_are_no_tree_items(item):
     assert items.problem(item, 0, [], "", names=True) == "placeholder"
     assert items.problem(item, 0, [], "", names=False) != "placeholder"  # an example's text may hold a URL

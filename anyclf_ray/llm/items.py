@@ -21,14 +21,15 @@ REASONS = ("json_syntax", "too_short", "echo", "repeated", "not_a_choice", "plac
 REFUSED_CHARACTERS = r'{}\[\]"\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f'
 JSON_SYNTAX = re.compile(f"[{REFUSED_CHARACTERS}]")
 # A tree item that names no topic: a URL, a file path, an identifier (``source_type1``,
-# ``text_2``), or a placeholder word with a number (``item 3``, ``Topic2``): what a model
+# ``text_2``), or a placeholder word, alone or with a number (``text``, ``item 3``,
+# ``source-type1``): what a model
 # writes when it fills the schema instead of answering.
 URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)", re.IGNORECASE)
 PATH = re.compile(r"^(?:~|\.{0,2})/|^\w:\\|^[^\s/]+(?:/[^\s/]+){2,}$|^\S+\.(?:json|txt|csv|md|html?|xml|py|pdf|docx?)$",
                   re.IGNORECASE)
 IDENTIFIER = re.compile(r"^[^\W\d]\w*_\w*$")
-PLACEHOLDER = re.compile(r"^(?:item|text|topic|subtopic|source[ _]?type|label|example|sample|category|keyword|"
-                         r"placeholder|name|value|string)[ _-]?\d+$", re.IGNORECASE)
+PLACEHOLDER = re.compile(r"^(?:item|text|topic|subtopic|source[ _-]?type|label|example|sample|category|keyword|"
+                         r"placeholder|name|value|string)(?:[ _-]?\d+)?$", re.IGNORECASE)
 # Punctuation a model leaves around a fragment (``text2,``) before it is judged.
 TRAILING = " ,;:.'`"
 
