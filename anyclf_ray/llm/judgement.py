@@ -95,6 +95,13 @@ def calibrated(raw: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return found / found.sum(axis=1, keepdims=True)
 
 
+def calibrated_by_kind(raw: np.ndarray, of_kind: np.ndarray, priors: np.ndarray, kinds: list[str]) -> np.ndarray:
+    """``raw`` (``(questions, options)``, the kind of each in ``of_kind``) calibrated by its kind's
+    row of ``priors``; a kind whose method is ``none`` keeps its raw probabilities exactly."""
+    calibrating = np.isin(of_kind, [kind for kind, method in enumerate(kinds) if method != "none"])
+    return np.where(calibrating[:, None], calibrated(raw, priors[of_kind]), raw)
+
+
 def batch_prior(raw: np.ndarray) -> np.ndarray | None:
     """Batch calibration's prior: the mean raw probabilities of the answered rows (None: none)."""
     answered = raw[~np.isnan(raw).any(axis=1)]
@@ -199,7 +206,6 @@ def judge(answer: Callable[[pa.Table], pa.Table], questions: list[Question], n_k
         if mean is not None:
             means[kind] = mean
     found_priors, used = priors(kinds, means, blank_raw, of_kind[len(questions) :])
-    calibrating = np.isin(asked_kinds, [kind for kind, method in enumerate(used) if method != "none"])
-    probabilities_ = np.where(calibrating[:, None], calibrated(raw, found_priors[asked_kinds]), raw)
+    probabilities_ = calibrated_by_kind(raw, asked_kinds, found_priors, used)
     return Judgement(raw=raw, probabilities=probabilities_, priors=found_priors, calibration=used,
                      usage=engine.usage(answers))

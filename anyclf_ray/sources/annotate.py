@@ -42,7 +42,7 @@ import ray
 
 from anyclf_ray.core import cards, results, storage, tables
 from anyclf_ray.core.config import AnnotateSpec, JobSpec, decisive, digest
-from anyclf_ray.core.ids import STABLE_ID, stable_id
+from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.progress import Progress
 from anyclf_ray.core.results import AnnotatedRows, AnnotationReport, Counts, Failures, Rows, Shards, StageResult, Usage
@@ -125,10 +125,7 @@ def questions_of(batch: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa
         rows += [{**judgement.request(question), "stage": "annotate", "row_id": row_id, "kind": question.kind,
                   "text": text if question.kind == 0 else None, "language": language}
                  for question in labels.judge_questions(row_id, text, "annotate")]
-    questions = engine.requests_table(rows, QUESTION_FIELDS)
-    done = ray.get(committed)
-    ids_ = np.array(questions.column("request_id").to_pylist(), dtype=STABLE_ID)
-    return questions.filter(pa.array(~np.isin(ids_, done, assume_unique=True)))
+    return parts.uncommitted(engine.requests_table(rows, QUESTION_FIELDS), committed)
 
 
 def answer_rows(answered: pa.Table) -> pa.Table:
@@ -162,8 +159,7 @@ def labelled(labels: LabelScheme, spec: JobSpec, questions: list[dict], found_pr
     size = labels.judge_size
     raw = np.array([question["raw"] for question in questions]).reshape(-1, found_priors.shape[1])
     of_kind = np.tile(np.arange(size), len(questions) // size)
-    calibrating = np.array([kinds[kind] != "none" for kind in of_kind], bool)
-    probabilities = np.where(calibrating[:, None], judgement.calibrated(raw, found_priors[of_kind]), raw)
+    probabilities = judgement.calibrated_by_kind(raw, of_kind, found_priors, kinds)
     found = Judgement(raw=raw, probabilities=probabilities, priors=found_priors, calibration=kinds, usage=Usage())
     judged, _, confidence = labels.judged(found)
     firsts = questions[::size]
@@ -244,9 +240,7 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         """Ask every question no committed part answered (and, with ``--retry-failures``, those
         that failed); the parts this pass committed and the S3 calls its writes tried again."""
         spec, location, labels = self.spec, ctx.location, scheme(self.spec)
-        retry = parts.failures(location, found)[0]["request_id"].to_pylist() if ctx.retry_failures else []
-        committed = np.setdiff1d(np.concatenate([np.empty(0, STABLE_ID), *(p.request_ids for p in found.values())]),
-                                 np.array(retry, STABLE_ID))
+        committed = parts.done_ids(location, found, ctx.retry_failures)
         total = corpus.rows * labels.judge_size
         pending = total - len(committed)
         log.info("annotate: %d question(s) of %d text(s) to ask, %d already committed", pending, corpus.rows,

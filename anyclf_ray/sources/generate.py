@@ -19,7 +19,6 @@ import json
 import logging
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,7 +26,6 @@ import ray
 
 from anyclf_ray.core import cards, plots, results, runtime, storage
 from anyclf_ray.core.config import JobSpec
-from anyclf_ray.core.ids import STABLE_ID
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.progress import Progress
 from anyclf_ray.core.results import (
@@ -81,10 +79,7 @@ def examples_from(answered: pa.Table, model_name: str, labels: LabelScheme) -> p
 def pending_requests(leaves: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa.Table:
     """Ray Data map: the generation requests of a block of leaves, less the committed ones
     (``committed``: an object ref to their sorted ids, fetched zero-copy where the task runs)."""
-    requests = plan.render_requests(spec, leaves)
-    done = ray.get(committed)
-    ids = np.array(requests.column("request_id").to_pylist(), dtype=STABLE_ID)
-    return requests.filter(pa.array(~np.isin(ids, done, assume_unique=True)))
+    return parts.uncommitted(plan.render_requests(spec, leaves), committed)
 
 
 def requests_per_part(spec: JobSpec, tokens_per_second: float | None, replicas: int) -> int:
@@ -109,10 +104,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     The driver holds the leaves and the committed request ids; requests are rendered by Ray
     Data tasks, block by block, as the engines take them.
     """
-    retry = parts.failures(location, found)[0]["request_id"].to_pylist() if retry_failures else []
-    committed = np.setdiff1d(  # sorted and unique, as pending_requests wants them
-        np.concatenate([np.empty(0, STABLE_ID), *(part.request_ids for part in found.values())]),
-        np.array(retry, STABLE_ID))
+    committed = parts.done_ids(location, found, retry_failures)
     leaves = plan.leaf_table(spec, tree_table)
     total = plan.request_count(spec, leaves)
     pending = total - len(committed)

@@ -162,6 +162,21 @@ def committed(location: RunLocation, folder: str = "") -> dict[str, Part]:
     return {path: read_part(location.read_metadata(path)[PART_METADATA_KEY]) for path in location.list(data)}
 
 
+def done_ids(location: RunLocation, parts: dict[str, Part], retry_failures: bool) -> np.ndarray:
+    """The request ids the committed ``parts`` answered, sorted and unique (``uncommitted`` wants
+    them so); with ``retry_failures``, less those that failed, so that they are asked again."""
+    retry = failures(location, parts)[0]["request_id"].to_pylist() if retry_failures else []
+    return np.setdiff1d(np.concatenate([np.empty(0, STABLE_ID), *(part.request_ids for part in parts.values())]),
+                        np.array(retry, STABLE_ID))
+
+
+def uncommitted(requests: pa.Table, done: ray.ObjectRef) -> pa.Table:
+    """``requests`` less those whose id is in ``done`` (an object ref to ``done_ids``, fetched
+    zero-copy where the Ray Data task runs)."""
+    ids = request_ids(requests)
+    return requests.filter(pa.array(~np.isin(ids, ray.get(done), assume_unique=True)))
+
+
 def request_ids(table: pa.Table) -> np.ndarray:
     return np.array(table["request_id"].to_pylist(), STABLE_ID)
 
