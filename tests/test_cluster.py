@@ -6,6 +6,7 @@ started (named by its GCS port), never another Ray on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,9 +77,11 @@ def cluster():
     yield {"dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
     processes = cluster_processes(gcs)
     for process in processes:
-        process.terminate()
-    for process in psutil.wait_procs(processes, timeout=15)[1]:
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone since it was listed: what we want
+            process.terminate()
+    for process in psutil.wait_procs(processes, timeout=5)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it exited between the wait and the kill
+            process.kill()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -151,7 +154,8 @@ def test_a_job_that_loses_its_engine_node_finishes_on_its_own(cluster, tiny_mode
     engines = [p for p in node if "ray::Replica" in " ".join(p.cmdline())]
     assert engines, "the engine was not on the node that was lost"
     for process in node:  # the machine is gone: its raylet and everything on it
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # a child that died with its parent
+            process.kill()
     start_worker_node(cluster, engine_node=1)
     jobs = JobSubmissionClient(cluster["dashboard"])
     wait_for(lambda: jobs.get_job_status(job).is_terminal(), "the job to end", timeout=600)

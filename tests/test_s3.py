@@ -147,7 +147,7 @@ def test_dedup_training_and_prediction_on_s3(s3_server, s3_credentials, local_ra
     # The eval set is read from S3 too; like predict's paths, its endpoint comes from AWS_ENDPOINT_URL.
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
     s3_server["client"].put_object(Bucket="anyclf", Key="eval/real.csv", Body=b"text,label\nok then,neg\nfine,pos\n")
-    train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 1, "batch_size": 8,
+    train = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 1, "num_iterations": 1, "batch_size": 8,
              "eval_set": {"path": "s3://anyclf/eval/real.csv"}}
     spec = loading.parse({**s3_raw(s3_server, "s3-run"), "train": train})
     stages = pipeline.run(spec)  # generation is reused when the round-trip test made it

