@@ -26,6 +26,7 @@ from anyclf_ray.core import loading
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.llm import engine
 from anyclf_ray.sources import annotate
+from anyclf_ray.training import train
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -145,18 +146,33 @@ class Mixed:
 
 
 @pytest.mark.slow
-def test_a_mixed_run_hands_both_sources_to_the_next_stage(tmp_path, local_ray):
+def test_a_mixed_run_trains_on_both_sources_and_scores_each(tmp_path, local_ray):
     raw = annotate_raw(tmp_path, "mixed", corpus(tmp_path / "texts.parquet"))
     raw["language_check"] = {"enabled": True}
+    raw["train"] = {**raw["train"], "enabled": True, "num_iterations": 0}
     spec = loading.parse(raw)
     found = pipeline.run(spec, engine_factory=Mixed)
     generated, annotated_, checked = found["generate"], found["annotate"], found["language_check"]
     assert checked.rows.input == generated.report.rows.written + annotated_.report.rows.written
     assert [ref.stage for ref in checked.inputs] == ["generate", "annotate"]
-    rows = read_parts(RunLocation(spec.output, "mixed"), "language_check/data")
+    location = RunLocation(spec.output, "mixed")
+    rows = read_parts(location, "language_check/data")
     origins = set(rows["origin"].to_pylist())
     assert origins <= {"generated", "annotated"} and "annotated" in origins
     assert generated.report.engine.starts == annotated_.report.engine.starts == 1  # one pool for both sources
+    # Training reads both sources, counts its rows by origin, and scores the held-out rows of each.
+    held_out = {origin: sum(train.is_held_out(row_id, spec.train.test_size) for row_id, o in
+                            zip(rows["id"].to_pylist(), rows["origin"].to_pylist()) if o == origin)
+                for origin in ("annotated", "generated")}
+    data = found["train"].report.data
+    assert data.train_rows_by_origin == {origin: rows["origin"].to_pylist().count(origin) - held_out[origin]
+                                         for origin in ("annotated", "generated")}
+    assert sum(data.train_rows_by_origin.values()) == data.train_rows
+    metrics = json.loads(location.read_bytes("eval/metrics.json"))["held_out"]
+    assert {origin: m["rows"] for origin, m in metrics["by_origin"].items()} == held_out
+    card = location.read_bytes("model/README.md").decode()
+    assert f"annotated {data.train_rows_by_origin['annotated']}" in card
+    assert f"| held_out (annotated) | {held_out['annotated']} |" in card
 
 
 def test_csv_and_jsonl_corpora_are_surveyed_as_written(tmp_path):

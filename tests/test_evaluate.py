@@ -44,7 +44,8 @@ def test_every_format_reads_to_the_same_texts_and_labels(tmp_path, fmt):
 
 def test_metrics_per_language_split_the_rows_by_their_language():
     # en: pos→pos, neg→neg; fr: pos→neg, neg→neg, pos→pos (neg 0, pos 1)
-    by_language = {"fr": metrics.confusion([1, 0, 1], [0, 0, 1], 2), "en": metrics.confusion([1, 0], [1, 0], 2)}
+    by_language = {("fr", None): metrics.confusion([1, 0, 1], [0, 0, 1], 2),
+                   ("en", None): metrics.confusion([1, 0], [1, 0], 2)}
     found = evaluate.split_metrics(by_language, lambda tally: metrics.metrics(tally, ["neg", "pos"]))
     assert found["rows"] == 5 and found["accuracy"] == pytest.approx(4 / 5)
     assert found["confusion_matrix"]["rows_true_columns_predicted"] == [[2, 0], [1, 2]]
@@ -52,10 +53,25 @@ def test_metrics_per_language_split_the_rows_by_their_language():
     assert list(languages) == ["en", "fr"]
     assert {code: (m["rows"], m["accuracy"]) for code, m in languages.items()} == {"en": (2, 1.0), "fr": (3, 2 / 3)}
     assert "confusion_matrix" not in languages["fr"] and languages["fr"]["per_class"]["pos"]["support"] == 2
+    assert "by_origin" not in found  # rows of a run that does not annotate have no origin
+
+
+def test_metrics_per_origin_add_up_over_languages():
+    # generated: en pos→pos, fr neg→pos; annotated: en neg→neg, pos→neg (neg 0, pos 1)
+    tallies = {("en", "generated"): metrics.confusion([1], [1], 2), ("fr", "generated"): metrics.confusion([0], [1], 2),
+               ("en", "annotated"): metrics.confusion([0, 1], [0, 0], 2)}
+    found = evaluate.split_metrics(tallies, lambda tally: metrics.metrics(tally, ["neg", "pos"]))
+    assert found["rows"] == 4 and found["accuracy"] == pytest.approx(2 / 4)
+    origins = found["by_origin"]
+    assert {origin: (m["rows"], m["accuracy"]) for origin, m in origins.items()} == {
+        "annotated": (2, 0.5), "generated": (2, 0.5)}
+    assert list(origins) == ["annotated", "generated"] and "confusion_matrix" not in origins["annotated"]
+    assert origins["annotated"]["per_class"]["pos"]["recall"] == 0.0
+    assert {code: m["rows"] for code, m in found["by_language"].items()} == {"en": 3, "fr": 1}
 
 
 def test_rows_without_a_language_have_no_per_language_figures():
-    found = evaluate.split_metrics({None: metrics.confusion([0, 1], [0, 0], 2)},
+    found = evaluate.split_metrics({(None, None): metrics.confusion([0, 1], [0, 0], 2)},
                                    lambda tally: metrics.metrics(tally, ["neg", "pos"]))
     assert "by_language" not in found and found["rows"] == 2
     assert found["per_class"]["pos"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}

@@ -115,10 +115,18 @@ present it as human-written.
 
 
 def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluation: dict[str, dict[str, float]],
-               head: str, usage: str) -> str:
+               head: str, usage: str, by_origin: dict[str, int] | None = None) -> str:
     """A Hugging Face model card: base model, data, labels and the evaluation's headline figures
-    (``evaluation``: by split); ``head`` describes the head, ``usage`` is the line that predicts."""
+    (``evaluation``: by split, and by split and origin); ``head`` describes the head, ``usage`` is
+    the line that predicts; ``by_origin``: the training rows by origin in a run that annotates."""
     settings = spec.train
+    if by_origin is None:
+        data = f"synthetic data written by `{spec.model.name}`"
+        caution = "The training data is synthetic"
+    else:
+        data = (f"synthetic rows written by `{spec.model.name}` and real texts it labelled (training rows by origin: "
+                + ", ".join(f"{origin} {rows}" for origin, rows in sorted(by_origin.items())) + ")")
+        caution = "The training labels are the LLM's"
     label_rows = "\n".join(f"| {code(label.id)} | {text(label.desc)} |" for label in spec.labels)
     names = [name for name in next(iter(evaluation.values()), {"accuracy": 0}) if name != "rows"]
     metric_rows = "\n".join(f"| {split} | {int(m['rows'])} | " + " | ".join(f"{m[key]:.4f}" for key in names) + " |"
@@ -136,7 +144,7 @@ tags:
 
 A SetFit classifier for: {text(spec.instruction)}
 
-It was trained by anyclf-ray on synthetic data written by `{spec.model.name}` (run `{run_id}`,
+It was trained by anyclf-ray on {data} (run `{run_id}`,
 the rows its `{source}` stage committed; {figures["train_rows"]} training rows,
 held-out share {settings.test_size}). Body: `{settings.base_model}`, fine-tuned contrastively on
 {figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: {head}.
@@ -155,6 +163,6 @@ model = SetFitModel.from_pretrained("<this folder>")
 |---|---|{"---|" * len(names)}
 {metric_rows}
 
-The training data is synthetic: check the held-out figures against a real labelled set
+{caution}: check the held-out figures against a real labelled set
 (`train.eval_set`) before trusting the model.
 """

@@ -353,6 +353,8 @@ class TrainData(Model):
     held_out_rows: int
     eval_set_rows: int
     eval_set_skipped: dict[str, int] | None = None
+    # In a run that annotates: the training rows by origin (generated, annotated).
+    train_rows_by_origin: dict[str, int] | None = None
 
 
 class TrainReport(Model):

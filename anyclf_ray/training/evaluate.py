@@ -74,13 +74,18 @@ def load_eval_set(settings: EvalSetSpec, labels: LabelScheme) -> EvalSet:
     )
 
 
-def split_metrics(by_language: dict[str | None, np.ndarray], figures: Callable[[np.ndarray], dict]) -> dict:
-    """A split's ``figures`` (``LabelScheme.metrics``) from its tallies by language (key None:
-    rows without a language), with ``by_language`` (no confusion matrix) when every row has one."""
-    found = figures(np.sum(list(by_language.values()), axis=0))
-    if None not in by_language:
-        found["by_language"] = {
-            language: {k: v for k, v in figures(tally).items() if k != "confusion_matrix"}
-            for language, tally in sorted((language, tally) for language, tally in by_language.items() if language)
-        }
+def split_metrics(tallies: dict[tuple[str | None, str | None], np.ndarray],
+                  figures: Callable[[np.ndarray], dict]) -> dict:
+    """A split's ``figures`` (``LabelScheme.metrics``) from its tallies by (language, origin)
+    (None: rows without one), with ``by_language`` when every row has a language and
+    ``by_origin`` when every row has an origin (a run that annotates), neither with a confusion
+    matrix."""
+    found = figures(np.sum(list(tallies.values()), axis=0))
+    for name, position in (("by_language", 0), ("by_origin", 1)):
+        groups: dict[str | None, np.ndarray] = {}
+        for key, tally in tallies.items():
+            groups[key[position]] = groups.get(key[position], 0) + tally
+        if None not in groups:
+            found[name] = {group: {k: v for k, v in figures(tally).items() if k != "confusion_matrix"}
+                           for group, tally in sorted(groups.items())}
     return found

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray.core import cards, embed, runtime
+from anyclf_ray.core import cards, embed, results, runtime
 from anyclf_ray.core.config import ActorPlacement, JobSpec, TrainSpec
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.results import Rows, StageResult, TrainData, TrainReport
@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 SPLIT_BUCKETS = 10_000
 MODEL_FOLDER = "model"
 THRESHOLDS_FILE = "thresholds.json"
-# The columns training reads; ``label`` holds a row's label id, or its label set joined by "|".
-ROW_COLUMNS = ["id", "text", "label", "language"]
+# The columns training reads; ``label`` holds a row's label id, or its label set joined by "|";
+# ``origin`` says which source wrote the row in a run that annotates (null otherwise).
+ROW_COLUMNS = ["id", "text", "label", "language", "origin"]
 
 
 def draws(ids: list[str]) -> np.ndarray:
@@ -80,8 +81,10 @@ def is_held_out(row_id: str, test_size: float) -> bool:
 
 
 def with_draws(batch: pa.Table, label_column: str) -> pa.Table:
-    batch = batch.select(["id", "text", label_column, "language"]).rename_columns(ROW_COLUMNS)
-    return batch.append_column("draw", pa.array(draws(batch["id"].to_pylist())))
+    """``batch`` as ``ROW_COLUMNS`` (a null ``origin`` where it has none), with each row's ``draw``."""
+    origin = batch["origin"] if "origin" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+    batch = batch.select(["id", "text", label_column, "language"]).append_column("origin", origin)
+    return batch.rename_columns(ROW_COLUMNS).append_column("draw", pa.array(draws(batch["id"].to_pylist())))
 
 
 def drawn_between(batch: pa.Table, low: float, high: float) -> pa.Table:
@@ -89,12 +92,14 @@ def drawn_between(batch: pa.Table, low: float, high: float) -> pa.Table:
     return batch.filter(pc.and_(pc.greater_equal(draw, low), pc.less(draw, high)))
 
 
-def input_rows(location: RunLocation, shards: list[str], label_column: str,
-               blocks: int) -> tuple[ray.data.Dataset, int]:
+def input_rows(location: RunLocation, shards: list[str], label_column: str, blocks: int,
+               origin: bool = False) -> tuple[ray.data.Dataset, int]:
     """The committed rows as a Dataset (at least ``blocks`` blocks) of ``ROW_COLUMNS``, each
-    with its ``draw``, and their number (from the Parquet footers)."""
+    with its ``draw``, and their number (from the Parquet footers). ``origin``: the rows carry
+    one (a run that annotates)."""
     paths = [location.path(shard) for shard in shards]
-    dataset = ray.data.read_parquet(paths, filesystem=location.fs, columns=["id", "text", label_column, "language"],
+    columns = ["id", "text", label_column, "language", *(["origin"] if origin else [])]
+    dataset = ray.data.read_parquet(paths, filesystem=location.fs, columns=columns,
                                     override_num_blocks=max(blocks, len(paths)))
     rows = dataset.map_batches(functools.partial(with_draws, label_column=label_column), batch_format="pyarrow",
                                batch_size=None)
@@ -297,9 +302,12 @@ def held_out_splits(rows: ray.data.Dataset, splits: dict[str, tuple[float, float
 def evaluation_rows(held_out: ray.data.Dataset, split: str, real: evaluate.EvalSet | None = None,
                     replicas: int = 1) -> ray.data.Dataset:
     """Held-out rows tagged ``split``, and the real eval set (tagged ``eval_set``), as one
-    Dataset of ``split``, ``text``, ``label`` and ``language`` (null where the eval set has none)."""
+    Dataset of ``split``, ``text``, ``label``, ``language`` (null where the eval set has none)
+    and ``origin`` (null for the eval set)."""
+    columns = ["text", "label", "language", "origin"]
+
     def tagged(batch: pa.Table) -> pa.Table:
-        return batch.select(["text", "label", "language"]).add_column(0, "split", pa.array([split] * batch.num_rows))
+        return batch.select(columns).add_column(0, "split", pa.array([split] * batch.num_rows))
 
     # Materialized (into the object store, not the driver) before the actors start: a fixed
     # pool of embedding actors may hold every CPU, and the read tasks feeding it would wait forever.
@@ -307,29 +315,30 @@ def evaluation_rows(held_out: ray.data.Dataset, split: str, real: evaluate.EvalS
     if not real:
         return tagged_held_out
     table = pa.table({"split": ["eval_set"] * len(real.texts), "text": real.texts, "label": real.labels,
-                      "language": pa.array(real.languages or [None] * len(real.texts), pa.string())})
+                      "language": pa.array(real.languages or [None] * len(real.texts), pa.string()),
+                      "origin": pa.nulls(len(real.texts), pa.string())})
     return tagged_held_out.union(runtime.blocks_dataset(table, 256, replicas))
 
 
 def streamed_tallies(rows: ray.data.Dataset, body, settings: TrainSpec, tally) -> dict[str, dict]:
-    """Each split's tallies by language: the rows embedded on actors, then ``tally(keys,
-    embeddings)`` of each batch added up on the driver (all it keeps)."""
+    """Each split's tallies by (language, origin): the rows embedded on actors, then
+    ``tally(keys, embeddings)`` of each batch added up on the driver (all it keeps)."""
     tallies: dict[str, dict] = defaultdict(dict)
     embedded = embed.embedded(rows, body, embedding_placement(settings), batch_size=64)
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         groups = defaultdict(list)
-        for i, key in enumerate(zip(batch["split"].tolist(), batch["language"].tolist())):
+        for i, key in enumerate(zip(batch["split"].tolist(), batch["language"].tolist(), batch["origin"].tolist())):
             groups[key].append(i)
-        for (split, language), chosen in groups.items():
+        for (split, *group), chosen in groups.items():
             found = tally(batch["label"][chosen].tolist(), batch["embedding"][chosen])
-            tallies[split][language] = tallies[split].get(language, 0) + found
+            tallies[split][tuple(group)] = tallies[split].get(tuple(group), 0) + found
     return tallies
 
 
 def evaluate_model(spec: JobSpec, held_out: dict[str, ray.data.Dataset], real: evaluate.EvalSet | None, body,
                    head) -> tuple[dict, np.ndarray | None]:
-    """Each split's figures (by language too), and the head's tuned thresholds (None where the
-    label scheme tunes none)."""
+    """Each split's figures (by language and by origin too), and the head's tuned thresholds
+    (None where the label scheme tunes none)."""
     labels, settings = scheme(spec), spec.train
 
     def over(split: str, tally) -> np.ndarray | None:
@@ -390,7 +399,8 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
         assert upstream is not None
         spec, settings, location, labels = self.spec, self.settings, ctx.location, scheme(self.spec)
         check_workers(settings)
-        rows, total = input_rows(location, upstream.data, labels.key, blocks=4 * settings.num_workers)
+        rows, total = input_rows(location, upstream.data, labels.key, blocks=4 * settings.num_workers,
+                                 origin=spec.annotate.enabled)
         train_rows = training_sample(rows, settings, total)
         fingerprint = self.fingerprint(input_fingerprint([found.fingerprint for found in upstream.results]))
         result = fit(location, spec, train_rows, run_name=f"train-{fingerprint}", finished=ctx.finished)
@@ -401,11 +411,14 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
         for name, figures in evaluation.items():
             location.write_bytes(f"eval/{labels.figure}-{name}.png", labels.split_png(figures, name))
         location.write_json("eval/metrics.json", evaluation)
-        headlines = {split: {"rows": m["rows"], **labels.headline(m)} for split, m in evaluation.items()}
+        headlines = {f"{split}{f' ({origin})' if origin else ''}": {"rows": m["rows"], **labels.headline(m)}
+                     for split, figures in evaluation.items()
+                     for origin, m in [(None, figures), *figures.get("by_origin", {}).items()]}
+        by_origin = results.rows_by(results.counts(train_rows, ["origin"]), "origin") if spec.annotate.enabled else None
         card = cards.model_card(spec, location.run_id, upstream.stage, result["figures"], headlines, labels.head_text,
-                                labels.usage_text)
+                                labels.usage_text, by_origin)
         report = TrainReport(
-            data=TrainData(source=upstream.stage, train_rows=train_rows.num_rows,
+            data=TrainData(source=upstream.stage, train_rows=train_rows.num_rows, train_rows_by_origin=by_origin,
                            held_out_rows=evaluation.get("held_out", {}).get("rows", 0),
                            eval_set_rows=len(real.texts) if real else 0,
                            eval_set_skipped=real.skipped if real else None),
