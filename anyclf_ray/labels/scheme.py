@@ -117,6 +117,11 @@ class LabelScheme(abc.ABC):
         """What of the spec, beyond the label set, decides which labels a row may carry (a
         fingerprint's part)."""
 
+    def shown(self, label: str) -> str:
+        """How a figure names ``label`` (an id): its description, and the id where it differs."""
+        desc = self.descs[self.position[label]]
+        return desc if desc == label else f"{desc} ({label})"
+
     def per_label(self, rows: pa.Table) -> pa.Table:
         """``rows`` once for each label they hold, under ``label`` (a row of no label is in no
         label's figures): what per-label figures read."""
@@ -410,7 +415,7 @@ class SingleLabel(LabelScheme):
 
     def split_png(self, figures: dict, title: str) -> bytes:
         subtitle = f"{title}\n" + ", ".join(f"{key} {value:.3f}" for key, value in self.headline(figures).items())
-        labels = figures["confusion_matrix"]["labels"]
+        labels = [self.shown(label) for label in figures["confusion_matrix"]["labels"]]
         return plots.heatmap(np.asarray(figures["confusion_matrix"]["rows_true_columns_predicted"]), labels, labels,
                              "true", "predicted", subtitle)
 
@@ -588,7 +593,8 @@ class MultiLabel(LabelScheme):
         labels = list(figures["per_label"])
         values = np.round([[figures["per_label"][label][key] for key in ("precision", "recall", "f1")]
                            for label in labels], 2)
-        return plots.heatmap(values, labels, ["precision", "recall", "F1"], "label", "", subtitle)
+        names = [self.shown(label) for label in labels]
+        return plots.heatmap(values, names, ["precision", "recall", "F1"], "label", "", subtitle)
 
     def eval_labels(self, values: list, settings: EvalSetSpec) -> list[list[str] | None]:
         """A list column as it is; text split at ``label_separator`` (a blank cell: no labels)."""

@@ -36,6 +36,8 @@ from anyclf_ray.labels.scheme import scheme
 log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "text", "label", "language", "source_type", "topic", "subtopic"]
+# An annotated row comes from no tree leaf.
+NO_TOPIC = "(no topic: annotated)"
 FIGURES = {"label_language": "label by language", "topics": "rows per topic", "embeddings": "embeddings by label"}
 
 
@@ -141,11 +143,12 @@ class Diversity(Stage[DiversityReport, None]):
         figures = {
             "label_language": plots.heatmap(
                 np.asarray([[by_pair.get((label, language), 0) for language in languages] for label in labels.ids]),
-                labels.ids, languages, "label", "language", "rows by label and language"),
+                [labels.shown(label) for label in labels.ids], languages, "label", "language",
+                "rows by label and language"),
             "topics": plots.bars(
-                {label: [row["rows"] for row in topics if row["label"] == label] for label in labels.ids},
-                "rows per topic, by label", "topics, largest first"),
-            "embeddings": plots.scatter(pca_2d(vectors), sampled_labels.tolist(),
+                {labels.shown(label): {row["topic"] or NO_TOPIC: row["rows"] for row in topics if row["label"] == label}
+                 for label in labels.ids}, "rows per topic, by label", "rows"),
+            "embeddings": plots.scatter(pca_2d(vectors), [labels.shown(label) for label in sampled_labels.tolist()],
                                         f"{len(vectors)} rows' embeddings (PCA), by label"),
         }
         for name, png in figures.items():

@@ -275,8 +275,9 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
         summary = summarise(location, spec, tree_table, found)
         if summary["co_occurrence"] is not None:
             matrix = summary["co_occurrence"]
+            names = [scheme(spec).shown(label) for label in matrix.labels]
             location.write_bytes(CO_OCCURRENCE_PNG, plots.heatmap(
-                matrix.rows, matrix.labels, matrix.labels, "label", "label",
+                matrix.rows, names, names, "label", "label",
                 "rows holding both labels (diagonal: rows holding the label)"))
         prior = None
         if location.exists(pair_prior.FILE):
