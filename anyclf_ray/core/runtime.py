@@ -14,6 +14,7 @@ from typing import TypeVar
 import pyarrow as pa
 import ray
 
+from anyclf_ray.core import console
 from anyclf_ray.core.config import ActorPlacement, EngineSpec
 from anyclf_ray.core.loading import ConfigError
 
@@ -29,10 +30,8 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
         return
     from ray._private.services import canonicalize_bootstrap_address
 
-    if not verbose:  # Ray Data's per-dataset start/plan/finish lines; its progress stays
-        for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
+    if not verbose:
+        console.quiet_loggers()
     # The address ray.init() itself would join: given, RAY_ADDRESS, or a local `ray start` cluster.
     given = address or os.environ.get("RAY_ADDRESS")
     field = "--address" if address else "RAY_ADDRESS"
@@ -48,6 +47,8 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
     else:
         ray.init(include_dashboard=False, log_to_driver=verbose)
         log.info("started an embedded local Ray (%g CPUs, %g GPUs)", *_cores())
+    if not verbose:  # after Ray's own processes started, so that none of them writes through it
+        console.filter_stderr(console.FALSE_ALARMS)
     log.info("engine and worker logs: %s", logs_folder())
 
 
@@ -142,4 +143,7 @@ def blocks_dataset(table: pa.Table, batch_size: int, replicas: int) -> ray.data.
     """``table`` as a Dataset cut into enough blocks that every replica gets work."""
     rows_per_block = max(1, min(batch_size, -(-table.num_rows // replicas)))
     blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    # from_blocks reads each block's metadata here; from_arrow asks a task per block for it, and
+    # a pass would start while those tasks' CPUs still look taken (Ray Data then warns that no
+    # CPU is free and the job "will hang").
+    return ray.data.from_blocks(blocks)

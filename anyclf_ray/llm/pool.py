@@ -44,6 +44,8 @@ from anyclf_ray.llm import engine as engines
 
 log = logging.getLogger(__name__)
 
+# Every Ray node carries its id as this label (Ray's label scheduling).
+NODE_ID_LABEL = "ray.io/node-id"
 # Client actors per pass: one batch being answered while the next waits on the replicas.
 CLIENTS = 2
 EARLY_STOP_WINDOW = 64
@@ -257,7 +259,7 @@ class EnginePool:
             num_cpus=0,
             # Beside the monitor, on the driver's node: answered batches wait there for their
             # writer, so a lost node takes none with it to be asked again, only calls in flight.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+            label_selector={NODE_ID_LABEL: ray.get_runtime_context().get_node_id()},
         )
 
     def run_pass(self, name: str, consume: Callable[[], Any], report: Callable[[dict], None] | None = None,

@@ -108,6 +108,15 @@ class Diversity(Stage[DiversityReport, None]):
         settings, location, labels = self.settings, ctx.location, scheme(self.spec)
         read = read_rows(location, upstream.data, columns=[labels.key if c == "label" else c for c in COLUMNS])
         rows = labels.per_label(read)  # each label's figures read the rows holding it
+        if not rows.num_rows:  # the stages before removed every row: nothing to measure or draw
+            log.warning("diversity: %s kept no rows, so there is no figure", upstream.stage)
+            none = LabelDiversity(rows=0, distinct_1=0.0, distinct_2=0.0, compression_ratio=0.0,
+                                  mean_pairwise_cosine=None, sampled_rows=0, topics=0, subtopics=0,
+                                  rows_per_topic={"min": 0, "median": 0.0, "max": 0})
+            report = DiversityReport(embeddings=EmbeddingsUse(model=self.embedder, rows=0, reused=False),
+                                     by_label={label: none for label in labels.ids}, figures={})
+            return Outcome(report=report, rows=Rows(input=read.num_rows, output=read.num_rows),
+                           output=location.uri(self.folder), timings={"embed": 0.0})
         started = time.perf_counter()
         sampled = rows.take(sample_ids(rows, settings.sample_rows, settings.seed))
         ids = sampled["id"].to_pylist()
