@@ -6,8 +6,9 @@ writes the synthetic data, ``label-check`` removes rows that do not say what the
 ``dedup`` removes duplicates, ``diversity`` reports on the rows kept, ``train`` trains and
 evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``anyclf-ray plan
 --config FILE [--tokens-per-second N]`` prints what a spec will generate (and annotate) and cost, with no LLM
-time. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a trained
-model.
+time, as a table (``--json``: as JSON). ``anyclf-ray schema`` prints the job spec's JSON Schema,
+for editors. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a
+trained model.
 
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
 before any model is loaded); 3 the run finished but LLM failures left rows missing (counted in the
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     planned.add_argument("--tokens-per-second", type=float, help="tokens one replica decodes per second, for the time")
     planned.add_argument("--prompt-tokens-per-second", type=float,
                          help="prompt tokens one replica reads per second, for annotation's time")
+    planned.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    commands.add_parser("schema", help="print the job spec's JSON Schema, for editors' completion and checks")
     predict = commands.add_parser("predict", help="predict labels for a Parquet/CSV/JSONL input with a trained model")
     predict.add_argument("--model", required=True, help="a trained model folder, e.g. runs/<run_id>/model")
     predict.add_argument("--input", required=True, help="Parquet, CSV or JSONL file (or Parquet folder), local or s3://")
@@ -104,7 +107,12 @@ def _plan(args) -> int:
         if not stage.source:
             stage.check(location)
     found["longest_prompt_tokens"] = budgets.check(spec, pipeline.longest_requests(stages))
-    print(json.dumps(found, indent=2))
+    print(json.dumps(found, indent=2) if args.json else estimate.table(found))
+    return 0
+
+
+def _schema(args) -> int:
+    print(json.dumps(loading.json_schema(), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="anyclf-ray: %(message)s")
     try:
-        return {"predict": _predict, "plan": _plan}.get(args.command, _run)(args)
+        return {"predict": _predict, "plan": _plan, "schema": _schema}.get(args.command, _run)(args)
     except loading.ConfigError as error:
         print(f"anyclf-ray: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

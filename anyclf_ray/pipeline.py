@@ -122,6 +122,7 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
                   finished=[result for _, result in finished])
     last_llm = max((i for i, stage in enumerate(plan) if stage.uses_llm and not done[stage.name]), default=-1)
     found_by_name: dict[str, StageResult] = {}
+    log.info("run %s at %s", location.run_id, location.uri())  # every check passed; the stages name folders in it
     try:
         for stage in targets:
             result = done[stage.name]

@@ -24,7 +24,7 @@ CHILD = """
 import resource, sys, time
 started = time.perf_counter()
 from anyclf_ray import cli
-code = cli.main(["plan", "--config", sys.argv[1]])
+code = cli.main(["plan", "--json", "--config", sys.argv[1]])
 print("FIGURES", time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
 

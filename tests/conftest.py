@@ -159,7 +159,7 @@ def peak_kib():
 started = time.perf_counter()
 from anyclf_ray import cli
 imported, imports_kib = time.perf_counter(), peak_kib()
-code = cli.main(["plan", "--config", *sys.argv[1:]])
+code = cli.main(["plan", "--json", "--config", *sys.argv[1:]])
 print(time.perf_counter() - imported, imports_kib, peak_kib(), file=sys.stderr)
 """
 

@@ -81,6 +81,7 @@ def test_every_text_is_labelled_once_by_its_calibrated_judgement(annotated):
     assert location.read_json(annotate.PRIOR_FILE)["calibration"] == ["batch"]
     card = location.read_bytes("README.md").decode()
     assert "config_name: annotated" in card and "### Annotated texts" in card
+    assert str(Path(spec.annotate.path).parent) not in card  # the corpus's and the run's folder
 
 
 @pytest.mark.slow
@@ -204,7 +205,7 @@ def test_the_plan_counts_annotation_from_the_footers(tmp_path, capsys):
     assert found["hours_at_rate"] == round(found["prompt_tokens"] / 1000 / 3600, 2)
     (tmp_path / "texts.csv").write_text("rid,review\n1,fine\n")
     raw = annotate_raw(tmp_path, "plan", str(tmp_path / "texts.csv"))
-    code = cli.main(["plan", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    code = cli.main(["plan", "--json", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
     printed = json.loads(capsys.readouterr().out)
     assert code == 0 and printed["annotate"]["texts"] is None and printed["annotate"]["text_bytes"] == 18
     assert printed["requests"]["annotate"] is None  # unknown until the run reads the rows

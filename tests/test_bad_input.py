@@ -38,7 +38,7 @@ def one_line(capsys) -> str:
 
 
 def plan_cli(tmp_path, raw: dict, capsys) -> tuple[int, str]:
-    code = cli.main(["plan", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
+    code = cli.main(["plan", "--json", "--config", str(write_spec(tmp_path / "spec.yaml", raw))])
     return code, capsys.readouterr()
 
 

@@ -55,9 +55,33 @@ def test_a_million_row_plan_is_exact_and_timed(tmp_path):
 
 def test_plan_command_prints_the_plan_or_refuses_a_bad_spec(tmp_path, capsys):
     path = write_spec(tmp_path / "spec.yaml", tiny_raw(tmp_path, "cli"))
-    assert cli.main(["plan", "--config", str(path), "--tokens-per-second", "100"]) == 0
+    assert cli.main(["plan", "--json", "--config", str(path), "--tokens-per-second", "100"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["requests"]["total"] == 77 and printed["time"]["replicas"] == 1
     assert cli.main(["plan", "--config", str(path), "--set", "languages=[en,xx]"]) == cli.EXIT_BAD_INPUT
     assert "languages" in capsys.readouterr().err
 
+
+
+def test_plan_command_prints_a_table_by_default(tmp_path, capsys):
+    raw = tiny_raw(tmp_path, "table", engine={"replicas": 2})
+    path = write_spec(tmp_path / "spec.yaml", raw)
+    assert cli.main(["plan", "--config", str(path), "--tokens-per-second", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    budget = (64 + 13) * 256  # as in the JSON: every answer at max_tokens
+    assert lines[0] == "96 rows on 32 leaves; tree sizes n_source_type=2, n_topic=2, n_subtopic=2, " \
+                       "sample_per_subtopic=3 (shared tree)"
+    figures = {tuple(line.split()[:-1]): line.split()[-1] for line in lines if line.startswith("  ")}
+    assert [figures[("label", label)] for label in ("neg", "pos")] == ["48", "48"]
+    assert [figures[("language", language)] for language in ("en", "fr")] == ["48", "48"]
+    assert [figures[(name,)] for name in ("source_type", "topic", "subtopic", "generate", "total")] == [
+        "1", "4", "8", "64", "77"]
+    assert figures[("answer", "budget")] == f"{budget:,}" and ("longest", "prompt,", "generate") in figures
+    assert "time at 2 tokens/s a replica, 2 replica(s)" in lines
+    assert figures[("hours", "for", "the", "answer", "budget")] == f"{budget / (2 * 2) / 3600:.2f}" == "1.37"
+    assert figures[("dedup", "threshold")] == "0.92"
+    # The values end in one column.
+    assert len({len(line) for line in lines if line.startswith("  ") and not line[-1].isalpha()}) == 1
+    assert cli.main(["plan", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "time: give --tokens-per-second, a replica's decode rate, for the hours")

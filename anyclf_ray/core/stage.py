@@ -234,7 +234,8 @@ class Stage(Generic[R, Checked]):
         raise NotImplementedError
 
     def describe(self, result: StageResult[R]) -> str:
-        """One line for the console and the dataset card."""
+        """One line for the console and the dataset card; it names folders relative to the run
+        folder (a card is published, the machine's paths are not; the run logs its folder)."""
         return f"{self.name} {result.status}"
 
     def card_section(self, result: StageResult[R]) -> str:
@@ -391,5 +392,5 @@ class FilterStage(Stage[F, Checked]):
 
     def describe(self, result: StageResult[F]) -> str:
         removed = ", ".join(f"{n} {reason}" for reason, n in result.report.removed.by_reason.items())
-        return (f"{self.name} {result.status}: kept {result.rows.output} of {result.rows.input} rows at "
-                f"{result.output} (removed {removed})")
+        return (f"{self.name} {result.status}: kept {result.rows.output} of {result.rows.input} rows in "
+                f"{self.folder}/ (removed {removed})")

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from anyclf_ray.core import embed, runtime
+from anyclf_ray.core import cards, embed, runtime
 from anyclf_ray.core.config import DedupSpec, JobSpec
 from anyclf_ray.core.results import Conflicts, DedupReport, StageResult
 from anyclf_ray.core.stage import Context, Decision, FilterStage
@@ -207,4 +207,5 @@ class Dedup(FilterStage[DedupReport, None]):
         )
 
     def describe(self, result: StageResult[DedupReport]) -> str:
-        return f"{super().describe(result)} at cosine {self.settings.threshold} with `{self.settings.model}`"
+        model = cards.shown(self.settings.model)
+        return f"{super().describe(result)} at cosine {self.settings.threshold} with `{model}`"

@@ -346,8 +346,8 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
     def describe(self, result: StageResult[AnnotationReport]) -> str:
         found = result.report
         calibration = ", ".join(sorted(set(found.calibration)))
-        return (f"annotate {result.status}: {found.rows.written} of {found.rows.expected} texts labelled at "
-                f"{result.output} ({found.rows.removed} removed; {found.rows.lost} lost to "
+        return (f"annotate {result.status}: {found.rows.written} of {found.rows.expected} texts labelled in "
+                f"{FOLDER}/ ({found.rows.removed} removed; {found.rows.lost} lost to "
                 f"{found.failures.requests} failed question(s); calibration {calibration})")
 
     def card_section(self, result: StageResult[AnnotationReport]) -> str:
@@ -355,8 +355,8 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         prior = ", ".join(f"{cards.code(label)} {p}" for label, p in found.prior.items())
         removed = ", ".join(f"{n} {reason}" for reason, n in found.removed.items())
         return (f"### Annotated texts\n\nThe `annotated` config holds {found.rows.written} of the "
-                f"{found.rows.expected} texts of `{found.input}`, written by people or systems other than the LLM "
-                f"and labelled by it (`origin: annotated`), each with its calibrated `probabilities` and "
+                f"{found.rows.expected} texts of `{cards.shown(found.input)}`, written by people or systems other than "
+                f"the LLM and labelled by it (`origin: annotated`), each with its calibrated `probabilities` and "
                 f"`confidence`; {found.rows.removed} were removed ({removed}) and {found.rows.lost} lost to "
                 f"failed questions. Calibration: {', '.join(sorted(set(found.calibration)))}; the prior it divided "
                 f"out: {prior}.\n")

@@ -152,3 +152,53 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None,
             "hours_at_budget": round(tokens_out / (tokens_per_second * replicas) / 3600, 2),
         }
     return found
+
+
+def _figure(value: Any) -> str:
+    if value is None:
+        return "unknown"
+    if isinstance(value, float):
+        return f"{value:,g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _sections(found: dict) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """The plan's figures a person reads, by section: (name, value) lines."""
+    rows, tokens = found["rows"], found["tokens"]
+    by_size = list(rows["by_set_size"].items()) if set(rows["by_set_size"]) != {"1"} else []
+    sections = [
+        ("rows", [("total", rows["total"]), *((f"label {label}", n) for label, n in rows["by_label"].items()),
+                  *((f"language {language}", n) for language, n in rows["by_language"].items()),
+                  *((f"{size} label(s) a row", n) for size, n in by_size)]),
+        ("LLM requests per pass", list(found["requests"].items())),
+        ("tokens (first attempts)", [("prompts", tokens["in"]), ("answer budget", tokens["out_budget"]),
+                                     *((f"longest prompt, {name}", n)
+                                       for name, n in found.get("longest_prompt_tokens", {}).items())]),
+    ]
+    if "time" in found:
+        time = found["time"]
+        sections.append((f"time at {_figure(time['tokens_per_second_per_replica'])} tokens/s a replica, "
+                         f"{time['replicas']} replica(s)", [("hours for the answer budget", time["hours_at_budget"])]))
+    if "annotate" in found:
+        annotating = found["annotate"]
+        sections.append(("annotate", [(key.replace("_", " "), annotating[key]) for key in
+                                      ("texts", "questions", "prompt_tokens", "answer_tokens", "hours_at_rate")
+                                      if key in annotating]))
+    sections.append(("checks", [(f"{section} {key}", ", ".join(value) if isinstance(value, list) else value)
+                                for section, settings in found["checks"].items() for key, value in settings.items()]))
+    return sections
+
+
+def table(found: dict) -> str:
+    """``estimate``'s plan as aligned text (``anyclf-ray plan``; ``--json`` prints ``found``)."""
+    sizes = ", ".join(f"{key}={value}" for key, value in found["sizes"].items())
+    lines = [f"{found['rows']['total']:,} rows on {found['leaves']:,} leaves; tree sizes {sizes} "
+             f"({found['tree_languages'].replace('_', ' ')} tree)"]
+    sections = [(title, [(name, _figure(value)) for name, value in figures]) for title, figures in _sections(found)]
+    names = max(len(name) for _, figures in sections for name, _ in figures)
+    values = max(len(value) for _, figures in sections for _, value in figures)
+    for title, figures in sections:
+        lines += ["", title, *(f"  {name:<{names}}  {value:>{values}}" for name, value in figures)]
+    if "time" not in found:
+        lines += ["", "time: give --tokens-per-second, a replica's decode rate, for the hours"]
+    return "\n".join(lines)

@@ -312,7 +312,7 @@ class Generate(SourceStage[GenerationReport, "pa.Table | None"]):
         unanswered = (f"; the LLM's prior left {found.pair_prior.unanswered} label pair(s) unanswered, weighed 1"
                       if found.pair_prior and found.pair_prior.unanswered else "")
         return (
-            f"generate {result.status}: {found.rows.written} of {found.rows.expected} rows at {result.output} "
+            f"generate {result.status}: {found.rows.written} of {found.rows.expected} rows in data/ "
             f"({found.failures.requests} failed request(s), {found.failures.rows_lost} rows lost; "
             f"{found.engine.starts} engine start(s)){unanswered}"
         )

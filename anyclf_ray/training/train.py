@@ -431,4 +431,4 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
         labels = scheme(self.spec)
         scores = ", ".join(f"{split} " + " ".join(f"{key} {value:.3f}" for key, value in labels.headline(m).items())
                            for split, m in result.report.metrics.items())
-        return f"trained on {result.report.data.train_rows} rows: {result.output} ({scores or 'no evaluation rows'})"
+        return f"trained on {result.report.data.train_rows} rows: {MODEL_FOLDER}/ ({scores or 'no evaluation rows'})"
