@@ -47,7 +47,7 @@ def test_the_demo_console_shows_the_projects_lines_only(tmp_path):
 
 
 def test_the_stderr_filter_drops_false_alarms_and_keeps_the_rest(tmp_path):
-    child = textwrap.dedent(f"""
+    child = textwrap.dedent("""
         import os, sys
         from anyclf_ray.core import console
         console.filter_stderr(console.FALSE_ALARMS)
