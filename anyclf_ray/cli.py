@@ -8,7 +8,8 @@ evaluates a SetFit classifier, ``run`` chains every stage the spec enables. ``an
 --config FILE [--tokens-per-second N]`` prints what a spec will generate (and annotate) and cost, with no LLM
 time, as a table (``--json``: as JSON). ``anyclf-ray schema`` prints the job spec's JSON Schema,
 for editors. ``anyclf-ray predict --model DIR --input FILE --output DIR`` labels a table with a
-trained model.
+trained model. ``anyclf-ray push RUN --repo OWNER/NAME [--model-repo OWNER/NAME] [--private]``
+publishes a finished run's dataset (and model) on the Hugging Face Hub.
 
 Exit codes: 0 the run is complete; 2 bad input (one line on stderr naming the field and the fix,
 before any model is loaded); 3 the run finished but LLM failures left rows missing (counted in the
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--replicas", type=int, default=1)
     predict.add_argument("--cpus-per-replica", type=float, default=1.0)
     predict.add_argument("--address", help=ADDRESS_HELP)
+    push = commands.add_parser(
+        "push", help="publish a finished run on the Hugging Face Hub: its dataset (and model); token from HF_TOKEN")
+    push.add_argument("run", metavar="RUN", help="a run folder, e.g. runs/<run_id> or s3://bucket/prefix/<run_id>")
+    push.add_argument("--repo", required=True, metavar="OWNER/NAME", help="the dataset repo: card, configs, figures")
+    push.add_argument("--model-repo", metavar="OWNER/NAME", help="the model repo: model/ with its model card")
+    push.add_argument("--private", action="store_true", help="create new repos private (else the owner's default)")
     return parser
 
 
@@ -132,11 +139,29 @@ def _predict(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from anyclf_ray import publish
+    from anyclf_ray.core import storage
+
+    try:
+        uploaded = publish.push(storage.locate(args.run), args.repo, args.model_repo, args.private)
+    except (HfHubHTTPError, ValueError) as error:  # the Hub refused (a token, a card's metadata): its words
+        if isinstance(error, ValueError) and not isinstance(error.__cause__, HfHubHTTPError):
+            raise
+        print(f"anyclf-ray: error: the Hub refused: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    for (kind, repo), files in uploaded.items():
+        print(f"anyclf-ray: {kind} repo {repo}: " + (f"{files} file(s) uploaded" if files else "up to date"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="anyclf-ray: %(message)s")
     try:
-        return {"predict": _predict, "plan": _plan, "schema": _schema}.get(args.command, _run)(args)
+        return {"predict": _predict, "plan": _plan, "schema": _schema, "push": _push}.get(args.command, _run)(args)
     except loading.ConfigError as error:
         print(f"anyclf-ray: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -72,6 +72,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
+def locate(run: str) -> RunLocation:
+    """The ``RunLocation`` of a run folder given on the command line (``runs/<run_id>``, or
+    ``s3://bucket/prefix/<run_id>`` with the endpoint and region as ``resolve`` takes them)."""
+    parent, _, run_id = run.rstrip("/").rpartition("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if run.startswith("s3://") else None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return RunLocation(OutputSpec(path=parent or ".", endpoint_url=endpoint, region=region), run_id)
+
+
 # S3 answers that no retry can change.
 REFUSALS = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
 # ... and answers that say what is not there: no retry changes these either.
