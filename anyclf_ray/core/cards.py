@@ -126,7 +126,8 @@ def model_card(spec: JobSpec, run_id: str, source: str, figures: dict, evaluatio
     """A Hugging Face model card: base model, data, labels and the evaluation's headline figures
     (``evaluation``: by split, and by split and origin); ``head`` describes the head, ``usage`` is
     the line that predicts; ``by_origin``: the training rows by origin in a run that annotates."""
-    settings, llm, base_model = spec.train, shown(spec.model.name), shown(spec.train.base_model)
+    settings, llm = spec.train, shown(spec.model.name)
+    base_model = models.HUB_IDS.get(settings.base_model, shown(settings.base_model))
     if by_origin is None:
         data = f"synthetic data written by `{llm}`"
         caution = "The training data is synthetic"

@@ -158,6 +158,9 @@ def _minilm() -> Path:
 
 
 EMBEDDERS = {"all-minilm-l6-v2": _minilm}
+# The Hub ids of the built-in models' weights (the model cards' base_model, which the Hub checks).
+HUB_IDS = {"builtin:all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+           "builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # Embedders trained on English only: on other languages their neighbours are near chance.
 ENGLISH_ONLY = {
     "builtin:all-minilm-l6-v2",
