@@ -154,17 +154,19 @@ def generate(name: str, args, seed: int, corpus: str | None) -> tuple[dict, pa.T
     from anyclf_ray.core.storage import RunLocation
 
     model = qwen_coder() if args.model == "qwen" else args.model
+    judge = {"calibration": args.calibration}
     spec = loading.parse({
         **SETS[name],
         "n_record_to_generate": args.rows,
         "model": {"name": model, "dtype": "float32", "max_model_len": 2048},
         "sampling": {"valid_items": False, "max_tokens": 1024, "examples_per_request": 5, "seed": seed},
-        "label_check": {"methods": ["llm"], "action": "flag"},
+        "label_check": {"methods": ["llm"], "action": "flag", "judge": judge},
         "dedup": {"enabled": False},
         "diversity": {"enabled": False},
         "train": {"enabled": False},
         "output": {"path": args.output},
-        **({"annotate": {"enabled": True, "path": corpus, "id_column": "id"}} if corpus else {}),
+        **({"annotate": {"enabled": True, "path": corpus, "id_column": "id", "judge": judge}} if corpus else {}),
+        # The calibration is left out: another one reuses the generation and redoes what it decides.
         "run_id": f"quality-{name}-{Path(model).name.replace(':', '-')}-{args.rows}" + (f"-seed{seed}" if seed else "")
         + (f"-annotate{args.annotate}" if corpus else ""),
     })
@@ -337,11 +339,14 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one whole repetition per seed")
     parser.add_argument("--annotate", type=int, default=400, help="real texts annotated per set (0: none)")
+    parser.add_argument("--calibration", choices=["batch", "content_free", "none"], default="batch",
+                        help="the judgements' calibration (annotation and the llm label check)")
     args = parse_arguments(parser, 3000, "real rows evaluated per set, at most")
     for name in args.sets:
         runs = [measure(name, args, seed) for seed in args.seeds]
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / f"quality-{name}.json").write_text(json.dumps(runs, indent=1, default=float))
+        found = Path(args.output) / f"quality-{name}-{args.calibration}.json"
+        found.write_text(json.dumps(runs, indent=1, default=float))
         print(f"\n== {name}: seeds {args.seeds}; {Path(runs[0]['model']).name}, {args.rows} rows planned a seed, "
               f"{', '.join(str(run['rows']['written']) for run in runs)} written, "
               f"evaluated on {runs[0]['evaluated_rows']} real rows")
