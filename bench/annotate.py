@@ -10,7 +10,8 @@ lettered question each, on every side with the same model, engine settings and a
   pipeline    ``anyclf-ray annotate``'s pass: the engine pool behind Ray Data, answers committed in
               parts (its engine start left out: ``ask`` seconds less the pool's start)
   plain       one ``vllm.LLM.generate`` call on the same prompts and sampling parameters (one
-              token, the letters' log-probabilities): the physical limit here
+              token, the letters' log-probabilities), their chat template and tokenization
+              timed too, as the pipeline's are: the physical limit here
   one-by-one  one prompt a call, on a subset (it is slow)
 
 Printed: texts/s and prompt tokens/s per side, and the pipeline's share of plain (goal >= 0.9).
@@ -97,21 +98,24 @@ def plain_side(spec, texts: list[str], one_by_one: int) -> tuple[dict, dict]:
     llm = LLM(model=models.resolve(spec.model.name), dtype=spec.model.dtype, max_model_len=spec.model.max_model_len,
               seed=0)
     tokenizer = llm.get_tokenizer()
-    prompts = [engine.chat_ids(tokenizer, labels.judge_questions(f"t{i}", text, "annotate")[0].prompt)
-               for i, text in enumerate(texts)]
+    questions = [labels.judge_questions(f"t{i}", text, "annotate")[0].prompt for i, text in enumerate(texts)]
     letters = tuple(judgement.LETTERS[: len(labels.ids)])
     params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=engine.option_ids(tokenizer, letters))
-    asked = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-    llm.generate(asked[:8], params, use_tqdm=False)  # warm
+
+    def ask(prompts: list[str]) -> int:
+        """The prompts asked as a plain vLLM user asks them, chat template and tokenizer
+        included (the pipeline's side does both too); their prompt tokens."""
+        ids = [engine.chat_ids(tokenizer, prompt) for prompt in prompts]
+        llm.generate([TokensPrompt(prompt_token_ids=found) for found in ids], params, use_tqdm=False)
+        return sum(map(len, ids))
+
+    ask(questions[:8])  # warm
     started = time.perf_counter()
-    llm.generate(asked, params, use_tqdm=False)
-    plain = {"texts": len(asked), "seconds": round(time.perf_counter() - started, 2),
-             "prompt_tokens": sum(map(len, prompts))}
+    tokens = ask(questions)
+    plain = {"texts": len(questions), "seconds": round(time.perf_counter() - started, 2), "prompt_tokens": tokens}
     started = time.perf_counter()
-    for one in asked[:one_by_one]:
-        llm.generate([one], params, use_tqdm=False)
-    single = {"texts": one_by_one, "seconds": round(time.perf_counter() - started, 2),
-              "prompt_tokens": sum(map(len, prompts[:one_by_one]))}
+    tokens = sum(ask([one]) for one in questions[:one_by_one])
+    single = {"texts": one_by_one, "seconds": round(time.perf_counter() - started, 2), "prompt_tokens": tokens}
     return plain, single
 
 
