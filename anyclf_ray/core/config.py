@@ -173,8 +173,8 @@ class EngineSpec(ActorPlacement):
         16, gt=0, description="kind openai: requests in flight to the endpoint at once, split evenly among the "
                               "replicas.")
     timeout_seconds: float = Field(
-        600.0, gt=0, description="kind openai: seconds one HTTP request may take, its answer included, before it "
-                                 "is sent again.")
+        600.0, gt=0, description="kind openai: seconds the endpoint may take to answer one request (or between two "
+                                 "bytes of its answer) before the request is sent again.")
     retry_seconds: float = Field(
         300.0, ge=0, description="kind openai: how long after its first failure a request is sent again, on 429, "
                                  "5xx, a timeout or a lost connection, with backoff doubling from 1 s up to 30 s; past "

@@ -181,7 +181,8 @@ class EndpointEngine:
                 retry_after = _seconds(response.headers.get("retry-after"))
             now = time.monotonic()
             first_failure = first_failure or now
-            wait = min(BACKOFF_MAX_SECONDS, max(pause, retry_after or 0.0)) * random.uniform(0.8, 1.2)
+            # Jittered, so that requests failed together are not all sent again at the same instant.
+            wait = max(min(pause, BACKOFF_MAX_SECONDS) * random.uniform(0.8, 1.2), retry_after or 0.0)
             if now + wait - first_failure > self.engine.retry_seconds:
                 return self._no_answer(f"{detail}; still failing after engine.retry_seconds "
                                        f"({self.engine.retry_seconds:g} s)")
