@@ -8,7 +8,8 @@ rows of the run; the first stage after them reads every source's rows, and each 
 reads the stage before it (a report's input is passed on). A stage's fingerprint is chained
 from its input's. Before Ray starts, the output is checked writable, every enabled stage's
 ``check`` runs (whichever stage a command runs, so a bad section fails in a second, not after
-the LLM has run) and every LLM pass's longest prompt is checked against the model's context.
+the LLM has run) and every LLM pass's longest prompt is checked against the model's context; an
+endpoint (``engine.kind: openai``) that a stage to run will ask is probed.
 Stages whose output for their fingerprint is committed are skipped. The LLM replicas start once,
 when the first LLM pass needs them, serve every later pass, and are released after the last
 stage that uses them, before training takes the cores. After each stage, the dataset card is
@@ -29,8 +30,8 @@ from anyclf_ray.filters.dedup import Dedup
 from anyclf_ray.filters.label_check import LabelCheck
 from anyclf_ray.filters.language_check import LanguageCheck
 from anyclf_ray.labels.scheme import scheme
-from anyclf_ray.llm import budgets
-from anyclf_ray.llm.pool import EnginePool, vllm_factory
+from anyclf_ray.llm import budgets, endpoint
+from anyclf_ray.llm.pool import EnginePool, endpoint_factory, vllm_factory
 from anyclf_ray.reports.diversity import Diversity
 from anyclf_ray.sources.annotate import Annotate
 from anyclf_ray.sources.generate import Generate
@@ -70,8 +71,13 @@ def longest_requests(plan: list[Stage]) -> dict:
 def start_engines(spec: JobSpec, factory=None) -> EnginePool:
     """The run's engine pool, placed on what the cluster has, started."""
     engine = runtime.resolve_engine(spec.engine)
-    log.info("engines: %d replica(s) of %s on %s, %s thread(s) each", engine.replicas, spec.model.name,
-             engine.device, engine.threads or "GPU")
+    if engine.kind == "openai":
+        log.info("engines: %d client(s) of %s at %s, %d request(s) in flight at most", engine.replicas,
+                 spec.model.name, engine.base_url, engine.max_concurrency // engine.replicas * engine.replicas)
+        factory = factory or endpoint_factory(spec.model, engine, spec.sampling)
+    else:
+        log.info("engines: %d replica(s) of %s on %s, %s thread(s) each", engine.replicas, spec.model.name,
+                 engine.device, engine.threads or "GPU")
     return EnginePool(engine, spec.sampling, factory or vllm_factory(spec.model, engine, spec.sampling)).start()
 
 
@@ -117,6 +123,8 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
             f"run `anyclf-ray {missing[0].command}` (or `anyclf-ray run`) first"
         )
 
+    if spec.engine.kind == "openai" and any(stage.uses_llm and not done[stage.name] for stage in targets):
+        endpoint.check(spec.model, spec.engine)  # a wrong URL, key or model name fails now, not in a replica
     finished = [(stage, result) for stage in plan[:first] if (result := done[stage.name])]
     ctx = Context(spec, location, lambda: start_engines(spec, engine_factory), retry_failures=retry_failures,
                   finished=[result for _, result in finished])

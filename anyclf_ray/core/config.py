@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import urllib.parse
 from typing import Annotated, Any, Literal
 
 import pycountry
@@ -101,23 +102,22 @@ class Label(_Strict):
 
 
 class ModelSpec(_Strict):
-    """Which LLM writes the data and how vLLM loads it."""
+    """Which LLM writes the data and how vLLM loads it (checked against ``engine.kind`` by ``JobSpec``)."""
 
     name: Annotated[str, DECIDES, Field(
         description="The LLM: builtin:smollm2-135m-instruct or builtin:tiny-random (offline), a local model "
-                    "folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct.")] = "builtin:smollm2-135m-instruct"
+                    "folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct; with engine.kind openai, the name the "
+                    "endpoint serves it under (as its /v1/models lists it).")] = "builtin:smollm2-135m-instruct"
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], DECIDES, Field(
-        description="Weights' precision in vLLM; float32 on CPUs without fast bfloat16.")] = "auto"
+        description="Weights' precision in vLLM; float32 on CPUs without fast bfloat16 (engine.kind vllm).")] = "auto"
     max_model_len: Annotated[int, DECIDES, Field(
-        gt=0, description="Context length in tokens: every prompt and its answer budget must fit it.")] = 2048
+        gt=0, description="Context length in tokens: every prompt and its answer budget must fit it (with "
+                          "engine.kind openai, the served model's).")] = 2048
     enforce_eager: bool = Field(
-        False, description="Skip torch.compile and CUDA graphs: faster start, slower decode (tests, tiny runs).")
+        False, description="Skip torch.compile and CUDA graphs: faster start, slower decode (tests, tiny runs; "
+                           "engine.kind vllm).")
 
-    @field_validator("name")
-    @classmethod
-    def _loadable(cls, value: str) -> str:
-        models.check_reference(value)
-        return value
+    _blank = field_validator("name")(_non_blank)
 
 
 class ActorPlacement(_Strict):
@@ -140,9 +140,53 @@ SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "repetition_penalty", "se
                  "examples_per_request", "max_text_chars", "max_item_chars", "valid_items", "min_text_words"}
 
 
-class EngineSpec(ActorPlacement):
-    """How the vLLM replicas run: placement and engine settings. None of it decides the text."""
+# Settings of the in-process vLLM engine, and of the HTTP client of an endpoint: each kind
+# refuses the other's, so that a setting that would do nothing is never silently ignored.
+VLLM_ENGINE_KEYS = ("tensor_parallel_size", "threads", "gpu_memory_utilization", "cpu_kv_cache_gib",
+                    "chunked_prefill")
+OPENAI_ENGINE_KEYS = ("base_url", "api_key_env", "max_concurrency", "timeout_seconds", "retry_seconds",
+                      "send_repetition_penalty", "top_logprobs")
+# A replica of kind openai is an HTTP client: threads waiting on sockets, hence a small share of a core.
+OPENAI_CPUS_PER_REPLICA = 0.1
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+
+class EngineSpec(ActorPlacement):
+    """How the LLM replicas run: in-process vLLM engines (``kind: vllm``), or clients of an
+    OpenAI-compatible HTTP endpoint (``kind: openai``). None of it decides the text."""
+
+    kind: Literal["vllm", "openai"] = Field(
+        "vllm", description="vllm: a vLLM engine in each replica; openai: each replica sends the requests to the "
+                            "OpenAI-compatible API at base_url (a vLLM, SGLang or TGI server, or a hosted API), "
+                            "which serves model.name.")
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description=f"CPUs each replica reserves from Ray (not a thread count); with kind openai, an "
+                               f"HTTP client, {OPENAI_CPUS_PER_REPLICA} unless given.")
+    base_url: str | None = Field(
+        None, description="kind openai: the API's base URL, the part before /chat/completions "
+                          "(http://127.0.0.1:8000/v1).")
+    api_key_env: str | None = Field(
+        None, description="kind openai: the name of the environment variable holding the API key, sent as a bearer "
+                          "token; never the key itself (the key is kept out of the spec, the manifests and the "
+                          "logs). null: no key.")
+    max_concurrency: int = Field(
+        16, gt=0, description="kind openai: requests in flight to the endpoint at once, split evenly among the "
+                              "replicas.")
+    timeout_seconds: float = Field(
+        600.0, gt=0, description="kind openai: seconds the endpoint may take to answer one request (or between two "
+                                 "bytes of its answer) before the request is sent again.")
+    retry_seconds: float = Field(
+        300.0, ge=0, description="kind openai: how long after its first failure a request is sent again, on 429, "
+                                 "5xx, a timeout or a lost connection, with backoff doubling from 1 s up to 30 s; past "
+                                 "it the request fails (counted, never dropped).")
+    send_repetition_penalty: bool = Field(
+        True, description="kind openai: send sampling.repetition_penalty (vLLM and SGLang take it); off for APIs "
+                          "that refuse parameters OpenAI's lacks, which then sample without it.")
+    top_logprobs: int = Field(
+        20, ge=-1, description="kind openai: the likeliest tokens whose log-probabilities a choice's answer reads "
+                               "(OpenAI allows 20; a vLLM server up to its --max-logprobs, and -1, the whole "
+                               "vocabulary, when started with --max-logprobs -1); an option among none of them has "
+                               "probability 0.")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (vLLM's tensor parallelism, in a "
                                                            "placement group).")
     threads: int | None = Field(
@@ -168,6 +212,40 @@ class EngineSpec(ActorPlacement):
         if moved:
             raise ValueError(f"{moved[0]} moved to sampling.{moved[0]}; write it under sampling:")
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_cpus(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("kind") == "openai" and "cpus_per_replica" not in raw:
+            return {**raw, "cpus_per_replica": OPENAI_CPUS_PER_REPLICA}
+        return raw
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urllib.parse.urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL; give the API's base URL, such as "
+                             "http://127.0.0.1:8000/v1")
+        return value.strip().rstrip("/")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _some_logprobs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be at least 1 (20 for OpenAI's API), or -1 for the whole vocabulary")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        # The value is never echoed: a key pasted here by mistake must not reach a log.
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError("must be the name of an environment variable (such as OPENAI_API_KEY), not the key "
+                             "itself; export the key in that variable")
+        return value
 
     @property
     def gpus_per_replica(self) -> int:
@@ -620,6 +698,39 @@ class JobSpec(_Strict):
             if isinstance(given, dict) and field not in given:
                 raw[section] = {**given, field: models.MULTILINGUAL_EMBEDDER}
         return raw
+
+    @model_validator(mode="after")
+    def _engine_kind(self) -> JobSpec:
+        """The model and engine settings that ``engine.kind`` reads, and none it would ignore."""
+        engine, given = self.engine, self.engine.model_fields_set
+        if engine.kind == "vllm":
+            try:
+                models.check_reference(self.model.name)
+            except ValueError as error:  # a whole-spec check's message names its field itself
+                raise ValueError(f"model.name: {error}") from None
+            for key in OPENAI_ENGINE_KEYS:
+                if key in given:
+                    raise ValueError(f"engine.{key}: applies to engine.kind openai only; remove it or set "
+                                     "engine.kind: openai")
+            return self
+        if engine.base_url is None:
+            raise ValueError("engine.base_url: engine.kind openai sends the requests to an OpenAI-compatible API; "
+                             "give its base URL, such as http://127.0.0.1:8000/v1")
+        if self.model.name.startswith(models.BUILTIN_PREFIX):
+            raise ValueError(f"model.name: {self.model.name} runs in-process (engine.kind vllm); with kind openai "
+                             "give the name the endpoint serves (as its /v1/models lists it)")
+        unused = [f"engine.{key}" for key in VLLM_ENGINE_KEYS if key in given]
+        unused += [f"model.{key}" for key in ("dtype", "enforce_eager") if key in self.model.model_fields_set]
+        if engine.device == "cuda":
+            unused.append("engine.device")
+        if unused:
+            raise ValueError(f"{unused[0]}: a setting of the in-process vLLM engine, which engine.kind openai does "
+                             "not run (the endpoint's server sets its own); remove it")
+        if engine.max_concurrency < engine.replicas:
+            raise ValueError(f"engine.max_concurrency: {engine.max_concurrency} requests in flight cannot be split "
+                             f"among {engine.replicas} replicas; raise it to at least {engine.replicas} or lower "
+                             "engine.replicas")
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_size(self) -> JobSpec:

@@ -113,9 +113,21 @@ class PassCounts(Model):
     failed: int
 
 
-class EngineFigures(Model):
-    """The run's engine pool: replicas, starts (replacements counted apart), seconds spent starting."""
+class HttpFigures(Model):
+    """An endpoint's traffic (``engine.kind: openai``): HTTP requests sent, retries included; those
+    sent again, by reason (the HTTP status, ``timeout`` or ``connection``); requests that got no
+    answer (refused, or unreachable past ``engine.retry_seconds``)."""
 
+    sent: int = 0
+    retried: dict[str, int] = {}
+    unanswered: int = 0
+
+
+class EngineFigures(Model):
+    """The run's engine pool: replicas, starts (replacements counted apart), seconds spent starting;
+    with an endpoint, its HTTP traffic."""
+
+    kind: str = "vllm"
     replicas: int = 0
     device: str | None = None
     threads_per_replica: int | None = None
@@ -124,6 +136,7 @@ class EngineFigures(Model):
     start_seconds: float = 0.0
     start_wall_seconds: float = 0.0
     passes: dict[str, PassCounts] = {}
+    http: HttpFigures | None = None
 
 
 # -- sources ------------------------------------------------------------------------------------

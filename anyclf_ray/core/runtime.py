@@ -116,12 +116,15 @@ def resolve_placement(placement: Placement, section: str) -> Placement:
 
 def resolve_engine(engine: EngineSpec) -> EngineSpec:
     """``resolve_placement`` for the LLM engines, plus their CPU threads when not given: the
-    cluster's cores divided among the replicas, at most one node's (see ``EngineSpec.threads``)."""
+    cluster's cores divided among the replicas, at most one node's (see ``EngineSpec.threads``).
+    An endpoint's clients (``kind: openai``) run on CPUs, with no threads of their own to set."""
+    if engine.kind == "openai":
+        engine = engine.model_copy(update={"device": "cpu"})
     engine = resolve_placement(engine, "engine")
     for name, amount in engine.resources.items():
         require(name, engine.replicas * amount, "engine.resources", f"{engine.replicas} replica(s)",
                 f"start nodes with --resources '{{\"{name}\": ...}}' or remove it")
-    if engine.threads is not None or engine.device != "cpu":
+    if engine.threads is not None or engine.device != "cpu" or engine.kind == "openai":
         return engine
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     share = int(ray.cluster_resources().get("CPU", 1) // engine.replicas)

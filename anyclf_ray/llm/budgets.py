@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 def tokenizer(reference: str):
     """The model's Hugging Face tokenizer when it is on this machine, else None."""
     local = reference.startswith(models.BUILTIN_PREFIX) or models.is_local_path(reference)
+    if not local and not models.HUB_ID.match(reference):
+        return None  # a name only an endpoint knows (engine.kind openai), such as qwen2.5:7b
     if not local:
         import huggingface_hub
 

@@ -8,7 +8,8 @@ must meet, or the lettered options of a choice). Out: the same rows plus ``RESUL
 and the tokens spent.
 
 ``Engine`` is the whole interface an LLM must offer: ``complete(prompts) -> completions``.
-``VLLMEngine`` is the real one; tests put a fake behind the same seam. ``answer`` is the logic
+``VLLMEngine`` runs vLLM in-process, ``endpoint.EndpointEngine`` asks an OpenAI-compatible HTTP
+API; tests put a fake behind the same seam. ``answer`` is the logic
 above it: each request's answer must parse as ``n_items`` items that pass ``items.py``'s rules
 (a choice's, as a log-probability for every option); what is missing (cut off at its token
 budget, refused items) is asked again with a new seed, up to ``max_retries`` times, then
@@ -91,12 +92,18 @@ class Prompt:
 # A completion's finish reason when its prompt and answer budget do not fit the model's context:
 # nothing was asked, and asking again cannot help.
 PROMPT_TOO_LONG = "prompt_too_long"
+# A completion's finish reason when an endpoint gave no answer (``endpoint.py``): it refused the
+# request, or stayed unreachable past its retries; the text says which. Final too: asking again at
+# once cannot help (``--retry-failures`` asks later).
+NO_ANSWER = "no_answer"
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # "stop"; "length" when cut off at max_tokens; PROMPT_TOO_LONG (tokens_in: the prompt's)
+    # "stop"; "length" when cut off at max_tokens; PROMPT_TOO_LONG (tokens_in: the prompt's, 0 if
+    # unknown); NO_ANSWER (text: why)
+    finish_reason: str
     tokens_in: int
     tokens_out: int
     # With ``Prompt.options``: each option's log-probability as the first answer token, in order.
@@ -241,8 +248,12 @@ def answer(engine: Engine, requests: pa.Table, sampling: SamplingSpec) -> pa.Tab
             request, result = rows[i], results[i]
             result.attempts = attempt + 1
             if completion.finish_reason == PROMPT_TOO_LONG:  # never asked, and final: it never fits
-                result.error = (f"the prompt's {completion.tokens_in} tokens and its answer budget of "
-                                f"{request['max_tokens']} do not fit the model's context (model.max_model_len)")
+                prompt = f"the prompt's {completion.tokens_in} tokens" if completion.tokens_in else "the prompt"
+                result.error = (f"{prompt} and its answer budget of {request['max_tokens']} do not fit the "
+                                "model's context (model.max_model_len)")
+                continue
+            if completion.finish_reason == NO_ANSWER:  # final: the engine already asked again
+                result.error = completion.text
                 continue
             result.tokens_in += completion.tokens_in
             result.tokens_out += completion.tokens_out
@@ -300,9 +311,9 @@ def option_ids(tokenizer, options: tuple[str, ...]) -> list[int]:
 
 
 def engine_env(engine: EngineSpec) -> dict[str, str]:
-    """Environment for an engine's process: the CPU build's settings when on CPU, plus the user's."""
+    """Environment for an engine's process: the CPU build's settings for vLLM on CPU, plus the user's."""
     env = {}
-    if engine.device == "cpu":
+    if engine.kind == "vllm" and engine.device == "cpu":
         env = {
             "VLLM_TARGET_DEVICE": "cpu",
             "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib),

@@ -3,12 +3,14 @@
 In: the model, engine and sampling settings (or any picklable factory of an ``engine.Engine``);
 then, per pass, a Ray Dataset of requests. Out: the Dataset with its answers
 (``engine.RESULT_FIELDS``), lazily; and the pool's figures for the manifest: engine starts, the
-seconds spent starting, and the requests each pass answered.
+seconds spent starting, the requests each pass answered and, for an endpoint, its HTTP traffic.
 
-Replicas are long-lived Ray actors (``Replica``), one engine each, placed on ``engine.device``
-(tensor-parallel replicas in a placement group of GPU bundles). Named actors a run owns were
-chosen over a Ray Serve deployment: the same start-once reuse, without Serve's controller and
-proxies taking cores from the engines, and with Ray's actor restarts as the fault tolerance.
+Replicas are long-lived Ray actors (``Replica``), one engine each: a vLLM engine placed on
+``engine.device`` (tensor-parallel replicas in a placement group of GPU bundles), or, with
+``engine.kind: openai``, an HTTP client of the endpoint (``endpoint.py``) on a fraction of a CPU.
+Named actors a run owns were chosen over a Ray Serve deployment: the same start-once reuse,
+without Serve's controller and proxies taking cores from the engines, and with Ray's actor
+restarts as the fault tolerance.
 
 A pass streams through ``map_batches`` into a few ``PoolClient`` actors that reserve no CPU, on
 the driver's node: each splits its batch evenly across the replicas and waits for the parts, so
@@ -39,7 +41,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from anyclf_ray.core import runtime
 from anyclf_ray.core.config import EngineSpec, ModelSpec, SamplingSpec
-from anyclf_ray.core.results import EngineFigures
+from anyclf_ray.core.results import EngineFigures, HttpFigures
+from anyclf_ray.llm import endpoint
 from anyclf_ray.llm import engine as engines
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class Monitor:
     def __init__(self) -> None:
         self.starts: list[dict] = []
         self.passes: dict[str, dict] = {}
+        self.http: HttpFigures | None = None
 
     def started(self, replica: int, seconds: float, restarted: bool) -> None:
         self.starts.append({"replica": replica, "seconds": round(seconds, 3), "restarted": restarted})
@@ -85,10 +89,18 @@ class Monitor:
             )
         return state["stop"] or None
 
+    def sent(self, traffic: endpoint.Traffic) -> None:
+        """Count an endpoint engine's HTTP traffic."""
+        found = self.http or HttpFigures()
+        retried = collections.Counter(found.retried) + traffic.retried
+        self.http = HttpFigures(sent=found.sent + traffic.sent, retried=dict(sorted(retried.items())),
+                                unanswered=found.unanswered + traffic.unanswered)
+
     def figures(self) -> dict[str, Any]:
         return {
             "starts": list(self.starts),
             "passes": {name: {"requests": s["requests"], "failed": s["failed"]} for name, s in self.passes.items()},
+            "http": self.http,
         }
 
     def progress(self, name: str) -> dict:
@@ -111,14 +123,19 @@ class Replica:
         started = time.perf_counter()
         self.engine = factory()
         self.sampling = sampling
+        self.monitor = ray.get_actor(monitor)
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        ray.get(ray.get_actor(monitor).started.remote(index, time.perf_counter() - started, restarted))
+        ray.get(self.monitor.started.remote(index, time.perf_counter() - started, restarted))
 
     def ready(self) -> bool:
         return True
 
     def answer(self, requests: pa.Table) -> pa.Table:
-        return engines.answer(self.engine, requests, self.sampling)
+        answered = engines.answer(self.engine, requests, self.sampling)
+        if isinstance(self.engine, endpoint.EndpointEngine):
+            # Awaited: the pass's figures are read once its last answer is in.
+            ray.get(self.monitor.sent.remote(self.engine.traffic()))
+        return answered
 
 
 class PoolClient:
@@ -173,6 +190,11 @@ class Watcher:
 
 def vllm_factory(model: ModelSpec, engine: EngineSpec, sampling: SamplingSpec) -> Callable[[], engines.Engine]:
     return functools.partial(engines.VLLMEngine, model, engine, sampling)
+
+
+def endpoint_factory(model: ModelSpec, engine: EngineSpec, sampling: SamplingSpec) -> Callable[[], engines.Engine]:
+    """Replicas' clients of the endpoint; the API key is read here, on the driver (``endpoint.api_key``)."""
+    return functools.partial(endpoint.EndpointEngine, model, engine, sampling, endpoint.api_key(engine))
 
 
 class EnginePool:
@@ -295,5 +317,6 @@ class EnginePool:
             replicas=len(self.replicas), device=self.engine.device, threads_per_replica=self.engine.threads,
             starts=len(starts), restarts=sum(s["restarted"] for s in starts),
             start_seconds=round(sum(s["seconds"] for s in starts), 3),
-            start_wall_seconds=round(self.start_wall_seconds, 3), passes=found["passes"],
+            start_wall_seconds=round(self.start_wall_seconds, 3), passes=found["passes"], kind=self.engine.kind,
+            http=found["http"],
         )
