@@ -234,3 +234,13 @@ def test_training_a_single_label_is_refused_before_any_engine_starts(tmp_path, c
         "anyclf-ray: error: labels: training needs at least 2 labels and the spec has 1; "
         "add a label or set train.enabled: false"
     )
+
+
+@pytest.mark.parametrize("engine", [{}, {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "replicas": 2}])
+def test_a_spec_read_back_from_its_dump_is_the_same_spec(tmp_path, engine):
+    # spec.json is a dump: every field is written, so checks of what was given read values, not keys.
+    raw = tiny_raw(tmp_path, "dumped", engine=engine)
+    if engine:
+        raw["model"] = {"name": "served-model"}
+    spec = loading.parse(raw)
+    assert config.JobSpec.model_validate(spec.model_dump()) == spec

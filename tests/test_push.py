@@ -138,7 +138,8 @@ def test_the_publication_is_the_card_its_shards_figures_and_manifests(run_folder
     assert found.data_files == ["data/*.parquet", "language_check/data/*.parquet"]
     model_card = (run_folder / "model" / "README.md").read_text()
     assert publish.FRONT_MATTER.match(model_card).group(1).splitlines()[:3] == [
-        "library_name: setfit", "base_model: sentence-transformers/all-MiniLM-L6-v2", "pipeline_tag: text-classification"]
+        "library_name: setfit", "base_model: sentence-transformers/all-MiniLM-L6-v2",
+        "pipeline_tag: text-classification"]
     # Manifests go with their output relative to the run and the engines' environment values left out.
     manifests = {upload.path: json.loads(upload.data) for upload in found.dataset if upload.data is not None}
     assert {path: manifest["output"] for path, manifest in manifests.items()} == {

@@ -702,7 +702,10 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _engine_kind(self) -> JobSpec:
         """The model and engine settings that ``engine.kind`` reads, and none it would ignore."""
-        engine, given = self.engine, self.engine.model_fields_set
+        engine = self.engine
+        # By value, not by model_fields_set: a spec dumped and read back (spec.json) sets every field.
+        given = [key for key in (*OPENAI_ENGINE_KEYS, *VLLM_ENGINE_KEYS)
+                 if getattr(engine, key) != type(engine).model_fields[key].default]
         if engine.kind == "vllm":
             try:
                 models.check_reference(self.model.name)
@@ -720,7 +723,8 @@ class JobSpec(_Strict):
             raise ValueError(f"model.name: {self.model.name} runs in-process (engine.kind vllm); with kind openai "
                              "give the name the endpoint serves (as its /v1/models lists it)")
         unused = [f"engine.{key}" for key in VLLM_ENGINE_KEYS if key in given]
-        unused += [f"model.{key}" for key in ("dtype", "enforce_eager") if key in self.model.model_fields_set]
+        unused += [f"model.{key}" for key in ("dtype", "enforce_eager")
+                   if getattr(self.model, key) != type(self.model).model_fields[key].default]
         if engine.device == "cuda":
             unused.append("engine.device")
         if unused:
