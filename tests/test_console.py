@@ -7,6 +7,7 @@ engine's log, not the console).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,12 +34,15 @@ sys.exit(cli.main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_the_demo_console_shows_the_projects_lines_only(tmp_path):
+    # As the demo: training's two workers embed on two actors (the held-out rows are one block).
     raw = tiny_raw(tmp_path / "runs", "console", languages=["en"], label_check={"enabled": True},
-                   diversity={"enabled": True}, train={"enabled": True, "num_iterations": 0})
+                   diversity={"enabled": True}, train={"enabled": True, "num_iterations": 0, "num_workers": 2})
     raw["dedup"]["enabled"] = False  # the fake engine's texts repeat across labels: dedup would remove all
     spec = write_spec(tmp_path / "spec.yaml", raw)
+    # Ray's own default authentication, as a user's first run has it.
+    env = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
     done = subprocess.run([sys.executable, "-c", CLI_ON_FAKE_ENGINE, "run", "--config", str(spec)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert [line for line in lines if not line.startswith("anyclf-ray: ")] == []

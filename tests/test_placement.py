@@ -43,7 +43,8 @@ def test_a_gpu_replica_takes_one_gpu_and_no_cpu_build_settings():
 
 def test_model_actors_and_training_workers_take_a_gpu_each():
     options = runtime.actor_options(config.ActorPlacement(device="cuda", replicas=3, cpus_per_replica=2))
-    assert (options["num_gpus"], options["num_cpus"], options["compute"].min_size) == (1, 2, 3)
+    assert (options["num_gpus"], options["num_cpus"], options["compute"].max_size) == (1, 2, 3)
+    assert options["compute"].min_size == 1  # grown as the input allows
     assert runtime.actor_options(config.ActorPlacement(device="cpu"))["num_gpus"] == 0
     on_gpus = TrainSpec(use_gpu=True, num_workers=4, cpus_per_worker=2)
     scaling = train.scaling_config(on_gpus)

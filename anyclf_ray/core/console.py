@@ -22,6 +22,9 @@ import threading
 # sentence-transformers' and SetFit's model load and save paths (temporary folders).
 CHATTY_LOGGERS = ("ray.data._internal.execution.streaming_executor", "ray.data.dataset",
                   "ray.data._internal.progress", "ray._private.worker", "sentence_transformers", "setfit")
+# Ray's notice that an embedded cluster uses its default, token authentication: nothing to do
+# (its warning that a cluster runs without authentication still shows).
+SECURE_DEFAULT = ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
 # Ray Core warns for every Ray Data actor pool, whose workers get their constructor arguments by
 # reference and may restart: "Actor ... has constructor arguments in the object store and
 # max_restarts > 0" (ray-project/ray#57733, open; restarts do work, the tracker the references
@@ -39,6 +42,8 @@ def quiet_loggers() -> None:
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    name, notice = SECURE_DEFAULT
+    logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith(notice))
     disable_progress_bars()  # transformers' bars follow this switch if it is imported later
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -136,7 +136,9 @@ def actor_options(placement: ActorPlacement) -> dict:
     if placement.device not in ("cpu", "cuda"):
         raise ValueError("device must be resolved (runtime.resolve_placement) before actors are placed")
     return {
-        "compute": ray.data.ActorPoolStrategy(size=placement.replicas),
+        # Grown to replicas as the input allows: a small input (a few held-out rows in one
+        # block) starts one actor, not replicas of them with nothing to do (Ray warns of those).
+        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=placement.replicas),
         "num_cpus": placement.cpus_per_replica,
         "num_gpus": 1 if placement.device == "cuda" else 0,
     }
