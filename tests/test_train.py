@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import time
 
 import datasets
 import numpy as np
@@ -380,3 +381,23 @@ def test_multi_label_pairs_score_shared_labels_and_never_pair_a_row_with_itself(
     assert target.tolist() == [float(s) for s in shared]
     assert 0.4 < target.mean() < 0.8  # half the pairs share the drawn label; some others share another
     assert np.isin(partners, [5, 6]).any()  # rows with no label are negatives
+
+
+@pytest.mark.slow
+def test_the_contrastive_steps_are_shown_as_they_go(local_ray, caplog):
+    import threading
+
+    counter = ray.remote(num_cpus=0)(train.StepCounter).remote()
+    stopped = threading.Event()
+    shown = threading.Thread(target=train.show_steps, args=(counter, 8, 0.2, stopped))
+    with caplog.at_level("INFO", logger="anyclf_ray.training.train"):
+        shown.start()  # off a terminal (pytest captures stderr): log lines, not a bar
+        for _ in range(4):
+            ray.get(counter.advance.remote())
+        deadline = time.monotonic() + 10
+        while not any("step 4 of 8" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped.set()
+        shown.join(timeout=10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
+    assert not shown.is_alive() and any(line.startswith("train: step 4 of 8 (50.0%), ETA ") for line in lines)

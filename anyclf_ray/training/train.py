@@ -35,18 +35,21 @@ import hashlib
 import json
 import logging
 import resource
+import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray.core import cards, embed, results, runtime
+from anyclf_ray.core import cards, embed, progress, results, runtime
 from anyclf_ray.core.config import ActorPlacement, JobSpec, TrainSpec
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.results import Rows, StageResult, TrainData, TrainReport
@@ -187,6 +190,8 @@ def contrastive_loop(config: dict) -> None:
     losses = []
     body.train()
     for _ in range(config["steps_per_worker"]):
+        if rank == 0:  # the driver's progress (fire and forget: a step takes far longer)
+            config["steps_done"].advance.remote()
         a, b, target = sampler.batch(config["batch_size"])
         features = batch_to_device(body.preprocess([texts[i] for i in a] + [texts[i] for i in b]), device)
         vectors = body(features)["sentence_embedding"]
@@ -221,8 +226,44 @@ def scaling_config(settings: TrainSpec):
     )
 
 
+class StepCounter:
+    """Ray actor: the contrastive steps rank 0 has taken, for the driver's progress."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def count(self) -> int:
+        return self.done
+
+
+def show_steps(counter, total: int, interval: float, stopped: threading.Event) -> None:
+    """Driver thread until ``stopped``: the steps of ``counter`` out of ``total``, as a progress
+    bar on a terminal (tqdm), else a log line every ``interval`` seconds."""
+    from tqdm import tqdm
+
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=total, desc="train", unit="step") if terminal else None
+    started = time.monotonic()
+    while True:
+        finished = stopped.wait(1.0 if terminal else interval)
+        done = ray.get(counter.count.remote())
+        if bar is not None:
+            bar.update(done - bar.n)
+        elif not finished and done:
+            left = (time.monotonic() - started) / done * (total - done)
+            log.info("train: step %d of %d (%.1f%%), ETA %s", done, total, 100 * done / total, progress.duration(left))
+        if finished:
+            break
+    if bar is not None:
+        bar.close()
+
+
 def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np.ndarray, run_name: str):
-    """Run the contrastive phase; the body as a Ray Train checkpoint, and the run's metrics."""
+    """Run the contrastive phase, its steps shown as they go (``show_steps``); the body as a Ray
+    Train checkpoint, and the run's metrics."""
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -230,18 +271,28 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
     pairs = min(settings.max_pairs, settings.num_iterations * len(texts))
     steps = -(-pairs // (settings.num_workers * settings.batch_size))
     log.info("train: %d pairs on %d worker(s), %d steps each", pairs, settings.num_workers, steps)
+    counter: Any = ray.remote(num_cpus=0)(StepCounter).remote()
     trainer = TorchTrainer(
         contrastive_loop,
         train_loop_config={
             "model": _loadable(settings.base_model), "rows": ray.put((texts, labels, scheme(spec).sampler)),
-            "seed": settings.seed,
+            "seed": settings.seed, "steps_done": counter,
             "steps_per_worker": steps, "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate, "max_seq_length": settings.max_seq_length,
         },
         scaling_config=scaling_config(settings),
         run_config=RunConfig(name=run_name, storage_path=location.path("train/ray"), storage_filesystem=location.fs),
     )
-    result = trainer.fit()
+    stopped = threading.Event()
+    shown = threading.Thread(target=show_steps, args=(counter, steps, spec.output.status_seconds, stopped),
+                             name="train-steps", daemon=True)
+    shown.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stopped.set()
+        shown.join()
+        ray.kill(counter)
     return result.checkpoint, {**(result.metrics or {}), "pairs": pairs, "steps_per_worker": steps}
 
 
