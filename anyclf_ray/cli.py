@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from anyclf_ray import pipeline
@@ -140,6 +141,7 @@ def _predict(args) -> int:
 
 
 def _push(args) -> int:
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub.errors import HfHubHTTPError
 
     from anyclf_ray import publish
@@ -151,6 +153,11 @@ def _push(args) -> int:
         if isinstance(error, ValueError) and not isinstance(error.__cause__, HfHubHTTPError):
             raise
         print(f"anyclf-ray: error: the Hub refused: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except httpx2.TransportError as error:  # nothing answered; nothing was committed
+        where = os.environ.get("HF_ENDPOINT") or "huggingface.co"
+        print(f"anyclf-ray: error: the Hub at {where} did not answer ({type(error).__name__}: {error}); nothing "
+              "was committed; check HF_ENDPOINT and the network, then push again", file=sys.stderr)
         return 1
     for (kind, repo), files in uploaded.items():
         print(f"anyclf-ray: {kind} repo {repo}: " + (f"{files} file(s) uploaded" if files else "up to date"))

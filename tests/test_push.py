@@ -392,3 +392,15 @@ def test_the_hubs_refusal_is_one_line(run_folder, hub, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("anyclf-ray: error: the Hub refused: ") and "\n" not in err
     assert "Invalid credentials" in err and commits(hub) == [] and hub.repos == {}
+
+
+def test_a_hub_that_does_not_answer_is_one_line(run_folder, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert cli.main(["push", str(run_folder), "--repo", "me/data"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith("anyclf-ray: error: the Hub at http://127.0.0.1:9 did not answer (ConnectError")
