@@ -378,8 +378,10 @@ def streamed_tallies(rows: ray.data.Dataset, body, settings: TrainSpec, tally) -
     embedded = embed.embedded(rows, body, embedding_placement(settings), batch_size=64)
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         groups = defaultdict(list)
-        for i, key in enumerate(zip(batch["split"].tolist(), batch["language"].tolist(), batch["origin"].tolist())):
-            groups[key].append(i)
+        for i, (split, language, origin) in enumerate(zip(batch["split"].tolist(), batch["language"].tolist(),
+                                                          batch["origin"].tolist())):
+            # A column of nulls reaches numpy as NaN floats, each its own key: a null is None here.
+            groups[(split, *(value if isinstance(value, str) else None for value in (language, origin)))].append(i)
         for (split, *group), chosen in groups.items():
             found = tally(batch["label"][chosen].tolist(), batch["embedding"][chosen])
             tallies[split][tuple(group)] = tallies[split].get(tuple(group), 0) + found
