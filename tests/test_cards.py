@@ -52,5 +52,12 @@ def test_cards_name_folders_relative_to_the_run_and_local_models_by_name(tmp_pat
            "with `my-embedder`" in card
     assert "texts of `texts.csv`" in card and "written by an LLM (`my-llm`)" in card
     assert "base_model: my-embedder" in model_card and "written by `my-llm`" in model_card
+    # A run that annotates says its texts come from two origins, and which columns say which.
+    assert "and the user's own texts labelled by that LLM's calibrated judgement (`origin: annotated`)" in card
+    assert "`origin`, `probabilities` and `confidence` (annotated rows)" in card
+    assert "every annotated text's label is a language model's" in card
+    alone = cards.dataset_card(spec, "local", [(Annotate(spec), annotated)], "`label`")
+    assert "Text-classification data made with anyclf-ray: the user's own texts labelled" in alone
+    assert "Tree sizes" not in alone and "see `failures/`" not in alone  # no tree, nothing failed
     assert cards.shown("s3://bucket/texts.csv") == "s3://bucket/texts.csv"
     assert cards.shown("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"

@@ -401,3 +401,8 @@ def test_the_contrastive_steps_are_shown_as_they_go(local_ray, caplog):
         shown.join(timeout=10)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
     assert not shown.is_alive() and any(line.startswith("train: step 4 of 8 (50.0%), ETA ") for line in lines)
+    # A counter gone (its actor died) ends the display with one warning, not a traceback.
+    ray.kill(counter)
+    with caplog.at_level("WARNING", logger="anyclf_ray.training.train"):
+        train.show_steps(counter, 8, 0.05, threading.Event())
+    assert "train: no step count to show (ActorDiedError)" in caplog.text

@@ -86,6 +86,20 @@ def dataset_card(spec: JobSpec, run_id: str, stages: list, columns_text: str) ->
     written = sum(report.rows.written for report in sources)
     expected = sum(report.rows.expected for report in sources)
     failed = sum(report.failures.requests for report in sources)
+    origins = {stage.name for stage, _ in stages if stage.source}
+    annotates, generates = "annotate" in origins, "generate" in origins
+    made = [*(["synthetic rows written by an LLM (`" + shown(spec.model.name) + "`), following the AnyClassifier "
+               "design: source types, then topics per (label, source type), then subtopics, then examples per "
+               "leaf"] if generates else []),
+            *(["the user's own texts labelled by that LLM's calibrated judgement (`origin: annotated`)"]
+              if annotates else [])]
+    tree = (f"- Tree sizes: {sizes} ({spec.tree_languages.replace('_', ' ')} tree)\n" if generates else "")
+    origin_columns = ", `origin`, `probabilities` and `confidence` (annotated rows)" if annotates else ""
+    caution = ("The synthetic texts were written by a language model and every annotated text's label is a "
+               "language model's: check them before trusting them, and do not present generated text as "
+               "human-written." if annotates else
+               "Every text here was written by a language model: check it before trusting it, and do not\n"
+               "present it as human-written.")
     return f"""---
 configs:
 {config_yaml}language: {json.dumps(spec.languages)}
@@ -97,27 +111,24 @@ tags:
 ---
 # {run_id}
 
-Synthetic text-classification data written by an LLM (`{shown(spec.model.name)}`) with anyclf-ray,
-following the AnyClassifier design: source types, then topics per (label, source type), then
-subtopics, then examples per leaf.
+Text-classification data made with anyclf-ray: {"; and ".join(made)}.
 
 - Instruction: {text(spec.instruction)}
 - Languages: {", ".join(spec.languages)}
-- Tree sizes: {sizes} ({spec.tree_languages.replace("_", " ")} tree)
-- Rows: {written} of {expected} planned
-  ({failed} LLM request(s) failed after retries; see `failures/`)
+{tree}- Rows: {written} of {expected} planned
+  ({failed} LLM request(s) failed after retries{"; see `failures/`" if failed else ""})
 {stage_lines}
 | label | name | rows |
 |---|---|---|
 {label_rows}
 {sections}
-Columns: `id` (stable: leaf and sample index), `text`, {columns_text},
-`language`, `source_type`, `topic`, `subtopic`, `leaf_id`, `sample_index`, `model`.
+Columns: `id` (stable: leaf and sample index; an annotated text's own id or text hash), `text`,
+{columns_text}, `language`, `source_type`, `topic`, `subtopic`, `leaf_id`, `sample_index`
+(null for annotated rows), `model`{origin_columns}.
 `tree.parquet` holds the taxonomy; `manifest.json` the config, versions, counts and timings;
 each later stage's folder its own `manifest.json` and, in `removed/`, every row it removed and why.
 
-Every text here was written by a language model: check it before trusting it, and do not
-present it as human-written.
+{caution}
 """
 
 

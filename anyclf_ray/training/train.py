@@ -249,7 +249,11 @@ def show_steps(counter, total: int, interval: float, stopped: threading.Event) -
     started = time.monotonic()
     while True:
         finished = stopped.wait(1.0 if terminal else interval)
-        done = ray.get(counter.count.remote())
+        try:
+            done = ray.get(counter.count.remote())
+        except ray.exceptions.RayError as error:  # progress is a courtesy: training goes on without it
+            log.warning("train: no step count to show (%s)", type(error).__name__)
+            break
         if bar is not None:
             bar.update(done - bar.n)
         elif not finished and done:
