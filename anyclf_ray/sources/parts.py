@@ -138,11 +138,7 @@ def commit_pass(pool: EnginePool, name: str, requests: ray.data.Dataset, sink: P
     """The LLM pass ``name``: ``requests`` (``total`` of them) answered by the engine pool and
     committed part by part by ``sink``, ``progress`` written every ``interval`` seconds (and
     marked failed if the pass fails); the parts written and the S3 calls their writes retried."""
-    # Blocks of a part's requests: an actor task's answers leave it (and are written) only when
-    # its input block is done, so one big block as read (a single-file corpus) would commit
-    # nothing until the pass ends.
-    parted = requests.repartition(target_num_rows_per_block=sink.requests_per_part)
-    answers = pool.answer(parted, name, batch_size=sink.requests_per_part, total=total)
+    answers = pool.answer(requests, name, batch_size=sink.requests_per_part, total=total)
     try:
         pool.run_pass(name, lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS}),
                       report=progress, interval=interval)
