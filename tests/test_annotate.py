@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -130,6 +131,39 @@ def test_a_killed_run_resumes_with_the_questions_no_part_answered(tmp_path, loca
     asked = [rid for part in annotate.parts.committed(location, annotate.ANSWERS).values()
              for rid in part.request_ids.tolist()]
     assert len(asked) == len(set(asked)) == 48
+
+
+class Breaking(OptionJudge):
+    """``Judge`` until its fourth call, which fails the pass (as a driver killed then would)."""
+
+    def __init__(self):
+        super().__init__(leaning)
+        self.calls = 0
+
+    def complete(self, prompts):
+        self.calls += 1
+        if self.calls == 4:
+            time.sleep(3)  # time for the parts answered so far to be written
+            raise RuntimeError("the pass dies here")
+        return super().complete(prompts)
+
+
+@pytest.mark.slow
+def test_answer_parts_land_while_the_pass_runs(tmp_path, local_ray):
+    """A single-file corpus (one block as read) still commits a part per commit_rows questions as
+    they are answered: a pass that dies at its fourth engine call leaves its first three parts."""
+    raw = annotate_raw(tmp_path, "streamed", corpus(tmp_path / "texts.parquet"))
+    raw["engine"]["batch_size"], raw["output"]["commit_rows"] = 8, 8
+    spec = loading.parse(raw)
+    with pytest.raises(Exception, match="the pass dies here"):
+        pipeline.run(spec, only="annotate", engine_factory=Breaking)
+    location = RunLocation(spec.output, "streamed")
+    committed = annotate.parts.committed(location, annotate.ANSWERS)
+    assert sorted(part.rows for part in committed.values()) == [8, 8, 8]
+    found = pipeline.run(spec, only="annotate", engine_factory=Judge)["annotate"]
+    assert found.report.engine.passes["annotate"].requests == 24  # the questions no part answered
+    ids = read_parts(location, "annotate/data")["id"].to_pylist()
+    assert sorted(ids) == sorted(row[0] for row in CORPUS)  # every text once
 
 
 class Mixed:

@@ -254,6 +254,10 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
             texts = texts.limit(self.settings.max_rows)
         questions = texts.map_batches(functools.partial(questions_of, spec=spec, committed=ray.put(committed)),
                                       batch_format="pyarrow", num_cpus=parts.TASK_CPUS)
+        # A map task's output batches are merged into one block until its input block is done,
+        # and an answered block is written only then: a corpus read as one block (one file) would
+        # commit nothing until the pass ends. Blocks of one part's questions commit as they go.
+        questions = questions.repartition(target_num_rows_per_block=per_part)
         sink = parts.PartSink(location, ANSWERS, answer_rows, per_part)
         progress = Progress(location, "annotate", pending, total, len(committed))
         return parts.commit_pass(pool, "annotate", questions, sink, pending, progress, spec.output.status_seconds)
