@@ -126,8 +126,8 @@ def kept_embeddings(location: RunLocation, finished: Sequence[StageResult], mode
         if found.embeddings is None or found.embeddings.model != model:
             continue
         wanted = pa.array(ids, pa.string())  # filtered shard by shard: only these rows are held
-        table = pa.concat_tables([location.read_table(s).filter(pc.is_in(pc.field("id"), wanted))
-                                  for s in found.embeddings.shards])
+        table = pa.concat_tables([location.read_table(s, columns=["id", "embedding"])
+                                  .filter(pc.is_in(pc.field("id"), wanted)) for s in found.embeddings.shards])
         index = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
         if all(i in index for i in ids):
             vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))

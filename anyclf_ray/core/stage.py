@@ -337,7 +337,7 @@ class FilterStage(Stage[F, Checked]):
 
     def execute(self, ctx: Context, upstream: Input | None, checked: Checked) -> Outcome[F]:
         assert upstream is not None
-        location, per_shard, label = ctx.location, self.spec.output.rows_per_shard, self.spec.label_column
+        location, per_shard = ctx.location, self.spec.output.rows_per_shard
         shards = self.input_shards(location, upstream)
         groups = [[shard] for shard in shards] if self.row_by_row else [shards]
         written: dict[str, list[str]] = {"data": [], "removed": []}
@@ -357,15 +357,27 @@ class FilterStage(Stage[F, Checked]):
                 if table.num_rows or (group is groups[-1] and not written[folder]):
                     written[folder] += location.write_shards(self.data_path(folder), table, per_shard,
                                                              first=len(written[folder]))
-            tally = {"input_language": results.counts(rows, ["language"]),
-                     "by_label_reason": results.counts(removed, [label, "reason"]),
-                     "by_language_reason": results.counts(removed, ["language", "reason"]),
-                     "kept_by_label": results.counts(kept, [label]),
-                     **decision.counts}
+            tally = {**self.tally(rows, kept, removed), **decision.counts}
             total = {name: results.added(total.get(name, []), table) for name, table in tally.items()}
             timings.update(decision.timings)
             incomplete |= decision.incomplete
         assert decision is not None
+        return self.outcome(ctx, total, decision.fields, Shards(**written), decision.embeddings, dict(timings),
+                            incomplete)
+
+    def tally(self, rows: pa.Table, kept: pa.Table, removed: pa.Table) -> dict[str, CountTable]:
+        """The counts a filter's report is made of, of one piece of its input (``rows``) and what
+        it decided of it; ``outcome`` adds them up."""
+        label = self.spec.label_column
+        return {"input_language": results.counts(rows, ["language"]),
+                "by_label_reason": results.counts(removed, [label, "reason"]),
+                "by_language_reason": results.counts(removed, ["language", "reason"]),
+                "kept_by_label": results.counts(kept, [label])}
+
+    def outcome(self, ctx: Context, total: dict[str, CountTable], fields: dict, shards: Shards,
+                embeddings: EmbeddingsRef | None, timings: dict, incomplete: bool) -> Outcome[F]:
+        """The filter's outcome from its ``tally`` tables added up (``total``, with any counts of
+        its own for ``summarise``) and the report ``fields`` it adds."""
         # Removed rows by reason and by language, from the (language, reason) counts.
         reasons: collections.Counter = collections.Counter()
         removed_by: collections.Counter = collections.Counter()
@@ -374,7 +386,7 @@ class FilterStage(Stage[F, Checked]):
             removed_by[row["language"]] += row["rows"]
         by_language = total.pop("input_language")
         n_input, n_removed = sum(row["rows"] for row in by_language), sum(reasons.values())
-        fields = FilterReport(
+        report = FilterReport(
             removed=Removals(by_reason={reason: reasons[reason] for reason in self.reasons},
                              by_label_reason=total.pop("by_label_reason"),
                              by_language_reason=total.pop("by_language_reason")),
@@ -384,11 +396,11 @@ class FilterStage(Stage[F, Checked]):
                        for row in by_language],
             kept_by_label=total.pop("kept_by_label"),
         ).model_dump()
-        report = self.report_type.model_validate(
-            {**fields, **decision.fields, **self.summarise(ctx, total, n_input, dict(timings))})
-        return Outcome(report=report, rows=Rows(input=n_input, output=n_input - n_removed),
-                       output=location.uri(self.folder), shards=Shards(**written), embeddings=decision.embeddings,
-                       timings=dict(timings), status="incomplete" if incomplete else "complete")
+        return Outcome(report=self.report_type.model_validate({**report, **fields,
+                                                               **self.summarise(ctx, total, n_input, timings)}),
+                       rows=Rows(input=n_input, output=n_input - n_removed), output=ctx.location.uri(self.folder),
+                       shards=shards, embeddings=embeddings, timings=timings,
+                       status="incomplete" if incomplete else "complete")
 
     def describe(self, result: StageResult[F]) -> str:
         removed = ", ".join(f"{n} {reason}" for reason, n in result.report.removed.by_reason.items())

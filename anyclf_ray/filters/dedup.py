@@ -29,19 +29,28 @@ The rules, in order:
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
+import hashlib
 import itertools
+import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 
-from anyclf_ray.core import cards, embed, runtime
+from anyclf_ray.core import cards, embed, results, runtime
 from anyclf_ray.core.config import DedupSpec, JobSpec
-from anyclf_ray.core.results import Conflicts, DedupReport, StageResult
-from anyclf_ray.core.stage import Context, Decision, FilterStage
+from anyclf_ray.core.ids import stable_id
+from anyclf_ray.core.results import Conflicts, DedupReport, EmbeddingsRef, Shards, StageResult
+from anyclf_ray.core.stage import Context, FilterStage, Input, Outcome
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import normalise
 from anyclf_ray.filters import neighbours
@@ -66,8 +75,47 @@ def _best_partner(ends: np.ndarray, partners: np.ndarray, sims: np.ndarray, size
     return partner, similarity
 
 
+@dataclasses.dataclass
+class Fates:
+    """What rules 3 and 4 decide of ``n`` representatives in id order: ``reason`` ("" kept,
+    ``near`` or ``conflict``), ``matched`` (the index of the kept twin, or of the closest
+    partner of another label; -1 for kept rows), their ``similarity``, and the label-conflict
+    ``cross_pairs`` found."""
+
+    reason: np.ndarray
+    matched: np.ndarray
+    similarity: np.ndarray
+    cross_pairs: int
+
+
+def resolve(labels: np.ndarray, left: np.ndarray, right: np.ndarray, sim: np.ndarray, conflicts: str) -> Fates:
+    """Rules 3 and 4 over the pairs ``(left, right, sim)`` of representatives indexed in id order
+    (``labels``: each one's label, or label set, as a string). A pair found twice (as exact text
+    and by embedding, or from two partitions) counts once, at its highest similarity."""
+    n = len(labels)
+    order = np.argsort(-sim, kind="stable")
+    _, first = np.unique(left[order] * n + right[order], return_index=True)
+    left, right, sim = left[order][first], right[order][first], sim[order][first]
+    cross = labels[left] != labels[right]
+    conflicted = np.zeros(n, bool)
+    if conflicts == "drop":
+        conflicted[left[cross]] = conflicted[right[cross]] = True
+    partner, partner_sim = _best_partner(
+        np.concatenate([left[cross], right[cross]]), np.concatenate([right[cross], left[cross]]),
+        np.concatenate([sim[cross], sim[cross]]), n,
+    )
+    within = ~cross & ~conflicted[left] & ~conflicted[right]
+    kept, kept_by, kept_sim = neighbours.greedy_keepers(n, left[within], right[within], sim[within])
+    kept &= ~conflicted
+    return Fates(reason=np.where(conflicted, "conflict", np.where(kept, "", "near")).astype(object),
+                 matched=np.where(conflicted, partner, kept_by),
+                 similarity=np.where(conflicted, partner_sim, kept_sim), cross_pairs=int(cross.sum()))
+
+
 def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec: JobSpec) -> dict:
-    """Apply the module's rules to ``rows`` (sorted by id); return the kept/removed split.
+    """The module's rules applied to ``rows`` (sorted by id) in this process: the reference the
+    stage's cluster path (``Dedup.execute``) gives the same kept ids as, for inputs one process
+    holds (``bench/quality.py``'s). Returns the kept/removed split.
 
     The result holds ``kept`` and ``removed`` tables, the representatives' ``embedded_ids`` and
     ``embeddings``, the ``conflict_pairs`` count and per-step ``timings``.
@@ -118,36 +166,20 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
         lefts.append(pairs[:, 0])
         rights.append(pairs[:, 1])
         sims.append(np.ones(len(pairs), np.float32))
-    left, right, sim = np.concatenate(lefts), np.concatenate(rights), np.concatenate(sims)
-    # A pair found both as exact text and by embedding is one pair.
-    order = np.argsort(-sim, kind="stable")
-    _, first = np.unique(left[order] * len(reps) + right[order], return_index=True)
-    left, right, sim = left[order][first], right[order][first], sim[order][first]
-    cross = rep_label[left] != rep_label[right]
-    conflicted = np.zeros(len(reps), bool)
-    if settings.conflicts == "drop":
-        conflicted[left[cross]] = conflicted[right[cross]] = True
-    partner, partner_sim = _best_partner(
-        np.concatenate([left[cross], right[cross]]), np.concatenate([right[cross], left[cross]]),
-        np.concatenate([sim[cross], sim[cross]]), len(reps),
-    )
-    within = ~cross & ~conflicted[left] & ~conflicted[right]
-    rep_kept, kept_by, kept_sim = neighbours.greedy_keepers(len(reps), left[within], right[within], sim[within])
-    rep_kept &= ~conflicted
+    fates = resolve(rep_label.astype(str), np.concatenate(lefts), np.concatenate(rights), np.concatenate(sims),
+                    settings.conflicts)
+    rep_kept = fates.reason == ""
     timings["near"] = time.perf_counter() - started
 
     # Every row's fate, from its representative's.
-    rep_reason = np.where(conflicted, "conflict", np.where(rep_kept, "", "near")).astype(object)
-    rep_matched = np.where(conflicted, partner, kept_by)
-    rep_similarity = np.where(conflicted, partner_sim, kept_sim)
     ids = np.asarray(rows["id"].to_pylist(), dtype=object)
     p = position[representative]
     is_rep = representative == np.arange(n)
     copy_of_kept = ~is_rep & rep_kept[p]
     kept = is_rep & rep_kept[p]
-    reason = np.where(copy_of_kept, "exact", rep_reason[p])
-    matched_row = np.where(copy_of_kept, representative, reps[np.maximum(rep_matched[p], 0)])
-    similarity = np.where(copy_of_kept, np.float32(1.0), rep_similarity[p])
+    reason = np.where(copy_of_kept, "exact", fates.reason[p])
+    matched_row = np.where(copy_of_kept, representative, reps[np.maximum(fates.matched[p], 0)])
+    similarity = np.where(copy_of_kept, np.float32(1.0), fates.similarity[p])
     removed_mask = ~kept
     audit = {
         "reason": reason[removed_mask].tolist(),
@@ -164,9 +196,225 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
         "removed": removed,
         "embedded_ids": ids[reps].tolist(),
         "embeddings": vectors,
-        "conflict_pairs": int(cross.sum()),
+        "conflict_pairs": fates.cross_pairs,
         "timings": timings,
     }
+
+
+# -- on the cluster ------------------------------------------------------------------------------
+#
+# The stage runs the rules above as Ray tasks and Ray Data operators; the driver holds counts,
+# object references and file names, never a column of every row:
+#
+# 1. ``scatter_rows`` (a task per input shard) keys each row by a 128-bit hash of its language
+#    and normalised text and routes it to a bucket of that key; ``exact_groups`` (a task per
+#    bucket) finds the representatives, their copies and the same texts under other labels.
+# 2. The representatives are embedded by the embedding actors as they stream, and written as the
+#    stage's ``embeddings/`` shards, with a sample per language drawn by a hash of the id.
+# 3. Per language, ``fit_centroids`` fits the k-means partitions on that sample;
+#    ``scatter_to_partitions`` (a task per embeddings shard) routes each row to the groups of
+#    its ``probes`` nearest partitions; ``search_partitions`` (a task per group, spread over the
+#    nodes) compares each partition's home rows with its members: compact pair records come back.
+# 4. ``resolve_language`` (a task per language) applies rules 3 and 4 to that language's pairs;
+#    two Ray Data joins give every copy its representative's fate and every row its verdict, and
+#    the rows are written kept or removed block by block.
+
+# Rows a bucket (of exact dedup, and of the joins) holds, texts included: one task holds a bucket.
+BUCKET_ROWS = 200_000
+# Partition search tasks per CPU of the cluster: enough to even out partitions of unequal size.
+SEARCH_TASKS_PER_CPU = 4
+# What a light Ray Data step (a join's follow-up, a write) asks of a CPU.
+TASK_CPUS = 0.25
+# The embeddings of representatives in a sample file: each language's k-means sample.
+SAMPLE = "sample"
+PAIR_SCHEMA = pa.schema([("language", pa.string()), ("left", pa.string()), ("right", pa.string()),
+                         ("left_label", pa.string()), ("right_label", pa.string()), ("similarity", pa.float32())])
+FATE_SCHEMA = pa.schema([("id", pa.string()), *AUDIT_FIELDS])
+
+
+def _refs(found: ray.ObjectRef | list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+    """A task's returns as a list (``num_returns=1`` gives one reference, not a list)."""
+    return found if isinstance(found, list) else [found]
+
+
+def _returns(tables: list[pa.Table]) -> pa.Table | tuple[pa.Table, ...]:
+    """A task's tables as its returns (one return is the value itself, not a tuple of one)."""
+    return tables[0] if len(tables) == 1 else tuple(tables)
+
+
+def _hash64(values: list[str], salt: str = "") -> np.ndarray:
+    """A 64-bit hash of each value (uint64), the same on every machine."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}\x1f{v}".encode(), digest_size=8).digest(), "big")
+                     for v in values], np.uint64)
+
+
+@ray.remote
+def scatter_rows(location: RunLocation, shard: str, key_column: str, buckets: int) -> pa.Table | tuple[pa.Table, ...]:
+    """One input shard's ``id, text, language, label`` and ``text_key`` (a 128-bit hash of the
+    language and the normalised text), split into ``buckets`` by that key."""
+    table = location.read_table(shard, columns=["id", "text", "language", key_column])
+    table = table.rename_columns(["id", "text", "language", "label"]).replace_schema_metadata(None)
+    keys = [hashlib.blake2b(f"{language}\x1f{normalise(text)}".encode(), digest_size=16).digest()
+            for language, text in zip(table["language"].to_pylist(), table["text"].to_pylist())]
+    table = table.append_column("text_key", pa.array(keys, pa.binary(16)))
+    bucket = np.array([int.from_bytes(key[:8], "big") % buckets for key in keys])
+    return _returns([table.filter(pa.array(bucket == b)) for b in range(buckets)])
+
+
+@ray.remote(num_returns=4)
+def exact_groups(*parts: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, int]]:
+    """Rules 1 and 2's exact half on one bucket (every row of a text is in it): the
+    representatives (``id, text, language, label``), the copies (``id, rep_id``), pairs of
+    representatives with the same text and other labels (``PAIR_SCHEMA``, at 1.0), and the
+    representatives per language."""
+    table = pa.concat_tables(parts).sort_by("id")
+    frame = table.select(["language", "text_key", "label"]).to_pandas()
+    group = frame.groupby(["language", "text_key", "label"], sort=False).ngroup().to_numpy()
+    first_row = np.full(group.max() + 1 if len(group) else 0, len(group), np.int64)
+    np.minimum.at(first_row, group, np.arange(len(group)))  # rows are in id order: the first is the lowest id
+    representative = first_row[group]
+    is_rep = representative == np.arange(len(group))
+    ids = np.asarray(table["id"].to_pylist(), dtype=object)
+    reps = table.filter(pa.array(is_rep))
+    copies = pa.table({"id": pa.array(ids[~is_rep].tolist(), pa.string()),
+                       "rep_id": pa.array(ids[representative[~is_rep]].tolist(), pa.string())})
+    twins = [
+        (language, left["id"], right["id"], left["label"], right["label"], 1.0)
+        for (language, _), members in reps.select(["id", "language", "text_key", "label"]).to_pandas()
+        .groupby(["language", "text_key"], sort=False)
+        if len(members) > 1
+        for left, right in itertools.combinations(members.to_dict("records"), 2)
+    ]
+    pairs = pa.Table.from_pylist([dict(zip(PAIR_SCHEMA.names, twin)) for twin in twins], PAIR_SCHEMA)
+    languages = collections.Counter(reps["language"].to_pylist())
+    return reps.select(["id", "text", "language", "label"]), copies, pairs, dict(languages)
+
+
+def write_embedded(batch: dict[str, np.ndarray], location: RunLocation, folder: str, sample_folder: str,
+                   model: str, rates: dict[str, float], seed: int) -> dict[str, list]:
+    """Ray Data function: a block of embedded representatives written as an embeddings shard
+    (``id, embedding, language, label``), and its rows in their language's k-means sample
+    (``rates``: the share of a language sampled) as a sample shard beside it."""
+    ids = [str(i) for i in batch["id"]]
+    table = embed.embeddings_table(ids, batch["embedding"], model)
+    table = table.append_column("language", pa.array(batch["language"].tolist(), pa.string()))
+    table = table.append_column("label", pa.array(batch["label"].tolist(), pa.string()))
+    name = f"part-{stable_id(len(ids), min(ids), max(ids))}.parquet"
+    location.write_table(f"{folder}/{name}", table)
+    rate = np.array([rates[language] for language in table["language"].to_pylist()])
+    chosen = _hash64(ids, f"sample-{seed}") < rate * float(2**64)
+    location.write_table(f"{sample_folder}/{name}", table.filter(pa.array(chosen)))
+    return {"path": [f"{folder}/{name}"], "rows": [len(ids)]}
+
+
+@ray.remote
+def fit_centroids(location: RunLocation, samples: list[str], language: str, k: int, seed: int) -> np.ndarray:
+    """``language``'s k-means partitions (``neighbours.spherical_kmeans``) fitted on its sample."""
+    tables = [location.read_table(path, columns=["id", "language", "embedding"]) for path in samples]
+    sample = pa.concat_tables(tables).filter(pc.field("language") == language).sort_by("id")
+    x = np.stack(sample["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    return neighbours.spherical_kmeans(x, min(k, len(x)), np.random.default_rng(seed))
+
+
+@ray.remote
+def scatter_to_partitions(location: RunLocation, shard: str, probes: int, groups: int, languages: list[str],
+                          *centroids: np.ndarray) -> pa.Table | tuple[pa.Table, ...]:
+    """One embeddings shard's rows, once per partition among their ``probes`` nearest (``home``:
+    the nearest) of their language's ``centroids``, split into ``groups`` by (language, partition)."""
+    table = location.read_table(shard, columns=["id", "language", "label", "embedding"]).replace_schema_metadata(None)
+    pieces = []
+    for language, found in zip(languages, centroids):
+        rows = table.filter(pc.field("language") == language)
+        if not rows.num_rows:
+            continue
+        x = np.stack(rows["embedding"].to_numpy(zero_copy_only=False))
+        nearest = neighbours.nearest_centroids(x, found, probes)
+        for probe in range(nearest.shape[1]):
+            piece = rows.append_column("partition", pa.array(nearest[:, probe], pa.int32()))
+            pieces.append(piece.append_column("home", pa.array(np.full(rows.num_rows, probe == 0))))
+    if not pieces:
+        empty = table.schema.append(pa.field("partition", pa.int32())).append(pa.field("home", pa.bool_()))
+        return _returns([empty.empty_table() for _ in range(groups)])
+    placed = pa.concat_tables(pieces)
+    salt = _hash64(placed["language"].to_pylist())
+    group = (salt + placed["partition"].to_numpy().astype(np.uint64)) % np.uint64(groups)
+    return _returns([placed.filter(pa.array(group == g)) for g in range(groups)])
+
+
+@ray.remote(scheduling_strategy="SPREAD")
+def search_partitions(threshold: float, *parts: pa.Table) -> pa.Table:
+    """The pairs at or above ``threshold`` of every partition in one group (``PAIR_SCHEMA``):
+    each partition's home rows against all its members (``neighbours.partition_pairs``)."""
+    table = pa.concat_tables(parts).sort_by([("language", "ascending"), ("partition", "ascending"),
+                                             ("id", "ascending")])
+    if not table.num_rows:
+        return PAIR_SCHEMA.empty_table()
+    language, partition = table["language"].to_numpy(zero_copy_only=False), table["partition"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, (language[1:] != language[:-1]) | (partition[1:] != partition[:-1])])
+    vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    ids, labels = np.asarray(table["id"].to_pylist(), object), np.asarray(table["label"].to_pylist(), object)
+    home = table["home"].to_numpy(zero_copy_only=False)
+    found = []
+    for start, end in zip(starts, np.r_[starts[1:], table.num_rows]):
+        members = np.arange(start, end)  # in id order: their positions order as their ids
+        homes = members[home[start:end]]
+        if len(homes) and len(members) > 1:
+            left, right, sim = neighbours.partition_pairs(homes, vectors[homes], members, vectors[members], threshold)
+            columns = [np.full(len(left), language[start]), ids[left], ids[right], labels[left], labels[right]]
+            found.append(pa.table([*(pa.array(column.tolist(), pa.string()) for column in columns),
+                                   pa.array(sim, pa.float32())], schema=PAIR_SCHEMA))
+    return pa.concat_tables(found) if found else PAIR_SCHEMA.empty_table()
+
+
+@ray.remote(num_returns=2)
+def resolve_language(language: str, conflicts: str, *pairs: pa.Table) -> tuple[pa.Table, int]:
+    """Rules 3 and 4 on one language's pairs: the representatives removed (``FATE_SCHEMA``) and
+    the label-conflict pairs found."""
+    table = pa.concat_tables(pairs).filter(pc.field("language") == language)
+    left, right = table["left"].to_numpy(zero_copy_only=False), table["right"].to_numpy(zero_copy_only=False)
+    ids, index = np.unique(np.concatenate([left, right]), return_inverse=True)  # sorted: the id order
+    labels = np.empty(len(ids), object)
+    labels[index] = np.concatenate([table["left_label"].to_numpy(zero_copy_only=False),
+                                    table["right_label"].to_numpy(zero_copy_only=False)])
+    fates = resolve(labels.astype(str), index[: len(left)], index[len(left) :],
+                    table["similarity"].to_numpy(), conflicts)
+    removed = fates.reason != ""
+    matched = ids[np.maximum(fates.matched[removed], 0)]
+    reason = fates.reason[removed]
+    return pa.table([pa.array(ids[removed].tolist(), pa.string()), pa.array(reason.tolist(), pa.string()),
+                     pa.array([None if r == "conflict" else m for r, m in zip(reason, matched)], pa.string()),
+                     pa.array(matched.tolist(), pa.string()),
+                     pa.array(fates.similarity[removed], pa.float32())], schema=FATE_SCHEMA), fates.cross_pairs
+
+
+def copy_fates(batch: pa.Table) -> pa.Table:
+    """Ray Data function: copies joined with their representative's fate (``rep_`` columns, null
+    for a kept representative) → their own fate (rule 5)."""
+    kept = pc.is_null(batch["rep_reason"])
+    return pa.table([batch["id"], pc.if_else(kept, "exact", batch["rep_reason"]),
+                     pc.if_else(kept, batch["rep_id"], batch["rep_kept_id"]),
+                     pc.if_else(kept, batch["rep_id"], batch["rep_matched_id"]),
+                     pc.if_else(kept, pa.scalar(1.0, pa.float32()), batch["rep_similarity"])], schema=FATE_SCHEMA)
+
+
+def split_block(batch: pa.Table, location: RunLocation, folder: str, schema: pa.Schema,
+                tally: Callable[[pa.Table, pa.Table, pa.Table], dict]) -> dict[str, list]:
+    """Ray Data function: a block of rows joined with their fates, written as a kept and a
+    removed shard (the empty one left out); their paths and the block's ``tally`` (JSON)."""
+    removed_mask = pc.is_valid(batch["reason"])
+    rows = batch.select(schema.names).cast(schema)
+    kept = rows.filter(pc.invert(removed_mask))
+    removed = batch.filter(removed_mask).select([*schema.names, *(f.name for f in AUDIT_FIELDS)])
+    removed = removed.cast(pa.schema([*schema, *AUDIT_FIELDS]))
+    ids = rows["id"].to_pylist()
+    name = f"part-{stable_id(len(ids), min(ids), max(ids))}.parquet"
+    written = {}
+    for side, table in (("data", kept), ("removed", removed)):
+        written[side] = f"{folder}/{side}/{name}" if table.num_rows else ""
+        if table.num_rows:
+            location.write_table(written[side], table)
+    return {**{side: [path] for side, path in written.items()},
+            "tally": [json.dumps(tally(rows, kept, removed.select([*schema.names, "reason"])))]}
 
 
 class Dedup(FilterStage[DedupReport, None]):
@@ -188,23 +436,82 @@ class Dedup(FilterStage[DedupReport, None]):
     def check(self, location: RunLocation) -> None:
         embed.check_model(self.settings.model, "dedup.model")
 
-    def decide(self, ctx: Context, rows: pa.Table, checked: None) -> Decision:
-        settings = self.settings
+    def execute(self, ctx: Context, upstream: Input | None, checked: None) -> Outcome[DedupReport]:
+        """The rules on the cluster (the steps above); rows, embeddings and pairs stay in the
+        object store and the stage's shards."""
+        assert upstream is not None
+        settings, location, spec = self.settings, ctx.location, self.spec
+        shards = self.input_shards(location, upstream)
         placement = runtime.resolve_placement(settings, "dedup")
-        log.info("dedup: %d rows with %s on %s", rows.num_rows, settings.model, placement.device)
-        result = decide(rows, lambda texts: embed.embed(texts, settings.model, placement, settings.batch_size),
-                        self.spec)
-        removed = result["removed"]
-        embeddings = embed.embeddings_table(result["embedded_ids"], result["embeddings"], settings.model)
-        return Decision(
-            kept=result["kept"],
-            removed=removed,
-            fields={"conflicts": Conflicts(policy=settings.conflicts, pairs=result["conflict_pairs"],
-                                           rows_removed=removed["reason"].to_pylist().count("conflict"))},
-            embeddings=embed.write_embeddings(ctx.location, self.data_path("embeddings"), embeddings,
-                                              self.spec.output.rows_per_shard),
-            timings=result["timings"],
-        )
+        log.info("dedup: %d rows with %s on %s", upstream.rows, settings.model, placement.device)
+        buckets = max(1, math.ceil(upstream.rows / BUCKET_ROWS))
+        timings, started = {}, time.perf_counter()
+        scatter = scatter_rows.options(num_returns=buckets)
+        scattered = [_refs(scatter.remote(location, shard, spec.label_column, buckets)) for shard in shards]
+        rep_refs, copy_refs, twin_refs, language_refs = zip(
+            *(exact_groups.remote(*(refs[b] for refs in scattered)) for b in range(buckets)))
+        per_language: collections.Counter = collections.Counter()
+        for found in ray.get(list(language_refs)):
+            per_language.update(found)
+        timings["exact"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        partitions = {language: math.ceil(n / settings.partition_size) for language, n in per_language.items() if n > 1}
+        rates = {language: min(1.0, neighbours.SAMPLE_PER_CENTROID * partitions.get(language, 1) / n)
+                 for language, n in per_language.items()}
+        embedded = embed.embedded(ray.data.from_arrow_refs(list(rep_refs)), settings.model, placement,
+                                  settings.batch_size)
+        write = functools.partial(write_embedded, location=location, folder=self.data_path("embeddings"),
+                                  sample_folder=self.data_path(SAMPLE), model=settings.model, rates=rates,
+                                  seed=settings.seed)
+        written = embedded.map_batches(write, batch_size=spec.output.rows_per_shard, batch_format="numpy",
+                                       num_cpus=TASK_CPUS).take_all()
+        embedding_shards = sorted(row["path"] for row in written)
+        dim = location.read_footer(embedding_shards[0]).schema.to_arrow_schema().field("embedding").type.list_size
+        embeddings = EmbeddingsRef(model=settings.model, rows=sum(row["rows"] for row in written), dim=dim,
+                                   shards=embedding_shards)
+        timings["embed"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        samples = location.list(self.data_path(SAMPLE))
+        languages = sorted(partitions)
+        centroids = [fit_centroids.remote(location, samples, language, partitions[language], settings.seed)
+                     for language in languages]
+        groups = max(1, min(sum(partitions.values()), SEARCH_TASKS_PER_CPU * int(ray.cluster_resources()["CPU"])))
+        placed = [_refs(scatter_to_partitions.options(num_returns=groups).remote(
+            location, shard, settings.probes, groups, languages, *centroids)) for shard in embedding_shards]
+        pairs = [search_partitions.remote(settings.threshold, *(refs[g] for refs in placed)) for g in range(groups)]
+        fate_refs, cross_refs = zip(*(resolve_language.remote(language, settings.conflicts, *pairs, *twin_refs)
+                                      for language in sorted(per_language)))
+        cross_pairs = sum(ray.get(list(cross_refs)))
+        timings["near"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        fates = ray.data.from_arrow_refs(list(fate_refs))
+        rep_fates = fates.rename_columns({name: f"rep_{name}" for name in FATE_SCHEMA.names})
+        copies = ray.data.from_arrow_refs(list(copy_refs)).join(rep_fates, "left_outer", buckets, on=("rep_id",))
+        verdicts = fates.union(copies.map_batches(copy_fates, batch_format="pyarrow", num_cpus=TASK_CPUS))
+        schema = location.read_footer(shards[0]).schema.to_arrow_schema().remove_metadata()
+        rows = ray.data.read_parquet([location.path(shard) for shard in shards], filesystem=location.fs)
+        split = rows.join(verdicts, "left_outer", buckets, on=("id",)).repartition(
+            target_num_rows_per_block=spec.output.rows_per_shard).map_batches(
+            functools.partial(split_block, location=location, folder=self.folder, schema=schema, tally=self.tally),
+            batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS).take_all()
+        written_shards = {}
+        for side, side_schema in (("data", schema), ("removed", pa.schema([*schema, *AUDIT_FIELDS]))):
+            written_shards[side] = sorted(row[side] for row in split if row[side])
+            if not written_shards[side]:  # every folder gets a shard: its schema
+                written_shards[side] = location.write_shards(self.data_path(side), side_schema.empty_table(), 1)
+        total: dict = {}
+        for row in split:
+            tally = json.loads(row["tally"])
+            total = {name: results.added(total.get(name, []), table) for name, table in tally.items()}
+        timings["write"] = time.perf_counter() - started
+        conflicts = Conflicts(policy=settings.conflicts, pairs=cross_pairs,
+                              rows_removed=sum(row["rows"] for row in total["by_language_reason"]
+                                               if row["reason"] == "conflict"))
+        return self.outcome(ctx, total, {"conflicts": conflicts}, Shards(**written_shards), embeddings, timings,
+                            incomplete=False)
 
     def describe(self, result: StageResult[DedupReport]) -> str:
         model = cards.shown(self.settings.model)

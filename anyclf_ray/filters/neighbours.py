@@ -80,29 +80,37 @@ def near_pairs(
     member_order = np.argsort(member_centroid, kind="stable")
     member_bounds = np.searchsorted(member_centroid[member_order], np.arange(k + 1))
 
-    found_left, found_right, found_sim = [], [], []
+    found = []
     for c in range(k):
         home = home_order[home_bounds[c] : home_bounds[c + 1]]
         members = member_rows[member_order[member_bounds[c] : member_bounds[c + 1]]]
-        if len(home) == 0 or len(members) < 2:
-            continue
-        member_vectors = x[members]
-        for start in range(0, len(home), block_rows):
-            rows = home[start : start + block_rows]
-            sims = x[rows] @ member_vectors.T
-            i, j = np.nonzero(sims >= threshold)
-            left, right = rows[i], members[j]
-            distinct = left != right
-            found_left.append(np.minimum(left, right)[distinct])
-            found_right.append(np.maximum(left, right)[distinct])
-            # Rounding can put a vector's similarity to its copy a hair above 1.
-            found_sim.append(np.minimum(sims[i, j][distinct], 1.0))
-    if not found_left:
+        if len(home) and len(members) > 1:
+            found.append(partition_pairs(home, x[home], members, x[members], threshold, block_rows))
+    if not found:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-    left, right, sim = np.concatenate(found_left), np.concatenate(found_right), np.concatenate(found_sim)
+    left, right, sim = (np.concatenate(column) for column in zip(*found))
     # A pair seen from both rows' partitions is reported once.
     _, first = np.unique(left.astype(np.int64) * n + right, return_index=True)
     return left[first].astype(np.int64), right[first].astype(np.int64), sim[first].astype(np.float32)
+
+
+def partition_pairs(home: np.ndarray, home_vectors: np.ndarray, members: np.ndarray, member_vectors: np.ndarray,
+                    threshold: float, block_rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One partition's pairs: each ``home`` row (its keys, and its vectors) against every
+    member, ``block_rows`` home rows at a time; ``(left, right, similarity)`` with ``left < right``
+    by key (any keys that order: row indices, or ids), a row never paired with itself."""
+    found_left, found_right, found_sim = [], [], []
+    for start in range(0, len(home), block_rows):
+        rows = home[start : start + block_rows]
+        sims = home_vectors[start : start + block_rows] @ member_vectors.T
+        i, j = np.nonzero(sims >= threshold)
+        left, right = rows[i], members[j]
+        distinct, first = left != right, left < right
+        found_left.append(np.where(first, left, right)[distinct])
+        found_right.append(np.where(first, right, left)[distinct])
+        # Rounding can put a vector's similarity to its copy a hair above 1.
+        found_sim.append(np.minimum(sims[i, j][distinct], 1.0).astype(np.float32))
+    return np.concatenate(found_left), np.concatenate(found_right), np.concatenate(found_sim)
 
 
 def greedy_keepers(
