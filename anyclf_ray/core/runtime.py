@@ -22,6 +22,10 @@ Placement = TypeVar("Placement", bound=ActorPlacement)
 
 log = logging.getLogger(__name__)
 
+# Ray Data steps that only move bytes (making requests, writing, joining verdicts): a small CPU
+# share keeps them schedulable next to busy engines.
+TASK_CPUS = 0.25
+
 
 def connect(address: str | None = None, verbose: bool = False) -> None:
     """Join the cluster at ``address`` (or the one ``ray start`` left on this machine), else

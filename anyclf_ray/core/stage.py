@@ -27,15 +27,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 from pydantic import BaseModel
 
-from anyclf_ray.core import results
+from anyclf_ray.core import results, runtime
 from anyclf_ray.core.config import ConfigError, JobSpec, decisive, digest
+from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.results import (
     CountTable,
     EmbeddingsRef,
@@ -292,6 +297,24 @@ class Decision:
     incomplete: bool = False
 
 
+def split_block(batch: pa.Table, location: RunLocation, folder: str, sides: dict[str, pa.Schema],
+                tally: Callable[[pa.Table, pa.Table, pa.Table], dict]) -> dict[str, list]:
+    """Ray Data function: a block of rows joined with their verdicts, written as a kept
+    (``data``) and a ``removed`` shard of the ``sides``' schemas (an empty one left out); their
+    paths and the block's ``tally`` (JSON)."""
+    removed_mask = pc.is_valid(batch["reason"])
+    ids = batch["id"].to_pylist()
+    name = f"part-{stable_id(len(ids), min(ids), max(ids))}.parquet"
+    tables = {"data": batch.filter(pc.invert(removed_mask)), "removed": batch.filter(removed_mask)}
+    written = {}
+    for side, schema in sides.items():
+        table = tables[side] = tables[side].select(schema.names).cast(schema)
+        written[side] = [f"{folder}/{side}/{name}" if table.num_rows else ""]
+        if table.num_rows:
+            location.write_table(written[side][0], table)
+    return {**written, "tally": [json.dumps(tally(batch, tables["data"], tables["removed"]))]}
+
+
 class FilterStage(Stage[F, Checked]):
     """A stage that keeps or removes rows of its input; subclasses define ``decide`` and ``reasons``."""
 
@@ -364,6 +387,34 @@ class FilterStage(Stage[F, Checked]):
         assert decision is not None
         return self.outcome(ctx, total, decision.fields, Shards(**written), decision.embeddings, dict(timings),
                             incomplete)
+
+    def split(self, ctx: Context, shards: list[str], verdicts: ray.data.Dataset, audit: list[pa.Field],
+              kept_audit: tuple[str, ...] = (), partitions: int = 1) -> tuple[Shards, dict[str, CountTable]]:
+        """The input ``shards`` split on the cluster by ``verdicts`` (``id``, ``reason``: null for a
+        kept row, and the ``audit`` columns; rows without one are kept): a Ray Data join on ``id``
+        in ``partitions`` hash partitions, then each block written as a kept shard (the input's
+        columns and ``kept_audit``) and a removed one (the input's and every ``audit`` column).
+        The shards written and the ``tally`` tables added up; the driver holds neither rows nor
+        verdicts."""
+        location = ctx.location
+        schema = location.read_footer(shards[0]).schema.to_arrow_schema().remove_metadata()
+        sides = {"data": pa.schema([*schema, *(f for f in audit if f.name in kept_audit)]),
+                 "removed": pa.schema([*schema, *audit])}
+        rows = ray.data.read_parquet([location.path(shard) for shard in shards], filesystem=location.fs)
+        split = rows.join(verdicts, "left_outer", partitions, on=("id",)).repartition(
+            target_num_rows_per_block=self.spec.output.rows_per_shard).map_batches(
+            functools.partial(split_block, location=location, folder=self.folder, sides=sides, tally=self.tally),
+            batch_size=None, batch_format="pyarrow", num_cpus=runtime.TASK_CPUS).take_all()
+        written = {}
+        for side, side_schema in sides.items():
+            written[side] = sorted(row[side] for row in split if row[side])
+            if not written[side]:  # every folder gets a shard: its schema
+                written[side] = location.write_shards(self.data_path(side), side_schema.empty_table(), 1)
+        total: dict[str, CountTable] = {}
+        for row in split:
+            tally = json.loads(row["tally"])
+            total = {name: results.added(total.get(name, []), table) for name, table in tally.items()}
+        return Shards(**written), total
 
     def tally(self, rows: pa.Table, kept: pa.Table, removed: pa.Table) -> dict[str, CountTable]:
         """The counts a filter's report is made of, of one piece of its input (``rows``) and what

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import hashlib
 import itertools
-import json
 import logging
 import math
 import time
@@ -46,10 +45,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray.core import cards, embed, results, runtime
+from anyclf_ray.core import cards, embed, runtime
 from anyclf_ray.core.config import DedupSpec, JobSpec
 from anyclf_ray.core.ids import stable_id
-from anyclf_ray.core.results import Conflicts, DedupReport, EmbeddingsRef, Shards, StageResult
+from anyclf_ray.core.results import Conflicts, DedupReport, EmbeddingsRef, StageResult
 from anyclf_ray.core.stage import Context, FilterStage, Input, Outcome
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import normalise
@@ -223,8 +222,6 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
 BUCKET_ROWS = 200_000
 # Partition search tasks per CPU of the cluster: enough to even out partitions of unequal size.
 SEARCH_TASKS_PER_CPU = 4
-# What a light Ray Data step (a join's follow-up, a write) asks of a CPU.
-TASK_CPUS = 0.25
 # The embeddings of representatives in a sample file: each language's k-means sample.
 SAMPLE = "sample"
 PAIR_SCHEMA = pa.schema([("language", pa.string()), ("left", pa.string()), ("right", pa.string()),
@@ -397,26 +394,6 @@ def copy_fates(batch: pa.Table) -> pa.Table:
                      pc.if_else(kept, pa.scalar(1.0, pa.float32()), batch["rep_similarity"])], schema=FATE_SCHEMA)
 
 
-def split_block(batch: pa.Table, location: RunLocation, folder: str, schema: pa.Schema,
-                tally: Callable[[pa.Table, pa.Table, pa.Table], dict]) -> dict[str, list]:
-    """Ray Data function: a block of rows joined with their fates, written as a kept and a
-    removed shard (the empty one left out); their paths and the block's ``tally`` (JSON)."""
-    removed_mask = pc.is_valid(batch["reason"])
-    rows = batch.select(schema.names).cast(schema)
-    kept = rows.filter(pc.invert(removed_mask))
-    removed = batch.filter(removed_mask).select([*schema.names, *(f.name for f in AUDIT_FIELDS)])
-    removed = removed.cast(pa.schema([*schema, *AUDIT_FIELDS]))
-    ids = rows["id"].to_pylist()
-    name = f"part-{stable_id(len(ids), min(ids), max(ids))}.parquet"
-    written = {}
-    for side, table in (("data", kept), ("removed", removed)):
-        written[side] = f"{folder}/{side}/{name}" if table.num_rows else ""
-        if table.num_rows:
-            location.write_table(written[side], table)
-    return {**{side: [path] for side, path in written.items()},
-            "tally": [json.dumps(tally(rows, kept, removed.select([*schema.names, "reason"])))]}
-
-
 class Dedup(FilterStage[DedupReport, None]):
     """The dedup stage on the stage contract: ``decide`` above, with embeddings kept for reuse."""
 
@@ -465,7 +442,7 @@ class Dedup(FilterStage[DedupReport, None]):
                                   sample_folder=self.data_path(SAMPLE), model=settings.model, rates=rates,
                                   seed=settings.seed)
         written = embedded.map_batches(write, batch_size=spec.output.rows_per_shard, batch_format="numpy",
-                                       num_cpus=TASK_CPUS).take_all()
+                                       num_cpus=runtime.TASK_CPUS).take_all()
         embedding_shards = sorted(row["path"] for row in written)
         dim = location.read_footer(embedding_shards[0]).schema.to_arrow_schema().field("embedding").type.list_size
         embeddings = EmbeddingsRef(model=settings.model, rows=sum(row["rows"] for row in written), dim=dim,
@@ -490,27 +467,13 @@ class Dedup(FilterStage[DedupReport, None]):
         fates = ray.data.from_arrow_refs(list(fate_refs))
         rep_fates = fates.rename_columns({name: f"rep_{name}" for name in FATE_SCHEMA.names})
         copies = ray.data.from_arrow_refs(list(copy_refs)).join(rep_fates, "left_outer", buckets, on=("rep_id",))
-        verdicts = fates.union(copies.map_batches(copy_fates, batch_format="pyarrow", num_cpus=TASK_CPUS))
-        schema = location.read_footer(shards[0]).schema.to_arrow_schema().remove_metadata()
-        rows = ray.data.read_parquet([location.path(shard) for shard in shards], filesystem=location.fs)
-        split = rows.join(verdicts, "left_outer", buckets, on=("id",)).repartition(
-            target_num_rows_per_block=spec.output.rows_per_shard).map_batches(
-            functools.partial(split_block, location=location, folder=self.folder, schema=schema, tally=self.tally),
-            batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS).take_all()
-        written_shards = {}
-        for side, side_schema in (("data", schema), ("removed", pa.schema([*schema, *AUDIT_FIELDS]))):
-            written_shards[side] = sorted(row[side] for row in split if row[side])
-            if not written_shards[side]:  # every folder gets a shard: its schema
-                written_shards[side] = location.write_shards(self.data_path(side), side_schema.empty_table(), 1)
-        total: dict = {}
-        for row in split:
-            tally = json.loads(row["tally"])
-            total = {name: results.added(total.get(name, []), table) for name, table in tally.items()}
+        verdicts = fates.union(copies.map_batches(copy_fates, batch_format="pyarrow", num_cpus=runtime.TASK_CPUS))
+        shards_written, total = self.split(ctx, shards, verdicts, AUDIT_FIELDS, partitions=buckets)
         timings["write"] = time.perf_counter() - started
         conflicts = Conflicts(policy=settings.conflicts, pairs=cross_pairs,
                               rows_removed=sum(row["rows"] for row in total["by_language_reason"]
                                                if row["reason"] == "conflict"))
-        return self.outcome(ctx, total, {"conflicts": conflicts}, Shards(**written_shards), embeddings, timings,
+        return self.outcome(ctx, total, {"conflicts": conflicts}, shards_written, embeddings, timings,
                             incomplete=False)
 
     def describe(self, result: StageResult[DedupReport]) -> str:

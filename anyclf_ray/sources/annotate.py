@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from anyclf_ray.core import cards, results, storage, tables
+from anyclf_ray.core import cards, results, runtime, storage, tables
 from anyclf_ray.core.config import AnnotateSpec, JobSpec, decisive, digest
 from anyclf_ray.core.ids import stable_id
 from anyclf_ray.core.loading import ConfigError
@@ -253,7 +253,7 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         if self.settings.max_rows is not None:
             texts = texts.limit(self.settings.max_rows)
         questions = texts.map_batches(functools.partial(questions_of, spec=spec, committed=ray.put(committed)),
-                                      batch_format="pyarrow", num_cpus=parts.TASK_CPUS)
+                                      batch_format="pyarrow", num_cpus=runtime.TASK_CPUS)
         # A map task's output batches are merged into one block until its input block is done,
         # and an answered block is written only then: a corpus read as one block (one file) would
         # commit nothing until the pass ends. Blocks of one part's questions commit as they go.

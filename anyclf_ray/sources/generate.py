@@ -117,7 +117,7 @@ def run(spec: JobSpec, tree_table: pa.Table, location: RunLocation, pool: Engine
     leaves_per_block = max(1, leaves.num_rows * per_part // total)
     requests = runtime.blocks_dataset(leaves, leaves_per_block, pool.engine.replicas).map_batches(
         functools.partial(pending_requests, spec=spec, committed=ray.put(committed)),
-        batch_size=None, batch_format="pyarrow", num_cpus=parts.TASK_CPUS,
+        batch_size=None, batch_format="pyarrow", num_cpus=runtime.TASK_CPUS,
     )
     sink = parts.PartSink(location, "", functools.partial(examples_from, model_name=spec.model.name,
                                                           labels=scheme(spec)), per_part)

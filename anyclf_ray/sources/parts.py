@@ -26,7 +26,7 @@ from pydantic import ConfigDict
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from anyclf_ray.core import results, storage
+from anyclf_ray.core import results, runtime, storage
 from anyclf_ray.core.ids import STABLE_ID, stable_id
 from anyclf_ray.core.progress import Progress
 from anyclf_ray.core.results import Usage
@@ -53,9 +53,6 @@ FAILURE_SCHEMA = pa.schema(
     ]
 )
 PART_METADATA_KEY = "anyclf_ray.part"
-# Request-making and write tasks only move bytes; a small CPU share keeps them schedulable next
-# to busy engines.
-TASK_CPUS = 0.25
 
 
 class Part(results.Model):
@@ -140,7 +137,7 @@ def commit_pass(pool: EnginePool, name: str, requests: ray.data.Dataset, sink: P
     marked failed if the pass fails); the parts written and the S3 calls their writes retried."""
     answers = pool.answer(requests, name, batch_size=sink.requests_per_part, total=total)
     try:
-        pool.run_pass(name, lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS}),
+        pool.run_pass(name, lambda: answers.write_datasink(sink, ray_remote_args={"num_cpus": runtime.TASK_CPUS}),
                       report=progress, interval=interval)
     except BaseException:
         progress.finish("failed")
