@@ -20,10 +20,10 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, free_port, tiny_raw, write_spec
+from conftest import REPO, free_port, read_parts, tiny_raw, write_generated, write_spec
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from anyclf_ray.core import results
+from anyclf_ray.core import loading, results
 from anyclf_ray.core.results import DedupReport, GenerationReport, PassCounts
 from anyclf_ray.sources import plan
 
@@ -97,12 +97,14 @@ def start_worker_node(cluster: dict, **resources: float) -> psutil.Process:
     return raylet
 
 
-def submit(cluster: dict, spec_file: Path, job: str = "jobs/pipeline.py", wait: bool = False):
-    """``ray job submit`` of ``job`` on ``spec_file``: its id, or with ``wait`` its finished CLI run."""
+def submit(cluster: dict, spec_file: Path, job: str = "jobs/pipeline.py", wait: bool = False, command: str = ""):
+    """``ray job submit`` of ``job`` (a script, or ``-m`` to run the CLI's ``command``) on
+    ``spec_file``: its id, or with ``wait`` its finished CLI run."""
     job_id = f"anyclf-test-{uuid.uuid4().hex[:8]}"
+    entry = ["-m", "anyclf_ray.cli", command] if job == "-m" else [job]
     done = ray_cli("job", "submit", "--address", cluster["dashboard"], "--submission-id", job_id,
                    *([] if wait else ["--no-wait"]), "--working-dir", ".", "--",
-                   "python", job, "--config", str(spec_file), "--set", "sampling.seed=3", timeout=900)
+                   "python", *entry, "--config", str(spec_file), "--set", "sampling.seed=3", timeout=900)
     assert wait or done.returncode == 0, done.stderr
     return done if wait else job_id
 
@@ -209,6 +211,32 @@ def test_a_killed_driver_is_resubmitted_and_asks_only_for_the_missing_requests(c
     assert manifest.settings["sampling"]["seed"] == 3  # the --set override reached the job
     dedup = committed(run / "dedup" / "manifest.json", DedupReport)
     assert dedup.status == "complete" and dedup.rows.input == 320 and not (run / "train").exists()
+
+
+def test_dedup_searches_on_both_nodes_and_keeps_what_one_node_keeps(cluster, tmp_path):
+    """`anyclf-ray dedup` submitted to a two-node cluster, on test_dedup's planted rows with 7
+    k-means partitions: its partition search tasks ran on both nodes (Ray's state API), and it
+    kept and removed exactly what the one-node run of test_dedup does."""
+    from ray.util.state import list_tasks
+    from test_dedup import KEPT_WHEN_DROPPING, REMOVED_WHEN_DROPPING, ROWS
+
+    start_worker_node(cluster)
+    # 13 English representatives in partitions of 2; probes cover them all (a complete search).
+    raw = tiny_raw(tmp_path / "out", "spread", dedup={"partition_size": 2, "probes": 8})
+    raw["sampling"]["seed"] = 3  # as submit() sets it: the input written is the job's
+    location = write_generated(loading.parse(raw), ROWS)
+    job = submit(cluster, write_spec(tmp_path / "spec.yaml", raw), "-m", command="dedup")
+    jobs = JobSubmissionClient(cluster["dashboard"])
+    wait_for(lambda: jobs.get_job_status(job).is_terminal(), "the job to end")
+    assert jobs.get_job_status(job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
+
+    tasks = list_tasks(address=cluster["dashboard"], limit=1000, filters=[
+        ("job_id", "=", jobs.get_job_info(job).job_id), ("func_or_class_name", "=", "search_partitions")])
+    assert len(tasks) == 7 and all(task.state == "FINISHED" for task in tasks)
+    assert len({task.node_id for task in tasks}) == 2
+    kept, removed = read_parts(location, "dedup/data"), read_parts(location, "dedup/removed")
+    assert set(kept["id"].to_pylist()) == KEPT_WHEN_DROPPING
+    assert {r["id"]: (r["reason"], r["kept_id"], r["matched_id"]) for r in removed.to_pylist()} == REMOVED_WHEN_DROPPING
 
 
 def test_bad_spec_fails_the_submitted_job_early(cluster, tmp_path):

