@@ -117,10 +117,8 @@ def write_generated(spec, rows: list[tuple], parts: int = 2):
     multi-label spec, the label is a list of label ids."""
     import pyarrow as pa
 
-    from anyclf_ray.core.results import GenerationReport, StageResult
     from anyclf_ray.core.storage import RunLocation
     from anyclf_ray.labels.scheme import scheme
-    from anyclf_ray.sources.generate import Generate
 
     labels = scheme(spec)
     location = RunLocation(spec.output, spec.resolved_run_id())
@@ -134,15 +132,21 @@ def write_generated(spec, rows: list[tuple], parts: int = 2):
     shards = [f"data/part-{p}.parquet" for p in range(parts)]
     for p, shard in enumerate(reversed(shards)):  # the shard order must not matter
         location.write_table(shard, table.slice(p * size, size))
-    stage = Generate(spec)
+    commit_generated(spec, location, shards, table.num_rows)
+    return location
+
+
+def commit_generated(spec, location, shards: list[str], rows: int) -> None:
+    """Commit ``shards`` (``rows`` in all, written) as ``spec``'s finished generation."""
+    from anyclf_ray.core.results import GenerationReport, StageResult
+    from anyclf_ray.sources.generate import Generate
+
     report = {"sizes": spec.sizes(), "versions": {}, "plan": {}, "languages": [], "failures": {}, "llm": {},
-              "engine": {}, "rows": {"expected": table.num_rows, "written": table.num_rows, "missing": 0},
-              "counts": {"by_label": []}}
-    stage.commit(location, StageResult[GenerationReport].model_validate({
+              "engine": {}, "rows": {"expected": rows, "written": rows, "missing": 0}, "counts": {"by_label": []}}
+    Generate(spec).commit(location, StageResult[GenerationReport].model_validate({
         "run_id": location.run_id, "stage": "generate", "finished_at": "2026-01-01T00:00:00+00:00",
         "fingerprint": spec.fingerprint(), "inputs": [], "settings": {}, "output": location.uri(),
-        "rows": {"output": table.num_rows}, "shards": {"data": shards}, "report": report}))
-    return location
+        "rows": {"output": rows}, "shards": {"data": shards}, "report": report}))
 
 
 def write_spec(path: Path, raw: dict) -> Path:
