@@ -407,10 +407,11 @@ class DiversitySpec(ActorPlacement, StageSpec):
 
     model: Annotated[str | None, DECIDES, Field(description="The embedder of the pairwise cosine and the 2-D map; "
                                                              "null: dedup.model.")] = None
-    sample_rows: Annotated[int, DECIDES, Field(gt=1, description="Rows per label embedded for the pairwise cosine "
-                                                                 "and the 2-D map.")] = 2000
+    sample_rows: Annotated[int, DECIDES, Field(gt=1, description="Rows per label sampled (those of smallest hash "
+                                                                 "of seed and id) for distinct-n, the compression "
+                                                                 "ratio, the pairwise cosine and the 2-D map.")] = 2000
     batch_size: int = Field(128, gt=0, description="Texts per embedding batch.")
-    seed: Annotated[int, DECIDES, Field(description="Seed of the sample.")] = 0
+    seed: Annotated[int, DECIDES, Field(description="Seed of the sample's hash.")] = 0
 
     _loadable = field_validator("model")(_optional_embedder)
 
