@@ -18,10 +18,11 @@ joined in pairs, one row in ten a small edit of another (a near-duplicate) and o
 exact copy under either label, in parts of 20,000 rows as generation commits them. Then each
 filter (language check, label check, dedup, diversity report) runs alone on it in a fresh
 process, on an embedded Ray: seconds and the driver's peak RSS, and its peak above the
-imports. The embedder of the label check, dedup and the report is a stand-in: a random-weight
-one-layer BERT (64 dimensions, MiniLM's tokenizer) built offline, because all-MiniLM-L6-v2
-takes about 17 hours for 10M texts on 2 cores; every code path but the model's arithmetic is
-the one a real embedder takes.
+imports. The embedder of the label check, dedup and the report is a stand-in built offline,
+because all-MiniLM-L6-v2
+takes about 17 hours for 10M texts on 2 cores: random static token embeddings, averaged (a
+sentence-transformers ``StaticEmbedding``). Every code path but the model's arithmetic is the
+one a real embedder takes.
 """
 
 from __future__ import annotations
@@ -118,22 +119,20 @@ def print_runs(args: argparse.Namespace) -> None:
 
 
 def stand_in_embedder(folder: Path) -> str:
-    """A random-weight one-layer BERT (64 dimensions) with MiniLM's tokenizer and mean pooling,
-    saved as a sentence-transformers folder: the embedder of the ``filters`` runs."""
+    """Random static token embeddings (128 dimensions, MiniLM's tokenizer) averaged over a text's
+    tokens, saved as a sentence-transformers folder: the embedder of the ``filters`` runs. Texts
+    that share most tokens score near 1 and unrelated ones near 0, as with a trained embedder (a
+    random transformer would put every pair above the threshold)."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from transformers import AutoTokenizer
 
     from anyclf_ray.core.models import resolve_embedder
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_embedder("builtin:all-minilm-l6-v2"))
-    body = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=128, max_position_embeddings=128))
-    body.save_pretrained(folder / "body")
-    tokenizer.save_pretrained(folder / "body")
-    transformer = models.Transformer(str(folder / "body"), max_seq_length=64)
-    model = SentenceTransformer(modules=[transformer, models.Pooling(64, "mean")])
+    model = SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=128)])
     model.save(str(folder / "embedder"))
     return str(folder / "embedder")
 
@@ -196,8 +195,8 @@ def print_filters(args: argparse.Namespace) -> None:
                 spec = loading.parse(alone)
                 done = subprocess.run([sys.executable, "-c", FILTER_CHILD, spec.model_dump_json(), name],
                                       capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(done.stderr[-3000:])
+                if done.returncode or not done.stdout.strip():
+                    raise SystemExit(f"{name} at {rows:,} rows failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
                 found = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"{rows:>10,} {name:>15} {found['seconds']:>8.1f} {found['seconds'] / rows * 1e6:>7.1f} "
                       f"{found['rows']['output']:>10,} {found['peak'] / 1024:>5.0f} MiB "
