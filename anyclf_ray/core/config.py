@@ -364,8 +364,13 @@ class LabelCheckSpec(ActorPlacement, StageSpec):
     margin: Annotated[float, DECIDES, Field(
         ge=0, lt=2, description="similarity: how much nearer its own label's description a row must be than any "
                                 "other's (cosine).")] = 0.0
+    # SAMPLE_PER_LABEL_NOTE
+    sample_per_label: Annotated[int, DECIDES, Field(
+        ge=2, description="crossfit fits its folds on at most this many rows of each label, drawn by a hash of the "
+                          "row id with seed; every other row is scored by the head of its fold (a hash of its id), "
+                          "which never saw it.")] = 1000
     batch_size: int = Field(128, gt=0, description="Texts per embedding batch.")
-    seed: Annotated[int, DECIDES, Field(description="Seed of crossfit's folds.")] = 0
+    seed: Annotated[int, DECIDES, Field(description="Seed of crossfit's sample and folds.")] = 0
     judge: Annotated[JudgeSpec, DECIDES, Field(description="How the llm method's judgement is read.")] = JudgeSpec()
 
     @field_validator("methods")
