@@ -202,14 +202,23 @@ def test_below_the_sample_limit_the_cluster_gives_the_in_process_verdicts(tmp_pa
 @pytest.mark.slow
 def test_a_bounded_sample_scores_every_row_out_of_sample(tmp_path, local_ray):
     found, cluster, reference, fields = on_the_cluster(tmp_path, "sampled", BIGGER, sample_per_label=8)
-    assert cluster == reference and found.report.methods == fields["methods"]
+    assert found.report.methods == fields["methods"]
+    # A row outside the sample is scored in its block, not with every row of its fold: the
+    # same probability to a float32 step, and every other column the same.
+    for folder in ("data", "removed"):
+        probabilities = [[row.pop("own_probability") for row in found_rows]
+                         for found_rows in (cluster[folder], reference[folder])]
+        assert cluster[folder] == reference[folder]
+        assert probabilities[0] == pytest.approx(probabilities[1], rel=1e-6)
     crossfit = found.report.methods["crossfit"]
     assert (crossfit.checked, crossfit.sampled, crossfit.folds) == (100, 16, 5)
     rows = cluster["data"] + cluster["removed"]
-    assert len(rows) == 100 == found.rows.input and found.rows.output == len(cluster["data"])
-    assert all(0 <= row["own_probability"] <= 1 for row in rows)
-    assert {row["id"] for row in rows if "crossfit" in row["label_check_failed"]} == FLIPPED_IDS
-    assert found.report.removed.by_reason["low_own_probability"] == 4
+    assert len(rows) == 100 == found.rows.input and found.rows.output == len(cluster["data"]) == 92
+    assert all(0 <= p <= 1 for p in probabilities[0])  # every row judged: no NaN
+    # Heads fitted on 16 rows fail the four flipped rows and four clean ones.
+    failed = {row["id"] for row in rows if "crossfit" in row["label_check_failed"]}
+    assert failed == FLIPPED_IDS | {"neg46", "pos04", "pos09", "pos10"}
+    assert found.report.removed.by_reason["low_own_probability"] == 8 == crossfit.failed
 
 
 def test_the_sample_is_the_lowest_hashes_of_each_label_drawn_part_by_part():

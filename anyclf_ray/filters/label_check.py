@@ -25,10 +25,18 @@ and the row is then not failed by it) and ``judge_confidence``, ``own_probabilit
   In a multi-label run it is asked one yes/no question per label; any difference from the row's
   set fails it. A judgement less sure than ``judge.min_confidence`` abstains: the row is
   removed as ``low_confidence`` (kept, with ``action: flag``).
-- ``crossfit``: k-fold logistic regression over the rows' embeddings; a row fails when its
-  out-of-fold probability of its own label is below the threshold (no LLM time).
+- ``crossfit``: k-fold logistic regression over the embeddings of a sample of at most
+  ``sample_per_label`` rows a label (``sampled``: by a hash of the id), weighed back to the
+  labels' shares; a row fails when its probability of its own label is below the threshold, out
+  of sample either way: out-of-fold for a sample row, by the head of its fold (a hash of its id)
+  for any other (no LLM time). Below the limit the sample is every row: k-fold over all of them.
 - ``similarity``: a row fails unless its embedding is nearer its own label's description than
   every other label's, by ``margin`` (no LLM time, no training).
+
+Without the llm method the check runs on the cluster (``LabelCheck.execute``; the steps are
+below), the driver holding counts, the sample's ids and the heads; ``check`` is the same
+arithmetic in one process, which the stage uses with the llm method (``decide``: the rows are read
+on the driver) and tests and benchmarks compare with.
 """
 
 from __future__ import annotations
