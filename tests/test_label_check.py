@@ -3,7 +3,8 @@
 The embedder is the real all-MiniLM-L6-v2 on Ray actors; the llm method's engine is a fake
 judge behind the engine seam (it reads the text and answers by cue words), so which rows each
 method fails is known. The llm method on real vLLM runs in test_generate.py (tiny model) and
-test_models.py (SmolLM2).
+test_models.py (SmolLM2). A check by crossfit and similarity alone runs on the cluster; its
+verdicts are compared with the in-process ``label_check.check`` on the same embeddings.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import ray
 from conftest import OptionJudge, read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
-from anyclf_ray.core import config, loading
+from anyclf_ray.core import config, embed, loading, runtime
+from anyclf_ray.core.ids import hash64
 from anyclf_ray.core.results import Relabelled
 from anyclf_ray.filters import label_check
 from anyclf_ray.llm import engine
@@ -148,6 +150,108 @@ def test_dedup_and_the_report_read_what_the_check_kept(checked):
     fingerprints = [pipeline.chain(pipeline.stages(s))[0] for s in (spec, other)]
     assert fingerprints[0]["train"] == fingerprints[1]["train"]
     assert fingerprints[0]["diversity"] != fingerprints[1]["diversity"]
+
+
+# -- crossfit and similarity on the cluster -----------------------------------------------------
+
+# More of the same: 12 things, 48 rows a label, and the four flipped rows.
+MORE_THINGS = [*THINGS, "album", "car", "chair", "game", "show", "camera"]
+BIGGER = [
+    (f"{label}{i:02d}", label, "en", template.format(thing), f"topic {i % 3}")
+    for label, templates in (("pos", POSITIVE), ("neg", NEGATIVE))
+    for i, (template, thing) in enumerate((t, x) for t in templates for x in MORE_THINGS)
+] + FLIPPED
+
+
+def on_the_cluster(output, run_id: str, rows: list[tuple], **fields) -> tuple:
+    """The stage's check by crossfit and similarity of ``rows``, and the in-process reference
+    (``label_check.check``) on the input and the embeddings the stage wrote: both kept and removed
+    rows, by id, and both report fields."""
+    spec = check_spec(output, run_id, methods=["crossfit", "similarity"], **fields)
+    location = write_generated(spec, rows)
+    found = pipeline.run(spec, only="label_check")["label_check"]
+    stored = read_parts(location, "label_check/embeddings")
+    by_id = dict(zip(stored["id"].to_pylist(), np.stack(stored["embedding"].to_numpy(zero_copy_only=False))))
+    settings = spec.label_check
+    placement = runtime.resolve_placement(settings, "label_check")
+    by_text = {row[3]: by_id[row[0]] for row in rows}
+
+    def stored_vectors(texts: list[str]) -> np.ndarray:  # the rows' stored vectors, then the descriptions'
+        descs = embed.embed(texts[len(rows):], settings.model or spec.train.base_model, placement, settings.batch_size)
+        return np.concatenate([np.stack([by_text[text] for text in texts[: len(rows)]]), descs])
+
+    kept, removed, fields, _ = label_check.check(spec, read_parts(location).sort_by("id"), None, stored_vectors)
+    cluster = {folder: read_parts(location, f"label_check/{folder}").sort_by("id").to_pylist()
+               for folder in ("data", "removed")}
+    return found, cluster, {"data": kept.to_pylist(), "removed": removed.to_pylist()}, fields
+
+
+@pytest.mark.slow
+def test_below_the_sample_limit_the_cluster_gives_the_in_process_verdicts(tmp_path, local_ray):
+    found, cluster, reference, fields = on_the_cluster(tmp_path, "below", CLEAN + FLIPPED)
+    assert cluster == reference  # every column of every row, probabilities included
+    assert found.report.methods == fields["methods"] and found.report.flagged == fields["flagged"]
+    crossfit = found.report.methods["crossfit"]
+    assert (crossfit.checked, crossfit.sampled, crossfit.folds, crossfit.failed_by_label) == (
+        52, 52, 5, {"neg": 2, "pos": 2})
+    assert {row["id"] for row in cluster["removed"] if "crossfit" in row["label_check_failed"]} == FLIPPED_IDS
+    assert len(cluster["data"]) + len(cluster["removed"]) == 52 == found.rows.input
+    assert found.embeddings.rows == 52 and found.status == "complete"
+
+
+@pytest.mark.slow
+def test_a_bounded_sample_scores_every_row_out_of_sample(tmp_path, local_ray):
+    found, cluster, reference, fields = on_the_cluster(tmp_path, "sampled", BIGGER, sample_per_label=8)
+    assert found.report.methods == fields["methods"]
+    # A row outside the sample is scored in its block, not with every row of its fold: the
+    # same probability to a float32 step, and every other column the same.
+    for folder in ("data", "removed"):
+        probabilities = [[row.pop("own_probability") for row in found_rows]
+                         for found_rows in (cluster[folder], reference[folder])]
+        assert cluster[folder] == reference[folder]
+        assert probabilities[0] == pytest.approx(probabilities[1], rel=1e-6)
+    crossfit = found.report.methods["crossfit"]
+    assert (crossfit.checked, crossfit.sampled, crossfit.folds) == (100, 16, 5)
+    rows = cluster["data"] + cluster["removed"]
+    assert len(rows) == 100 == found.rows.input and found.rows.output == len(cluster["data"]) == 92
+    assert all(0 <= p <= 1 for p in probabilities[0])  # every row judged: no NaN
+    # Heads fitted on 16 rows fail the four flipped rows and four clean ones.
+    failed = {row["id"] for row in rows if "crossfit" in row["label_check_failed"]}
+    assert failed == FLIPPED_IDS | {"neg46", "pos04", "pos09", "pos10"}
+    assert found.report.removed.by_reason["low_own_probability"] == 8 == crossfit.failed
+
+
+def test_the_sample_is_the_lowest_hashes_of_each_label_drawn_part_by_part():
+    ids = [row[0] for row in BIGGER]
+    keys = [row[1] for row in BIGGER]
+    chosen = label_check.sampled(ids, keys, 8, seed=3)
+    rank = hash64(ids, "label-check-sample-3")
+    expected = {i for label in ("neg", "pos")
+                for _, i in sorted((r, i) for r, i, k in zip(rank, ids, keys) if k == label)[:8]}
+    assert {i for i, c in zip(ids, chosen) if c} == expected and chosen.sum() == 16
+    assert (label_check.sampled(ids, keys, 8, seed=3) == chosen).all()  # the same in another run
+    parts = [(ids[:37], keys[:37]), (ids[37:], keys[37:])]  # as the stage draws it: the sample of samples
+    pooled = [(i, k) for part_ids, part_keys in parts
+              for i, k, c in zip(part_ids, part_keys, label_check.sampled(part_ids, part_keys, 8, 3)) if c]
+    again = label_check.sampled([i for i, _ in pooled], [k for _, k in pooled], 8, 3)
+    assert {i for (i, _), c in zip(pooled, again) if c} == expected
+    assert label_check.sampled(ids, keys, 100, 3).all()  # a label below the limit: every row
+
+
+def test_rows_outside_the_sample_are_scored_by_the_head_of_their_fold():
+    rng = np.random.default_rng(0)
+    vectors = np.concatenate([rng.normal(-1, 0.3, (30, 4)), rng.normal(1, 0.3, (30, 4))])
+    y = np.array([0] * 30 + [1] * 30)
+    ids = [f"r{i:02d}" for i in range(60)]
+    chosen = label_check.sampled(ids, [str(c) for c in y], 10, seed=0)
+    held_out, heads = label_check.own_probabilities(vectors[chosen], y[chosen], folds=5, seed=0)
+    sample = dict(zip(np.asarray(ids, object)[chosen], held_out))
+    probability = label_check.own_label_probabilities(heads, sample, ids, vectors, y, seed=0)
+    fold = label_check.folds_of(ids, 5, seed=0)
+    for i in np.flatnonzero(~chosen):
+        own = heads[fold[i]].predict_proba(vectors[i : i + 1])[0, y[i]]
+        assert probability[i] == pytest.approx(own, rel=1e-12)
+    assert (probability[chosen] == held_out).all() and (probability > 0.5).all()
 
 
 def judged(spec: config.JobSpec, rows: list[tuple], judge) -> tuple:
@@ -366,9 +470,9 @@ def test_out_of_fold_probabilities_flag_a_planted_outlier():
     vectors = np.concatenate([rng.normal(-1, 0.3, (20, 4)), rng.normal(1, 0.3, (20, 4))])
     y = np.array([0] * 20 + [1] * 20)
     y[3] = 1  # a class-0 point labelled 1
-    probability, folds = label_check.own_probabilities(vectors, y, folds=5, seed=0)
-    assert folds == 5 and probability[3] < 0.5 and (np.delete(probability, 3) > 0.5).all()
-    assert label_check.own_probabilities(vectors, np.array([0] * 39 + [1]), folds=5, seed=0)[1] == 0  # 1 row: skipped
+    probability, heads = label_check.own_probabilities(vectors, y, folds=5, seed=0)
+    assert len(heads) == 5 and probability[3] < 0.5 and (np.delete(probability, 3) > 0.5).all()
+    assert label_check.own_probabilities(vectors, np.array([0] * 39 + [1]), folds=5, seed=0)[1] == []  # 1 row: skipped
 
 
 def test_nearest_labels_and_margins():

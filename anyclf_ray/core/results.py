@@ -298,8 +298,11 @@ class MethodReport(Model):
     calibration: list[str] | None = None
     prior: dict[str, float] | None = None
     abstained: int | None = None
+    # crossfit: its folds, its threshold, and the rows its heads were fitted on (at most
+    # label_check.sample_per_label a label; the others are scored by the head of their fold).
     folds: int | None = None
     threshold: float | None = None
+    sampled: int | None = None
     skipped: str | None = None
     margin: float | None = None
 

@@ -47,7 +47,7 @@ import ray
 
 from anyclf_ray.core import cards, embed, runtime
 from anyclf_ray.core.config import DedupSpec, JobSpec
-from anyclf_ray.core.ids import stable_id
+from anyclf_ray.core.ids import hash64, stable_id
 from anyclf_ray.core.results import Conflicts, DedupReport, EmbeddingsRef, StageResult
 from anyclf_ray.core.stage import Context, FilterStage, Input, Outcome
 from anyclf_ray.core.storage import RunLocation
@@ -239,12 +239,6 @@ def _returns(tables: list[pa.Table]) -> pa.Table | tuple[pa.Table, ...]:
     return tables[0] if len(tables) == 1 else tuple(tables)
 
 
-def _hash64(values: list[str], salt: str = "") -> np.ndarray:
-    """A 64-bit hash of each value (uint64), the same on every machine."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}\x1f{v}".encode(), digest_size=8).digest(), "big")
-                     for v in values], np.uint64)
-
-
 @ray.remote
 def scatter_rows(location: RunLocation, shard: str, key_column: str, buckets: int) -> pa.Table | tuple[pa.Table, ...]:
     """One input shard's ``id, text, language, label`` and ``text_key`` (a 128-bit hash of the
@@ -299,7 +293,7 @@ def write_embedded(batch: dict[str, np.ndarray], location: RunLocation, folder: 
     name = f"part-{stable_id(len(ids), min(ids), max(ids))}.parquet"
     location.write_table(f"{folder}/{name}", table)
     rate = np.array([rates[language] for language in table["language"].to_pylist()])
-    chosen = _hash64(ids, f"sample-{seed}") < rate * float(2**64)
+    chosen = hash64(ids, f"sample-{seed}") < rate * float(2**64)
     location.write_table(f"{sample_folder}/{name}", table.filter(pa.array(chosen)))
     return {"path": [f"{folder}/{name}"], "rows": [len(ids)]}
 
@@ -333,7 +327,7 @@ def scatter_to_partitions(location: RunLocation, shard: str, probes: int, groups
         empty = table.schema.append(pa.field("partition", pa.int32())).append(pa.field("home", pa.bool_()))
         return _returns([empty.empty_table() for _ in range(groups)])
     placed = pa.concat_tables(pieces)
-    salt = _hash64(placed["language"].to_pylist())
+    salt = hash64(placed["language"].to_pylist())
     group = (salt + placed["partition"].to_numpy().astype(np.uint64)) % np.uint64(groups)
     return _returns([placed.filter(pa.array(group == g)) for g in range(groups)])
 
