@@ -20,7 +20,7 @@ import pytest
 from conftest import read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
-from anyclf_ray.core import config, embed, loading, runtime
+from anyclf_ray.core import config, loading
 from anyclf_ray.core.results import Conflicts
 from anyclf_ray.filters import dedup, neighbours
 from anyclf_ray.filters.dedup import Dedup
@@ -178,8 +178,12 @@ def test_the_cluster_keeps_the_ids_the_rules_keep_in_one_process(tmp_path, monke
     found = pipeline.run(spec, only="dedup")["dedup"]
 
     table = read_parts(location, "data").sort_by("id")
-    placement = runtime.resolve_placement(spec.dedup, "dedup")
-    reference = dedup.decide(table, lambda texts: embed.embed(texts, spec.dedup.model, placement, 32), spec)
+    # The stage's own vectors of its representatives (the same texts ``decide`` embeds).
+    embedded = read_parts(location, "dedup/embeddings")
+    text_of = dict(zip(table["id"].to_pylist(), table["text"].to_pylist()))
+    vectors = {text_of[i]: v for i, v in zip(embedded["id"].to_pylist(),
+                                             embedded["embedding"].to_numpy(zero_copy_only=False))}
+    reference = dedup.decide(table, lambda texts: np.stack([vectors[text] for text in texts]), spec)
     kept, removed = read_parts(location, "dedup/data"), read_parts(location, "dedup/removed")
     assert sorted(kept["id"].to_pylist()) == sorted(reference["kept"]["id"].to_pylist())
     audit = ["id", "reason", "kept_id", "matched_id"]
@@ -194,26 +198,21 @@ def test_the_cluster_keeps_the_ids_the_rules_keep_in_one_process(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_an_embedding_worker_killed_mid_dedup_is_replaced_with_the_same_result(tmp_path, local_ray):
+def test_an_embedding_worker_killed_mid_dedup_is_replaced_with_the_same_result(dropped, tmp_path):
     """The embedding actor's process killed -9 while it works: Ray Data starts another and asks
-    it again, and the stage keeps and removes exactly what an undisturbed run keeps."""
-    rows = planted_sms()
-    runs, found = {}, {}
-    for run_id in ("calm", "killed"):
-        spec = loading.parse(tiny_raw(tmp_path / "runs", run_id, languages=["en"]))
-        runs[run_id] = write_generated(spec, rows, parts=3)
-        if run_id == "killed":
-            killed: list[int] = []
-            killer = threading.Thread(target=kill_first_embedder, args=(killed,))
-            killer.start()
-        found[run_id] = pipeline.run(spec, only="dedup")["dedup"]
+    it again, and the stage keeps and removes exactly what the undisturbed run keeps."""
+    _, location, calm = dropped
+    spec = spec_for(tmp_path, "killed")
+    again = write_generated(spec, ROWS)
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_first_embedder, args=(killed,))
+    killer.start()
+    found = pipeline.run(spec, only="dedup")["dedup"]
     killer.join()
-    assert killed, "no embedding worker was seen to kill"
-    assert not psutil.pid_exists(killed[0])
-    assert found["killed"].complete and found["killed"].report == found["calm"].report
-    assert found["killed"].embeddings.rows == found["calm"].embeddings.rows
+    assert killed and not psutil.pid_exists(killed[0]), "no embedding worker was seen to kill"
+    assert found.complete and found.report == calm.report and found.embeddings.rows == calm.embeddings.rows
     for folder in ("dedup/data", "dedup/removed"):
-        assert read_parts(runs["killed"], folder).sort_by("id").equals(read_parts(runs["calm"], folder).sort_by("id"))
+        assert read_parts(again, folder).sort_by("id").equals(read_parts(location, folder).sort_by("id"))
 
 
 def kill_first_embedder(killed: list[int], timeout: float = 120) -> None:
@@ -328,3 +327,11 @@ def test_greedy_keepers_leave_no_found_pair_among_kept_rows():
     removed = np.flatnonzero(~kept)
     assert len(removed) > 100 and kept[kept_by[removed]].all() and (kept_by[removed] < removed).all()
     assert (similarity[removed] >= 0.9).all() and (kept_by[kept] == -1).all()
+
+
+def test_an_embedder_that_finds_every_pair_near_is_refused_not_run_out_of_memory():
+    """Vectors all alike (a degenerate embedder): the search stops with the field to change
+    instead of holding n² pairs."""
+    x = np.ones((200, 8), np.float32) / np.sqrt(8)
+    with pytest.raises(ValueError, match=r"dedup.threshold: 19,900 pairs at or above 0.92 among 200 rows"):
+        neighbours.near_pairs(x, 0.92, partition_size=500, block_rows=50)

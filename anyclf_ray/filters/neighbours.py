@@ -24,6 +24,10 @@ import math
 import numpy as np
 
 KMEANS_ITERATIONS = 10
+# Near pairs a partition may hold per member before the search stops: real near-duplicates come
+# in small groups, while an embedder that scores almost every pair above the threshold (a
+# threshold too low for it, or a degenerate model) would fill memory with n² pairs.
+MAX_PAIRS_PER_ROW = 50
 SAMPLE_PER_CENTROID = 128
 ASSIGN_CHUNK = 16_384
 
@@ -98,7 +102,8 @@ def partition_pairs(home: np.ndarray, home_vectors: np.ndarray, members: np.ndar
                     threshold: float, block_rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One partition's pairs: each ``home`` row (its keys, and its vectors) against every
     member, ``block_rows`` home rows at a time; ``(left, right, similarity)`` with ``left < right``
-    by key (any keys that order: row indices, or ids), a row never paired with itself."""
+    by key (any keys that order: row indices, or ids), a row never paired with itself.
+    ValueError (naming ``dedup.threshold``) past ``MAX_PAIRS_PER_ROW`` pairs a member."""
     found_left, found_right, found_sim = [], [], []
     for start in range(0, len(home), block_rows):
         rows = home[start : start + block_rows]
@@ -110,6 +115,11 @@ def partition_pairs(home: np.ndarray, home_vectors: np.ndarray, members: np.ndar
         found_right.append(np.where(first, right, left)[distinct])
         # Rounding can put a vector's similarity to its copy a hair above 1.
         found_sim.append(np.minimum(sims[i, j][distinct], 1.0).astype(np.float32))
+        pairs = sum(len(found) for found in found_left)
+        if pairs > MAX_PAIRS_PER_ROW * len(members):
+            raise ValueError(f"dedup.threshold: {pairs:,} pairs at or above {threshold} among {len(members):,} rows "
+                             "of one partition; the embedder finds nearly every pair a near-duplicate: raise "
+                             "dedup.threshold, or choose another dedup.model")
     return np.concatenate(found_left), np.concatenate(found_right), np.concatenate(found_sim)
 
 
