@@ -4,6 +4,7 @@ line, and, on the fake engine, a run whose round is killed mid-pass and resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -129,7 +130,7 @@ def test_rounds_stop_on_min_gain_and_max_rounds(tmp_path):
 @pytest.mark.parametrize(("rounds", "message"), [
     ({"max_rounds": 0}, r"^rounds.max_rounds: "),
     ({"rows_per_round": 0}, r"^rounds.rows_per_round: "),
-    ({"min_gain": -1}, r"^rounds.min_gain: "),
+    ({"min_gain": -2}, r"^rounds.min_gain: "),
     ({"metric": "f1"}, r"^rounds.metric: "),
     ({"leak_similarity": 0}, r"^rounds.leak_similarity: "),
     ({"dev_set": {"path": "x.csv", "colour": 1}}, r"^rounds.dev_set.colour: "),
@@ -195,17 +196,18 @@ class RoundEngine(FakeEngine):
             if "<example>\n" in prompt.text and not prompt.options:
                 example = prompt.text.split("<example>\n")[1].split("\n</example>")[0]
                 items = [{"text": f"{example} Indeed {n}."} for n in range(prompt.schema["minItems"])]
-                out[i] = out[i]._replace(text=json.dumps(items))
+                out[i] = dataclasses.replace(out[i], text=json.dumps(items))
         return out
 
 
 @pytest.mark.slow
 def test_a_round_killed_mid_pass_resumes_and_writes_every_row_once(tmp_path, local_ray):
-    spec = loading.parse(tiny_raw(
-        tmp_path, "rounds", languages=["en"], output={"commit_rows": 4},
-        train={"num_iterations": 0, "test_size": 0.5},
-        rounds={"enabled": True, "rows_per_round": 24, "max_rounds": 2, "min_gain": 1.0,
-                "dev_set": {"path": dev_file(tmp_path)}}))
+    raw = tiny_raw(tmp_path, "rounds", languages=["en"], dedup={"enabled": False},
+                   train={"num_iterations": 0, "test_size": 0.5},
+                   rounds={"enabled": True, "rows_per_round": 24, "max_rounds": 2, "min_gain": 1.0,
+                           "dev_set": {"path": dev_file(tmp_path)}})
+    raw["output"]["commit_rows"] = 4  # a part every 2 requests
+    spec = loading.parse(raw)
     with pytest.raises(Exception, match="the round dies here"):
         pipeline.run(spec, engine_factory=functools.partial(RoundEngine, die_at=4))
     location = RunLocation(spec.output, "rounds")
@@ -233,3 +235,17 @@ def test_a_round_killed_mid_pass_resumes_and_writes_every_row_once(tmp_path, loc
     assert "**Round 0**" in card and "**Round 1**" in card and "Round 1 added 24 rows" in card
     held = stages.held_out_rows(location, found["train"].shards.data or found["dev_leak"].shards.data, 0.5)
     assert all(train.draws([row_id])[0] < 0.5 for row_id in held["id"].to_pylist())
+
+
+def test_plan_reports_the_upper_bound_of_all_rounds(tmp_path):
+    from anyclf_ray.sources import estimate
+
+    spec = loading.parse(tiny_raw(tmp_path, "r", languages=["en"], label_check={"enabled": True, "methods": ["llm"]},
+                                  rounds={"enabled": True, "rows_per_round": 25, "max_rounds": 3,
+                                          "dev_set": {"path": dev_file(tmp_path)}}))
+    found = estimate.estimate(spec)
+    bound = found["rounds"]
+    assert bound["rows"] == 75 and bound["generate_requests"] == 3 * 13  # 2 rows a request
+    assert bound["tokens"]["out_budget"] == 39 * spec.sampling.max_tokens and bound["tokens"]["in"] > 0
+    assert bound["label_check_requests"] == (48 + 25) + (48 + 50) + (48 + 75)  # every row judged again each round
+    assert "rounds (at most 3)" in estimate.table(found)
