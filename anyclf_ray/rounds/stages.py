@@ -217,9 +217,9 @@ class Targeted(SourceStage[TargetedReport, None]):
     def execute(self, ctx: Context, upstream: Input | None, checked: None) -> Outcome[TargetedReport]:
         spec, location, labels = self.spec, ctx.location, scheme(self.spec)
         requests = targeted.requests(spec, location.read_table(spots_file(self.round - 1)), self.round)
-        planned = set(requests["request_id"].to_pylist())
+        planned = parts.request_ids(requests)
         found = parts.committed(location, self.folder)
-        if any(not set(part.request_ids.tolist()) <= planned for part in found.values()):
+        if any(not np.isin(part.request_ids, planned).all() for part in found.values()):
             log.info("%s: committed parts of other requests (other settings); starting the round again", self.name)
             location.delete(self.folder)
             found = {}
