@@ -41,6 +41,7 @@ ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else embedded)"
 COMMANDS = {
     "generate": ("generate a synthetic labelled dataset (tree, then examples)", "generate"),
     "annotate": ("label the texts of the annotate section with the LLM's calibrated judgement", "annotate"),
+    "dev-leak": ("remove rows that copy a text of rounds.dev_set (rounds with a dev set)", "dev_leak"),
     "language-check": ("remove rows not written in the language they were asked in", "language_check"),
     "label-check": ("remove (or flag) rows whose text does not say what their label says", "label_check"),
     "dedup": ("remove exact and near-duplicate rows of what the last stage kept", "dedup"),

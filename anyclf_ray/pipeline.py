@@ -10,8 +10,12 @@ from its input's. Before Ray starts, the output is checked writable, every enabl
 ``check`` runs (whichever stage a command runs, so a bad section fails in a second, not after
 the LLM has run) and every LLM pass's longest prompt is checked against the model's context; an
 endpoint (``engine.kind: openai``) that a stage to run will ask is probed.
-Stages whose output for their fingerprint is committed are skipped. The LLM replicas start once,
-when the first LLM pass needs them, serve every later pass, and are released after the last
+Stages whose output for their fingerprint is committed are skipped.
+With ``rounds`` on, the rounds' stages follow (``round_stages``): each round measures the model
+before it, generates for its weak spots (a source read with every earlier source) and reruns
+the filters and training; the rounds stop at ``max_rounds`` or once the metric gains less than
+``min_gain`` (``rounds.stages.stop``). Each round's fingerprints are chained from the round before.
+The LLM replicas start once, when the first LLM pass needs them, serve every later pass, and are released after the last
 stage that uses them, before training takes the cores. After each stage, the dataset card is
 written, then the stage's manifest (last: it marks the stage done).
 """
@@ -23,7 +27,7 @@ import logging
 from anyclf_ray.core import cards, runtime
 from anyclf_ray.core.config import JobSpec
 from anyclf_ray.core.loading import ConfigError
-from anyclf_ray.core.results import StageResult
+from anyclf_ray.core.results import StageResult, WeakSpotsReport
 from anyclf_ray.core.stage import Context, Input, Stage, input_fingerprint
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.filters.dedup import Dedup
@@ -33,6 +37,8 @@ from anyclf_ray.labels.scheme import scheme
 from anyclf_ray.llm import budgets, endpoint
 from anyclf_ray.llm.pool import EnginePool, endpoint_factory, vllm_factory
 from anyclf_ray.reports.diversity import Diversity
+from anyclf_ray.rounds import stages as rounds
+from anyclf_ray.rounds.leak import DevLeak
 from anyclf_ray.sources.annotate import Annotate
 from anyclf_ray.sources.generate import Generate
 from anyclf_ray.training.train import Train
@@ -41,21 +47,42 @@ log = logging.getLogger(__name__)
 
 # Every stage in run order, sources first; the spec enables them. A new stage is one module and
 # one entry here.
-STAGES: list[type[Stage]] = [Generate, Annotate, LanguageCheck, LabelCheck, Dedup, Diversity, Train]
+STAGES: list[type[Stage]] = [Generate, Annotate, DevLeak, LanguageCheck, LabelCheck, Dedup, Diversity, Train]
+
+
+def round_stages(spec: JobSpec) -> list[type[Stage]]:
+    """The rounds' stages in order (none with rounds off): round 0's measure, then per round its
+    targeted source, every enabled filter, training and its measure."""
+    if not spec.rounds.enabled:
+        return []
+    filters = [cls for cls in STAGES if cls.enabled(spec) and not cls.source and not cls.report_only
+               and cls is not Train]
+    found: list[type[Stage]] = [rounds.WeakSpots.in_round(0)]
+    for k in range(1, spec.rounds.max_rounds + 1):
+        found += [rounds.Targeted.in_round(k), *(cls.in_round(k) for cls in filters), Train.in_round(k),
+                  rounds.WeakSpots.in_round(k)]
+    return found
 
 
 def stages(spec: JobSpec) -> list[Stage]:
-    return [cls(spec) for cls in STAGES if cls.enabled(spec)]
+    return [cls(spec) for cls in STAGES if cls.enabled(spec)] + [cls(spec) for cls in round_stages(spec)]
 
 
 def chain(plan: list[Stage]) -> tuple[dict[str, str], dict[str, list[Stage]]]:
-    """Each stage's fingerprint and inputs: every source for the first stage after them, then
-    the last stage before it that is not a report."""
+    """Each stage's fingerprint and inputs: every source so far for the first stage after them
+    (a later round's source reads the stage before it, its round's measure), then the last stage
+    before it that is not a report."""
     fingerprints: dict[str, str] = {}
     inputs: dict[str, list[Stage]] = {}
-    rows_of: list[Stage] = [stage for stage in plan if stage.source]
+    sources: list[Stage] = []
+    rows_of: list[Stage] = [stage for stage in plan if stage.source and not stage.round]
     for stage in plan:
-        inputs[stage.name] = [] if stage.source else list(rows_of)
+        if stage.source:
+            inputs[stage.name] = list(rows_of) if stage.round else []
+            sources.append(stage)
+            rows_of = list(sources) if stage.round else rows_of
+        else:
+            inputs[stage.name] = list(rows_of)
         upstream = input_fingerprint([fingerprints[source.name] for source in inputs[stage.name]])
         fingerprints[stage.name] = stage.fingerprint(upstream)
         if not stage.source and not stage.report_only:
@@ -128,12 +155,21 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
     finished = [(stage, result) for stage in plan[:first] if (result := done[stage.name])]
     ctx = Context(spec, location, lambda: start_engines(spec, engine_factory), retry_failures=retry_failures,
                   finished=[result for _, result in finished])
-    last_llm = max((i for i, stage in enumerate(plan) if stage.uses_llm and not done[stage.name]), default=-1)
+    # Per round: the engines are released after its last LLM stage (before training takes the
+    # cores) and started again by the next round's generation.
+    last_llm = {k: max((i for i, stage in enumerate(plan) if stage.round == k and stage.uses_llm
+                        and not done[stage.name]), default=-1) for k in {stage.round for stage in plan}}
     found_by_name: dict[str, StageResult] = {}
     log.info("run %s at %s", location.run_id, location.uri())  # every check passed; the stages name folders in it
     try:
         for stage in targets:
             result = done[stage.name]
+            if stage.source and stage.round and only is None:
+                reason = rounds.stop(spec.rounds, [found.report for found in ctx.finished
+                                                   if isinstance(found.report, WeakSpotsReport)])
+                if reason:
+                    log.info("rounds: no round %d: %s", stage.round, reason)
+                    break
             if result:
                 log.info("%s: already %s for this input and these settings%s; skipped", stage.name,
                          "finished" if result.complete else "finished, incomplete",
@@ -147,7 +183,7 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
                 location.write_bytes("README.md", card.encode())
                 stage.commit(location, result)
                 done[stage.name] = result
-            if plan.index(stage) >= last_llm:
+            if plan.index(stage) >= last_llm[stage.round]:
                 ctx.close_engines()  # free the engines' cores for the stages after the last LLM pass
             ctx.finished.append(result)
             finished.append((stage, result))

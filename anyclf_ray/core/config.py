@@ -492,6 +492,30 @@ class TrainSpec(StageSpec):
     _loadable = field_validator("base_model")(_embedder)
 
 
+class RoundsSpec(StageSpec):
+    """Error-driven rounds (``rounds/``): after training, the classifier's weak spots (held-out
+    confusions per label pair, error and margin per leaf, a real dev set's errors) drive a round
+    of targeted generation; the filters and training rerun on all rows, until the metric stops
+    improving by ``min_gain`` or ``max_rounds`` rounds have run."""
+
+    enabled: bool = Field(False, description="Run rounds of targeted generation after the first training.")
+    # Not deciding: raising it continues a finished run with more rounds; its rounds are kept.
+    max_rounds: int = Field(3, ge=1, le=20, description="Rounds after the first training, at most.")
+    rows_per_round: Annotated[int, DECIDES, Field(
+        gt=0, description="Rows each round asks the LLM for, shared among its weak spots.")] = 200
+    dev_set: Annotated[EvalSetSpec | None, DECIDES, Field(
+        description="A small real labelled set (read like train.eval_set): its errors drive generation and "
+                    "its metric the stopping; never trained on.")] = None
+    min_gain: float = Field(0.005, ge=-1, description="Stop when the metric (on the dev set, else on the first "
+                                                        "round's held-out rows) improves by less than this; -1: "
+                                                        "run every round.")
+    metric: Literal["macro_f1", "accuracy", "weighted_f1"] = Field(
+        "macro_f1", description="The metric rounds are compared by.")
+    leak_similarity: Annotated[float, DECIDES, Field(
+        gt=0, le=1, description="Rows whose character 5-gram Jaccard similarity to a dev text reaches this are "
+                                "removed as dev_leak (exact copies always).")] = 0.6
+
+
 LABEL_SET_SEPARATOR = "|"
 # Label sets a multi-label run may enumerate at most (20 labels with 1-3 each are 1,350).
 MAX_LABEL_SETS = 1_000_000
@@ -640,6 +664,7 @@ class JobSpec(_Strict):
     train: TrainSpec = Field(TrainSpec(), description="SetFit training and evaluation.")
     annotate: AnnotateSpec = Field(AnnotateSpec(), description="Label the user's own texts with the LLM.")
     multi_label: MultiLabelSpec = Field(MultiLabelSpec(), description="Rows that carry label sets.")
+    rounds: RoundsSpec = Field(RoundsSpec(), description="Error-driven rounds of targeted generation.")
     run_id: str | None = Field(None, description="Names the run's folder; default: run-<digest of the spec>.")
     tree_path: Annotated[str | None, DECIDES, Field(
         description="A tree Parquet (possibly edited by hand) to generate from instead of expanding a new one.")
@@ -783,6 +808,13 @@ class JobSpec(_Strict):
             if len(self.labels) > MAX_OPTIONS and not self.multi_label.enabled:
                 raise ValueError(f"annotate.enabled: a judgement letters its options A to Z, and there are "
                                  f"{len(self.labels)} labels; annotate with at most {MAX_OPTIONS}")
+        if self.rounds.enabled:
+            if not self.train.enabled:
+                raise ValueError("rounds.enabled: rounds are driven by the trained classifier's errors; set "
+                                 "train.enabled: true or rounds.enabled: false")
+            if self.multi_label.enabled:
+                raise ValueError("rounds.enabled: rounds measure one label a row; a multi-label run cannot use "
+                                 "them (set rounds.enabled: false)")
         multi = self.multi_label
         if multi.enabled and self.train.enabled and not multi.none_share and multi.min_labels == len(self.labels):
             raise ValueError("multi_label.min_labels: every row would carry every label, so no label has negatives "

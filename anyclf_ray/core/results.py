@@ -380,6 +380,59 @@ class TrainReport(Model):
     metrics: dict[str, Any]
 
 
+class WeakSpotsReport(Model):
+    """A round's measure (``rounds/stages.py``): its model's metrics on the first round's held-out
+    rows and on the dev set, and its weak spots (``rounds/<k>/weak_spots.parquet``) in brief."""
+
+    round: int
+    model: str
+    file: str
+    # The metric rounds are compared by (``rounds.metric``), where it was measured (``dev_set``,
+    # else ``held_out``), its value and its gain over the round before (None in round 0).
+    metric: str
+    measured_on: str
+    value: float
+    gain: float | None = None
+    held_out: dict[str, Any]
+    dev_set: dict[str, Any] | None = None
+    spots: dict[str, Any]
+
+
+class SpotRows(Model):
+    """Rows a round asked for and wrote for one weak spot."""
+
+    kind: str
+    rank: int
+    label: str
+    predicted: str | None = None
+    topic: str | None = None
+    subtopic: str | None = None
+    planned: int
+    written: int
+
+
+class TargetedReport(Model):
+    """A round's targeted generation (``rounds/targeted.py``)."""
+
+    round: int
+    rows: PlannedRows
+    counts: Counts
+    by_kind: dict[str, int]
+    spots: list[SpotRows]
+    failures: Failures
+    llm: Usage
+    engine: EngineFigures
+
+
+class LeakReport(FilterReport):
+    """The dev-leak guard (``rounds/leak.py``): the dev texts held against, and rows removed as
+    exact or near copies."""
+
+    dev_texts: int
+    exact: int
+    near: int
+
+
 # -- the result of any stage --------------------------------------------------------------------
 
 ReportT = TypeVar("ReportT", bound=Model)

@@ -56,6 +56,8 @@ from anyclf_ray.core.results import (
 from anyclf_ray.core.storage import STAGING, RunLocation
 
 R = TypeVar("R", bound=results.Model)
+# Where the error-driven rounds write: ``rounds/<k>/`` for round k.
+ROUNDS_FOLDER = "rounds"
 F = TypeVar("F", bound=FilterReport)
 Checked = TypeVar("Checked")
 
@@ -161,8 +163,26 @@ class Stage(Generic[R, Checked]):
     # A report reads its input and writes figures only: the next stage reads the same input,
     # and its fingerprint is not chained from the report's (a report setting redoes no work).
     report_only: ClassVar[bool] = False
+    # The error-driven round the stage runs in (``rounds/``): 0 for the run's first pass; a later
+    # round's stage is named and writes under ``rounds/<k>/`` (``in_round``).
+    round: ClassVar[int] = 0
+
     def __init__(self, spec: JobSpec):
         self.spec = spec
+
+    @classmethod
+    def in_round(cls, k: int) -> type[Stage]:
+        """This stage as it runs in round ``k``: named ``rounds/<k>/<name>`` (so its folder is
+        that too), with its own dataset-card config."""
+        config = f"{cls.card_config}_round_{k}" if cls.card_config else None
+        return type(f"{cls.__name__}Round{k}", (cls,), {"name": f"{ROUNDS_FOLDER}/{k}/{cls.name}", "round": k,
+                                                       "card_config": config, "__module__": cls.__module__})
+
+    @property
+    def prefix(self) -> str:
+        """What this stage's fixed paths (a model, its evaluation) start with: ``rounds/<k>/``
+        in a later round, nothing in the first."""
+        return f"{ROUNDS_FOLDER}/{self.round}/" if self.round else ""
 
     @classmethod
     def enabled(cls, spec: JobSpec) -> bool:

@@ -161,3 +161,35 @@ PAIR_PRIOR = (
     "How often does a real text express both {first} and {second}?\n{options}\n\n"
     "Answer with the letter of one option."
 )
+
+
+# Error-driven rounds (``rounds/targeted.py``): a weak leaf asked again, harder; a confused pair
+# (texts of {label} the classifier took for {other}); a misclassified real dev text's manner.
+TARGETED_LEAF = (
+    "I am building document classifier to {instruction} with labels {labels}. "
+    "I would like to collect samples for the label: {label}. A classifier often gets texts of this kind "
+    "wrong.\n\n"
+    "<instruction>\n"
+    "- Generate realistic examples that clearly carry label {label}, including ones harder than the usual.\n"
+) + _EXAMPLE_RULES
+
+TARGETED_CONFUSION = (
+    "I am building document classifier to {instruction} with labels {labels}. "
+    "A classifier took texts of the label: {label} for {other} when they were about this topic.\n\n"
+    "<instruction>\n"
+    "- Generate realistic examples that clearly carry label {label}, not {other}, while they share the topic "
+    "that made the classifier say {other}.\n"
+) + _EXAMPLE_RULES
+
+TARGETED_DEV = (
+    "I am building document classifier to {instruction} with labels {labels}. "
+    "A classifier took this real text of the label: {label} for {other}:\n"
+    "<example>\n{example}\n</example>\n\n"
+    "<instruction>\n"
+    "- Generate {n} new example in the manner of the one above (its kind of source, length and style), each "
+    "clearly carrying label {label}.\n"
+    "- Do not copy the example or any of its sentences.\n"
+    "- {language_rule}\n"
+    '- Output JSON array. Each item contains key "text"\n'
+    "</instruction>"
+)

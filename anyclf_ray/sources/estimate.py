@@ -144,6 +144,13 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None,
         # Unknown (null) until the run reads a CSV or JSONL corpus: the total leaves it out.
         found["requests"] = {**requests, "annotate": found["annotate"]["questions"],
                              "total": sum(requests.values()) + (found["annotate"]["questions"] or 0)}
+    if spec.rounds.enabled:  # the most every round together asks (they may stop sooner)
+        from anyclf_ray.rounds import targeted
+        from anyclf_ray.training.evaluate import load_eval_set
+
+        dev = spec.rounds.dev_set
+        texts = load_eval_set(dev, scheme(spec), "rounds.dev_set").texts if dev else []
+        found["rounds"] = targeted.bound(spec, found["rows"]["total"], texts)
     if tokens_per_second:
         replicas = spec.engine.replicas
         found["time"] = {
@@ -184,6 +191,13 @@ def _sections(found: dict) -> list[tuple[str, list[tuple[str, Any]]]]:
         sections.append(("annotate", [(key.replace("_", " "), annotating[key]) for key in
                                       ("texts", "questions", "prompt_tokens", "answer_tokens", "hours_at_rate")
                                       if key in annotating]))
+    if "rounds" in found:
+        bound = found["rounds"]
+        sections.append((f"rounds (at most {bound['max_rounds']})", [
+            ("rows", bound["rows"]), ("generation requests", bound["generate_requests"]),
+            ("prompt tokens", bound["tokens"]["in"]), ("answer budget", bound["tokens"]["out_budget"]),
+            *((("label check judgements", bound["label_check_requests"]),) if "label_check_requests" in bound
+              else ())]))
     sections.append(("checks", [(f"{section} {key}", ", ".join(value) if isinstance(value, list) else value)
                                 for section, settings in found["checks"].items() for key, value in settings.items()]))
     return sections

@@ -34,20 +34,20 @@ class EvalSet:
     skipped: dict[str, int]
 
 
-def load_eval_set(settings: EvalSetSpec, labels: LabelScheme) -> EvalSet:
+def load_eval_set(settings: EvalSetSpec, labels: LabelScheme, field: str = "train.eval_set") -> EvalSet:
     """The real set at ``settings.path`` (``tables.read``), its label values as job label ids
     through ``label_map``; rows without a text or a label are skipped and counted. ConfigError
-    naming the field to fix."""
+    naming the field to fix (under ``field``: ``rounds.dev_set`` reads its set the same way)."""
     wanted = [("text_column", settings.text_column), ("label_column", settings.label_column)]
     if settings.language_column:
         wanted.append(("language_column", settings.language_column))
     other = [settings.language_column] if settings.language_column else []
-    table, features = tables.read(settings.path, "train.eval_set.path", [settings.text_column],
+    table, features = tables.read(settings.path, f"{field}.path", [settings.text_column],
                                   [settings.label_column, *other])
-    for field, column in wanted:
+    for name, column in wanted:
         if column not in table.column_names:
             raise ConfigError(
-                f"train.eval_set.{field}: {settings.path} has no column {column!r}; it has {table.column_names}"
+                f"{field}.{name}: {settings.path} has no column {column!r}; it has {table.column_names}"
             )
     texts = tables.text_values(table, settings.text_column)
     raw_labels = labels.eval_labels(tables.label_values(table, settings.label_column, features), settings)
@@ -61,11 +61,11 @@ def load_eval_set(settings: EvalSetSpec, labels: LabelScheme) -> EvalSet:
                       if label not in labels.position})
     if unknown:
         raise ConfigError(
-            f"train.eval_set.label_map: value {unknown[0]!r} of {settings.label_column!r} maps to no job label; "
+            f"{field}.label_map: value {unknown[0]!r} of {settings.label_column!r} maps to no job label; "
             f"map it to one of {labels.ids}"
         )
     if not any(keep):
-        raise ConfigError(f"train.eval_set.path: {settings.path} has no row with both a text and a label")
+        raise ConfigError(f"{field}.path: {settings.path} has no row with both a text and a label")
     return EvalSet(
         texts=[text for text, kept in zip(texts, keep) if text is not None and kept],
         labels=[labels.key_of(found) for found in mapped],

@@ -409,9 +409,10 @@ def evaluate_model(spec: JobSpec, held_out: dict[str, ray.data.Dataset], real: e
             for split in found}, thresholds
 
 
-def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None) -> list[str]:
-    """Write the model in SetFit's format to ``model/`` (local or S3), with a multi-label
-    model's thresholds by label; return the files."""
+def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None,
+         target: str = MODEL_FOLDER) -> list[str]:
+    """Write the model in SetFit's format to ``target`` (``model/``; local or S3), with a
+    multi-label model's thresholds by label; return the files."""
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         (Path(folder) / "README.md").write_text(card)
@@ -420,8 +421,8 @@ def save(location: RunLocation, model, card: str, thresholds: np.ndarray | None)
             (Path(folder) / THRESHOLDS_FILE).write_text(json.dumps(by_label, indent=2))
         files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
         for path in files:
-            location.write_bytes(f"{MODEL_FOLDER}/{path.relative_to(folder)}", path.read_bytes())
-    return [f"{MODEL_FOLDER}/{p.relative_to(folder)}" for p in files]
+            location.write_bytes(f"{target}/{path.relative_to(folder)}", path.read_bytes())
+    return [f"{target}/{p.relative_to(folder)}" for p in files]
 
 
 class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
@@ -430,7 +431,10 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
     name = "train"
     section = "train"
     report_type = TrainReport
-    clears = (MODEL_FOLDER, "eval", "train")
+
+    @property
+    def clears(self) -> tuple[str, ...]:
+        return f"{self.prefix}{MODEL_FOLDER}", f"{self.prefix}eval", self.folder
 
     @property
     def settings(self) -> TrainSpec:
@@ -466,8 +470,8 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
         if real and "eval_set" in evaluation:  # rows without a text or a label were skipped, not scored
             evaluation["eval_set"]["skipped"] = real.skipped
         for name, figures in evaluation.items():
-            location.write_bytes(f"eval/{labels.figure}-{name}.png", labels.split_png(figures, name))
-        location.write_json("eval/metrics.json", evaluation)
+            location.write_bytes(f"{self.prefix}eval/{labels.figure}-{name}.png", labels.split_png(figures, name))
+        location.write_json(f"{self.prefix}eval/metrics.json", evaluation)
         headlines = {f"{split}{f' ({origin})' if origin else ''}": {"rows": m["rows"], **labels.headline(m)}
                      for split, figures in evaluation.items()
                      for origin, m in [(None, figures), *figures.get("by_origin", {}).items()]}
@@ -479,13 +483,14 @@ class Train(Stage[TrainReport, "evaluate.EvalSet | None"]):
                            held_out_rows=evaluation.get("held_out", {}).get("rows", 0),
                            eval_set_rows=len(real.texts) if real else 0,
                            eval_set_skipped=real.skipped if real else None),
-            files=save(location, result["model"], card, thresholds),
+            files=save(location, result["model"], card, thresholds, f"{self.prefix}{MODEL_FOLDER}"),
             figures=result["figures"], metrics=evaluation)
         return Outcome(report=report, rows=Rows(input=total, output=train_rows.num_rows),
-                       output=location.uri(MODEL_FOLDER), timings=result["timings"])
+                       output=location.uri(f"{self.prefix}{MODEL_FOLDER}"), timings=result["timings"])
 
     def describe(self, result: StageResult[TrainReport]) -> str:
         labels = scheme(self.spec)
         scores = ", ".join(f"{split} " + " ".join(f"{key} {value:.3f}" for key, value in labels.headline(m).items())
                            for split, m in result.report.metrics.items())
-        return f"trained on {result.report.data.train_rows} rows: {MODEL_FOLDER}/ ({scores or 'no evaluation rows'})"
+        return (f"trained on {result.report.data.train_rows} rows: {self.prefix}{MODEL_FOLDER}/ "
+                f"({scores or 'no evaluation rows'})")
