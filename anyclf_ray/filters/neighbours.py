@@ -24,10 +24,11 @@ import math
 import numpy as np
 
 KMEANS_ITERATIONS = 10
-# Near pairs a partition may hold per member before the search stops: real near-duplicates come
-# in small groups, while an embedder that scores almost every pair above the threshold (a
-# threshold too low for it, or a degenerate model) would fill memory with n² pairs.
-MAX_PAIRS_PER_ROW = 50
+# Near pairs one partition's search may hold (about 2 GB once written as id records) before it
+# stops: an embedder that scores almost every pair above the threshold (a threshold too low for
+# it, or a degenerate model) would otherwise fill memory with n² pairs, and Ray would retry the
+# task it kills without end.
+MAX_PARTITION_PAIRS = 20_000_000
 SAMPLE_PER_CENTROID = 128
 ASSIGN_CHUNK = 16_384
 
@@ -99,11 +100,12 @@ def near_pairs(
 
 
 def partition_pairs(home: np.ndarray, home_vectors: np.ndarray, members: np.ndarray, member_vectors: np.ndarray,
-                    threshold: float, block_rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    threshold: float, block_rows: int = 1024,
+                    max_pairs: int = MAX_PARTITION_PAIRS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One partition's pairs: each ``home`` row (its keys, and its vectors) against every
     member, ``block_rows`` home rows at a time; ``(left, right, similarity)`` with ``left < right``
     by key (any keys that order: row indices, or ids), a row never paired with itself.
-    ValueError (naming ``dedup.threshold``) past ``MAX_PAIRS_PER_ROW`` pairs a member."""
+    ValueError (naming ``dedup.threshold``) past ``max_pairs`` pairs."""
     found_left, found_right, found_sim = [], [], []
     for start in range(0, len(home), block_rows):
         rows = home[start : start + block_rows]
@@ -116,10 +118,10 @@ def partition_pairs(home: np.ndarray, home_vectors: np.ndarray, members: np.ndar
         # Rounding can put a vector's similarity to its copy a hair above 1.
         found_sim.append(np.minimum(sims[i, j][distinct], 1.0).astype(np.float32))
         pairs = sum(len(found) for found in found_left)
-        if pairs > MAX_PAIRS_PER_ROW * len(members):
-            raise ValueError(f"dedup.threshold: {pairs:,} pairs at or above {threshold} among {len(members):,} rows "
-                             "of one partition; the embedder finds nearly every pair a near-duplicate: raise "
-                             "dedup.threshold, or choose another dedup.model")
+        if pairs > max_pairs:
+            raise ValueError(f"dedup.threshold: over {max_pairs:,} pairs at or above {threshold} among "
+                             f"{len(members):,} rows of one partition; the embedder finds nearly every pair a "
+                             "near-duplicate: raise dedup.threshold, or choose another dedup.model")
     return np.concatenate(found_left), np.concatenate(found_right), np.concatenate(found_sim)
 
 
