@@ -124,10 +124,6 @@ class WeakSpots(Stage[WeakSpotsReport, "evaluate.EvalSet | None"]):
     section = "rounds"
     report_type = WeakSpotsReport
 
-    @classmethod
-    def enabled(cls, spec: JobSpec) -> bool:
-        return spec.rounds.enabled
-
     @property
     def settings(self) -> RoundsSpec:
         return self.spec.rounds
@@ -194,10 +190,6 @@ class Targeted(SourceStage[TargetedReport, None]):
     section = "rounds"
     report_type = TargetedReport
     card_config = None
-
-    @classmethod
-    def enabled(cls, spec: JobSpec) -> bool:
-        return spec.rounds.enabled
 
     @property
     def settings(self) -> RoundsSpec:
