@@ -107,6 +107,22 @@ def test_a_judgement_below_min_confidence_is_removed_as_abstained(tmp_path, loca
 
 
 @pytest.mark.slow
+def test_a_repeated_text_without_ids_is_one_row_counted_as_a_duplicate(tmp_path, local_ray):
+    """Without id_column a text's id is its hash: the same text twice (in one block and in another
+    file's) is one row, asked once and counted as a duplicate, never "lost"."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    corpus(folder / "a.parquet", CORPUS[:30] + [CORPUS[0]])
+    corpus(folder / "b.parquet", CORPUS[30:] + [CORPUS[5]])
+    spec = loading.parse(annotate_raw(tmp_path, "repeated", str(folder), id_column=None))
+    found = pipeline.run(spec, only="annotate", engine_factory=Judge)["annotate"]
+    assert found.status == "complete"
+    assert found.report.rows.model_dump() == {"expected": 50, "duplicates": 2, "written": 48, "removed": 0, "lost": 0}
+    rows = read_parts(RunLocation(spec.output, "repeated"), "annotate/data")
+    assert sorted(rows["text"].to_pylist()) == sorted(row[1] for row in CORPUS)
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_the_questions_no_part_answered(tmp_path, local_ray):
     """A driver killed mid-pass leaves some answer parts committed and no rows nor manifest: the
     re-run asks exactly the other questions, and every text lands once."""

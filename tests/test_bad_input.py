@@ -527,6 +527,10 @@ TEXTS = [("r1", "a fine day"), ("r2", "a bad day"), ("r3", "a day")]
     (lambda path: str(path.parent / "nowhere.parquet"), {}, r"^annotate.path: .*nowhere.parquet: no such file"),
     (lambda path: texts_file(path, TEXTS[:2], lang=["en", "xx"]), {"language_column": "lang"},
      r"^annotate.language_column: .* has language 'xx', not among languages \['en'\]"),
+    (lambda path: texts_file(path, [("r1", "a fine day"), ("r1", "a bad day"), ("r2", "a day")]), {},
+     r"^annotate.id_column: 1 of the 3 values of 'rid' in .* repeat an earlier one; give every text an id of its own"),
+    (lambda path: texts_file(path, TEXTS, rid=["r1", None, "r3"]), {},
+     r"^annotate.id_column: 1 of the 3 rows of .* have no id in 'rid'; fill them, or leave id_column unset"),
 ])
 def test_bad_corpora_are_refused_in_one_line_before_ray_starts(tmp_path, capsys, write, settings, message):
     import ray

@@ -226,11 +226,13 @@ class GenerationReport(Model):
 
 
 class AnnotatedRows(Model):
-    """The texts annotation read (``expected``, after ``max_rows``), the rows it wrote, those it
-    removed (the judgement abstained, or its labels make no allowed set) and those lost to
-    questions that failed after their retries."""
+    """The texts annotation read (``expected``, after ``max_rows``), those that repeat an earlier
+    text (``duplicates``: one row id, labelled once), the rows it wrote, those it removed (the
+    judgement abstained, or its labels make no allowed set) and those lost to questions that
+    failed after their retries: expected = duplicates + written + removed + lost."""
 
     expected: int
+    duplicates: int = 0
     written: int
     removed: int
     lost: int

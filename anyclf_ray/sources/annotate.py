@@ -23,8 +23,8 @@ question per label) in one pass that commits parts as the answers stream out; a 
 run id asks only what no committed part answered, so every text is annotated once. Batch
 calibration needs the whole pass, so the rows are written after it, a committed part at a time
 (the driver holds one part, and the rows whose questions it has not all seen yet). A row id is
-``annotate.id_column``'s value, else a stable hash of the text: two equal texts are one row
-twice, which dedup's exact pass removes.
+``annotate.id_column``'s value (refused when one repeats), else a stable hash of the text:
+equal texts are one row, asked and written once (counted as ``duplicates``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import ray
 
 from anyclf_ray.core import cards, results, runtime, storage, tables
 from anyclf_ray.core.config import AnnotateSpec, JobSpec, decisive, digest
-from anyclf_ray.core.ids import stable_id
+from anyclf_ray.core.ids import hash64, stable_id
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.progress import Progress
 from anyclf_ray.core.results import AnnotatedRows, AnnotationReport, Counts, Failures, Rows, Shards, StageResult, Usage
@@ -70,14 +70,22 @@ ABSTAINED, NOT_ALLOWED = "low_confidence", "no_allowed_set"
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """What ``Annotate.check`` learned of the input: its rows (at most ``max_rows``)."""
+    """What ``Annotate.check`` learned of the input: its rows (at most ``max_rows``) and, of
+    those, the texts that repeat an earlier one (without ``id_column``: one row id, so one row)."""
 
     rows: int
+    duplicates: int = 0
+
+    @property
+    def texts(self) -> int:
+        """The distinct texts: the rows annotation writes or removes."""
+        return self.rows - self.duplicates
 
 
 def survey(spec: JobSpec) -> Corpus:
     """The input's rows, scanned a batch at a time before any engine starts; ConfigError in one
-    line for a column it lacks, no rows, a row without a text, or a language not in the run's."""
+    line for a column it lacks, no rows, a row without a text, a language not in the run's, or an
+    id repeated. The driver holds a 64-bit hash of each row id (8 bytes a row)."""
     settings = spec.annotate
     path = str(settings.path)
     found = tables.columns(path, "annotate.path")
@@ -85,9 +93,11 @@ def survey(spec: JobSpec) -> Corpus:
         column = getattr(settings, field)
         if column is not None and column not in found:
             raise ConfigError(f"annotate.{field}: {path} has no column {column!r}; it has {found}")
-    names = [name for name in (settings.text_column, settings.language_column) if name]
-    rows = missing = 0
+    names = list(dict.fromkeys(name for name in (settings.text_column, settings.id_column, settings.language_column)
+                               if name))
+    rows = missing = missing_ids = 0
     foreign: set[str] = set()
+    hashes = []
     for batch in tables.scan(path, "annotate.path", names):
         if settings.max_rows is not None:
             batch = batch.slice(0, settings.max_rows - rows)
@@ -95,6 +105,10 @@ def survey(spec: JobSpec) -> Corpus:
         missing += texts.null_count + pc.sum(pc.equal(pc.utf8_trim_whitespace(texts), "")).as_py() or 0
         if settings.language_column:
             foreign |= set(batch[settings.language_column].to_pylist()) - set(spec.languages)
+        # The row id's hash: the id column's value, else the text's (its stable id's part).
+        if settings.id_column:
+            missing_ids += batch[settings.id_column].null_count
+        hashes.append(hash64([str(value) for value in batch[settings.id_column or settings.text_column].to_pylist()]))
         rows += batch.num_rows
         if rows == settings.max_rows:
             break
@@ -106,7 +120,15 @@ def survey(spec: JobSpec) -> Corpus:
     if foreign:
         raise ConfigError(f"annotate.language_column: {path} has language {min(map(str, foreign))!r}, not among "
                           f"languages {spec.languages}; add it there or drop those rows")
-    return Corpus(rows=rows)
+    if missing_ids:
+        raise ConfigError(f"annotate.id_column: {missing_ids} of the {rows} rows of {path} have no id in "
+                          f"{settings.id_column!r}; fill them, or leave id_column unset (a text's hash)")
+    duplicates = rows - len(np.unique(np.concatenate(hashes)))
+    if duplicates and settings.id_column:
+        raise ConfigError(f"annotate.id_column: {duplicates} of the {rows} values of {settings.id_column!r} in {path} "
+                          "repeat an earlier one; give every text an id of its own, or leave id_column unset (a "
+                          "text's hash)")
+    return Corpus(rows=rows, duplicates=duplicates)
 
 
 def questions_of(batch: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa.Table:
@@ -117,11 +139,14 @@ def questions_of(batch: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa
     ids = tables.text_values(batch, settings.id_column) if settings.id_column else [None] * len(texts)
     languages = (tables.text_values(batch, settings.language_column) if settings.language_column
                  else [spec.languages[0]] * len(texts))
-    rows = []
+    rows, seen = [], set()
     for row_id, text, language in zip(ids, texts, languages):
         if text is None or not text.strip():  # refused by survey; a file changed since is counted lost
             continue
         row_id = row_id or stable_id("annotated", text)
+        if row_id in seen:  # a text repeated in the batch is asked once (survey counted it)
+            continue
+        seen.add(row_id)
         rows += [{**judgement.request(question), "stage": "annotate", "row_id": row_id, "kind": question.kind,
                   "text": text if question.kind == 0 else None, "language": language}
                  for question in labels.judge_questions(row_id, text, "annotate")]
@@ -241,9 +266,9 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         that failed); the parts this pass committed and the S3 calls its writes tried again."""
         spec, location, labels = self.spec, ctx.location, scheme(self.spec)
         committed = parts.done_ids(location, found, ctx.retry_failures)
-        total = corpus.rows * labels.judge_size
+        total = corpus.texts * labels.judge_size
         pending = total - len(committed)
-        log.info("annotate: %d question(s) of %d text(s) to ask, %d already committed", pending, corpus.rows,
+        log.info("annotate: %d question(s) of %d text(s) to ask, %d already committed", pending, corpus.texts,
                  len(committed))
         if pending <= 0:
             return {}, 0
@@ -328,7 +353,7 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         timings["label"] = time.perf_counter() - started
         rows = sum(row["rows"] for row in by_key)
         failures, files = parts.failures(location, found)
-        lost = corpus.rows - rows - sum(removed.values())
+        lost = corpus.texts - rows - sum(removed.values())
         options = 2 if labels.judge_size > 1 else len(labels.ids)
         prior_of = Judgement(raw=np.zeros((0, options)), probabilities=np.zeros((0, options)), priors=found_priors,
                              calibration=kinds, usage=Usage())
@@ -336,7 +361,8 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
             [(labels.key, pa.string()), ("language", pa.string()), ("rows", pa.int64())]))
         report = AnnotationReport(
             input=str(self.settings.path),
-            rows=AnnotatedRows(expected=corpus.rows, written=rows, removed=sum(removed.values()), lost=lost),
+            rows=AnnotatedRows(expected=corpus.rows, duplicates=corpus.duplicates, written=rows,
+                               removed=sum(removed.values()), lost=lost),
             counts=Counts(**labels.counts(written_table)), removed=removed, calibration=kinds,
             prior=labels.judge_prior(prior_of),
             failures=Failures(requests=failures.num_rows, rows_lost=lost, by_stage=results.counts(failures, ["stage"]),
@@ -350,8 +376,9 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
     def describe(self, result: StageResult[AnnotationReport]) -> str:
         found = result.report
         calibration = ", ".join(sorted(set(found.calibration)))
+        repeated = f"{found.rows.duplicates} repeating another, once; " if found.rows.duplicates else ""
         return (f"annotate {result.status}: {found.rows.written} of {found.rows.expected} texts labelled in "
-                f"{FOLDER}/ ({found.rows.removed} removed; {found.rows.lost} lost to "
+                f"{FOLDER}/ ({repeated}{found.rows.removed} removed; {found.rows.lost} lost to "
                 f"{found.failures.requests} failed question(s); calibration {calibration})")
 
     def card_section(self, result: StageResult[AnnotationReport]) -> str:
@@ -361,6 +388,6 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         return (f"### Annotated texts\n\nThe `annotated` config holds {found.rows.written} of the "
                 f"{found.rows.expected} texts of `{cards.shown(found.input)}`, written by people or systems other than "
                 f"the LLM and labelled by it (`origin: annotated`), each with its calibrated `probabilities` and "
-                f"`confidence`; {found.rows.removed} were removed ({removed}) and {found.rows.lost} lost to "
-                f"failed questions. Calibration: {', '.join(sorted(set(found.calibration)))}; the prior it divided "
-                f"out: {prior}.\n")
+                f"`confidence`; {found.rows.duplicates} repeated another text (labelled once), "
+                f"{found.rows.removed} were removed ({removed}) and {found.rows.lost} lost to failed questions. "
+                f"Calibration: {', '.join(sorted(set(found.calibration)))}; the prior it divided out: {prior}.\n")
