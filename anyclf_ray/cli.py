@@ -35,6 +35,7 @@ from anyclf_ray.llm.pool import EarlyStop
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 3
 EXIT_STOPPED = 4
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else embedded)"
 
 # command → (help, the one stage it runs, or None for all of them)
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anyclf-ray: error: {error}; committed parts are kept, fix the spec and re-run to resume",
               file=sys.stderr)
         return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print("anyclf-ray: interrupted; committed parts are kept, run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

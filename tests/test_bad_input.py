@@ -541,3 +541,15 @@ def test_bad_corpora_are_refused_in_one_line_before_ray_starts(tmp_path, capsys,
     assert code == cli.EXIT_BAD_INPUT and len(err) == 1, err
     assert re.match(message, err[0].removeprefix("anyclf-ray: error: ")), err[0]
     assert not ray.is_initialized() and not (tmp_path / "runs" / "bad" / "annotate").exists()
+
+
+def test_ctrl_c_ends_in_one_line_with_the_shells_code(tmp_path, capsys, monkeypatch):
+    """A run interrupted by Ctrl-C says how to resume, in one line, and exits 130, not a traceback."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    spec = write_spec(tmp_path / "spec.yaml", tiny_raw(tmp_path / "runs", "ctrl-c"))
+    assert cli.main(["run", "--config", str(spec)]) == cli.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["anyclf-ray: interrupted; committed parts are kept, run the same command to resume"]
