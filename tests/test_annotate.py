@@ -248,7 +248,13 @@ def test_the_plan_counts_annotation_from_the_footers(tmp_path, capsys):
 
     path = corpus(tmp_path / "texts.parquet")
     spec = loading.parse(annotate_raw(tmp_path, "plan", path, max_rows=40))
-    found = estimate.estimate(spec, prompt_tokens_per_second=1000)["annotate"]
+    whole = estimate.estimate(spec, prompt_tokens_per_second=1000)
+    found = whole["annotate"]
+    # The run's totals count annotation's questions and tokens beside generation's.
+    alone = estimate.estimate(spec.model_copy(update={"annotate": spec.annotate.model_copy(update={"enabled": False})}))
+    assert whole["requests"]["total"] == alone["requests"]["total"] + 40
+    assert whole["tokens"] == {"in": alone["tokens"]["in"] + found["prompt_tokens"],
+                               "out_budget": alone["tokens"]["out_budget"] + 40}
     footer = pq.ParquetFile(path).metadata.row_group(0).column(1).total_uncompressed_size
     assert (found["texts"], found["questions"], found["answer_tokens"]) == (40, 40, 40)
     assert found["text_bytes"] == footer * 40 // 48 and found["prompt_tokens"] > 40 * len("I loved this book") // 4

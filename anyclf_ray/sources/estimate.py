@@ -144,6 +144,8 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None,
         # Unknown (null) until the run reads a CSV or JSONL corpus: the total leaves it out.
         found["requests"] = {**requests, "annotate": found["annotate"]["questions"],
                              "total": sum(requests.values()) + (found["annotate"]["questions"] or 0)}
+        found["tokens"] = {"in": tokens_in + (found["annotate"]["prompt_tokens"] or 0),
+                           "out_budget": tokens_out + (found["annotate"]["answer_tokens"] or 0)}
     if spec.rounds.enabled:  # the most every round together asks (they may stop sooner)
         from anyclf_ray.rounds import targeted
         from anyclf_ray.training.evaluate import load_eval_set
