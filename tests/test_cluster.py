@@ -217,11 +217,10 @@ def test_dedup_searches_on_both_nodes_and_keeps_what_one_node_keeps(cluster, tmp
     """`anyclf-ray dedup` submitted to a cluster of two nodes or more, on test_dedup's planted rows
     with 7 k-means partitions: its partition search tasks ran on more than one node (Ray's state
     API), and it kept and removed exactly what the one-node run of test_dedup does."""
-    from ray.util.state import list_nodes, list_tasks
+    from ray.util.state import list_tasks
     from test_dedup import KEPT_WHEN_DROPPING, REMOVED_WHEN_DROPPING, ROWS
 
-    if len(list_nodes(address=cluster["dashboard"], filters=[("state", "=", "ALIVE")])) < 2:  # run alone
-        start_worker_node(cluster)
+    start_worker_node(cluster)
     # 13 English representatives in partitions of 2; probes cover them all (a complete search).
     raw = tiny_raw(tmp_path / "out", "spread", dedup={"partition_size": 2, "probes": 8})
     raw["sampling"]["seed"] = 3  # as submit() sets it: the input written is the job's
