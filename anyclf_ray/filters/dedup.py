@@ -111,6 +111,17 @@ def resolve(labels: np.ndarray, left: np.ndarray, right: np.ndarray, sim: np.nda
                  similarity=np.where(conflicted, partner_sim, kept_sim), cross_pairs=int(cross.sum()))
 
 
+def representatives(frame: pd.DataFrame) -> np.ndarray:
+    """Rule 1: each row's representative, the first row (rows in id order: the lowest id) of its
+    group of equal values in every column of ``frame`` (language, normalised text or its hash,
+    label); an int64 row index a row."""
+    n = len(frame)
+    group = frame.groupby(list(frame.columns), sort=False).ngroup().to_numpy()
+    first_row = np.full(group.max() + 1 if n else 0, n, np.int64)
+    np.minimum.at(first_row, group, np.arange(n))
+    return first_row[group]
+
+
 def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec: JobSpec) -> dict:
     """The module's rules applied to ``rows`` (sorted by id) in this process: the reference the
     stage's cluster path (``Dedup.execute``) gives the same kept ids as, for inputs one process
@@ -127,10 +138,7 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
         {"language": rows["language"].to_pylist(), "norm": [normalise(t) for t in texts],
          "label": rows[spec.label_column].to_pylist()}
     )
-    group = frame.groupby(["language", "norm", "label"], sort=False).ngroup().to_numpy()
-    first_row = np.full(group.max() + 1, n, np.int64)
-    np.minimum.at(first_row, group, np.arange(n))
-    representative = first_row[group]  # row index of each row's representative
+    representative = representatives(frame)
     reps = np.flatnonzero(representative == np.arange(n))
     position = np.full(n, -1, np.int64)
     position[reps] = np.arange(len(reps))
@@ -259,12 +267,8 @@ def exact_groups(*parts: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table, dict[s
     representatives with the same text and other labels (``PAIR_SCHEMA``, at 1.0), and the
     representatives per language."""
     table = pa.concat_tables(parts).sort_by("id")
-    frame = table.select(["language", "text_key", "label"]).to_pandas()
-    group = frame.groupby(["language", "text_key", "label"], sort=False).ngroup().to_numpy()
-    first_row = np.full(group.max() + 1 if len(group) else 0, len(group), np.int64)
-    np.minimum.at(first_row, group, np.arange(len(group)))  # rows are in id order: the first is the lowest id
-    representative = first_row[group]
-    is_rep = representative == np.arange(len(group))
+    representative = representatives(table.select(["language", "text_key", "label"]).to_pandas())
+    is_rep = representative == np.arange(table.num_rows)
     ids = np.asarray(table["id"].to_pylist(), dtype=object)
     reps = table.filter(pa.array(is_rep))
     copies = pa.table({"id": pa.array(ids[~is_rep].tolist(), pa.string()),
