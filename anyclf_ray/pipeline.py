@@ -177,6 +177,7 @@ def run(spec: JobSpec, only: str | None = None, address: str | None = None, verb
             else:
                 runtime.connect(address, verbose)
                 log.info("%s: running", stage.name)
+                ctx.last_llm_stage = plan.index(stage) >= last_llm[stage.round]
                 result = stage.run(ctx, committed(stage), fingerprints[stage.name], checked[stage.name])
                 card = cards.dataset_card(spec, location.run_id, [*finished, (stage, result)],
                                           scheme(spec).columns_text)

@@ -14,6 +14,7 @@ import functools
 import json
 import re
 import sys
+import time
 
 import datasets
 import numpy as np
@@ -260,6 +261,67 @@ def judged(spec: config.JobSpec, rows: list[tuple], judge) -> tuple:
     return label_check.check(spec, table, lambda requests: engine.answer(judge(), requests, spec.sampling), None)
 
 
+def silent_on_hotels(text, options, prompt):
+    """``cue_weights``, but no answer at all about a hotel (a question that fails its retries)."""
+    return None if "hotel" in text else cue_weights(text, options, prompt)
+
+
+def silent_on_one_hotel(text, options, prompt):
+    return None if "loved this hotel" in text else cue_weights(text, options, prompt)
+
+
+class BreakingJudge(OptionJudge):
+    """A judge silent on one text until its fourth call, which fails the pass (as a driver killed
+    then would)."""
+
+    def __init__(self):
+        super().__init__(silent_on_one_hotel)
+        self.calls = 0
+
+    def complete(self, prompts):
+        self.calls += 1
+        if self.calls == 4:
+            time.sleep(3)  # time for the parts answered so far to be written
+            raise RuntimeError("the pass dies here")
+        return super().complete(prompts)
+
+
+@pytest.mark.slow
+def test_the_judge_on_the_cluster_resumes_and_gives_the_in_process_verdicts(tmp_path, local_ray):
+    """The llm method streams: its answers commit in parts of commit_rows as the pass runs; a
+    pass that dies at its fourth engine call leaves three parts, and the re-run asks only the
+    questions no part answered. The result, every column of every row, is the in-process
+    check's on the same rows with the same judge (batch calibration over the whole pass)."""
+    raw = tiny_raw(tmp_path, "streamed", label_check={"enabled": True, "methods": ["llm"], "action": "relabel"})
+    raw["engine"]["batch_size"], raw["output"]["commit_rows"] = 8, 8
+    spec = loading.parse(raw)
+    location = write_generated(spec, CLEAN + FLIPPED)
+    with pytest.raises(Exception, match="the pass dies here"):
+        pipeline.run(spec, only="label_check", engine_factory=BreakingJudge)
+    answers = label_check.parts.committed(location, "label_check/answers")
+    assert sorted(part.rows for part in answers.values()) == [8, 8, 8]
+    assert not location.exists("label_check/manifest.json")
+
+    Judge = functools.partial(OptionJudge, silent_on_one_hotel)
+    found = pipeline.run(spec, only="label_check", engine_factory=Judge)["label_check"]
+    llm = found.report.methods["llm"]
+    assert llm.engine.passes["label_check/llm"].requests == 52 - 24  # those no part answered
+    assert (llm.usage.requests, llm.usage.failed, llm.unanswered, llm.checked) == (52, 1, 1, 51)
+    kept, removed, fields, _ = label_check.check(spec, read_parts(location).sort_by("id"), lambda requests: (
+        engine.answer(Judge(), requests, spec.sampling)), None)
+    for folder, reference in (("data", kept), ("removed", removed)):
+        assert read_parts(location, f"label_check/{folder}").sort_by("id").to_pylist() == \
+            reference.sort_by("id").to_pylist()
+    llm.engine = None
+    assert found.report.methods == fields["methods"] and found.report.relabelled == fields["relabelled"]
+    assert found.report.relabelled.rows == 4 and found.status == "complete"
+
+    # Other settings ask other questions: the answers committed for these are not reused.
+    changed = loading.parse({**raw, "label_check": {**raw["label_check"], "judge": {"min_confidence": 0.2}}})
+    again = pipeline.run(changed, only="label_check", engine_factory=Judge)["label_check"]
+    assert again.report.methods["llm"].engine.passes["label_check/llm"].requests == 52
+
+
 def test_flag_keeps_every_row_and_marks_the_failures(tmp_path):
     spec = check_spec(tmp_path, "flagged", methods=["llm"], action="flag")
     kept, removed, fields, _ = judged(spec, CLEAN + FLIPPED, CueJudge)
@@ -329,9 +391,6 @@ def test_a_judgement_below_min_confidence_abstains(tmp_path):
 
 
 def test_an_unanswered_judgement_is_counted_and_fails_no_row(tmp_path):
-    def silent_on_hotels(text, options, prompt):
-        return None if "hotel" in text else cue_weights(text, options, prompt)
-
     spec = check_spec(tmp_path, "unanswered", methods=["llm"], action="flag")
     kept, _, fields, _ = judged(spec, CLEAN + FLIPPED, functools.partial(OptionJudge, silent_on_hotels))
     hotels = [row for row in kept.to_pylist() if "hotel" in row["text"]]

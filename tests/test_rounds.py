@@ -249,3 +249,36 @@ def test_plan_reports_the_upper_bound_of_all_rounds(tmp_path):
     assert bound["tokens"]["out_budget"] == 39 * spec.sampling.max_tokens and bound["tokens"]["in"] > 0
     assert bound["label_check_requests"] == (48 + 25) + (48 + 50) + (48 + 75)  # every row judged again each round
     assert "rounds (at most 3)" in estimate.table(found)
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end_on_real_vllm(tmp_path, local_ray, tiny_model):
+    """Two rounds on real vLLM (CPU build, the tiny model; the run's one engine start serves the
+    first pass and both rounds): each round measures its weak spots, asks for its rows on the
+    same engines, checks them for dev leaks and trains on every row so far."""
+    raw = tiny_raw(tmp_path, "real-rounds", languages=["en"], dedup={"enabled": False},
+                   train={"num_iterations": 0, "test_size": 0.5},
+                   rounds={"enabled": True, "rows_per_round": 12, "max_rounds": 2, "min_gain": -1.0,
+                           "dev_set": {"path": dev_file(tmp_path)}})
+    spec = loading.parse(raw)
+    found = pipeline.run(spec)
+    location = RunLocation(spec.output, "real-rounds")
+    sources = found["generate"].report.rows.written
+    for k in (1, 2):
+        targeted_ = found[f"rounds/{k}/targeted"]
+        assert targeted_.status == "complete" and targeted_.report.rows.written == 12
+        assert targeted_.report.engine.starts == 1  # the first pass's engines, not new ones
+        rows = read_parts(location, f"rounds/{k}/targeted/data")
+        assert rows.num_rows == len(set(rows["id"].to_pylist())) == 12 and set(rows["model"].to_pylist()) == {
+            "builtin:tiny-random"}
+        # the round's filters read every source's rows so far; training reads what its last filter kept
+        sources += 12
+        assert found[f"rounds/{k}/dev_leak"].rows.input == sources
+        filters = [stage.name for stage in pipeline.stages(spec) if stage.name.startswith(f"rounds/{k}/")
+                   and not stage.name.endswith(("/targeted", "/train", "/weak_spots"))]
+        assert filters[0] == f"rounds/{k}/dev_leak"
+        assert found[f"rounds/{k}/train"].rows.input == found[filters[-1]].rows.output
+        assert location.exists(f"rounds/{k}/weak_spots.parquet") and location.exists(f"rounds/{k}/eval/metrics.json")
+    assert found["generate"].report.engine.starts == 1
+    card = location.read_bytes("README.md").decode()
+    assert "**Round 0**" in card and "**Round 1**" in card and "**Round 2**" in card

@@ -84,6 +84,8 @@ class Context:
     pool: Any = None
     # A source asks again for what failed in its committed parts (``--retry-failures``).
     retry_failures: bool = False
+    # Whether the running stage is the last of its round to ask the engines (``release_engines``).
+    last_llm_stage: bool = False
 
     def engines(self) -> Any:
         """The run's ``llm.pool.EnginePool``, started on first use."""
@@ -95,6 +97,12 @@ class Context:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+
+    def release_engines(self) -> None:
+        """The running stage's LLM passes are over: its work after them (embedding actors, Ray
+        Data tasks) gets the engines' cores, unless a later stage of its round asks them."""
+        if self.last_llm_stage:
+            self.close_engines()
 
     def engine_figures(self) -> EngineFigures:
         return self.pool.figures() if self.pool else EngineFigures()
@@ -318,10 +326,11 @@ class Decision:
 
 
 def split_block(batch: pa.Table, location: RunLocation, folder: str, sides: dict[str, pa.Schema],
-                tally: Callable[[pa.Table, pa.Table, pa.Table], dict]) -> dict[str, list]:
-    """Ray Data function: a block of rows joined with their verdicts, written as a kept
-    (``data``) and a ``removed`` shard of the ``sides``' schemas (an empty one left out); their
-    paths and the block's ``tally`` (JSON)."""
+                stage: FilterStage) -> dict[str, list]:
+    """Ray Data function: a block of rows joined with their verdicts, as the ``stage`` writes
+    them (``amended``), written as a kept (``data``) and a ``removed`` shard of the ``sides``'
+    schemas (an empty one left out); their paths and the block's ``tally`` (JSON)."""
+    batch = stage.amended(batch)
     removed_mask = pc.is_valid(batch["reason"])
     ids = batch["id"].to_pylist()
     name = f"part-{stable_id(len(ids), min(ids), max(ids))}.parquet"
@@ -332,7 +341,7 @@ def split_block(batch: pa.Table, location: RunLocation, folder: str, sides: dict
         written[side] = [f"{folder}/{side}/{name}" if table.num_rows else ""]
         if table.num_rows:
             location.write_table(written[side][0], table)
-    return {**written, "tally": [json.dumps(tally(batch, tables["data"], tables["removed"]))]}
+    return {**written, "tally": [json.dumps(stage.tally(batch, tables["data"], tables["removed"]))]}
 
 
 class FilterStage(Stage[F, Checked]):
@@ -423,7 +432,7 @@ class FilterStage(Stage[F, Checked]):
         rows = ray.data.read_parquet([location.path(shard) for shard in shards], filesystem=location.fs)
         split = rows.join(verdicts, "left_outer", partitions, on=("id",)).repartition(
             target_num_rows_per_block=self.spec.output.rows_per_shard).map_batches(
-            functools.partial(split_block, location=location, folder=self.folder, sides=sides, tally=self.tally),
+            functools.partial(split_block, location=location, folder=self.folder, sides=sides, stage=self),
             batch_size=None, batch_format="pyarrow", num_cpus=runtime.TASK_CPUS).take_all()
         written = {}
         for side, side_schema in sides.items():
@@ -435,6 +444,11 @@ class FilterStage(Stage[F, Checked]):
             tally = json.loads(row["tally"])
             total = {name: results.added(total.get(name, []), table) for name, table in tally.items()}
         return Shards(**written), total
+
+    def amended(self, joined: pa.Table) -> pa.Table:
+        """A block of rows joined with their verdicts (``split``), as the filter writes them: as
+        they are, unless a filter changes what it keeps (the label check's relabel)."""
+        return joined
 
     def tally(self, rows: pa.Table, kept: pa.Table, removed: pa.Table) -> dict[str, CountTable]:
         """The counts a filter's report is made of, of one piece of its input (``rows``) and what

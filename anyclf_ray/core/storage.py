@@ -267,7 +267,10 @@ class RunLocation:
         return paths
 
     @retrying
-    def delete(self, folder: str) -> None:
-        """Remove ``folder`` and everything under it, if it exists."""
-        if self.fs.get_file_info(self.path(folder)).type != pafs.FileType.NotFound:
-            self.fs.delete_dir(self.path(folder))
+    def delete(self, relative: str) -> None:
+        """Remove the folder ``relative`` and everything under it, or the file, if it exists."""
+        found = self.fs.get_file_info(self.path(relative)).type
+        if found == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(relative))
+        elif found == pafs.FileType.File:
+            self.fs.delete_file(self.path(relative))

@@ -10,6 +10,9 @@ A ``FilterStage`` (``stage.py``). In: the rows the stage before it committed. Ou
   where the judge abstained);
 - ``embeddings/part-*.parquet``: every row's embedding by the check's embedder, when a method
   needed one (training reuses them);
+- ``answers/``: the judge's committed answers (``llm.judge_pass``), kept across a crash so that
+  a re-run asks only what no part answered; ``prior.json``, the prior its calibration divided
+  out; ``verdicts/part-*.parquet``, its verdicts on the rows it judged;
 - ``manifest.json``: per method and label, the rows that failed; the judged-by-intended counts,
   the judge's calibration and the prior it divided out; the rows relabelled, by reason.
 
@@ -33,10 +36,9 @@ and the row is then not failed by it) and ``judge_confidence``, ``own_probabilit
 - ``similarity``: a row fails unless its embedding is nearer its own label's description than
   every other label's, by ``margin`` (no LLM time, no training).
 
-Without the llm method the check runs on the cluster (``LabelCheck.execute``; the steps are
-below), the driver holding counts, the sample's ids and the heads; ``check`` is the same
-arithmetic in one process, which the stage uses with the llm method (``decide``: the rows are read
-on the driver) and tests and benchmarks compare with.
+The check runs on the cluster (``LabelCheck.execute``; the steps are below), the driver holding
+counts, crossfit's sample ids and heads, and one committed part of the judge's answers; ``check``
+is the same arithmetic in one process, which tests and benchmarks compare with.
 """
 
 from __future__ import annotations
@@ -65,11 +67,12 @@ from anyclf_ray.core.results import (
     StageResult,
     Unchecked,
 )
-from anyclf_ray.core.stage import Context, Decision, FilterStage, Input, Outcome
+from anyclf_ray.core.stage import Context, FilterStage, Input, Outcome
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.labels.scheme import LabelScheme, scheme
-from anyclf_ray.llm import engine, judgement
-from anyclf_ray.llm.judgement import Question
+from anyclf_ray.llm import engine, judge_pass, judgement
+from anyclf_ray.llm.judgement import Judgement, Question
+from anyclf_ray.sources import parts
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +95,39 @@ def judge_questions(labels: LabelScheme, rows: pa.Table) -> list[Question]:
 
 
 def relabelled(labels: LabelScheme, rows: pa.Table, judged: np.ndarray, mask: np.ndarray) -> pa.Table:
-    """``rows`` with the label columns of the ``mask`` rows set to their judged labels, and
-    ``relabelled_from``: the label (or set) they carried before, null for the others."""
+    """``rows`` with the label columns of the ``mask`` rows set to their ``judged`` labels (rows ×
+    labels booleans)."""
     values = labels.columns(labels.ids_of(judged))
-    before = rows[labels.key].to_pylist()
     for field in labels.fields:
         merged = [new if chosen else old for old, new, chosen in zip(rows[field.name].to_pylist(),
                                                                      values[field.name].to_pylist(), mask)]
         rows = rows.set_column(rows.schema.get_field_index(field.name), field.name, pa.array(merged, field.type))
-    return rows.append_column("relabelled_from",
-                              pa.array([b if m else None for b, m in zip(before, mask)], pa.string()))
+    return rows
+
+
+def relabelling(labels: LabelScheme, failed: np.ndarray, judged: np.ndarray, reason: np.ndarray) -> np.ndarray:
+    """relabel's rows: those the judge failed whose judged labels make a set the run allows, and
+    did not abstain (the llm is relabel's one method)."""
+    return failed & labels.allowed(judged) & (reason != ABSTAINED)
+
+
+def judge_verdicts(settings: LabelCheckSpec, labels: LabelScheme, intended: np.ndarray, found: Judgement
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, pa.Array], dict]:
+    """The llm method's verdicts on rows whose own labels are ``intended`` (rows × labels
+    booleans), from the calibrated judgements of their questions (``judge_size`` a row): the
+    rows it fails, each one's reason, the labels judged (rows × labels), the audit columns (the
+    labels judged, ``judge_confidence``: null where a question went unanswered) and the figures
+    (rows checked, unanswered and abstained; ``LabelScheme.judge_figures``)."""
+    judged, answered, confidence = labels.judged(found)
+    abstained = answered & (confidence < settings.judge.min_confidence)
+    missing, extra = intended & ~judged, judged & ~intended
+    failed = answered & ((missing | extra).any(axis=1) | abstained)
+    reason = np.where(abstained, ABSTAINED, labels.judge_reason(missing, extra))
+    name, verdicts = labels.verdicts(judged, answered)
+    columns = {name: verdicts, "judge_confidence": pa.array(confidence, pa.float32(), mask=~answered)}
+    figures = {"checked": int(answered.sum()), "unanswered": int((~answered).sum()),
+               "abstained": int(abstained.sum()), **labels.judge_figures(intended, judged, answered)}
+    return failed, reason, judged, columns, figures
 
 
 def threshold(settings: LabelCheckSpec, labels: LabelScheme) -> float:
@@ -263,19 +289,12 @@ def check(spec: JobSpec, rows: pa.Table, answer: Callable[[pa.Table], pa.Table] 
     if "llm" in settings.methods:
         assert answer is not None, "the llm method asks the judge"
         judgements = judgement.judge(answer, judge_questions(labels, rows), labels.judge_size, labels.judge_blank,
-                                settings.judge)
-        judged, answered, confidence = labels.judged(judgements)
-        abstained = answered & (confidence < settings.judge.min_confidence)
-        missing, extra = intended & ~judged, judged & ~intended
-        failed["llm"] = answered & ((missing | extra).any(axis=1) | abstained)
-        reasons["llm"] = np.where(abstained, ABSTAINED, labels.judge_reason(missing, extra))
-        name, verdicts = labels.verdicts(judged, answered)
-        columns[name] = verdicts
-        columns["judge_confidence"] = pa.array(confidence, pa.float32(), mask=~answered)
-        figures["llm"] = {"checked": int(answered.sum()), "unanswered": int((~answered).sum()),
-                          **labels.judge_figures(intended, judged, answered), "usage": judgements.usage,
-                          "calibration": sorted(set(judgements.calibration)), "prior": labels.judge_prior(judgements),
-                          "abstained": int(abstained.sum())}
+                                     settings.judge)
+        failed["llm"], reasons["llm"], judged, found_columns, found_figures = judge_verdicts(settings, labels,
+                                                                                            intended, judgements)
+        columns.update(found_columns)
+        figures["llm"] = {**found_figures, "usage": judgements.usage, "prior": labels.judge_prior(judgements),
+                          "calibration": sorted(set(judgements.calibration))}
 
     if {"crossfit", "similarity"} & set(settings.methods):
         assert embed_texts is not None, "crossfit and similarity read embeddings"
@@ -311,32 +330,39 @@ def check(spec: JobSpec, rows: pa.Table, answer: Callable[[pa.Table], pa.Table] 
                                   for m in settings.methods if figures[m]["checked"] < MIN_CHECKED * rows.num_rows]}
     removing = any_failed if settings.action != "flag" else np.zeros(rows.num_rows, bool)
     if settings.action == "relabel":  # methods are [llm]: every failed row was judged
-        relabelling = any_failed & labels.allowed(judged) & (reason != ABSTAINED)
-        removing = any_failed & ~relabelling
-        out = relabelled(labels, out, judged, relabelling)
-        by_reason = np.unique(reason[relabelling].astype(str), return_counts=True)
-        fields["relabelled"] = Relabelled(rows=int(relabelling.sum()),
-                                          by_reason={r: int(n) for r, n in zip(*by_reason)})
+        relabels = relabelling(labels, any_failed, judged, reason)
+        removing = any_failed & ~relabels
+        before = out[labels.key].to_pylist()
+        out = relabelled(labels, out, judged, relabels).append_column(
+            "relabelled_from", pa.array([b if m else None for b, m in zip(before, relabels)], pa.string()))
+        by_reason = np.unique(reason[relabels].astype(str), return_counts=True)
+        fields["relabelled"] = Relabelled(rows=int(relabels.sum()), by_reason={r: int(n) for r, n in zip(*by_reason)})
     removed = out.filter(pa.array(removing)).append_column("reason", pa.array(reason[removing].tolist(), pa.string()))
     return out.filter(pa.array(~removing)), removed, fields, vectors
 
 
 # -- on the cluster -------------------------------------------------------------------------------
 #
-# A check by crossfit and similarity alone runs as Ray tasks and Ray Data operators; the driver
-# holds counts, crossfit's sample (at most ``sample_per_label`` ids a label) and its heads:
+# The check runs as Ray tasks and Ray Data operators; the driver holds counts, crossfit's sample
+# (at most ``sample_per_label`` ids a label) and its heads, and a part of the judge's answers:
 #
-# 1. The rows stream through the embedding actors and are written as the stage's ``embeddings/``
-#    shards (``id``, ``embedding`` and ``label``, the row's label key); meanwhile ``shard_sample``
-#    (a task per input shard, reading ``id`` and the label) draws each shard's sample, and the
-#    driver keeps the sample of the samples (``sampled``: the same rows as over the whole input).
-# 2. ``fit_heads`` (a task) reads the sample's embeddings and fits crossfit's folds on them.
-# 3. ``score_block`` (Ray Data, over the embeddings shards) gives every row its verdict: crossfit's
-#    probability (``own_label_probabilities``), similarity's nearest label, the methods combined;
-#    ``FilterStage.split`` joins the verdicts to the rows and writes them kept or removed.
+# 1. llm: every row's questions stream through the run's engine pool in one pass
+#    (``judge_pass.ask``), committed in parts; the pass's prior is divided out of every answer
+#    (``judge_pass.priors``) and the verdicts (``judged_block``) are written part by part.
+# 2. crossfit and similarity: the rows stream through the embedding actors and are written as
+#    the stage's ``embeddings/`` shards (``id``, ``embedding`` and ``label``, the row's label key);
+#    meanwhile ``shard_sample`` (a task per input shard, reading ``id`` and the label) draws each
+#    shard's sample, and the driver keeps the sample of the samples (``sampled``: the same rows as
+#    over the whole input). ``fit_heads`` (a task) reads the sample's embeddings and fits
+#    crossfit's folds on them; ``score_block`` (Ray Data, over the embeddings shards) gives every
+#    row crossfit's probability (``own_label_probabilities``) and similarity's nearest label.
+# 3. The methods' verdicts are joined on ``id`` and combined (``settle_block``);
+#    ``FilterStage.split`` joins them to the rows and writes them kept or removed.
 
 # Rows a hash partition of the verdicts' join holds.
 JOIN_ROWS = 200_000
+# What a run of the stage writes, cleared before it runs again (the judge's answers are kept).
+OUTPUTS = ("manifest.json", "data", "removed", "embeddings", "verdicts", "prior.json")
 
 
 def write_embedded(batch: dict[str, np.ndarray], location: RunLocation, folder: str, model: str,
@@ -380,28 +406,98 @@ def fit_heads(location: RunLocation, shards: list[str], sample: pa.Table, labels
 
 def score_block(batch: pa.Table, settings: LabelCheckSpec, labels: LabelScheme, heads: list,
                 held_out: dict[str, float], label_vectors: np.ndarray | None) -> pa.Table:
-    """Ray Data function: a block of the embeddings shards → its rows' verdicts: ``id``, the
-    audit columns (``verdict_fields``), ``reason`` (null for a kept row; every row is kept under
-    ``action: flag``) and ``checked_label`` (the row's label key, for the counts)."""
+    """Ray Data function: a block of the embeddings shards → the embedding methods' verdicts on
+    its rows: ``id``, their audit columns, ``failed_<method>`` (booleans) and ``checked_label``
+    (the row's label key, for the counts); ``settle_block`` combines them."""
     ids, keys = batch["id"].to_pylist(), batch["label"].to_pylist()
     vectors = np.stack(batch["embedding"].to_numpy(zero_copy_only=False))
     y = labels.members(keys).argmax(axis=1)
     probability = own_label_probabilities(heads, held_out, ids, vectors, y, settings.seed)
     failed, columns = embedding_checks(settings, labels, vectors, y, probability, label_vectors)
-    reasons = {method: np.full(len(ids), reason, dtype=object) for method, reason in REASONS.items()}
-    reason, any_failed, failed_methods = combined(settings.methods, failed, reasons)
-    if settings.action == "flag":
+    return pa.table({"id": pa.array(ids, pa.string()), **columns,
+                     **{f"failed_{method}": pa.array(found) for method, found in failed.items()},
+                     "checked_label": pa.array(keys, pa.string())})
+
+
+def row_questions(batch: pa.Table, labels: LabelScheme, committed: ray.ObjectRef) -> pa.Table:
+    """Ray Data function: a block of the input rows → the judge's questions of each
+    (``judge_pass.questions``: its own label key kept, not its text), less the committed ones."""
+    return judge_pass.questions(labels, "label_check", batch["id"].to_pylist(), batch["text"].to_pylist(),
+                                batch["language"].to_pylist(), batch[labels.key].to_pylist(), False, committed)
+
+
+def judged_block(settings: LabelCheckSpec, labels: LabelScheme, answers: list[dict], found_priors: np.ndarray,
+                 kinds: list[str]) -> tuple[pa.Table, dict]:
+    """The llm method's verdicts on rows whose questions are all answered (``answers``:
+    ``judge_pass.whole_rows``'s), calibrated by the pass's priors: ``id``, its audit columns,
+    ``failed_llm``, ``judge_reason``, ``checked_label`` and, under relabel, ``relabelled_from``
+    and ``relabelled_to`` (the row's label key before and after; null for a row kept as it is);
+    and its figures (``judge_verdicts``', with the rows relabelled, by reason)."""
+    found = judge_pass.judgement_of(answers, found_priors, kinds, labels.judge_size)
+    keys = [answer["label"] for answer in answers[:: labels.judge_size]]
+    failed, reason, judged, columns, figures = judge_verdicts(settings, labels, labels.members(keys), found)
+    table = pa.table({"id": pa.array([answer["row_id"] for answer in answers[:: labels.judge_size]], pa.string()),
+                      **columns, "failed_llm": pa.array(failed), "judge_reason": pa.array(reason.tolist(), pa.string()),
+                      "checked_label": pa.array(keys, pa.string())})
+    if settings.action == "relabel":
+        relabels = relabelling(labels, failed, judged, reason)
+        judged_keys = [labels.key_of(ids) for ids in labels.ids_of(judged)]
+        table = table.append_column("relabelled_from", pa.array(keys, pa.string(), mask=~relabels)).append_column(
+            "relabelled_to", pa.array(judged_keys, pa.string(), mask=~relabels))
+        figures["relabelled"] = collections.Counter(reason[relabels].tolist())
+    return table, figures
+
+
+def settle_block(batch: pa.Table, methods: Sequence[str], action: str) -> pa.Table:
+    """Ray Data function: a block of the methods' verdicts (``failed_<method>``, null where a
+    method did not judge the row; the llm's ``judge_reason``) → the row's verdict:
+    ``label_check_failed`` and ``reason`` (``combined``; null for a kept row: every row under
+    ``action: flag``, a relabelled one under ``relabel``)."""
+    n = batch.num_rows
+    failed = {method: pc.fill_null(batch[f"failed_{method}"], False).to_numpy(zero_copy_only=False)
+              for method in methods}
+    reasons = {method: np.asarray(batch["judge_reason"].to_pylist(), object) if method == "llm"
+               else np.full(n, REASONS[method], dtype=object) for method in methods}
+    reason, _, failed_methods = combined(methods, failed, reasons)
+    if action == "flag":
         reason[:] = None
-    return pa.table({"id": pa.array(ids, pa.string()), **columns, "label_check_failed": failed_methods,
-                     "reason": pa.array(reason.tolist(), pa.string()), "checked_label": pa.array(keys, pa.string())})
+    if "relabelled_from" in batch.column_names:
+        reason[pc.is_valid(batch["relabelled_from"]).to_numpy(zero_copy_only=False)] = None
+    batch = batch.drop_columns([name for name in batch.column_names
+                                if name.startswith("failed_") or name == "judge_reason"])
+    return batch.append_column("label_check_failed", failed_methods).append_column(
+        "reason", pa.array(reason.tolist(), pa.string()))
 
 
-def verdict_fields(settings: LabelCheckSpec) -> list[pa.Field]:
-    """The audit columns of the embedding methods' verdicts, in the order the rows carry them;
+def verdict_fields(settings: LabelCheckSpec, labels: LabelScheme) -> list[pa.Field]:
+    """The audit columns of the verdicts, in the order the rows carry them (``check``'s);
     ``reason`` last (the removed rows')."""
-    own = [pa.field("own_probability", pa.float32())] if "crossfit" in settings.methods else []
-    nearest = [pa.field("nearest_label", pa.string())] if "similarity" in settings.methods else []
-    return [*own, *nearest, pa.field("label_check_failed", pa.list_(pa.string())), pa.field("reason", pa.string())]
+    fields = []
+    if "llm" in settings.methods:
+        name, verdicts = labels.verdicts(np.zeros((0, len(labels.ids)), bool), np.zeros(0, bool))
+        fields += [pa.field(name, verdicts.type), pa.field("judge_confidence", pa.float32())]
+    if "crossfit" in settings.methods:
+        fields.append(pa.field("own_probability", pa.float32()))
+    if "similarity" in settings.methods:
+        fields.append(pa.field("nearest_label", pa.string()))
+    fields.append(pa.field("label_check_failed", pa.list_(pa.string())))
+    if settings.action == "relabel":
+        fields.append(pa.field("relabelled_from", pa.string()))
+    return [*fields, pa.field("reason", pa.string())]
+
+
+def added_figures(total: dict, part: dict) -> dict:
+    """The llm method's figures of two sets of rows added up: counts, count tables and counts by
+    key."""
+    found = dict(total)
+    for name, value in part.items():
+        if isinstance(value, list):
+            found[name] = results.added(found.get(name, []), value)
+        elif isinstance(value, dict):
+            found[name] = dict(collections.Counter(found.get(name, {})) + collections.Counter(value))
+        else:
+            found[name] = found.get(name, 0) + value
+    return found
 
 
 def count_block(batch: pa.Table) -> dict[str, list]:
@@ -456,17 +552,110 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
         questions = judge_questions(scheme(self.spec), pa.table({"id": ["0"], "text": [text]}))
         return {"label_check/llm": engine.requests_table([judgement.request(question) for question in questions])}
 
-    def execute(self, ctx: Context, upstream: Input | None, checked: None) -> Outcome[LabelCheckReport]:
-        """crossfit and similarity on the cluster (the steps above); with the llm method, the
-        rows are read on the driver and decided in process (``decide``)."""
+    @property
+    def answers(self) -> str:
+        """Where the judge's answers are committed: they outlive a crash (``clears``)."""
+        return self.data_path("answers")
+
+    @property
+    def clears(self) -> tuple[str, ...]:
+        # The judge's committed answers are kept for a re-run of the same questions (``run``).
+        kept = (self.answers,) if self.uses_llm else ()
+        return tuple(self.data_path(name) for name in (*OUTPUTS, "answers") if self.data_path(name) not in kept)
+
+    def run(self, ctx: Context, upstream: Input | None, fingerprint: str, checked: None
+            ) -> StageResult[LabelCheckReport]:
+        """As every stage's, but the judge's committed answers resume the pass only when they were
+        asked for this ``fingerprint`` (the same rows, labels, model and settings)."""
         if self.uses_llm:
-            return super().execute(ctx, upstream, checked)
+            asked = f"{self.answers}/fingerprint.json"
+            if not ctx.location.exists(asked) or ctx.location.read_json(asked)["fingerprint"] != fingerprint:
+                ctx.location.delete(self.answers)
+                ctx.location.write_json(asked, {"fingerprint": fingerprint})
+        return super().run(ctx, upstream, fingerprint, checked)
+
+    def execute(self, ctx: Context, upstream: Input | None, checked: None) -> Outcome[LabelCheckReport]:
+        """Every method on the cluster (the steps above), combined by ``settle_block``; the
+        verdicts joined to the rows by ``FilterStage.split``."""
         assert upstream is not None
-        settings, location, labels = self.settings, ctx.location, scheme(self.spec)
+        settings, location = self.settings, ctx.location
         shards = self.input_shards(location, upstream)
+        timings: dict[str, float] = {}
+        methods: list[ray.data.Dataset] = []
+        figures: dict[str, dict] = {}
+        embeddings, folds, sample = None, 0, 0
+        if self.uses_llm:
+            started = time.perf_counter()
+            judged, figures["llm"] = self._judge(ctx, upstream, shards)
+            methods.append(judged)
+            timings["llm"] = time.perf_counter() - started
+            ctx.release_engines()  # the embedding methods' actors and tasks need their cores
+        if {"crossfit", "similarity"} & set(settings.methods):
+            scored, embeddings, folds, sample = self._score(ctx, upstream, shards, timings)
+            if methods:  # the judge's verdicts (rows it answered) beside every row's scores
+                scored = scored.join(methods.pop().drop_columns(["checked_label"]), "left_outer",
+                                     max(1, math.ceil(upstream.rows / JOIN_ROWS)), on=("id",))
+            methods.append(scored)
+        started = time.perf_counter()
+        verdicts = methods[0].map_batches(functools.partial(settle_block, methods=settings.methods,
+                                                            action=settings.action),
+                                          batch_size=None, batch_format="pyarrow",
+                                          num_cpus=runtime.TASK_CPUS).materialize()
+        counted = verdicts.map_batches(count_block, batch_size=None, batch_format="pyarrow",
+                                       num_cpus=runtime.TASK_CPUS).take_all()
+        audit = verdict_fields(settings, scheme(self.spec))
+        written_shards, total = self.split(ctx, shards, verdicts, audit, kept_audit=tuple(f.name for f in audit[:-1]),
+                                           partitions=max(1, math.ceil(upstream.rows / JOIN_ROWS)))
+        timings["write"] = time.perf_counter() - started
+        fields = self.fields([json.loads(row["counts"]) for row in counted], upstream.rows, figures, folds, sample)
+        return self.outcome(ctx, total, fields, written_shards, embeddings, timings, bool(fields["unchecked"]))
+
+    def _judge(self, ctx: Context, upstream: Input, shards: list[str]) -> tuple[ray.data.Dataset, dict]:
+        """The llm method: every row's questions asked in one pass (``judge_pass``) whose parts
+        commit as they go, a re-run asking only what no part answered; calibrated over the pass;
+        the verdicts (``judged_block``) written part by part under ``verdicts/``. The verdicts (of
+        the rows whose questions were all answered) and the method's figures."""
+        settings, location, labels = self.settings, ctx.location, scheme(self.spec)
+        found = parts.committed(location, self.answers)
+        committed = parts.done_ids(location, found, ctx.retry_failures)
+        total = upstream.rows * labels.judge_size
+        pending = total - len(committed)
+        log.info("label_check: %d question(s) of %d row(s) to ask the judge, %d already committed", pending,
+                 upstream.rows, len(committed))
+        if pending > 0:
+            rows = ray.data.read_parquet([location.path(shard) for shard in shards], filesystem=location.fs,
+                                         columns=["id", "text", labels.key, "language"])
+            asked = rows.map_batches(functools.partial(row_questions, labels=labels, committed=ray.put(committed)),
+                                     batch_format="pyarrow", num_cpus=runtime.TASK_CPUS)
+            found |= judge_pass.ask(ctx, "label_check/llm", self.answers, asked, pending, total, len(committed))[0]
+        found_priors, kinds, blank_usage = judge_pass.priors(ctx, found, labels, settings.judge,
+                                                             "label_check/content_free", self.data_path("prior.json"))
+        figures: dict = {"checked": 0, "abstained": 0}
+        written = []
+        for number, answers in judge_pass.whole_rows(location, found, labels.judge_size):
+            table, part_figures = judged_block(settings, labels, answers, found_priors, kinds)
+            written.append(self.data_path(f"verdicts/part-{number:05d}.parquet"))
+            location.write_table(written[-1], table)
+            figures = added_figures(figures, part_figures)
+        if not written:  # no row's questions all answered: an empty shard gives the verdicts' schema
+            written.append(self.data_path("verdicts/part-00000.parquet"))
+            location.write_table(written[-1], judged_block(settings, labels, [], found_priors, kinds)[0])
+        relabelled = figures.pop("relabelled", None)
+        figures.update(unanswered=upstream.rows - figures["checked"], calibration=sorted(set(kinds)),
+                       prior=judge_pass.prior(labels, found_priors, kinds),
+                       usage=sum((part.usage for part in found.values()), blank_usage), engine=ctx.engine_figures())
+        if settings.action == "relabel":
+            figures["relabelled"] = Relabelled(rows=sum((relabelled or {}).values()), by_reason=relabelled or {})
+        return ray.data.read_parquet([location.path(path) for path in written], filesystem=location.fs), figures
+
+    def _score(self, ctx: Context, upstream: Input, shards: list[str], timings: dict[str, float]
+               ) -> tuple[ray.data.Dataset, EmbeddingsRef, int, int]:
+        """crossfit and similarity (steps 1 to 3 above): their verdicts on every row
+        (``score_block``), the embeddings written, crossfit's folds and sample size."""
+        settings, location, labels = self.settings, ctx.location, scheme(self.spec)
         placement = runtime.resolve_placement(settings, "label_check")
         log.info("label_check: %d rows with %s on %s", upstream.rows, self.embedder, placement.device)
-        timings, started = {}, time.perf_counter()
+        started = time.perf_counter()
         samples = [shard_sample.remote(location, shard, labels.key, settings.sample_per_label, settings.seed)
                    for shard in shards] if "crossfit" in settings.methods else []
         rows = ray.data.read_parquet([location.path(shard) for shard in shards], filesystem=location.fs,
@@ -501,28 +690,20 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
             heads, held_out = ray.get(fit_heads.remote(location, embedding_shards, sample, labels, weights,
                                                        settings.folds, settings.seed))
         timings["fit"] = time.perf_counter() - started
-
-        started = time.perf_counter()
         score = functools.partial(score_block, settings=settings, labels=labels, heads=heads, held_out=held_out,
                                   label_vectors=label_vectors)
-        verdicts = ray.data.read_parquet([location.path(shard) for shard in embedding_shards],
-                                         filesystem=location.fs).map_batches(
-            score, batch_size=None, batch_format="pyarrow", num_cpus=runtime.TASK_CPUS).materialize()
-        counted = verdicts.map_batches(count_block, batch_size=None, batch_format="pyarrow",
-                                       num_cpus=runtime.TASK_CPUS).take_all()
-        audit = verdict_fields(settings)
-        written_shards, total = self.split(ctx, shards, verdicts, audit, kept_audit=tuple(f.name for f in audit[:-1]),
-                                           partitions=max(1, math.ceil(upstream.rows / JOIN_ROWS)))
-        timings["write"] = time.perf_counter() - started
-        fields = self.embedding_fields([json.loads(row["counts"]) for row in counted], len(heads), sample.num_rows)
-        return self.outcome(ctx, total, fields, written_shards, embeddings, timings, bool(fields["unchecked"]))
+        scored = ray.data.read_parquet([location.path(shard) for shard in embedding_shards],
+                                       filesystem=location.fs).map_batches(
+            score, batch_size=None, batch_format="pyarrow", num_cpus=runtime.TASK_CPUS)
+        return scored, embeddings, len(heads), sample.num_rows
 
-    def embedding_fields(self, counts: list[dict], folds: int, sample: int) -> dict:
-        """The report's fields of a check by crossfit and similarity from its verdicts' ``counts``
-        (``count_block``'s), as ``check`` gives them."""
+    def fields(self, counts: list[dict], rows: int, figures: dict[str, dict], folds: int, sample: int) -> dict:
+        """The report's fields from the verdicts' ``counts`` (``count_block``'s) of a check of
+        ``rows`` rows, the llm's ``figures`` (``_judge``'s) and crossfit's folds and sample, as
+        ``check`` gives them."""
         settings, labels = self.settings, scheme(self.spec)
-        rows, judged = sum(found["rows"] for found in counts), sum(found["judged"] for found in counts)
-        figures: dict[str, dict] = {}
+        judged = sum(found["judged"] for found in counts)
+        relabelled = figures.get("llm", {}).pop("relabelled", None)
         if "crossfit" in settings.methods:
             figures["crossfit"] = crossfit_figures(settings, labels, judged, folds, sample)
         if "similarity" in settings.methods:
@@ -537,37 +718,22 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
                      for m in settings.methods if figures[m]["checked"] < MIN_CHECKED * rows]
         for gap in unchecked:  # a check that could not run is not reported as clean
             log.warning("label_check: %s checked only %d of %d rows", gap.method, gap.checked, gap.rows)
-        return {"action": settings.action, "flagged": sum(found["flagged"] for found in counts),
-                "methods": {m: MethodReport(**figures[m]) for m in settings.methods}, "unchecked": unchecked}
+        found_fields = {"action": settings.action, "flagged": sum(found["flagged"] for found in counts),
+                        "methods": {m: MethodReport(**figures[m]) for m in settings.methods}, "unchecked": unchecked}
+        return {**found_fields, "relabelled": relabelled} if relabelled is not None else found_fields
 
-    def decide(self, ctx: Context, rows: pa.Table, checked: None) -> Decision:
-        settings, timings = self.settings, {}
-
-        def answer(requests: pa.Table) -> pa.Table:
-            started = time.perf_counter()
-            found = ctx.engines().answer_table(requests, "label_check/llm")
-            timings["llm"] = time.perf_counter() - started
-            return found
-
-        def embed_texts(texts: list[str]) -> np.ndarray:
-            started = time.perf_counter()
-            found = embed.embed(texts, self.embedder, runtime.resolve_placement(settings, "label_check"),
-                                settings.batch_size)
-            timings["embed"] = time.perf_counter() - started
-            return found
-
-        kept, removed, fields, vectors = check(self.spec, rows, answer, embed_texts)
-        if "llm" in fields["methods"]:
-            fields["methods"]["llm"].engine = ctx.engine_figures()
-        embeddings = None
-        if vectors is not None:
-            table = embed.embeddings_table(rows["id"].to_pylist(), vectors, self.embedder)
-            embeddings = embed.write_embeddings(ctx.location, self.data_path("embeddings"), table,
-                                                self.spec.output.rows_per_shard)
-        for gap in fields["unchecked"]:  # a check that could not run is not reported as clean
-            log.warning("label_check: %s checked only %d of %d rows", gap.method, gap.checked, gap.rows)
-        return Decision(kept=kept, removed=removed, fields=fields, embeddings=embeddings, timings=timings,
-                        incomplete=bool(fields["unchecked"]))
+    def amended(self, joined: pa.Table) -> pa.Table:
+        """A row no method judged (its questions unanswered) failed none; under relabel, the
+        rows relabelled (``relabelled_to``) carry their judged labels."""
+        failed = joined.schema.get_field_index("label_check_failed")
+        joined = joined.set_column(failed, "label_check_failed", pc.fill_null(
+            joined["label_check_failed"], pa.scalar([], pa.list_(pa.string()))))
+        if self.settings.action != "relabel":
+            return joined
+        labels = scheme(self.spec)
+        to = joined["relabelled_to"]
+        mask = pc.is_valid(to).to_numpy(zero_copy_only=False)
+        return relabelled(labels, joined, labels.members(pc.fill_null(to, joined[labels.key]).to_pylist()), mask)
 
     def retries(self, result: StageResult[LabelCheckReport]) -> bool:
         return not result.complete  # --retry-failures asks again what it could not check

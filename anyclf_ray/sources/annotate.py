@@ -44,14 +44,12 @@ from anyclf_ray.core import cards, results, runtime, storage, tables
 from anyclf_ray.core.config import AnnotateSpec, JobSpec, decisive, digest
 from anyclf_ray.core.ids import hash64, stable_id
 from anyclf_ray.core.loading import ConfigError
-from anyclf_ray.core.progress import Progress
-from anyclf_ray.core.results import AnnotatedRows, AnnotationReport, Counts, Failures, Rows, Shards, StageResult, Usage
+from anyclf_ray.core.results import AnnotatedRows, AnnotationReport, Counts, Failures, Rows, Shards, StageResult
 from anyclf_ray.core.stage import Context, Input, Outcome, SourceStage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.tokens import CHARS_PER_TOKEN
 from anyclf_ray.labels.scheme import LabelScheme, scheme
-from anyclf_ray.llm import engine, judgement
-from anyclf_ray.llm.judgement import Judgement
+from anyclf_ray.llm import engine, judge_pass, judgement
 from anyclf_ray.sources import parts
 
 log = logging.getLogger(__name__)
@@ -59,12 +57,6 @@ log = logging.getLogger(__name__)
 FOLDER = "annotate"
 ANSWERS = f"{FOLDER}/answers"
 PRIOR_FILE = f"{FOLDER}/prior.json"
-# What a question request carries beside ``engine.REQUEST_FIELDS`` (``parts.FAILURE_SCHEMA``
-# keeps its stage and language when it fails).
-QUESTION_FIELDS = {"stage": pa.string(), "row_id": pa.string(), "kind": pa.int32(), "text": pa.string(),
-                   "language": pa.string()}
-ANSWER_SCHEMA = pa.schema([("row_id", pa.string()), ("kind", pa.int32()), ("text", pa.string()),
-                           ("language", pa.string()), ("raw", pa.list_(pa.float64()))])
 ABSTAINED, NOT_ALLOWED = "low_confidence", "no_allowed_set"
 
 
@@ -132,49 +124,21 @@ def survey(spec: JobSpec) -> Corpus:
 
 
 def questions_of(batch: pa.Table, spec: JobSpec, committed: ray.ObjectRef) -> pa.Table:
-    """Ray Data map: a batch of the input → its texts' questions (``judgement.request`` rows with
-    ``QUESTION_FIELDS``), less the committed ones (``committed``: their sorted ids)."""
-    settings, labels = spec.annotate, scheme(spec)
+    """Ray Data map: a batch of the input → its texts' questions (``judge_pass.questions``), less
+    the committed ones (``committed``: their sorted ids)."""
+    settings = spec.annotate
     texts = tables.text_values(batch, settings.text_column)
     ids = tables.text_values(batch, settings.id_column) if settings.id_column else [None] * len(texts)
     languages = (tables.text_values(batch, settings.language_column) if settings.language_column
                  else [spec.languages[0]] * len(texts))
-    rows, seen = [], set()
+    asked: dict[str, tuple[str, str | None]] = {}
     for row_id, text, language in zip(ids, texts, languages):
         if text is None or not text.strip():  # refused by survey; a file changed since is counted lost
             continue
-        row_id = row_id or stable_id("annotated", text)
-        if row_id in seen:  # a text repeated in the batch is asked once (survey counted it)
-            continue
-        seen.add(row_id)
-        rows += [{**judgement.request(question), "stage": "annotate", "row_id": row_id, "kind": question.kind,
-                  "text": text if question.kind == 0 else None, "language": language}
-                 for question in labels.judge_questions(row_id, text, "annotate")]
-    return parts.uncommitted(engine.requests_table(rows, QUESTION_FIELDS), committed)
-
-
-def answer_rows(answered: pa.Table) -> pa.Table:
-    """A part's answered questions → ``ANSWER_SCHEMA`` rows with their raw probabilities."""
-    good = answered.filter(pc.field("ok"))
-    logprobs = good["option_logprobs"].to_pylist()
-    raw = judgement.probabilities(logprobs, len(logprobs[0]) if logprobs else 2)
-    return pa.table({"row_id": good["row_id"], "kind": good["kind"], "text": good["text"],
-                     "language": good["language"], "raw": pa.array(list(raw), pa.list_(pa.float64()))},
-                    schema=ANSWER_SCHEMA)
-
-
-def means(location: RunLocation, found: dict[str, parts.Part], kinds: int, options: int) -> tuple[np.ndarray, ...]:
-    """Questions per kind and their mean raw probabilities over every committed part (NaN rows
-    for a kind without answers), read a part at a time."""
-    counts, sums = np.zeros(kinds, np.int64), np.zeros((kinds, options))
-    for path in found:
-        table = location.read_table(path, columns=["kind", "raw"])
-        if table.num_rows:
-            kind = table["kind"].to_numpy()
-            np.add.at(counts, kind, 1)
-            np.add.at(sums, kind, np.array(table["raw"].to_pylist()))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return counts, sums / counts[:, None]
+        # A text repeated in the batch is asked once (survey counted it).
+        asked.setdefault(row_id or stable_id("annotated", text), (text, language))
+    return judge_pass.questions(scheme(spec), "annotate", list(asked), [text for text, _ in asked.values()],
+                                [language for _, language in asked.values()], [None] * len(asked), True, committed)
 
 
 def labelled(labels: LabelScheme, spec: JobSpec, questions: list[dict], found_priors: np.ndarray,
@@ -182,10 +146,7 @@ def labelled(labels: LabelScheme, spec: JobSpec, questions: list[dict], found_pr
     """Rows whose every question was answered (``questions``: their ``ANSWER_SCHEMA`` rows, a
     row's kinds in order) → the annotated rows kept and removed (with ``reason``)."""
     size = labels.judge_size
-    raw = np.array([question["raw"] for question in questions]).reshape(-1, found_priors.shape[1])
-    of_kind = np.tile(np.arange(size), len(questions) // size)
-    probabilities = judgement.calibrated_by_kind(raw, of_kind, found_priors, kinds)
-    found = Judgement(raw=raw, probabilities=probabilities, priors=found_priors, calibration=kinds, usage=Usage())
+    found = judge_pass.judgement_of(questions, found_priors, kinds, size)
     judged, _, confidence = labels.judged(found)
     firsts = questions[::size]
     columns = labels.columns(labels.ids_of(judged))
@@ -272,41 +233,12 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
                  len(committed))
         if pending <= 0:
             return {}, 0
-        pool = ctx.engines()
-        per_part = max(spec.output.commit_rows, pool.engine.replicas)
         texts = tables.dataset(str(self.settings.path), "annotate.path", self.settings.text_column)
         if self.settings.max_rows is not None:
             texts = texts.limit(self.settings.max_rows)
         questions = texts.map_batches(functools.partial(questions_of, spec=spec, committed=ray.put(committed)),
                                       batch_format="pyarrow", num_cpus=runtime.TASK_CPUS)
-        # A map task's output batches are merged into one block until its input block is done,
-        # and an answered block is written only then: a corpus read as one block (one file) would
-        # commit nothing until the pass ends. Blocks of one part's questions commit as they go.
-        questions = questions.repartition(target_num_rows_per_block=per_part)
-        sink = parts.PartSink(location, ANSWERS, answer_rows, per_part)
-        progress = Progress(location, "annotate", pending, total, len(committed))
-        return parts.commit_pass(pool, "annotate", questions, sink, pending, progress, spec.output.status_seconds)
-
-    def _priors(self, ctx: Context, found: dict[str, parts.Part]) -> tuple[np.ndarray, list[str], Usage]:
-        """Each kind's prior and calibration over every committed answer (``prior.json``), and
-        what the content-free questions cost."""
-        labels, settings = scheme(self.spec), self.settings.judge
-        options = 2 if labels.judge_size > 1 else len(labels.ids)
-        counts, batch_means = means(ctx.location, found, labels.judge_size, options)
-        kinds = judgement.methods(counts, settings)
-        blanks = judgement.blank_questions(kinds, counts, labels.judge_blank, options)
-        blank_raw, usage = np.zeros((0, options)), Usage()
-        if blanks:
-            answered = ctx.engines().answer_table(
-                engine.requests_table([judgement.request(question) for question in blanks]), "annotate/content_free")
-            by_id = dict(zip(answered["request_id"].to_pylist(), answered["option_logprobs"].to_pylist()))
-            blank_raw = judgement.probabilities([by_id[question.request_id] for question in blanks], options)
-            usage = engine.usage(answered)
-        found_priors, used = judgement.priors(kinds, batch_means, blank_raw,
-                                              np.array([question.kind for question in blanks], int))
-        ctx.location.write_json(PRIOR_FILE, {"calibration": used, "priors": found_priors.tolist(),
-                                             "questions": counts.tolist()})
-        return found_priors, used, usage
+        return judge_pass.ask(ctx, "annotate", ANSWERS, questions, pending, total, len(committed))
 
     def _write_rows(self, location: RunLocation, found: dict[str, parts.Part], found_priors: np.ndarray,
                     kinds: list[str]) -> tuple[list[str], list[str], list, dict[str, int]]:
@@ -315,17 +247,8 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         labels, size = scheme(self.spec), scheme(self.spec).judge_size
         for folder in ("data", "removed"):
             location.delete(f"{FOLDER}/{folder}")  # a crash mid-way leaves no stale shard to mix in
-        waiting: dict[str, dict[int, dict]] = {}
         data, removed_shards, counted, removed = [], [], [], {ABSTAINED: 0, NOT_ALLOWED: 0}
-        for number, path in enumerate(sorted(found)):
-            for question in location.read_table(path).to_pylist():
-                waiting.setdefault(question["row_id"], {})[question["kind"]] = question
-            whole = [row_id for row_id, kinds_seen in waiting.items() if len(kinds_seen) == size]
-            if not whole:
-                continue
-            questions = [waiting[row_id][kind] for row_id in whole for kind in range(size)]
-            for row_id in whole:
-                del waiting[row_id]
+        for number, questions in judge_pass.whole_rows(location, found, size):
             kept, dropped = labelled(labels, self.spec, questions, found_priors, kinds)
             name = f"part-{number:05d}.parquet"
             if kept.num_rows:
@@ -348,15 +271,13 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
         found |= written
         timings["ask"] = time.perf_counter() - started
         started = time.perf_counter()
-        found_priors, kinds, blank_usage = self._priors(ctx, found)
+        found_priors, kinds, blank_usage = judge_pass.priors(ctx, found, labels, self.settings.judge,
+                                                             "annotate/content_free", PRIOR_FILE)
         data, removed_shards, by_key, removed = self._write_rows(location, found, found_priors, kinds)
         timings["label"] = time.perf_counter() - started
         rows = sum(row["rows"] for row in by_key)
         failures, files = parts.failures(location, found)
         lost = corpus.texts - rows - sum(removed.values())
-        options = 2 if labels.judge_size > 1 else len(labels.ids)
-        prior_of = Judgement(raw=np.zeros((0, options)), probabilities=np.zeros((0, options)), priors=found_priors,
-                             calibration=kinds, usage=Usage())
         written_table = pa.Table.from_pylist(by_key, schema=pa.schema(
             [(labels.key, pa.string()), ("language", pa.string()), ("rows", pa.int64())]))
         report = AnnotationReport(
@@ -364,7 +285,7 @@ class Annotate(SourceStage[AnnotationReport, Corpus]):
             rows=AnnotatedRows(expected=corpus.rows, duplicates=corpus.duplicates, written=rows,
                                removed=sum(removed.values()), lost=lost),
             counts=Counts(**labels.counts(written_table)), removed=removed, calibration=kinds,
-            prior=labels.judge_prior(prior_of),
+            prior=judge_pass.prior(labels, found_priors, kinds),
             failures=Failures(requests=failures.num_rows, rows_lost=lost, by_stage=results.counts(failures, ["stage"]),
                               files=files),
             llm=sum((part.usage for part in found.values()), blank_usage), engine=ctx.engine_figures(),
