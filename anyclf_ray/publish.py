@@ -5,8 +5,9 @@ model repo id. Out: the dataset repo holding the dataset card (``README.md``), t
 its ``configs:`` name at the same paths (so ``load_dataset(repo, config)`` reads what
 ``load_dataset(<run folder>, config)`` reads), ``tree.parquet``, the figures, ``eval/metrics.json``
 and each stage's manifest; the model repo holding ``model/`` as training wrote it, its model card
-included. Never published: ``failures/`` (the requests' last outputs), ``removed/``, embeddings,
-``spec.json``, ``status.json``, Ray Train's checkpoints.
+included (with error-driven rounds, the best round's ``rounds/<k>/model/``). Never published:
+``failures/`` (the requests' last outputs), ``removed/``, embeddings, ``spec.json``, ``status.json``,
+Ray Train's checkpoints.
 
 ``publication`` decides the files from the run alone, with no network: every refusal (a stage not
 complete, no card, no model) comes before any HTTP call, and so does ``guard``'s (a file that
@@ -33,7 +34,7 @@ import yaml
 
 from anyclf_ray import pipeline
 from anyclf_ray.core.config import ConfigError, JobSpec
-from anyclf_ray.core.results import SCHEMA_VERSION, StageResult
+from anyclf_ray.core.results import SCHEMA_VERSION, StageResult, WeakSpotsReport
 from anyclf_ray.core.stage import Stage
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.training.train import MODEL_FOLDER
@@ -187,12 +188,16 @@ def publication(location: RunLocation, with_model: bool) -> Publication:
                 for stage, _ in stages]
     model: list[Upload] = []
     if with_model:
-        trained = next((result for stage, result in stages if stage.name == "train"), None)
+        # With rounds, the best round's model (the last measure names it), else the first training's.
+        measures = [result.report for _, result in stages if isinstance(result.report, WeakSpotsReport)]
+        folder = measures[-1].best_model if measures else MODEL_FOLDER
+        trained = next((result for stage, result in stages
+                        if stage.name == f"{folder.removesuffix(MODEL_FOLDER)}train"), None)
         files = trained.report.files if trained else []
-        if f"{MODEL_FOLDER}/{CARD}" not in files:
+        if f"{folder}/{CARD}" not in files:
             raise ConfigError(f"--model-repo: the run at {location.uri()} has no trained model with its card; "
                               "run `anyclf-ray train` first, or push the dataset alone")
-        model = [Upload(path.removeprefix(f"{MODEL_FOLDER}/"), path) for path in files]
+        model = [Upload(path.removeprefix(f"{folder}/"), path) for path in files]
     return Publication(dataset=dataset, model=model, data_files=patterns, card=card)
 
 

@@ -17,7 +17,7 @@ import ray
 from conftest import read_parts, tiny_raw, write_generated
 from test_engine import FakeEngine
 
-from anyclf_ray import pipeline
+from anyclf_ray import pipeline, publish
 from anyclf_ray.core import loading
 from anyclf_ray.core.loading import ConfigError
 from anyclf_ray.core.results import WeakSpotsReport
@@ -112,7 +112,8 @@ def test_the_leak_index_finds_exact_and_near_copies():
 
 
 def report(round_: int, dev: float | None, held_out: float) -> WeakSpotsReport:
-    return WeakSpotsReport(round=round_, model="m", file="f", metric="macro_f1", measured_on="held_out", value=0,
+    return WeakSpotsReport(round=round_, model=f"rounds/{round_}/model", file="f", metric="macro_f1",
+                           measured_on="held_out", value=held_out if dev is None else dev,
                            held_out={"macro_f1": held_out}, dev_set=None if dev is None else {"macro_f1": dev},
                            spots={})
 
@@ -125,6 +126,12 @@ def test_rounds_stop_on_min_gain_and_max_rounds(tmp_path):
     assert reason and "gained +0.0100 macro_f1, less than min_gain 0.02" in reason
     assert stages.stop(settings, [report(0, None, 0.5), report(1, None, 0.51)])  # no dev set: held-out
     assert "max_rounds 3" in stages.stop(settings, [report(k, 0.1 * k, 0) for k in range(4)])
+
+
+def test_the_best_round_has_the_highest_metric_and_the_earliest_on_a_tie():
+    assert stages.best([report(0, 0.5, 0.9), report(1, 0.6, 0.1), report(2, 0.55, 0.99)]).round == 1
+    assert stages.best([report(0, 0.5, 0.9), report(1, 0.6, 0.1), report(2, 0.6, 0.3)]).round == 1
+    assert stages.best([report(0, None, 0.7), report(1, None, 0.69)]).model == "rounds/0/model"
 
 
 @pytest.mark.parametrize(("rounds", "message"), [
@@ -233,6 +240,13 @@ def test_a_round_killed_mid_pass_resumes_and_writes_every_row_once(tmp_path, loc
     assert location.exists("rounds/1/model/model_head.pkl") and location.exists("rounds/1/eval/metrics.json")
     card = location.read_bytes("README.md").decode()
     assert "**Round 0**" in card and "**Round 1**" in card and "Round 1 added 24 rows" in card
+    # The best round's model is the one published.
+    measured = [found[f"rounds/{k}/weak_spots"].report for k in (0, 1)]
+    best = measured[1] if measured[1].value > measured[0].value else measured[0]
+    assert (measured[1].best_round, measured[1].best_model) == (best.round, best.model)
+    assert f"best round so far {best.round}" in card
+    uploads = publish.publication(location, with_model=True).model
+    assert uploads and all(upload.source.startswith(f"{best.model}/") for upload in uploads)
     held = stages.held_out_rows(location, found["train"].shards.data or found["dev_leak"].shards.data, 0.5)
     assert all(train.draws([row_id])[0] < 0.5 for row_id in held["id"].to_pylist())
 

@@ -395,6 +395,10 @@ class WeakSpotsReport(Model):
     measured_on: str
     value: float
     gain: float | None = None
+    # The round with the highest metric so far, this one included (the earliest on a tie), and
+    # its model folder: the run's model to use and publish once the rounds end.
+    best_round: int = 0
+    best_model: str = "model"
     held_out: dict[str, Any]
     dev_set: dict[str, Any] | None = None
     spots: dict[str, Any]

@@ -66,6 +66,12 @@ def metric_of(report: WeakSpotsReport, metric: str) -> float:
     return float((report.dev_set if report.dev_set is not None else report.held_out)[metric])
 
 
+def best(measured: list[WeakSpotsReport]) -> WeakSpotsReport:
+    """The round of ``measured`` with the highest metric, the earliest on a tie (fewer rows, the
+    same score: the run keeps the smaller model's data)."""
+    return max(measured, key=lambda report: (report.value, -report.round))
+
+
 def stop(settings: RoundsSpec, measured: list[WeakSpotsReport]) -> str | None:
     """Why no further round runs after the rounds ``measured`` (in order, round 0 first), or None."""
     last = measured[-1]
@@ -154,13 +160,15 @@ class WeakSpots(Stage[WeakSpotsReport, "evaluate.EvalSet | None"]):
         dev_figures = brief(weak_spots.figures(dev_scored, labels.ids)) if dev_scored is not None else None
         metric = self.settings.metric
         value = float((dev_figures or held_figures)[metric])
-        before = [found.report for found in ctx.finished if isinstance(found.report, WeakSpotsReport)
-                  and found.report.round == self.round - 1]
-        gain = value - metric_of(before[-1], metric) if before else None
+        earlier = [found.report for found in ctx.finished if isinstance(found.report, WeakSpotsReport)
+                   and found.report.round < self.round]
+        gain = value - metric_of(earlier[-1], metric) if earlier else None
         report = WeakSpotsReport(round=self.round, model=model_folder, file=spots_file(self.round), metric=metric,
                                  measured_on="dev_set" if dev_figures else "held_out", value=round(value, 4),
                                  gain=None if gain is None else round(gain, 4), held_out=held_figures,
                                  dev_set=dev_figures, spots=weak_spots.summary(spots))
+        chosen = best([*earlier, report])
+        report.best_round, report.best_model = chosen.round, chosen.model
         return Outcome(report=report, rows=Rows(input=held.num_rows + (len(dev.texts) if dev else 0),
                                                 output=spots.num_rows),
                        output=location.uri(spots_file(self.round)))
@@ -171,7 +179,8 @@ class WeakSpots(Stage[WeakSpotsReport, "evaluate.EvalSet | None"]):
         gain = f" ({found.gain:+.4f})" if found.gain is not None else ""
         where = found.measured_on.replace("_", " ")
         return (f"round {found.round}: {found.metric} {found.value:.4f}{gain} on the {where}; "
-                f"weak spots {kinds} in {found.file}")
+                f"weak spots {kinds} in {found.file}; best round so far {found.best_round} "
+                f"({found.best_model}/)")
 
     def card_section(self, result: StageResult[WeakSpotsReport]) -> str:
         found = result.report
