@@ -216,12 +216,16 @@ def test_an_embedding_worker_killed_mid_dedup_is_replaced_with_the_same_result(d
 
 
 def kill_first_embedder(killed: list[int], timeout: float = 120) -> None:
-    """Kill -9 the first process Ray titles as a worker of the ``Embedder`` map, a second after
-    it is seen (it is then loading its model or embedding); its pid in ``killed``."""
+    """Kill -9 the first process this test's embedded Ray (a descendant of this process: never
+    another Ray on the machine) titles as a worker of the ``Embedder`` map, a second after it is
+    seen (it is then loading its model or embedding); its pid in ``killed``."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for process in psutil.process_iter(["cmdline"]):
-            if "Embedder" in " ".join(process.info["cmdline"] or []):
+        for process in psutil.Process().children(recursive=True):
+            cmdline = []
+            with contextlib.suppress(psutil.NoSuchProcess):  # ended since it was listed
+                cmdline = process.cmdline()
+            if "Embedder" in " ".join(cmdline):
                 time.sleep(1)
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()

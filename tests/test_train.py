@@ -335,7 +335,7 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
     rest = tmp_path / "rest.csv"
     pyarrow.csv.write_csv(table.take(order[200:1200]).select(["text", "spam"]), rest)
     # 5 pairs per row (SetFit's default is 20, which scored spam F1 0.922 here) keeps CI short.
-    raw = train_raw(tmp_path / "runs", "sms", num_workers=2, num_iterations=5, batch_size=16, max_seq_length=64,
+    raw = train_raw(tmp_path / "runs", "sms", num_workers=1, num_iterations=5, batch_size=16, max_seq_length=64,
                     test_size=0.0,
                     eval_set={"path": str(rest), "label_column": "spam", "label_map": {"0": "ham", "1": "spam"}})
     raw["instruction"] = "classify an SMS as spam or not"
