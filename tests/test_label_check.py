@@ -298,14 +298,17 @@ def test_the_judge_on_the_cluster_resumes_and_gives_the_in_process_verdicts(tmp_
     location = write_generated(spec, CLEAN + FLIPPED)
     with pytest.raises(Exception, match="the pass dies here"):
         pipeline.run(spec, only="label_check", engine_factory=BreakingJudge)
+    # Parts of at most commit_rows questions landed while the pass ran: those of the calls the
+    # driver took in before the fourth failed (the three, but fewer on a loaded machine).
     answers = label_check.parts.committed(location, "label_check/answers")
-    assert sorted(part.rows for part in answers.values()) == [8, 8, 8]
+    asked = [len(part.request_ids) for part in answers.values()]  # a question that failed is in its part
+    assert 1 <= len(asked) <= 3 and all(0 < n <= 8 for n in asked)
     assert not location.exists("label_check/manifest.json")
 
     Judge = functools.partial(OptionJudge, silent_on_one_hotel)
     found = pipeline.run(spec, only="label_check", engine_factory=Judge)["label_check"]
     llm = found.report.methods["llm"]
-    assert llm.engine.passes["label_check/llm"].requests == 52 - 24  # those no part answered
+    assert llm.engine.passes["label_check/llm"].requests == 52 - sum(asked)  # those no part holds
     assert (llm.usage.requests, llm.usage.failed, llm.unanswered, llm.checked) == (52, 1, 1, 51)
     kept, removed, fields, _ = label_check.check(spec, read_parts(location).sort_by("id"), lambda requests: (
         engine.answer(Judge(), requests, spec.sampling)), None)
