@@ -86,8 +86,9 @@ def check_repo(repo: str, argument: str) -> str:
 
 def finished(location: RunLocation) -> list[tuple[Stage, StageResult]]:
     """The run's stages with their committed results, in run order: every stage its spec enables
-    and any other stage committed since. ConfigError in one line for a run that is not there, a
-    stage not finished or finished incomplete, or one that read an input redone since."""
+    and any other stage committed since, then the error-driven rounds' stages that ran (rounds
+    may stop early). ConfigError in one line for a run that is not there, a stage not finished
+    or finished incomplete, or one that read an input redone since."""
     if not location.exists("spec.json"):
         raise ConfigError(f"RUN: no anyclf-ray run at {location.uri()} (it has no spec.json); give a run folder, "
                           "as in runs/<run_id> or s3://bucket/prefix/<run_id>")
@@ -97,10 +98,10 @@ def finished(location: RunLocation) -> list[tuple[Stage, StageResult]]:
                           f"{pinned.get('schema_version')!r}); push it with that version")
     spec = JobSpec.model_validate(pinned["spec"])
     found = []
-    for cls in pipeline.STAGES:
+    for cls in [*pipeline.STAGES, *pipeline.round_stages(spec)]:
         stage = cls(spec)
         result = stage.read(location)
-        if result is None and cls.enabled(spec):
+        if result is None and cls in pipeline.STAGES and cls.enabled(spec):
             raise ConfigError(f"RUN: its {stage.name} stage has not finished (no {stage.manifest_path}); run "
                               f"`anyclf-ray {stage.command}` (or `anyclf-ray run`) before pushing")
         if result is not None and not result.complete:

@@ -129,15 +129,20 @@ def test_rounds_stop_on_min_gain_and_max_rounds(tmp_path):
 
 
 def test_the_best_round_has_the_highest_metric_and_the_earliest_on_a_tie():
-    assert stages.best([report(0, 0.5, 0.9), report(1, 0.6, 0.1), report(2, 0.55, 0.99)]).round == 1
-    assert stages.best([report(0, 0.5, 0.9), report(1, 0.6, 0.1), report(2, 0.6, 0.3)]).round == 1
-    assert stages.best([report(0, None, 0.7), report(1, None, 0.69)]).model == "rounds/0/model"
+    assert stages.best([report(0, 0.5, 0.9), report(1, 0.6, 0.1), report(2, 0.55, 0.99)], "macro_f1").round == 1
+    assert stages.best([report(0, 0.5, 0.9), report(1, 0.6, 0.1), report(2, 0.6, 0.3)], "macro_f1").round == 1
+    assert stages.best([report(0, None, 0.7), report(1, None, 0.69)], "macro_f1").model == "rounds/0/model"
+    # Compared by the metric asked for now, not the one a round was measured by.
+    accuracy = report(1, 0.6, 0.1).model_copy(update={"dev_set": {"macro_f1": 0.6, "accuracy": 0.9}})
+    assert stages.best([report(0, 0.7, 0.1).model_copy(update={"dev_set": {"macro_f1": 0.7, "accuracy": 0.8}}),
+                        accuracy], "accuracy").round == 1
 
 
 @pytest.mark.parametrize(("rounds", "message"), [
     ({"max_rounds": 0}, r"^rounds.max_rounds: "),
     ({"rows_per_round": 0}, r"^rounds.rows_per_round: "),
     ({"min_gain": -2}, r"^rounds.min_gain: "),
+    ({"min_gain": 5}, r"^rounds.min_gain: "),  # metrics lie in [0, 1]
     ({"metric": "f1"}, r"^rounds.metric: "),
     ({"leak_similarity": 0}, r"^rounds.leak_similarity: "),
     ({"dev_set": {"path": "x.csv", "colour": 1}}, r"^rounds.dev_set.colour: "),

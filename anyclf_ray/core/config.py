@@ -506,7 +506,7 @@ class RoundsSpec(StageSpec):
     dev_set: Annotated[EvalSetSpec | None, DECIDES, Field(
         description="A small real labelled set (read like train.eval_set): its errors drive generation and "
                     "its metric the stopping; never trained on.")] = None
-    min_gain: float = Field(0.005, ge=-1, description="Stop when the metric (on the dev set, else on the first "
+    min_gain: float = Field(0.005, ge=-1, le=1, description="Stop when the metric (on the dev set, else on the first "
                                                         "round's held-out rows) improves by less than this; -1: "
                                                         "run every round.")
     metric: Literal["macro_f1", "accuracy", "weighted_f1"] = Field(

@@ -66,10 +66,11 @@ def metric_of(report: WeakSpotsReport, metric: str) -> float:
     return float((report.dev_set if report.dev_set is not None else report.held_out)[metric])
 
 
-def best(measured: list[WeakSpotsReport]) -> WeakSpotsReport:
-    """The round of ``measured`` with the highest metric, the earliest on a tie (fewer rows, the
-    same score: the run keeps the smaller model's data)."""
-    return max(measured, key=lambda report: (report.value, -report.round))
+def best(measured: list[WeakSpotsReport], metric: str) -> WeakSpotsReport:
+    """The round of ``measured`` with the highest ``metric`` (as ``metric_of`` reads it: rounds
+    measured before a change of ``rounds.metric`` are compared by the new one), the earliest on
+    a tie (the same score from fewer rows)."""
+    return max(measured, key=lambda report: (metric_of(report, metric), -report.round))
 
 
 def stop(settings: RoundsSpec, measured: list[WeakSpotsReport]) -> str | None:
@@ -167,7 +168,7 @@ class WeakSpots(Stage[WeakSpotsReport, "evaluate.EvalSet | None"]):
                                  measured_on="dev_set" if dev_figures else "held_out", value=round(value, 4),
                                  gain=None if gain is None else round(gain, 4), held_out=held_figures,
                                  dev_set=dev_figures, spots=weak_spots.summary(spots))
-        chosen = best([*earlier, report])
+        chosen = best([*earlier, report], metric)
         report.best_round, report.best_model = chosen.round, chosen.model
         return Outcome(report=report, rows=Rows(input=held.num_rows + (len(dev.texts) if dev else 0),
                                                 output=spots.num_rows),
