@@ -48,6 +48,24 @@ class OptionJudge:
             logprobs = None if weights is None else tuple(math.log(w) if w > 0 else -math.inf for w in weights)
             out.append(engine.Completion(prompt.options[0], "stop", len(prompt.text) // 4, 1, logprobs))
         return out
+
+
+class BreakingJudge(OptionJudge):
+    """``OptionJudge(weigh)`` until its fourth call, which fails the pass (as a driver killed then
+    would) three seconds later, time for the parts answered so far to be written."""
+
+    def __init__(self, weigh):
+        super().__init__(weigh)
+        self.calls = 0
+
+    def complete(self, prompts):
+        self.calls += 1
+        if self.calls == 4:
+            time.sleep(3)
+            raise RuntimeError("the pass dies here")
+        return super().complete(prompts)
+
+
 S3_KEY, S3_SECRET = "anyclf-test-key", "anyclf-test-secret"
 
 

@@ -13,13 +13,12 @@ import json
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import OptionJudge, annotate_raw, read_parts, texts_file, tiny_raw, write_spec
+from conftest import BreakingJudge, OptionJudge, annotate_raw, read_parts, texts_file, tiny_raw, write_spec
 from test_engine import FakeEngine
 
 from anyclf_ray import cli, pipeline
@@ -149,21 +148,6 @@ def test_a_killed_run_resumes_with_the_questions_no_part_answered(tmp_path, loca
     assert len(asked) == len(set(asked)) == 48
 
 
-class Breaking(OptionJudge):
-    """``Judge`` until its fourth call, which fails the pass (as a driver killed then would)."""
-
-    def __init__(self):
-        super().__init__(leaning)
-        self.calls = 0
-
-    def complete(self, prompts):
-        self.calls += 1
-        if self.calls == 4:
-            time.sleep(3)  # time for the parts answered so far to be written
-            raise RuntimeError("the pass dies here")
-        return super().complete(prompts)
-
-
 @pytest.mark.slow
 def test_answer_parts_land_while_the_pass_runs(tmp_path, local_ray):
     """A single-file corpus (one block as read) still commits a part per commit_rows questions as
@@ -172,7 +156,7 @@ def test_answer_parts_land_while_the_pass_runs(tmp_path, local_ray):
     raw["engine"]["batch_size"], raw["output"]["commit_rows"] = 8, 8
     spec = loading.parse(raw)
     with pytest.raises(Exception, match="the pass dies here"):
-        pipeline.run(spec, only="annotate", engine_factory=Breaking)
+        pipeline.run(spec, only="annotate", engine_factory=functools.partial(BreakingJudge, leaning))
     location = RunLocation(spec.output, "streamed")
     committed = annotate.parts.committed(location, annotate.ANSWERS)
     assert sorted(part.rows for part in committed.values()) == [8, 8, 8]

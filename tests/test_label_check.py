@@ -14,13 +14,12 @@ import functools
 import json
 import re
 import sys
-import time
 
 import datasets
 import numpy as np
 import pytest
 import ray
-from conftest import OptionJudge, read_parts, tiny_raw, write_generated, write_spec
+from conftest import BreakingJudge, OptionJudge, read_parts, tiny_raw, write_generated, write_spec
 
 from anyclf_ray import cli, pipeline
 from anyclf_ray.core import config, embed, loading, runtime
@@ -270,22 +269,6 @@ def silent_on_one_hotel(text, options, prompt):
     return None if "loved this hotel" in text else cue_weights(text, options, prompt)
 
 
-class BreakingJudge(OptionJudge):
-    """A judge silent on one text until its fourth call, which fails the pass (as a driver killed
-    then would)."""
-
-    def __init__(self):
-        super().__init__(silent_on_one_hotel)
-        self.calls = 0
-
-    def complete(self, prompts):
-        self.calls += 1
-        if self.calls == 4:
-            time.sleep(3)  # time for the parts answered so far to be written
-            raise RuntimeError("the pass dies here")
-        return super().complete(prompts)
-
-
 @pytest.mark.slow
 def test_the_judge_on_the_cluster_resumes_and_gives_the_in_process_verdicts(tmp_path, local_ray):
     """The llm method streams: its answers commit in parts of commit_rows as the pass runs; a
@@ -297,7 +280,7 @@ def test_the_judge_on_the_cluster_resumes_and_gives_the_in_process_verdicts(tmp_
     spec = loading.parse(raw)
     location = write_generated(spec, CLEAN + FLIPPED)
     with pytest.raises(Exception, match="the pass dies here"):
-        pipeline.run(spec, only="label_check", engine_factory=BreakingJudge)
+        pipeline.run(spec, only="label_check", engine_factory=functools.partial(BreakingJudge, silent_on_one_hotel))
     # Parts of at most commit_rows questions landed while the pass ran: those of the calls the
     # driver took in before the fourth failed (the three, but fewer on a loaded machine).
     answers = label_check.parts.committed(location, "label_check/answers")
