@@ -93,11 +93,12 @@ def test_targeted_requests_share_the_round_among_the_weak_spots(tmp_path):
     assert found.num_rows == math.ceil(25 / 2) and sum(found["n_items"].to_pylist()) == 25
     assert len(set(found["request_id"].to_pylist())) == found.num_rows
     assert targeted.requests(spec, spots, 1).equals(found)  # stable: a resume asks the same
-    # 13 requests, 5/4/4 by kind; within a kind by errors (a→b 2 confusions, c→a 1; leaf t1 2
-    # errors, t3 1); the leaf without errors gets none.
+    # 13 requests, 5/4/4 by true label (the label balance holds); within a label evenly by the
+    # kinds it has: a: the a→b confusion and its erring leaf t1; b: the dev error and, with no
+    # erring leaf, its lowest-margin leaf t2; c: the c→a confusion and its erring leaf t3.
     allocated = [(spot["kind"], spot["label"], spot.get("topic"), n) for spot, n in targeted.allocate(spec, spots)]
-    assert allocated == [("dev_error", "b", None, 5), ("confusion", "a", "t1", 3), ("confusion", "c", "t3", 1),
-                         ("leaf", "a", "t1", 3), ("leaf", "c", "t3", 1)]
+    assert allocated == [("confusion", "a", "t1", 3), ("leaf", "a", "t1", 2), ("dev_error", "b", None, 2),
+                         ("leaf", "b", "t2", 2), ("confusion", "c", "t3", 2), ("leaf", "c", "t3", 2)]
     prompts = found["prompt"].to_pylist()
     assert any("real b read as c" in p and "the b kind" in p and "the c kind" in p for p in prompts)
     assert any("took texts of the label: the a kind for the b kind" in p and "Topic: t1" in p for p in prompts)
