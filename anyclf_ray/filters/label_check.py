@@ -560,8 +560,7 @@ class LabelCheck(FilterStage[LabelCheckReport, None]):
     @property
     def clears(self) -> tuple[str, ...]:
         # The judge's committed answers are kept for a re-run of the same questions (``run``).
-        kept = (self.answers,) if self.uses_llm else ()
-        return tuple(self.data_path(name) for name in (*OUTPUTS, "answers") if self.data_path(name) not in kept)
+        return tuple(self.data_path(name) for name in (*OUTPUTS, *(() if self.uses_llm else ("answers",))))
 
     def run(self, ctx: Context, upstream: Input | None, fingerprint: str, checked: None
             ) -> StageResult[LabelCheckReport]:
