@@ -221,13 +221,40 @@ def tiny_model() -> str:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """An embedded Ray for one test module (modules that run `ray start` need none alive)."""
+    """The session's embedded Ray, started by the first module that asks and kept for the next:
+    a start costs seconds and its workers' imports, which a warm Ray has done. Fixtures that need
+    another Ray (a `ray start` cluster, declared GPUs) shut it down first (``without_local_ray``)."""
     import ray
 
-    # "local": a Ray of its own even when a `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        # "local": a Ray of its own even when a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
+
+
+def without_local_ray() -> None:
+    """Shut the session's embedded Ray down (the next ``local_ray`` starts another)."""
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_down():
+    """No Ray in this process: for commands whose own start or join of a cluster is under test."""
+    without_local_ray()
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Fails the test where its command joins or starts Ray: refusals come before cluster time.
+    (The session's embedded Ray may be up, so ``ray.is_initialized()`` cannot tell.)"""
+    from anyclf_ray.core import runtime
+
+    def connect(*args, **kwargs):
+        pytest.fail("the command joined a Ray cluster before refusing its input")
+
+    monkeypatch.setattr(runtime, "connect", connect)
 
 
 class SeaweedFS:

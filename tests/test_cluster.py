@@ -1,7 +1,7 @@
 """The jobs on a real local cluster: `ray start --head`, then `ray job submit jobs/...`.
 
-This module starts no embedded Ray of its own, and stops only the processes of the cluster it
-started (named by its GCS port), never another Ray on the machine.
+This module shuts the session's embedded Ray down, starts none of its own, and stops only the
+processes of the cluster it started (named by its GCS port), never another Ray on the machine.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, free_port, read_parts, tiny_raw, write_generated, write_spec
+from conftest import REPO, free_port, read_parts, tiny_raw, without_local_ray, write_generated, write_spec
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from anyclf_ray.core import loading, results
@@ -61,9 +61,7 @@ def cluster_processes(gcs_port: int) -> set[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    assert not ray.is_initialized(), "an embedded Ray is alive in this process"
+    without_local_ray()  # the jobs' drivers join this cluster; none of this process's Rays may be up
     dashboard, gcs = free_port(), free_port()
     # A temp dir of its own (short: it holds Unix sockets), so no other Ray on this machine
     # finds the cluster through /tmp/ray.

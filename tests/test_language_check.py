@@ -46,8 +46,8 @@ def test_the_decision_on_a_table_needs_no_ray(tmp_path):
     assert {"language": "fr", "detected_language": "en", "rows": 1} in found.counts["requested_by_detected"]
 
 
-# Tests that run the stage take the module's embedded Ray (a Ray started by the pipeline itself
-# would outlive the module and clash with the next module's).
+# Tests that run the stage take the session's embedded Ray (a Ray started by the pipeline itself
+# would be one the other modules' fixtures do not know of).
 
 
 @pytest.mark.slow
