@@ -223,7 +223,7 @@ def tiny_model() -> str:
 def local_ray():
     """The session's embedded Ray, started by the first module that asks and kept for the next:
     a start costs seconds and its workers' imports, which a warm Ray has done. Fixtures that need
-    another Ray (a `ray start` cluster, declared GPUs) shut it down first (``without_local_ray``)."""
+    another Ray (a `ray start` cluster, declared GPUs) shut it down first (``ray.shutdown()``)."""
     import ray
 
     if not ray.is_initialized():
@@ -232,17 +232,13 @@ def local_ray():
     yield
 
 
-def without_local_ray() -> None:
-    """Shut the session's embedded Ray down (the next ``local_ray`` starts another)."""
+@pytest.fixture
+def ray_down():
+    """No Ray in this process: for commands whose own start or join of a cluster is under test
+    (the session's embedded Ray is shut down; the next ``local_ray`` starts another)."""
     import ray
 
     ray.shutdown()
-
-
-@pytest.fixture
-def ray_down():
-    """No Ray in this process: for commands whose own start or join of a cluster is under test."""
-    without_local_ray()
 
 
 @pytest.fixture

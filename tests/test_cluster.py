@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, free_port, read_parts, tiny_raw, without_local_ray, write_generated, write_spec
+from conftest import REPO, free_port, read_parts, tiny_raw, write_generated, write_spec
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from anyclf_ray.core import loading, results
@@ -61,7 +61,9 @@ def cluster_processes(gcs_port: int) -> set[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    without_local_ray()  # the jobs' drivers join this cluster; none of this process's Rays may be up
+    import ray
+
+    ray.shutdown()  # the session's embedded Ray: the jobs' drivers join this cluster, none of ours may be up
     dashboard, gcs = free_port(), free_port()
     # A temp dir of its own (short: it holds Unix sockets), so no other Ray on this machine
     # finds the cluster through /tmp/ray.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import ray
-from conftest import without_local_ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from test_engine import SAMPLING, FakeEngine
 
@@ -59,7 +58,7 @@ def test_model_actors_and_training_workers_take_a_gpu_each():
 @pytest.fixture(scope="module")
 def gpu_ray():
     """An embedded Ray whose node declares 2 logical GPUs and one ``engine_node`` (no real GPU)."""
-    without_local_ray()
+    ray.shutdown()  # the session's embedded Ray, which declares no GPUs
     ray.init(address="local", num_cpus=2, num_gpus=2, resources={"engine_node": 1}, include_dashboard=False,
              log_to_driver=False)
     yield
