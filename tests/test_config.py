@@ -187,6 +187,20 @@ def test_bad_train_settings_name_the_field(raw, train, message):
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("rounds", None, "rounds: is empty; give its fields under it, or {} for the defaults, or remove it"),
+        ("train", True, "train: must be a mapping of its fields (key: value), not True"),
+        ("dedup", "on", "dedup: must be a mapping of its fields (key: value), not 'on'"),
+    ],
+)
+def test_a_section_that_is_not_a_mapping_names_the_fix(raw, section, value, message):
+    with pytest.raises(ConfigError) as error:
+        loading.parse({**raw, section: value})
+    assert str(error.value) == message
+
+
 def test_default_run_id_is_the_fingerprint(raw):
     spec = loading.parse({**raw, "run_id": None})
     assert spec.resolved_run_id() == f"run-{spec.fingerprint()}"

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import sys
 import time
 
@@ -260,22 +261,28 @@ def test_a_round_killed_mid_pass_resumes_and_writes_every_row_once(tmp_path, loc
 def test_plan_reports_the_upper_bound_of_all_rounds(tmp_path):
     from anyclf_ray.sources import estimate
 
+    dev = dev_file(tmp_path)
+    with open(dev, "a") as lines:  # a row without a text and one without a label: skipped, and said so
+        lines.write(",neg\nThe room was fine.,\n")
     spec = loading.parse(tiny_raw(tmp_path, "r", languages=["en"], label_check={"enabled": True, "methods": ["llm"]},
                                   rounds={"enabled": True, "rows_per_round": 25, "max_rounds": 3,
-                                          "dev_set": {"path": dev_file(tmp_path)}}))
+                                          "dev_set": {"path": dev}}))
     found = estimate.estimate(spec)
     bound = found["rounds"]
     assert bound["rows"] == 75 and bound["generate_requests"] == 3 * 13  # 2 rows a request
     assert bound["tokens"]["out_budget"] == 39 * spec.sampling.max_tokens and bound["tokens"]["in"] > 0
     assert bound["label_check_requests"] == (48 + 25) + (48 + 50) + (48 + 75)  # every row judged again each round
-    assert "rounds (at most 3)" in estimate.table(found)
+    assert bound["dev_set"] == {"texts": 2, "null_text": 1, "null_label": 1}
+    shown = estimate.table(found)
+    assert "rounds (at most 3, first attempts)" in shown
+    assert re.search(r"dev set null text +1\n", shown) and re.search(r"dev set texts +2\n", shown)
 
 
 @pytest.mark.slow
 def test_two_rounds_end_to_end_on_real_vllm(tmp_path, local_ray, tiny_model):
-    """Two rounds on real vLLM (CPU build, the tiny model; the run's one engine start serves the
-    first pass and both rounds): each round measures its weak spots, asks for its rows on the
-    same engines, checks them for dev leaks and trains on every row so far."""
+    """Two rounds on real vLLM (CPU build, the tiny model; the engines start once a round and are
+    released before its training takes the cores): each round measures its weak spots, asks for
+    its rows, checks them for dev leaks and trains on every row so far."""
     raw = tiny_raw(tmp_path, "real-rounds", languages=["en"], dedup={"enabled": False},
                    train={"num_iterations": 0, "test_size": 0.5},
                    rounds={"enabled": True, "rows_per_round": 12, "max_rounds": 2, "min_gain": -1.0,
@@ -287,7 +294,7 @@ def test_two_rounds_end_to_end_on_real_vllm(tmp_path, local_ray, tiny_model):
     for k in (1, 2):
         targeted_ = found[f"rounds/{k}/targeted"]
         assert targeted_.status == "complete" and targeted_.report.rows.written == 12
-        assert targeted_.report.engine.starts == 1  # the first pass's engines, not new ones
+        assert targeted_.report.engine.starts == 1  # one start for the round's LLM requests
         rows = read_parts(location, f"rounds/{k}/targeted/data")
         assert rows.num_rows == len(set(rows["id"].to_pylist())) == 12 and set(rows["model"].to_pylist()) == {
             "builtin:tiny-random"}

@@ -92,6 +92,7 @@ def test_model_trains_saves_and_reloads_in_setfit_format(trained):
     assert data.train_rows + data.held_out_rows == 80 and data.held_out_rows > 5
     assert manifest.report.figures["pairs"] == 2 * data.train_rows
     assert manifest.report.figures["steps_per_worker"] == -(-2 * data.train_rows // (2 * 8))
+    assert manifest.report.figures["threads_per_worker"] == 1  # two workers share the two cores
     card = open(location.path("model/README.md")).read()
     # A built-in body by its Hub id, which the Hub checks.
     assert "library_name: setfit" in card and "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
@@ -347,6 +348,7 @@ def test_real_sms_spam_after_200_training_rows(tmp_path, local_ray):
     print(f"SMS spam, 200 training rows: spam F1 {real['per_class']['spam']['f1']:.3f}, "
           f"accuracy {real['accuracy']:.3f}, macro-F1 {real['macro_f1']:.3f} on {real['rows']} rows")
     assert real["rows"] == 500
+    assert manifest.report.figures["threads_per_worker"] == 2  # one worker: both cores, not Ray's one
     # Chance (always "spam" at its 13% base rate) scores spam F1 about 0.23.
     assert real["per_class"]["spam"]["f1"] >= 0.8
 

@@ -130,6 +130,9 @@ class ActorPlacement(_Strict):
                                                                         "cluster has one.")
     replicas: int = Field(1, gt=0, description="Actors, each holding one copy of the model.")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each actor reserves from Ray (not a thread count).")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads per replica on CPU; null: the cluster's cores divided among the replicas "
+                                "(at most one node's), so one replica on a laptop uses every core.")
 
     @property
     def gpus_per_replica(self) -> int:
@@ -189,9 +192,6 @@ class EngineSpec(ActorPlacement):
                                "probability 0.")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (vLLM's tensor parallelism, in a "
                                                            "placement group).")
-    threads: int | None = Field(
-        None, gt=0, description="CPU threads per replica; null: the cluster's cores divided among the replicas "
-                                "(at most one node's), so one replica on a laptop uses every core.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
     cpu_kv_cache_gib: int = Field(1, gt=0, description="KV cache per replica on CPU, in GiB.")
     # vLLM's CPU build cannot rewind a per-request seeded sampler after a partial prefill ("CPU
@@ -472,6 +472,9 @@ class TrainSpec(StageSpec):
                                                                  "GPU).")] = 1
     use_gpu: bool = Field(False, description="A GPU per training worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads per worker (and embedding actor) without use_gpu; null: the cluster's "
+                                "cores divided among the workers (at most one node's).")
     num_iterations: Annotated[int, DECIDES, Field(
         ge=0, description="Contrastive pairs = min(max_pairs, num_iterations × training rows); 0 skips "
                           "fine-tuning.")] = 20

@@ -30,7 +30,8 @@ EMBEDDING_MODEL_KEY = "anyclf_ray.embedding_model"
 class Embedder:
     """Ray Data callable class: a batch with ``text`` → the batch with ``embedding`` in its place."""
 
-    def __init__(self, model: str | ray.train.Checkpoint, device: str, batch_size: int):
+    def __init__(self, model: str | ray.train.Checkpoint, device: str, batch_size: int, threads: int):
+        runtime.use_threads(device, threads)
         self.model = load(model, device)
         self.batch_size = batch_size
 
@@ -77,7 +78,8 @@ def embedded(dataset: ray.data.Dataset, model: str | ray.train.Checkpoint, place
     ``placement.replicas`` actors as the rows stream past."""
     return dataset.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model": model, "device": placement.device, "batch_size": batch_size},
+        fn_constructor_kwargs={"model": model, "device": placement.device, "batch_size": batch_size,
+                               "threads": runtime.actor_threads(placement)},
         batch_size=batch_size * 4,
         batch_format="numpy",
         **runtime.actor_options(placement),

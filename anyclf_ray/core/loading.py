@@ -108,6 +108,10 @@ def _one_line(error: ValidationError) -> str:
         return f"{_location(loc)}: unknown key; {fix}"
     if first["type"] == "missing":
         return f"{_location(loc)}: is required"
+    if first["type"] == "model_type":  # a section that is not a mapping (YAML's bare "rounds:" is null)
+        if first["input"] is None:
+            return f"{_location(loc)}: is empty; give its fields under it, or {{}} for the defaults, or remove it"
+        return f"{_location(loc)}: must be a mapping of its fields (key: value), not {first['input']!r}"
     if first["type"] == "int_parsing" and isinstance(first["input"], str):
         digits = _in_digits(first["input"])
         return f"{_location(loc)}: {first['input']!r} is not a whole number; write it in digits{digits}"

@@ -130,9 +130,30 @@ def resolve_engine(engine: EngineSpec) -> EngineSpec:
                 f"start nodes with --resources '{{\"{name}\": ...}}' or remove it")
     if engine.threads is not None or engine.device != "cpu" or engine.kind == "openai":
         return engine
+    return engine.model_copy(update={"threads": cpu_threads(engine.replicas, engine.cpus_per_replica)})
+
+
+def cpu_threads(replicas: int, reserved: float) -> int:
+    """CPU threads for each of ``replicas`` processes that share the cluster's cores: the cores
+    divided among them, at most one node's, at least the ``reserved`` CPUs. Ray would give a
+    process as many threads as CPUs it reserves (``OMP_NUM_THREADS``), one by default, so that a
+    single replica on a laptop would leave every other core idle."""
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    share = int(ray.cluster_resources().get("CPU", 1) // engine.replicas)
-    return engine.model_copy(update={"threads": max(1, int(engine.cpus_per_replica), min(int(node_cpus), share))})
+    share = int(ray.cluster_resources().get("CPU", 1) // replicas)
+    return max(1, int(reserved), min(int(node_cpus), share))
+
+
+def actor_threads(placement: ActorPlacement) -> int:
+    """The CPU threads each of ``placement``'s actors runs: ``threads``, else ``cpu_threads``."""
+    return placement.threads or cpu_threads(placement.replicas, placement.cpus_per_replica)
+
+
+def use_threads(device: str, threads: int) -> None:
+    """In a model actor or training worker: torch's CPU threads, where the device is the CPU."""
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def actor_options(placement: ActorPlacement) -> dict:

@@ -111,17 +111,17 @@ def held_out_rows(location: RunLocation, shards: list[str], test_size: float) ->
                                                                             for c in MEASURED})
 
 
-def scored(location: RunLocation, model_folder: str, table: pa.Table, spec: JobSpec) -> pa.Table:
-    """``table`` with ``scores``: the model's probability per label, by Ray Data actors."""
-    if not table.num_rows:
-        return table.append_column("scores", pa.array([], pa.list_(pa.float32())))
+def scores(location: RunLocation, model_folder: str, texts: list[str], spec: JobSpec) -> pa.ChunkedArray:
+    """The model's probability per label of each of ``texts``, in order, by Ray Data actors (one
+    pass for all of them: each pass starts its actors)."""
+    if not texts:
+        return pa.chunked_array([], pa.list_(pa.float32()))
     placement = train.embedding_placement(spec.train)
-    found = runtime.blocks_dataset(table, 256, placement.replicas).map_batches(
-        predict.Predictor, fn_constructor_kwargs={"model_location": (location.fs, location.path(model_folder)),
-                                                  "text_column": "text", "device": placement.device},
-        batch_size=64, batch_format="pyarrow", **runtime.actor_options(placement))
+    table = pa.table({"row": np.arange(len(texts)), "text": pa.array(texts, pa.string())})
+    found = predict.predicted(runtime.blocks_dataset(table, 256, placement.replicas),
+                              (location.fs, location.path(model_folder)), "text", placement, batch_size=64)
     out = pa.concat_tables([t.replace_schema_metadata(None) for t in ray.get(found.to_arrow_refs()) if t.num_rows])
-    return out.select([*table.column_names, "scores"]).sort_by("row")
+    return out.sort_by("row")["scores"]
 
 
 class WeakSpots(Stage[WeakSpotsReport, "evaluate.EvalSet | None"]):
@@ -143,14 +143,14 @@ class WeakSpots(Stage[WeakSpotsReport, "evaluate.EvalSet | None"]):
         spec, location, labels = self.spec, ctx.location, scheme(self.spec)
         model_folder = f"{self.prefix}{train.MODEL_FOLDER}"
         held = held_out_rows(location, first_training_input(ctx.finished), spec.train.test_size)
-        held = held.append_column("row", pa.array(np.arange(held.num_rows)))
-        held_scored = scored(location, model_folder, held, spec).drop_columns(["row"])
+        dev_texts = dev.texts if dev is not None else []
+        found = scores(location, model_folder, held["text"].to_pylist() + dev_texts, spec)
+        held_scored = held.append_column("scores", found.slice(0, held.num_rows))
         dev_scored = None
         if dev is not None:
-            table = pa.table({"text": dev.texts, "label": dev.labels,
-                              "language": pa.array(dev.languages or [None] * len(dev.texts), pa.string()),
-                              "row": np.arange(len(dev.texts))})
-            dev_scored = scored(location, model_folder, table, spec).drop_columns(["row"])
+            dev_scored = pa.table({"text": dev.texts, "label": dev.labels,
+                                   "language": pa.array(dev.languages or [None] * len(dev.texts), pa.string()),
+                                   "scores": found.slice(held.num_rows)})
         spots = weak_spots.measure(held_scored, dev_scored, labels.ids, self.round)
         location.write_table(spots_file(self.round), spots)
 

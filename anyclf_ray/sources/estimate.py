@@ -151,8 +151,10 @@ def estimate(spec: JobSpec, tokens_per_second: float | None = None,
         from anyclf_ray.training.evaluate import load_eval_set
 
         dev = spec.rounds.dev_set
-        texts = load_eval_set(dev, scheme(spec), "rounds.dev_set").texts if dev else []
-        found["rounds"] = targeted.bound(spec, found["rows"]["total"], texts)
+        dev_set = load_eval_set(dev, scheme(spec), "rounds.dev_set") if dev else None
+        found["rounds"] = targeted.bound(spec, found["rows"]["total"], dev_set.texts if dev_set else [])
+        if dev_set:  # what the rounds will read of it: rows without a text or a label are skipped
+            found["rounds"]["dev_set"] = {"texts": len(dev_set.texts), **dev_set.skipped}
     if tokens_per_second:
         replicas = spec.engine.replicas
         found["time"] = {
@@ -195,7 +197,9 @@ def _sections(found: dict) -> list[tuple[str, list[tuple[str, Any]]]]:
                                       if key in annotating]))
     if "rounds" in found:
         bound = found["rounds"]
-        sections.append((f"rounds (at most {bound['max_rounds']})", [
+        dev_set = bound.get("dev_set", {})
+        sections.append((f"rounds (at most {bound['max_rounds']}, first attempts)", [
+            *((f"dev set {key.replace('_', ' ')}", n) for key, n in dev_set.items() if n or key == "texts"),
             ("rows", bound["rows"]), ("generation requests", bound["generate_requests"]),
             ("prompt tokens", bound["tokens"]["in"]), ("answer budget", bound["tokens"]["out_budget"]),
             *((("label check judgements", bound["label_check_requests"]),) if "label_check_requests" in bound

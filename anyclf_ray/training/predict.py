@@ -58,7 +58,8 @@ def load_thresholds(filesystem: pafs.FileSystem, root: str, model) -> np.ndarray
 class Predictor:
     """Ray Data callable class: a batch with ``text_column`` → the batch with predictions."""
 
-    def __init__(self, model_location: tuple[pafs.FileSystem, str], text_column: str, device: str):
+    def __init__(self, model_location: tuple[pafs.FileSystem, str], text_column: str, device: str, threads: int):
+        runtime.use_threads(device, threads)
         self.model = load_model(*model_location, device=device)
         self.labels = self.model.labels
         self.thresholds = load_thresholds(*model_location, self.model)
@@ -123,19 +124,25 @@ def written(output: tuple[pafs.FileSystem, str], text_column: str) -> dict[str, 
     return {"rows": rows, "null_text": missing}
 
 
+def predicted(dataset, model_location: tuple[pafs.FileSystem, str], text_column: str, placement: ActorPlacement,
+              batch_size: int):
+    """``dataset`` (Ray Data) with the predictions of the model at ``model_location``, computed
+    by ``placement.replicas`` actors as the rows stream past (``Predictor``)."""
+    return dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_location": model_location, "text_column": text_column,
+                               "device": placement.device, "threads": runtime.actor_threads(placement)},
+        batch_size=batch_size, batch_format="pyarrow", **runtime.actor_options(placement),
+    )
+
+
 def predict(paths: Paths, text_column: str, placement: ActorPlacement, batch_size: int = 256) -> dict[str, int]:
     """Write predictions for every row of the checked input to the output; the rows written and,
     of them, those without a text (``null_text``: null predictions, never a guess at "None")."""
-    predicted = tables.dataset(paths.input, "--input", text_column).map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model_location": paths.model_location, "text_column": text_column,
-                               "device": placement.device},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        **runtime.actor_options(placement),
-    )
+    found = predicted(tables.dataset(paths.input, "--input", text_column), paths.model_location, text_column,
+                      placement, batch_size)
     output_fs, output_root = paths.output_location
-    predicted.write_parquet(output_root, filesystem=output_fs)
+    found.write_parquet(output_root, filesystem=output_fs)
     counts = written(paths.output_location, text_column)
     summary = {**counts, "model": paths.model, "input": paths.input, "text_column": text_column,
                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

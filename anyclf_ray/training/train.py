@@ -144,7 +144,7 @@ def embedding_placement(settings: TrainSpec) -> ActorPlacement:
     """The head's and the evaluation's embedding actors sit where the training workers sat."""
     return ActorPlacement(
         device="cuda" if settings.use_gpu else "cpu", replicas=settings.num_workers,
-        cpus_per_replica=settings.cpus_per_worker,
+        cpus_per_replica=settings.cpus_per_worker, threads=settings.threads,
     )
 
 
@@ -178,6 +178,7 @@ def contrastive_loop(config: dict) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()
+    runtime.use_threads(device.type, config["threads"])
     body = SentenceTransformer(config["model"], device=str(device))
     body.max_seq_length = config["max_seq_length"]
     # Data parallel with one gradient all-reduce per step (gloo on CPU, NCCL on GPU). Not DDP's
@@ -206,6 +207,7 @@ def contrastive_loop(config: dict) -> None:
         "loss_first": float(np.mean(losses[:10])) if losses else 0.0,
         "loss_last": float(np.mean(losses[-10:])) if losses else 0.0,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads_per_worker": torch.get_num_threads(),
     }
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
@@ -274,13 +276,16 @@ def fine_tune(location: RunLocation, spec: JobSpec, texts: list[str], labels: np
     settings = spec.train
     pairs = min(settings.max_pairs, settings.num_iterations * len(texts))
     steps = -(-pairs // (settings.num_workers * settings.batch_size))
-    log.info("train: %d pairs on %d worker(s), %d steps each", pairs, settings.num_workers, steps)
+    threads = runtime.actor_threads(embedding_placement(settings))
+    log.info("train: %d pairs on %d worker(s)%s, %d steps each", pairs, settings.num_workers,
+             "" if settings.use_gpu else f" of {threads} CPU thread(s)", steps)
     counter: Any = ray.remote(num_cpus=0)(StepCounter).remote()
     trainer = TorchTrainer(
         contrastive_loop,
         train_loop_config={
             "model": _loadable(settings.base_model), "rows": ray.put((texts, labels, scheme(spec).sampler)),
             "seed": settings.seed, "steps_done": counter,
+            "threads": threads,
             "steps_per_worker": steps, "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate, "max_seq_length": settings.max_seq_length,
         },
