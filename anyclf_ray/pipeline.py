@@ -15,9 +15,10 @@ With ``rounds`` on, the rounds' stages follow (``round_stages``): each round mea
 before it, generates for its weak spots (a source read with every earlier source) and reruns
 the filters and training; the rounds stop at ``max_rounds`` or once the metric gains less than
 ``min_gain`` (``rounds.stages.stop``). Each round's fingerprints are chained from the round before.
-The LLM replicas start once, when the first LLM pass needs them, serve every later pass, and are released after the last
-stage that uses them, before training takes the cores. After each stage, the dataset card is
-written, then the stage's manifest (last: it marks the stage done).
+The LLM replicas start once, when the first LLM pass needs them, serve every later pass, and are
+released after the last stage that uses them, before training takes the cores (with rounds: once
+a round, likewise). After each stage, the dataset card is written, then the stage's manifest
+(last: it marks the stage done).
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ def spec_for(workers: int, cpus: float, pairs: int, output: str):
             "labels": [{"id": "ham", "desc": "a normal message"}, {"id": "spam", "desc": "spam"}],
             "n_record_to_generate": 10,
             "model": {"name": "builtin:tiny-random"},
+            # Threads as the CPUs reserved, so that "1 × 1 CPU" is one thread (the default divides the cores).
             "train": {"base_model": "builtin:all-minilm-l6-v2", "num_workers": workers, "cpus_per_worker": cpus,
-                      "num_iterations": 1, "max_pairs": pairs, "max_seq_length": 64},
+                      "threads": max(1, int(cpus)), "num_iterations": 1, "max_pairs": pairs, "max_seq_length": 64},
             "output": {"path": output},
         }
     )

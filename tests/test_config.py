@@ -196,9 +196,15 @@ def test_bad_train_settings_name_the_field(raw, train, message):
     ],
 )
 def test_a_section_that_is_not_a_mapping_names_the_fix(raw, section, value, message):
-    with pytest.raises(ConfigError) as error:
-        loading.parse({**raw, section: value})
-    assert str(error.value) == message
+    for languages in (["en"], ["fr"]):  # a French run fills in multilingual embedders: not over a null section
+        with pytest.raises(ConfigError) as error:
+            loading.parse({**raw, "languages": languages, section: value})
+        assert str(error.value) == message
+
+
+def test_a_setting_given_with_set_fills_a_null_section(tmp_path, raw):
+    path = write_spec(tmp_path / "spec.yaml", {**raw, "rounds": None})
+    assert loading.load(path, ["rounds.enabled=true"]).rounds.enabled
 
 
 def test_default_run_id_is_the_fingerprint(raw):

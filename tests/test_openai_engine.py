@@ -299,6 +299,7 @@ def openai_raw(output: Path, run_id: str, url: str, **engine_settings) -> dict:
     ({}, {"name": "builtin:tiny-random"}, "model.name: builtin:tiny-random runs in-process"),
     ({"tensor_parallel_size": 2}, None, "engine.tensor_parallel_size: a setting of the in-process vLLM engine"),
     ({"device": "cuda"}, None, "engine.device: a setting of the in-process vLLM engine"),
+    ({"threads": 2}, None, "engine.threads: a setting of the in-process vLLM engine"),
     ({}, {"name": SERVED, "dtype": "float32"}, "model.dtype: a setting of the in-process vLLM engine"),
     ({"base_url": "localhost:8000"}, None, "engine.base_url: 'localhost:8000' is not an http(s) URL"),
     ({"api_key_env": "sk-live-abc"}, None, "engine.api_key_env: must be the name of an environment variable"),

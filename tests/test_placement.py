@@ -77,6 +77,16 @@ def test_auto_picks_cuda_and_counts_gpus_per_replica(gpu_ray):
 
 
 @pytest.mark.slow
+def test_cpu_threads_divide_the_clusters_cores_among_the_replicas(gpu_ray):
+    assert runtime.actor_threads(config.ActorPlacement(device="cpu")) == 2  # Ray alone would give it 1
+    assert runtime.actor_threads(config.ActorPlacement(device="cpu", replicas=2)) == 1
+    assert runtime.actor_threads(config.ActorPlacement(device="cpu", replicas=4)) == 1  # never below one
+    assert runtime.actor_threads(config.ActorPlacement(device="cpu", replicas=2, cpus_per_replica=2)) == 2
+    assert runtime.actor_threads(config.ActorPlacement(device="cpu", threads=3)) == 3  # as given
+    assert runtime.resolve_engine(EngineSpec(device="cpu")).threads == 2
+
+
+@pytest.mark.slow
 def test_a_tensor_parallel_replica_reserves_its_shards_in_one_placement_group(gpu_ray):
     placed = EngineSpec(device="cuda", tensor_parallel_size=2, resources={"engine_node": 1})
     options = replica_options(runtime.resolve_engine(placed))

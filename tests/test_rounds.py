@@ -306,6 +306,10 @@ def test_two_rounds_end_to_end_on_real_vllm(tmp_path, local_ray, tiny_model):
         assert filters[0] == f"rounds/{k}/dev_leak"
         assert found[f"rounds/{k}/train"].rows.input == found[filters[-1]].rows.output
         assert location.exists(f"rounds/{k}/weak_spots.parquet") and location.exists(f"rounds/{k}/eval/metrics.json")
+        # one scoring pass, split back: every held-out row and both dev texts, each scored once
+        measured = found[f"rounds/{k - 1}/weak_spots"].report
+        held = stages.held_out_rows(location, found["train"].shards.data or found["dev_leak"].shards.data, 0.5)
+        assert (measured.held_out["rows"], measured.dev_set["rows"]) == (held.num_rows, 2)
     assert found["generate"].report.engine.starts == 1
     card = location.read_bytes("README.md").decode()
     assert "**Round 0**" in card and "**Round 1**" in card and "**Round 2**" in card

@@ -131,8 +131,8 @@ class ActorPlacement(_Strict):
     replicas: int = Field(1, gt=0, description="Actors, each holding one copy of the model.")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each actor reserves from Ray (not a thread count).")
     threads: int | None = Field(
-        None, gt=0, description="CPU threads per replica on CPU; null: the cluster's cores divided among the replicas "
-                                "(at most one node's), so one replica on a laptop uses every core.")
+        None, gt=0, description="CPU threads per replica on CPU (unused on GPUs); null: the cluster's cores divided "
+                                "among the replicas (at most one node's), so one replica on a laptop uses every core.")
 
     @property
     def gpus_per_replica(self) -> int:
@@ -473,8 +473,9 @@ class TrainSpec(StageSpec):
     use_gpu: bool = Field(False, description="A GPU per training worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
     threads: int | None = Field(
-        None, gt=0, description="CPU threads per worker (and embedding actor) without use_gpu; null: the cluster's "
-                                "cores divided among the workers (at most one node's).")
+        None, gt=0, description="CPU threads per worker, and per embedding and prediction actor of the evaluation, "
+                                "on CPU (unused with use_gpu); null: the cluster's cores divided among the workers "
+                                "(at most one node's).")
     num_iterations: Annotated[int, DECIDES, Field(
         ge=0, description="Contrastive pairs = min(max_pairs, num_iterations × training rows); 0 skips "
                           "fine-tuning.")] = 20
@@ -731,7 +732,7 @@ class JobSpec(_Strict):
             return raw
         raw = dict(raw)
         for section, field in (("dedup", "model"), ("train", "base_model")):
-            given = raw.get(section) or {}
+            given = raw.get(section, {})  # a null section is left for its own validation to name
             if isinstance(given, dict) and field not in given:
                 raw[section] = {**given, field: models.MULTILINGUAL_EMBEDDER}
         return raw

@@ -76,14 +76,8 @@ def embedded(dataset: ray.data.Dataset, model: str | ray.train.Checkpoint, place
              batch_size: int) -> ray.data.Dataset:
     """``dataset`` with ``embedding`` in place of ``text`` (other columns kept), computed by
     ``placement.replicas`` actors as the rows stream past."""
-    return dataset.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"model": model, "device": placement.device, "batch_size": batch_size,
-                               "threads": runtime.actor_threads(placement)},
-        batch_size=batch_size * 4,
-        batch_format="numpy",
-        **runtime.actor_options(placement),
-    )
+    return runtime.actor_map(dataset, Embedder, {"model": model, "batch_size": batch_size}, placement,
+                             batch_size * 4, "numpy")
 
 
 def embed(texts: list[str], model: str | ray.train.Checkpoint, placement: ActorPlacement,

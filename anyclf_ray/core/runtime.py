@@ -119,8 +119,8 @@ def resolve_placement(placement: Placement, section: str) -> Placement:
 
 
 def resolve_engine(engine: EngineSpec) -> EngineSpec:
-    """``resolve_placement`` for the LLM engines, plus their CPU threads when not given: the
-    cluster's cores divided among the replicas, at most one node's (see ``EngineSpec.threads``).
+    """``resolve_placement`` for the LLM engines, plus their CPU threads when not given
+    (``actor_threads``).
     An endpoint's clients (``kind: openai``) run on CPUs, with no threads of their own to set."""
     if engine.kind == "openai":
         engine = engine.model_copy(update={"device": "cpu"})
@@ -130,7 +130,7 @@ def resolve_engine(engine: EngineSpec) -> EngineSpec:
                 f"start nodes with --resources '{{\"{name}\": ...}}' or remove it")
     if engine.threads is not None or engine.device != "cpu" or engine.kind == "openai":
         return engine
-    return engine.model_copy(update={"threads": cpu_threads(engine.replicas, engine.cpus_per_replica)})
+    return engine.model_copy(update={"threads": actor_threads(engine)})
 
 
 def cpu_threads(replicas: int, reserved: float) -> int:
@@ -167,6 +167,18 @@ def actor_options(placement: ActorPlacement) -> dict:
         "num_cpus": placement.cpus_per_replica,
         "num_gpus": 1 if placement.device == "cuda" else 0,
     }
+
+
+def actor_map(dataset: ray.data.Dataset, actor_class: type, arguments: dict, placement: ActorPlacement,
+              batch_size: int, batch_format: str) -> ray.data.Dataset:
+    """``dataset`` through ``map_batches`` on a pool of ``placement.replicas`` model actors of
+    ``actor_class`` (``actor_options``), each built with ``arguments`` plus its ``device`` and
+    ``threads`` (``actor_threads``)."""
+    return dataset.map_batches(
+        actor_class, batch_size=batch_size, batch_format=batch_format,
+        fn_constructor_kwargs={**arguments, "device": placement.device, "threads": actor_threads(placement)},
+        **actor_options(placement),
+    )
 
 
 def blocks_dataset(table: pa.Table, batch_size: int, replicas: int) -> ray.data.Dataset:

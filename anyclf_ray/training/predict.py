@@ -128,12 +128,8 @@ def predicted(dataset, model_location: tuple[pafs.FileSystem, str], text_column:
               batch_size: int):
     """``dataset`` (Ray Data) with the predictions of the model at ``model_location``, computed
     by ``placement.replicas`` actors as the rows stream past (``Predictor``)."""
-    return dataset.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model_location": model_location, "text_column": text_column,
-                               "device": placement.device, "threads": runtime.actor_threads(placement)},
-        batch_size=batch_size, batch_format="pyarrow", **runtime.actor_options(placement),
-    )
+    return runtime.actor_map(dataset, Predictor, {"model_location": model_location, "text_column": text_column},
+                             placement, batch_size, "pyarrow")
 
 
 def predict(paths: Paths, text_column: str, placement: ActorPlacement, batch_size: int = 256) -> dict[str, int]:

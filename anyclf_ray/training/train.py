@@ -207,8 +207,9 @@ def contrastive_loop(config: dict) -> None:
         "loss_first": float(np.mean(losses[:10])) if losses else 0.0,
         "loss_last": float(np.mean(losses[-10:])) if losses else 0.0,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads_per_worker": torch.get_num_threads(),
     }
+    if device.type == "cpu":
+        metrics["threads_per_worker"] = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
