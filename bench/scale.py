@@ -1,7 +1,7 @@
 """Scale benchmark: the default pipeline at growing row counts, and its filters alone on
 prepared inputs up to millions of rows.
 
-    python bench/scale.py run --rows 10000 100000        # every default stage (about 50 minutes on 2 cores)
+    python bench/scale.py run --rows 10000 100000        # every default stage (about 35 minutes on 2 cores)
     python bench/scale.py run --rows 100000 --keep runs/scale   # keep the runs; run again to resume
     python bench/scale.py filters --rows 100000 1000000  # the filters alone (about 40 minutes on 2 cores)
 
@@ -92,13 +92,18 @@ FILTERS = ("language_check", "label_check", "dedup", "diversity")
 PART_ROWS = 20_000
 
 
+def child_result(stdout: str) -> dict:
+    """The figures a child printed: its last line that is a JSON object (Ray may print after it)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
+
+
 def run(rows: int, keep: str | None, train_rows: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         done = subprocess.run([sys.executable, "-c", RUN_CHILD, str(rows), keep or folder, str(train_rows)],
                               capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_result(done.stdout)
 
 
 def print_runs(args: argparse.Namespace) -> None:
@@ -197,7 +202,7 @@ def print_filters(args: argparse.Namespace) -> None:
                                       capture_output=True, text=True)
                 if done.returncode or not done.stdout.strip():
                     raise SystemExit(f"{name} at {rows:,} rows failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-                found = json.loads(done.stdout.strip().splitlines()[-1])
+                found = child_result(done.stdout)
                 print(f"{rows:>10,} {name:>15} {found['seconds']:>8.1f} {found['seconds'] / rows * 1e6:>7.1f} "
                       f"{found['rows']['output']:>10,} {found['peak'] / 1024:>5.0f} MiB "
                       f"{(found['peak'] - found['baseline']) / 1024:>9.0f} MiB", flush=True)
