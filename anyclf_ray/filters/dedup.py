@@ -228,7 +228,9 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
 
 # Rows a bucket (of exact dedup, and of the joins) holds, texts included: one task holds a bucket.
 BUCKET_ROWS = 200_000
-# Partition search tasks per CPU of the cluster: enough to even out partitions of unequal size.
+# Partition search tasks per CPU of the cluster: enough to even out partitions of unequal size;
+# more when the placed rows (each row once per probe) would put over BUCKET_ROWS in one task, so
+# a task's memory stays the same at any row count.
 SEARCH_TASKS_PER_CPU = 4
 # The embeddings of representatives in a sample file: each language's k-means sample.
 SAMPLE = "sample"
@@ -452,7 +454,9 @@ class Dedup(FilterStage[DedupReport, None]):
         languages = sorted(partitions)
         centroids = [fit_centroids.remote(location, samples, language, partitions[language], settings.seed)
                      for language in languages]
-        groups = max(1, min(sum(partitions.values()), SEARCH_TASKS_PER_CPU * int(ray.cluster_resources()["CPU"])))
+        spread = max(SEARCH_TASKS_PER_CPU * int(ray.cluster_resources()["CPU"]),
+                     math.ceil(embeddings.rows * settings.probes / BUCKET_ROWS))
+        groups = max(1, min(sum(partitions.values()), spread))
         placed = [_refs(scatter_to_partitions.options(num_returns=groups).remote(
             location, shard, settings.probes, groups, languages, *centroids)) for shard in embedding_shards]
         pairs = [search_partitions.remote(settings.threshold, *(refs[g] for refs in placed)) for g in range(groups)]
