@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from child import child_result
 
 
 def sms_texts() -> list[str]:
@@ -159,7 +160,7 @@ def memory(args) -> None:
         command = [sys.executable, __file__, "memory-child", "--texts", str(count), "--model", args.model,
                    "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(child_result(done.stdout))
         print(f"   {count:>9} texts: driver peak {results[-1]['peak_rss_mib']} MiB "
               f"({results[-1]['rss_before_mib']} before the run), {results[-1]['wall_seconds']} s", flush=True)
     print(f"   peak at {args.texts[-1]} / at {args.texts[0]}: "

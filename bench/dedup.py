@@ -28,6 +28,7 @@ import time
 import tracemalloc
 
 import numpy as np
+from child import child_result
 
 DIM = 384
 
@@ -149,7 +150,7 @@ def bench_scaling(sizes: list[int], threshold: float, probes: int) -> None:
             [sys.executable, __file__, "--one-size", str(n), "--threshold", str(threshold), "--probes", str(probes)],
             check=True, capture_output=True, text=True,
         ).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        r = child_result(out)
         results.append(r)
         print(f"    {n:<9d} {r['seconds']:7.1f}  {r['pairs']:<9d} {r['removed']:<9d} {r['peak_mib']:12.0f} "
               f"{r['input_mib']:15.0f} {r['working_mib']:15.0f}")

@@ -27,7 +27,6 @@ code path but the model's arithmetic is the one a real embedder takes.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from child import child_result
 from conftest import commit_generated
 from language_check import english_texts
 
@@ -90,11 +90,6 @@ print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": resource.get
 """
 FILTERS = ("language_check", "label_check", "dedup", "diversity")
 PART_ROWS = 20_000
-
-
-def child_result(stdout: str) -> dict:
-    """The figures a child printed: its last line that is a JSON object (Ray may print after it)."""
-    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
 
 
 def run(rows: int, keep: str | None, train_rows: int) -> dict:
