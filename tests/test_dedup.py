@@ -166,10 +166,11 @@ def planted_sms(count: int = 300) -> list[tuple]:
 @pytest.mark.slow
 def test_the_cluster_keeps_the_ids_the_rules_keep_in_one_process(tmp_path, monkeypatch, local_ray):
     """360 rows in 3 shards, 4 exact-dedup buckets (of 100 rows), 8 k-means partitions of about 40
-    representatives, blocks of 60: the stage keeps and removes exactly what ``decide`` does in
-    this process, audit columns included (probes cover every partition, so both searches are
-    complete and the comparison is exact)."""
+    representatives, blocks of 60, a scatter task per shard: the stage keeps and removes exactly
+    what ``decide`` does in this process, audit columns included (probes cover every partition,
+    so both searches are complete and the comparison is exact)."""
     monkeypatch.setattr(dedup, "BUCKET_ROWS", 100)
+    monkeypatch.setattr(dedup, "PIECE_ROWS", 10)
     raw = tiny_raw(tmp_path / "runs", "spread", languages=["en"], dedup={"partition_size": 40, "probes": 12})
     raw["output"]["rows_per_shard"] = 60
     spec = loading.parse(raw)
@@ -321,6 +322,22 @@ def test_partitioned_search_finds_the_brute_force_pairs():
     assert found <= set(zip(truth_left.tolist(), truth_right.tolist()))  # precision is exact
     assert len(found) >= 0.99 * len(truth_left)
     assert np.allclose(sim, sims[left, right], atol=1e-5) and (left < right).all()
+
+
+@pytest.mark.parametrize(("shards", "rows", "pieces", "sizes"), [
+    (10, 10 * 20_000, 50, [10]),  # 4,000 a piece needs all 200,000 rows in one task
+    (10, 10 * 20_000, 5, [1] * 10),  # a shard alone gives pieces of 4,000
+    (10, 10 * 20_000, 10, [2] * 5),
+    (7, 7 * 20_000, 15, [3, 3, 1]),
+    (3, 0, 4, [3]),
+])
+def test_scatter_tasks_read_enough_shards_to_keep_their_pieces_off_the_driver(shards, rows, pieces, sizes):
+    """Each piece a scatter task returns holds ``PIECE_ROWS`` rows or more (Ray would keep a
+    smaller return in the driver's memory); the batches keep every shard once, in order."""
+    names = [f"data/part-{i}.parquet" for i in range(shards)]
+    batches = dedup.shard_batches(names, rows, pieces)
+    assert [len(batch) for batch in batches] == sizes
+    assert [name for batch in batches for name in batch] == names
 
 
 def test_greedy_keepers_leave_no_found_pair_among_kept_rows():

@@ -213,13 +213,13 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
 # The stage runs the rules above as Ray tasks and Ray Data operators; the driver holds counts,
 # object references and file names, never a column of every row:
 #
-# 1. ``scatter_rows`` (a task per input shard) keys each row by a 128-bit hash of its language
+# 1. ``scatter_rows`` (a task per batch of input shards) keys each row by a 128-bit hash of its language
 #    and normalised text and routes it to a bucket of that key; ``exact_groups`` (a task per
 #    bucket) finds the representatives, their copies and the same texts under other labels.
 # 2. The representatives are embedded by the embedding actors as they stream, and written as the
 #    stage's ``embeddings/`` shards, with a sample per language drawn by a hash of the id.
 # 3. Per language, ``fit_centroids`` fits the k-means partitions on that sample;
-#    ``scatter_to_partitions`` (a task per embeddings shard) routes each row to the groups of
+#    ``scatter_to_partitions`` (a task per batch of embeddings shards) routes each row to the groups of
 #    its ``probes`` nearest partitions; ``search_partitions`` (a task per group, spread over the
 #    nodes) compares each partition's home rows with its members: compact pair records come back.
 # 4. ``resolve_language`` (a task per language) applies rules 3 and 4 to that language's pairs;
@@ -228,6 +228,11 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
 
 # Rows a bucket (of exact dedup, and of the joins) holds, texts included: one task holds a bucket.
 BUCKET_ROWS = 200_000
+# Rows a scatter task's piece for one bucket or group holds at least. Ray keeps a task's return
+# under 100 KiB in its owner's memory, here the driver's: a piece per input shard and bucket
+# shrinks as rows grow (shards and buckets both grow), and at 10M rows it put 4.3 GB of rows on
+# the driver. A scatter task reads as many shards as it takes to fill its pieces.
+PIECE_ROWS = 4_000
 # Partition search tasks per CPU of the cluster: enough to even out partitions of unequal size;
 # more when the placed rows (each row once per probe) would put over BUCKET_ROWS in one task, so
 # a task's memory stays the same at any row count.
@@ -249,12 +254,26 @@ def _returns(tables: list[pa.Table]) -> pa.Table | tuple[pa.Table, ...]:
     return tables[0] if len(tables) == 1 else tuple(tables)
 
 
+def shard_batches(shards: list[str], rows: int, pieces: int) -> list[list[str]]:
+    """``shards`` (of ``rows`` rows in all, about evenly) in consecutive batches, one a scatter
+    task, each large enough that split ``pieces`` ways it gives ``PIECE_ROWS`` rows a piece."""
+    size = max(1, math.ceil(PIECE_ROWS * pieces * len(shards) / max(1, rows)))
+    return [shards[start : start + size] for start in range(0, len(shards), size)]
+
+
+def read_shards(location: RunLocation, shards: list[str], columns: list[str]) -> pa.Table:
+    """``columns`` of ``shards`` as one table, footer metadata dropped."""
+    return pa.concat_tables([location.read_table(shard, columns=columns).replace_schema_metadata(None)
+                             for shard in shards])
+
+
 @ray.remote
-def scatter_rows(location: RunLocation, shard: str, key_column: str, buckets: int) -> pa.Table | tuple[pa.Table, ...]:
-    """One input shard's ``id, text, language, label`` and ``text_key`` (a 128-bit hash of the
+def scatter_rows(location: RunLocation, shards: list[str], key_column: str,
+                 buckets: int) -> pa.Table | tuple[pa.Table, ...]:
+    """Input shards' ``id, text, language, label`` and ``text_key`` (a 128-bit hash of the
     language and the normalised text), split into ``buckets`` by that key."""
-    table = location.read_table(shard, columns=["id", "text", "language", key_column])
-    table = table.rename_columns(["id", "text", "language", "label"]).replace_schema_metadata(None)
+    table = read_shards(location, shards, ["id", "text", "language", key_column])
+    table = table.rename_columns(["id", "text", "language", "label"])
     keys = [hashlib.blake2b(f"{language}\x1f{normalise(text)}".encode(), digest_size=16).digest()
             for language, text in zip(table["language"].to_pylist(), table["text"].to_pylist())]
     table = table.append_column("text_key", pa.array(keys, pa.binary(16)))
@@ -314,11 +333,11 @@ def fit_centroids(location: RunLocation, samples: list[str], language: str, k: i
 
 
 @ray.remote
-def scatter_to_partitions(location: RunLocation, shard: str, probes: int, groups: int, languages: list[str],
+def scatter_to_partitions(location: RunLocation, shards: list[str], probes: int, groups: int, languages: list[str],
                           *centroids: np.ndarray) -> pa.Table | tuple[pa.Table, ...]:
-    """One embeddings shard's rows, once per partition among their ``probes`` nearest (``home``:
-    the nearest) of their language's ``centroids``, split into ``groups`` by (language, partition)."""
-    table = location.read_table(shard, columns=["id", "language", "label", "embedding"]).replace_schema_metadata(None)
+    """Embeddings shards' rows, once per partition among their ``probes`` nearest (``home``: the
+    nearest) of their language's ``centroids``, split into ``groups`` by (language, partition)."""
+    table = read_shards(location, shards, ["id", "language", "label", "embedding"])
     pieces = []
     for language, found in zip(languages, centroids):
         rows = table.filter(pc.field("language") == language)
@@ -424,9 +443,12 @@ class Dedup(FilterStage[DedupReport, None]):
         buckets = max(1, math.ceil(upstream.rows / BUCKET_ROWS))
         timings, started = {}, time.perf_counter()
         scatter = scatter_rows.options(num_returns=buckets)
-        scattered = [_refs(scatter.remote(location, shard, spec.label_column, buckets)) for shard in shards]
+        scattered = [_refs(scatter.remote(location, batch, spec.label_column, buckets))
+                     for batch in shard_batches(shards, upstream.rows, buckets)]
         rep_refs, copy_refs, twin_refs, language_refs = zip(
             *(exact_groups.remote(*(refs[b] for refs in scattered)) for b in range(buckets)))
+        # Here and below: pieces are freed as soon as the tasks that read them are done.
+        del scattered
         per_language: collections.Counter = collections.Counter()
         for found in ray.get(list(language_refs)):
             per_language.update(found)
@@ -443,6 +465,7 @@ class Dedup(FilterStage[DedupReport, None]):
                                   seed=settings.seed)
         written = embedded.map_batches(write, batch_size=spec.output.rows_per_shard, batch_format="numpy",
                                        num_cpus=runtime.TASK_CPUS).take_all()
+        del embedded, rep_refs
         embedding_shards = sorted(row["path"] for row in written)
         dim = location.read_footer(embedding_shards[0]).schema.to_arrow_schema().field("embedding").type.list_size
         embeddings = EmbeddingsRef(model=settings.model, rows=sum(row["rows"] for row in written), dim=dim,
@@ -458,10 +481,13 @@ class Dedup(FilterStage[DedupReport, None]):
                      math.ceil(embeddings.rows * settings.probes / BUCKET_ROWS))
         groups = max(1, min(sum(partitions.values()), spread))
         placed = [_refs(scatter_to_partitions.options(num_returns=groups).remote(
-            location, shard, settings.probes, groups, languages, *centroids)) for shard in embedding_shards]
+            location, batch, settings.probes, groups, languages, *centroids))
+            for batch in shard_batches(embedding_shards, embeddings.rows * settings.probes, groups)]
         pairs = [search_partitions.remote(settings.threshold, *(refs[g] for refs in placed)) for g in range(groups)]
+        del placed
         fate_refs, cross_refs = zip(*(resolve_language.remote(language, settings.conflicts, *pairs, *twin_refs)
                                       for language in sorted(per_language)))
+        del pairs, twin_refs
         cross_pairs = sum(ray.get(list(cross_refs)))
         timings["near"] = time.perf_counter() - started
 
