@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, free_port, read_parts, tiny_raw, write_generated, write_spec
+from conftest import REPO, free_ports, read_parts, tiny_raw, write_generated, write_spec
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from anyclf_ray.core import loading, results
@@ -44,8 +44,10 @@ NODE_PORTS = ("node-manager-port", "object-manager-port", "metrics-export-port",
               "dashboard-agent-grpc-port", "runtime-env-agent-port")
 
 
-def free_ports(*names: str) -> list[str]:
-    return [f"--{name}={free_port()}" for name in names]
+def port_options(*names: str) -> list[str]:
+    """``--NAME=PORT`` for each name, the ports distinct (chosen one at a time, two could repeat:
+    a node once failed to start with its object manager and metrics exporter on one port)."""
+    return [f"--{name}={port}" for name, port in zip(names, free_ports(len(names)))]
 
 
 def cluster_processes(gcs_port: int) -> set[psutil.Process]:
@@ -64,14 +66,14 @@ def cluster():
     import ray
 
     ray.shutdown()  # the session's embedded Ray: the jobs' drivers join this cluster, none of ours may be up
-    dashboard, gcs = free_port(), free_port()
+    dashboard, gcs = free_ports(2)
     # A temp dir of its own (short: it holds Unix sockets), so no other Ray on this machine
     # finds the cluster through /tmp/ray.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     started = ray_cli(
         "start", "--head", "--num-cpus=2", "--disable-usage-stats", f"--port={gcs}", f"--temp-dir={temp_dir}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-        *free_ports(*NODE_PORTS, "ray-client-server-port"),
+        *port_options(*NODE_PORTS, "ray-client-server-port"),
     )
     assert started.returncode == 0, started.stderr
     yield {"dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
@@ -87,7 +89,7 @@ def cluster():
 
 def start_worker_node(cluster: dict, **resources: float) -> psutil.Process:
     """A second node on this machine (ports of its own) holding ``resources``; its raylet."""
-    ports = free_ports(*NODE_PORTS)
+    ports = port_options(*NODE_PORTS)
     started = ray_cli("start", f"--address={cluster['gcs']}", "--num-cpus=2", "--disable-usage-stats",
                       f"--temp-dir={cluster['temp_dir']}", f"--resources={json.dumps(resources)}", *ports)
     assert started.returncode == 0, started.stderr

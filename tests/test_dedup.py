@@ -196,6 +196,7 @@ def test_the_cluster_keeps_the_ids_the_rules_keep_in_one_process(tmp_path, monke
     assert by_reason["exact"] >= 10 and by_reason["near"] >= 10 and by_reason["conflict"] >= 10
     assert found.report.conflicts.pairs == reference["conflict_pairs"]
     assert found.embeddings.rows == len(reference["embedded_ids"]) and len(location.list("dedup/data")) > 1
+    assert not location.list(dedup.placed_path(f"dedup/{dedup.PLACED}", 0))  # the search's files, removed
 
 
 @pytest.mark.slow

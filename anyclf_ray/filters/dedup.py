@@ -219,9 +219,10 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
 # 2. The representatives are embedded by the embedding actors as they stream, and written as the
 #    stage's ``embeddings/`` shards, with a sample per language drawn by a hash of the id.
 # 3. Per language, ``fit_centroids`` fits the k-means partitions on that sample;
-#    ``scatter_to_partitions`` (a task per batch of embeddings shards) routes each row to the groups of
-#    its ``probes`` nearest partitions; ``search_partitions`` (a task per group, spread over the
-#    nodes) compares each partition's home rows with its members: compact pair records come back.
+#    ``scatter_to_partitions`` (a task per batch of embeddings shards) writes each row to the groups
+#    of its ``probes`` nearest partitions (``placed/``); ``search_partitions`` (a task per group,
+#    spread over the nodes) compares each partition's home rows with its members: compact pair
+#    records come back.
 # 4. ``resolve_language`` (a task per language) applies rules 3 and 4 to that language's pairs;
 #    two Ray Data joins give every copy its representative's fate and every row its verdict, and
 #    the rows are written kept or removed block by block.
@@ -233,6 +234,11 @@ BUCKET_ROWS = 200_000
 # shrinks as rows grow (shards and buckets both grow), and at 10M rows it put 4.3 GB of rows on
 # the driver. A scatter task reads as many shards as it takes to fill its pieces.
 PIECE_ROWS = 4_000
+# Every representative's vector once per probe, by search group: ``placed/group-G/batch-B.parquet``.
+# The stage's largest intermediate, and all of it exists before the first search starts, so it goes
+# to the stage's folder, not the object store (at 10M rows it spilled 46 GB of a 2-core node's disk
+# and Ray stopped creating objects). Removed once the pairs are found.
+PLACED = "placed"
 # Partition search tasks per CPU of the cluster: enough to even out partitions of unequal size;
 # more when the placed rows (each row once per probe) would put over BUCKET_ROWS in one task, so
 # a task's memory stays the same at any row count.
@@ -261,8 +267,8 @@ def shard_batches(shards: list[str], rows: int, pieces: int) -> list[list[str]]:
     return [shards[start : start + size] for start in range(0, len(shards), size)]
 
 
-def read_shards(location: RunLocation, shards: list[str], columns: list[str]) -> pa.Table:
-    """``columns`` of ``shards`` as one table, footer metadata dropped."""
+def read_shards(location: RunLocation, shards: list[str], columns: list[str] | None = None) -> pa.Table:
+    """``columns`` (all by default) of ``shards`` as one table, footer metadata dropped."""
     return pa.concat_tables([location.read_table(shard, columns=columns).replace_schema_metadata(None)
                              for shard in shards])
 
@@ -332,11 +338,17 @@ def fit_centroids(location: RunLocation, samples: list[str], language: str, k: i
     return neighbours.spherical_kmeans(x, min(k, len(x)), np.random.default_rng(seed))
 
 
+def placed_path(folder: str, group: int, batch: int | None = None) -> str:
+    """A search group's folder of placed rows, or one scatter task's file in it."""
+    return f"{folder}/group-{group:05d}" + ("" if batch is None else f"/batch-{batch:05d}.parquet")
+
+
 @ray.remote
-def scatter_to_partitions(location: RunLocation, shards: list[str], probes: int, groups: int, languages: list[str],
-                          *centroids: np.ndarray) -> pa.Table | tuple[pa.Table, ...]:
+def scatter_to_partitions(location: RunLocation, shards: list[str], folder: str, batch: int, probes: int, groups: int,
+                          languages: list[str], *centroids: np.ndarray) -> int:
     """Embeddings shards' rows, once per partition among their ``probes`` nearest (``home``: the
-    nearest) of their language's ``centroids``, split into ``groups`` by (language, partition)."""
+    nearest) of their language's ``centroids``, written to ``groups`` files by (language,
+    partition), one a group (``placed_path``, empty ones too); the rows placed."""
     table = read_shards(location, shards, ["id", "language", "label", "embedding"])
     pieces = []
     for language, found in zip(languages, centroids):
@@ -348,21 +360,23 @@ def scatter_to_partitions(location: RunLocation, shards: list[str], probes: int,
         for probe in range(nearest.shape[1]):
             piece = rows.append_column("partition", pa.array(nearest[:, probe], pa.int32()))
             pieces.append(piece.append_column("home", pa.array(np.full(rows.num_rows, probe == 0))))
-    if not pieces:
-        empty = table.schema.append(pa.field("partition", pa.int32())).append(pa.field("home", pa.bool_()))
-        return _returns([empty.empty_table() for _ in range(groups)])
-    placed = pa.concat_tables(pieces)
+    empty = table.schema.append(pa.field("partition", pa.int32())).append(pa.field("home", pa.bool_()))
+    placed = pa.concat_tables(pieces) if pieces else empty.empty_table()
     salt = hash64(placed["language"].to_pylist())
     group = (salt + placed["partition"].to_numpy().astype(np.uint64)) % np.uint64(groups)
-    return _returns([placed.filter(pa.array(group == g)) for g in range(groups)])
+    for g in range(groups):
+        location.write_table(placed_path(folder, g, batch), placed.filter(pa.array(group == g)))
+    return placed.num_rows
 
 
 @ray.remote(scheduling_strategy="SPREAD")
-def search_partitions(threshold: float, *parts: pa.Table) -> pa.Table:
-    """The pairs at or above ``threshold`` of every partition in one group (``PAIR_SCHEMA``):
-    each partition's home rows against all its members (``neighbours.partition_pairs``)."""
-    table = pa.concat_tables(parts).sort_by([("language", "ascending"), ("partition", "ascending"),
-                                             ("id", "ascending")])
+def search_partitions(location: RunLocation, folder: str, group: int, threshold: float, *scattered: int) -> pa.Table:
+    """The pairs at or above ``threshold`` of every partition in search group ``group``
+    (``PAIR_SCHEMA``): each partition's home rows against all its members
+    (``neighbours.partition_pairs``). ``scattered``: the scatter tasks' results, awaited so that
+    the group's files are all written."""
+    table = read_shards(location, location.list(placed_path(folder, group)))
+    table = table.sort_by([("language", "ascending"), ("partition", "ascending"), ("id", "ascending")])
     if not table.num_rows:
         return PAIR_SCHEMA.empty_table()
     language, partition = table["language"].to_numpy(zero_copy_only=False), table["partition"].to_numpy()
@@ -480,15 +494,18 @@ class Dedup(FilterStage[DedupReport, None]):
         spread = max(SEARCH_TASKS_PER_CPU * int(ray.cluster_resources()["CPU"]),
                      math.ceil(embeddings.rows * settings.probes / BUCKET_ROWS))
         groups = max(1, min(sum(partitions.values()), spread))
-        placed = [_refs(scatter_to_partitions.options(num_returns=groups).remote(
-            location, batch, settings.probes, groups, languages, *centroids))
-            for batch in shard_batches(embedding_shards, embeddings.rows * settings.probes, groups)]
-        pairs = [search_partitions.remote(settings.threshold, *(refs[g] for refs in placed)) for g in range(groups)]
-        del placed
+        folder = self.data_path(PLACED)
+        location.delete(folder)  # an interrupted attempt's files
+        scattered = [scatter_to_partitions.remote(location, batch, folder, index, settings.probes, groups, languages,
+                                                  *centroids)
+                     for index, batch in enumerate(shard_batches(embedding_shards,
+                                                                 embeddings.rows * settings.probes, groups))]
+        pairs = [search_partitions.remote(location, folder, g, settings.threshold, *scattered) for g in range(groups)]
         fate_refs, cross_refs = zip(*(resolve_language.remote(language, settings.conflicts, *pairs, *twin_refs)
                                       for language in sorted(per_language)))
         del pairs, twin_refs
         cross_pairs = sum(ray.get(list(cross_refs)))
+        location.delete(folder)
         timings["near"] = time.perf_counter() - started
 
         started = time.perf_counter()
