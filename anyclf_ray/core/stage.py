@@ -302,10 +302,14 @@ class SourceStage(Stage[R, Checked]):
     source = True
 
 
+def read_shards(location: RunLocation, shards: list[str], columns: list[str] | None = None) -> pa.Table:
+    """``columns`` (all by default) of ``shards`` as one table in shard order, footer metadata dropped."""
+    return pa.concat_tables([location.read_table(s, columns=columns).replace_schema_metadata(None) for s in shards])
+
+
 def read_rows(location: RunLocation, shards: list[str], columns: list[str] | None = None) -> pa.Table:
     """The rows of ``shards`` as one table sorted by id (footer metadata dropped)."""
-    tables = [location.read_table(s, columns=columns).replace_schema_metadata(None) for s in shards]
-    return pa.concat_tables(tables).sort_by("id")
+    return read_shards(location, shards, columns).sort_by("id")
 
 
 @dataclasses.dataclass

@@ -49,7 +49,7 @@ from anyclf_ray.core import cards, embed, runtime
 from anyclf_ray.core.config import DedupSpec, JobSpec
 from anyclf_ray.core.ids import hash64, stable_id
 from anyclf_ray.core.results import Conflicts, DedupReport, EmbeddingsRef, StageResult
-from anyclf_ray.core.stage import Context, FilterStage, Input, Outcome
+from anyclf_ray.core.stage import Context, FilterStage, Input, Outcome, read_shards
 from anyclf_ray.core.storage import RunLocation
 from anyclf_ray.core.text import normalise
 from anyclf_ray.filters import neighbours
@@ -229,10 +229,11 @@ def decide(rows: pa.Table, embed_texts: Callable[[list[str]], np.ndarray], spec:
 
 # Rows a bucket (of exact dedup, and of the joins) holds, texts included: one task holds a bucket.
 BUCKET_ROWS = 200_000
-# Rows a scatter task's piece for one bucket or group holds at least. Ray keeps a task's return
-# under 100 KiB in its owner's memory, here the driver's: a piece per input shard and bucket
-# shrinks as rows grow (shards and buckets both grow), and at 10M rows it put 4.3 GB of rows on
-# the driver. A scatter task reads as many shards as it takes to fill its pieces.
+# Rows a scatter task's piece for one bucket holds at least. Ray keeps a task's return under
+# 100 KiB in its owner's memory, here the driver's: a piece per input shard and bucket shrinks as
+# rows grow (shards and buckets both grow), and at 10M rows it put 4.3 GB of rows on the driver.
+# A scatter task reads as many shards as it takes to fill its pieces (and, placing rows, to write
+# files of this size to each search group, not ever smaller ones).
 PIECE_ROWS = 4_000
 # Every representative's vector once per probe, by search group: ``placed/group-G/batch-B.parquet``.
 # The stage's largest intermediate, and all of it exists before the first search starts, so it goes
@@ -265,12 +266,6 @@ def shard_batches(shards: list[str], rows: int, pieces: int) -> list[list[str]]:
     task, each large enough that split ``pieces`` ways it gives ``PIECE_ROWS`` rows a piece."""
     size = max(1, math.ceil(PIECE_ROWS * pieces * len(shards) / max(1, rows)))
     return [shards[start : start + size] for start in range(0, len(shards), size)]
-
-
-def read_shards(location: RunLocation, shards: list[str], columns: list[str] | None = None) -> pa.Table:
-    """``columns`` (all by default) of ``shards`` as one table, footer metadata dropped."""
-    return pa.concat_tables([location.read_table(shard, columns=columns).replace_schema_metadata(None)
-                             for shard in shards])
 
 
 @ray.remote
@@ -491,15 +486,14 @@ class Dedup(FilterStage[DedupReport, None]):
         languages = sorted(partitions)
         centroids = [fit_centroids.remote(location, samples, language, partitions[language], settings.seed)
                      for language in languages]
-        spread = max(SEARCH_TASKS_PER_CPU * int(ray.cluster_resources()["CPU"]),
-                     math.ceil(embeddings.rows * settings.probes / BUCKET_ROWS))
+        placed_rows = embeddings.rows * settings.probes
+        spread = max(SEARCH_TASKS_PER_CPU * int(ray.cluster_resources()["CPU"]), math.ceil(placed_rows / BUCKET_ROWS))
         groups = max(1, min(sum(partitions.values()), spread))
         folder = self.data_path(PLACED)
         location.delete(folder)  # an interrupted attempt's files
         scattered = [scatter_to_partitions.remote(location, batch, folder, index, settings.probes, groups, languages,
                                                   *centroids)
-                     for index, batch in enumerate(shard_batches(embedding_shards,
-                                                                 embeddings.rows * settings.probes, groups))]
+                     for index, batch in enumerate(shard_batches(embedding_shards, placed_rows, groups))]
         pairs = [search_partitions.remote(location, folder, g, settings.threshold, *scattered) for g in range(groups)]
         fate_refs, cross_refs = zip(*(resolve_language.remote(language, settings.conflicts, *pairs, *twin_refs)
                                       for language in sorted(per_language)))
